@@ -1,0 +1,54 @@
+"""Packaging for mmpretrain (distribution name ``mmpretrain-clip``).
+
+The import name is ``mmpretrain``; OpenMMLab publishes an unrelated package with that
+distribution name, so ours is distributed as ``mmpretrain-clip`` and the two cannot share
+an environment. ``mmpretrain.kernels`` lives in the top-level ``kernels/`` folder.
+
+setup.py keeps ranges a real GPU cluster can satisfy; ``constraints.txt`` pins the exact
+versions the tests ran with.
+"""
+
+from setuptools import setup
+
+setup(
+    name="mmpretrain-clip",
+    version="0.1.0",
+    description="Pretrain CLIP/SigLIP image-text models at scale: WebDataset, DeepSpeed ZeRO, Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "mmpretrain",
+        "mmpretrain.model",
+        "mmpretrain.data",
+        "mmpretrain.convert",
+        "mmpretrain.kernels",
+    ],
+    package_dir={"mmpretrain.kernels": "kernels"},
+    package_data={"mmpretrain.data": ["*.txt.gz"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "triton>=3.0",
+        "deepspeed>=0.15",
+        "webdataset>=0.2.86,<2",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "wandb>=0.17",
+        "omegaconf>=2.3",
+        "pillow>=10",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "regex",
+        "ftfy",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.6", "open_clip_torch>=2.24", "matplotlib>=3.7"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mmpretrain-train=mmpretrain.train:main",
+            "mmpretrain-eval=mmpretrain.evaluate:main",
+        ],
+    },
+)
