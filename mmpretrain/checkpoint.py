@@ -1,0 +1,165 @@
+"""Save, resume and keep-last-k of run checkpoints, and loading a trained model back.
+
+Layout of ``<output_dir>/checkpoints/``::
+
+    step_<N>/                DeepSpeed engine state (ZeRO shards, optimizer, LR scheduler)
+        meta.json            step, samples seen, resolved config, data position, wandb run id
+        rng_rank<R>.pt       torch / CUDA / numpy / python RNG states of rank R
+    latest                   text file naming the newest complete tag
+
+``latest`` is replaced with an atomic rename only after every rank finished writing, so a
+kill during a save leaves it on the previous complete checkpoint. DeepSpeed's shards are
+pickles: a run folder is trusted like code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mmpretrain.distributed import barrier
+
+TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every N optimizer steps (0 = only at the end of the run)."""
+    keep_last: int = 2
+    """Keep this many newest checkpoints; older step_* folders are deleted after a save."""
+
+    def validate(self, prefix: str) -> None:
+        if self.every_steps < 0:
+            raise ValueError(f"{prefix}.every_steps must be >= 0 (got {self.every_steps})")
+        if self.keep_last < 1:
+            raise ValueError(f"{prefix}.keep_last must be >= 1 (got {self.keep_last})")
+
+
+def checkpoint_root(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write a text file so that readers see the old or the new content, never a partial one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_tag(output_dir: str) -> str | None:
+    """The tag named by ``checkpoints/latest``, or None for a fresh run."""
+    path = os.path.join(checkpoint_root(output_dir), "latest")
+    if not os.path.isfile(path):
+        return None
+    tag = open(path).read().strip()
+    if not os.path.isfile(os.path.join(checkpoint_root(output_dir), tag, "meta.json")):
+        raise ValueError(f"{path} names {tag!r}, but {tag}/meta.json is missing: the checkpoint folder is damaged")
+    return tag
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: int) -> str:
+    """Save on every rank (a collective); returns the tag. ``meta`` must be the same on all ranks."""
+    root = checkpoint_root(output_dir)
+    tag = f"step_{step}"
+    engine.save_checkpoint(root, tag=tag, save_latest=False)
+    tag_dir = os.path.join(root, tag)
+    torch.save(_rng_state(), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        write_atomic(os.path.join(tag_dir, "meta.json"), json.dumps({"step": step, **meta}, indent=1))
+    barrier()  # every rank has written its shards and RNG state
+    if rank == 0:
+        write_atomic(os.path.join(root, "latest"), tag)
+        _prune(root, keep_last, keep=tag)
+    barrier()
+    return tag
+
+
+def _prune(root: str, keep_last: int, keep: str) -> None:
+    steps = sorted(int(m.group(1)) for d in os.listdir(root) if (m := TAG_RE.match(d)))
+    for s in steps[:-keep_last]:
+        if f"step_{s}" != keep:
+            shutil.rmtree(os.path.join(root, f"step_{s}"), ignore_errors=True)
+
+
+def resume(engine, output_dir: str, rank: int) -> dict | None:
+    """Load ``latest`` into the engine and restore this rank's RNG; returns its meta or None."""
+    tag = latest_tag(output_dir)
+    if tag is None:
+        return None
+    root = checkpoint_root(output_dir)
+    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise ValueError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}")
+    meta = json.load(open(os.path.join(root, tag, "meta.json")))
+    rng_path = os.path.join(root, tag, f"rng_rank{rank}.pt")
+    if os.path.isfile(rng_path):  # absent when resuming on a larger world size
+        _set_rng_state(torch.load(rng_path, weights_only=False))
+    return meta
+
+
+def find_step_dir(path: str) -> str:
+    """A run folder (uses its ``latest``) or a ``checkpoints/step_N`` folder -> the step folder."""
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path
+    tag = latest_tag(path) if os.path.isdir(checkpoint_root(path)) else None
+    if tag is None:
+        raise ValueError(f"{path}: not a run folder with checkpoints/latest, nor a checkpoint folder with meta.json")
+    return os.path.join(checkpoint_root(path), tag)
+
+
+def load_state_dict(step_dir: str) -> dict[str, torch.Tensor]:
+    """Whole fp32 model weights from a checkpoint of any ZeRO stage and world size, on CPU."""
+    meta = json.load(open(os.path.join(step_dir, "meta.json")))
+    stage = meta["config"]["engine"]["zero_stage"]
+    if stage == 0:
+        # Stage 0 keeps whole weights in the module file; zero_to_fp32 does not handle it.
+        path = os.path.join(step_dir, "mp_rank_00_model_states.pt")
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is missing: the checkpoint is incomplete")
+        states = torch.load(path, map_location="cpu", weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root, tag = os.path.split(os.path.normpath(step_dir))
+    return dict(get_fp32_state_dict_from_zero_checkpoint(root, tag=tag))
+
+
+def load_model_from_run(path: str):
+    """(model, config) from a run folder or a step folder; the weights load strictly."""
+    from omegaconf import OmegaConf
+
+    from mmpretrain.config import Config
+    from mmpretrain.model import build_model
+
+    step_dir = find_step_dir(path)
+    meta = json.load(open(os.path.join(step_dir, "meta.json")))
+    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), meta["config"]))
+    model = build_model(cfg.model)
+    model.load_state_dict(load_state_dict(step_dir), strict=True)
+    return model.eval(), cfg

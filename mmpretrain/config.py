@@ -1,0 +1,174 @@
+"""The run configuration: each component owns its dataclass; this module composes them.
+
+Merge order (lingua style): dataclass defaults, then the YAML file, then ``a.b=c`` overrides::
+
+    python -m mmpretrain.train configs/demo.yaml train.steps=200 model.name=tiny
+
+Unknown keys, wrong types, missing required values and invalid combinations raise
+:class:`ConfigError` before any work starts, with the key in its dotted CLI spelling.
+The resolved config (every default filled in, model sizes expanded from the size table)
+is what a run writes to ``<output_dir>/config.yaml`` and what a restart compares against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mmpretrain.checkpoint import CheckpointConfig
+from mmpretrain.data.config import DataConfig
+from mmpretrain.engine import EngineConfig, OptimConfig
+from mmpretrain.evaluate import EvalConfig
+from mmpretrain.logging import LoggingConfig
+from mmpretrain.loss import LossConfig
+from mmpretrain.model import ModelConfig, resolve_model_config
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; the message starts with the dotted key."""
+
+
+@dataclass
+class TrainLoopConfig:
+    batch_size: int = 256
+    """Global batch size in samples, summed over all ranks (per rank = batch_size / world size)."""
+    steps: int = 1000
+    """Total optimizer steps of the run (the LR schedule spans them)."""
+    accum_steps: int = 1
+    """GradCache micro-batches per step; every negative of the global batch is kept. 1 = off."""
+    seed: int = 0
+    """Seeds model init, data order and every RNG of the run."""
+
+
+@dataclass
+class Config:
+    output_dir: str = "outputs/run"
+    """Run folder: config.yaml, metrics.jsonl, checkpoints/, wandb/."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, prefix: str = "", world_size: int = 1) -> None:
+        t = self.train
+        for key in ("batch_size", "steps", "accum_steps"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1 (got {getattr(t, key)})")
+        if t.batch_size % world_size:
+            raise ConfigError(
+                f"train.batch_size must be divisible by the world size (got {t.batch_size} on {world_size} ranks)"
+            )
+        if (t.batch_size // world_size) % t.accum_steps:
+            raise ConfigError(
+                f"train.accum_steps must divide the per-rank batch (got {t.accum_steps} for "
+                f"{t.batch_size // world_size} samples per rank)"
+            )
+        if self.loss.name != self.model.family:
+            raise ConfigError(
+                f"loss.name: {self.loss.name!r} does not match the model family {self.model.family!r} "
+                f"of model.name={self.model.name!r}"
+            )
+        if not self.output_dir:
+            raise ConfigError("output_dir must not be empty")
+
+
+def _validate_tree(node: Any, prefix: str) -> None:
+    """Call ``validate(prefix)`` on every nested component dataclass, children first."""
+    for f in dataclasses.fields(node):
+        child = getattr(node, f.name)
+        if dataclasses.is_dataclass(child):
+            _validate_tree(child, f"{prefix}.{f.name}" if prefix else f.name)
+    if prefix and hasattr(node, "validate"):
+        try:
+            node.validate(prefix)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    """One line from an OmegaConf error: 'key: what is wrong'."""
+    key = getattr(e, "full_key", None) or ""
+    msg = str(e).split("\n")[0].strip()
+    msg = re.sub(r"\s*full_key:.*$", "", msg)
+    if "not in" in msg and "Key '" in msg:
+        msg = "unknown key"
+    elif msg.startswith("Missing mandatory value"):
+        msg = "missing required value"
+    return f"{key}: {msg}" if key else msg
+
+
+def world_size_from_env() -> int:
+    """World size as the launcher announces it (torchrun, SLURM), before any process group exists."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def load_config(path: str | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
+    """Defaults <- YAML <- ``a.b=c`` overrides, resolved and validated; raises ConfigError."""
+    world_size = world_size_from_env() if world_size is None else world_size
+    try:
+        merged = OmegaConf.structured(Config)
+        if path is not None:
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_message(e)) from None
+    try:
+        cfg.model = resolve_model_config(cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _validate_tree(cfg, "")
+    cfg.validate(world_size=world_size)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def from_yaml_file(path: str) -> Config:
+    """Load a resolved config.yaml written by a run (no world-size checks)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {_omegaconf_message(e)}") from None
+
+
+def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys = sorted(set(old) | set(new))
+    out = []
+    for k in keys:
+        dotted = f"{prefix}.{k}" if prefix else str(k)
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_configs(a, b, dotted)
+        elif a != b:
+            out.append(f"{dotted}: {a!r} -> {b!r}")
+    return out

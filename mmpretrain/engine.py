@@ -1,0 +1,145 @@
+"""The only caller of ``deepspeed.initialize``: our optimizer and engine config -> a DeepSpeed engine.
+
+AdamW is ``torch.optim.AdamW`` (fused on CUDA): DeepSpeed's CPU Adam would cost a minute of
+compilation on every fresh CPU machine. Biases, norms, embeddings, the logit scale and bias get
+no weight decay. The LR schedule is linear warmup then cosine, stepped by the engine.
+DeepSpeed's own gradient accumulation stays at 1: ``train.accum_steps`` is GradCache, which keeps
+every negative (see ``mmpretrain.loss``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+import mmpretrain.distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    """Peak learning rate after warmup."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine schedule."""
+    warmup_steps: int = 100
+    """Optimizer steps of linear warmup from 0 to optim.lr."""
+    schedule: str = "cosine"
+    """cosine | constant (after warmup)."""
+    weight_decay: float = 0.2
+    """Decoupled AdamW weight decay (CLIP recipe); not applied to biases, norms, embeddings, logit scale/bias."""
+    beta1: float = 0.9
+    beta2: float = 0.98
+    """AdamW second-moment decay (0.98 as in CLIP: more stable at large batch)."""
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    """Clip the global gradient L2 norm to this value; 0 = no clipping."""
+
+    def validate(self, prefix: str) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"{prefix}.lr must be > 0 (got {self.lr})")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"{prefix}.min_lr must be in [0, {prefix}.lr] (got {self.min_lr})")
+        if self.warmup_steps < 0:
+            raise ValueError(f"{prefix}.warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"{prefix}.schedule must be one of {SCHEDULES} (got {self.schedule!r})")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"{prefix}.{key} must be in [0, 1) (got {getattr(self, key)})")
+        if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
+            raise ValueError(f"{prefix}.weight_decay, {prefix}.eps and {prefix}.grad_clip must be >= 0 (eps > 0)")
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+grads), 3 (+params)."""
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16 (fp16 needs CUDA). Loss, logit scale and LayerNorms compute in fp32 either way."""
+    dist_timeout_s: float = 600.0
+    """Process-group timeout in seconds: a dead peer ends the run after this long."""
+
+    def validate(self, prefix: str) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"{prefix}.zero_stage must be 0, 1, 2 or 3 (got {self.zero_stage})")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"{prefix}.precision must be one of {PRECISIONS} (got {self.precision!r})")
+        if self.precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError(f"{prefix}.precision=fp16 needs a CUDA device; use fp32 or bf16 here")
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"{prefix}.dist_timeout_s must be > 0 (got {self.dist_timeout_s})")
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int):
+    """Multiplier of optim.lr at a given step: linear warmup, then cosine (or constant) to min_lr."""
+    floor = cfg.min_lr / cfg.lr
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch_size: int) -> dict:
+    zero = {"stage": engine.zero_stage}
+    if engine.zero_stage == 3:
+        # Small test models would otherwise keep every parameter whole; keep sharding real.
+        zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=int(1e9))
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": engine.precision == "bf16"},
+        "fp16": {"enabled": engine.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: torch.nn.Module, optim: OptimConfig, engine: EngineConfig, *, micro_batch_size, total_steps):
+    """Wrap the model: returns the DeepSpeed engine (optimizer and LR scheduler inside it)."""
+    import deepspeed
+
+    from mmpretrain.model import param_groups
+
+    groups = param_groups(model, optim.weight_decay)
+    fused = torch.cuda.is_available()
+    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps))
+    ds_engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        lr_scheduler=sched,
+        config=deepspeed_config(engine, optim, micro_batch_size),
+        dist_init_required=False,
+    )
+    return ds_engine
+
+
+def grad_norm_before_step(ds_engine) -> float | None:
+    """Global gradient L2 norm before clipping, for ZeRO stage 0 (call between backward and step).
+
+    Stage 0 keeps whole, already averaged gradients on every rank, and DeepSpeed records no norm
+    for a plain torch optimizer; ZeRO 1-3 record it during ``step`` (see ``grad_norm_after_step``).
+    """
+    if ds_engine.zero_optimization_stage() != 0:
+        return None
+    sq = [p.grad.detach().float().pow(2).sum() for p in ds_engine.module.parameters() if p.grad is not None]
+    return math.sqrt(sum(s.item() for s in sq)) if sq else 0.0
+
+
+def grad_norm_after_step(ds_engine) -> float | None:
+    norm = ds_engine.get_global_grad_norm()
+    return None if norm is None else float(norm)

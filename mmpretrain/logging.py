@@ -1,0 +1,126 @@
+"""Rank-0 metrics: ``<output_dir>/metrics.jsonl``, a wandb run, and the progress bar.
+
+Off rank 0 every method is a no-op, so the training loop never asks which rank it is on.
+A resumed run first moves the lines past its checkpoint's step to ``metrics.dropped.jsonl``,
+so ``metrics.jsonl`` reads as one clean run and nothing written before is lost. The wandb run
+id lives in the checkpoint: an online run resumes the same wandb run; offline, wandb writes a
+new folder with the same id, and ``wandb sync <output_dir>/wandb/offline-run-*`` uploads them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"
+    """offline | online | disabled. Offline runs are synced later with `wandb sync`."""
+    project: str = "mmpretrain"
+    """wandb project name."""
+    run_name: str = ""
+    """wandb run name; empty = the output folder's name."""
+    log_every: int = 10
+    """Write a metrics line every N optimizer steps (and at the last step)."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+    def validate(self, prefix: str) -> None:
+        if self.wandb not in WANDB_MODES:
+            raise ValueError(f"{prefix}.wandb must be one of {WANDB_MODES} (got {self.wandb!r})")
+        if self.log_every < 1:
+            raise ValueError(f"{prefix}.log_every must be >= 1 (got {self.log_every})")
+
+
+def new_run_id() -> str:
+    import secrets
+
+    return secrets.token_hex(4)
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    """metrics.jsonl + wandb + tqdm on rank 0; a no-op elsewhere."""
+
+    def __init__(self, cfg: LoggingConfig, output_dir: str, *, is_main: bool, run_id: str, config: dict,
+                 start_step: int, total_steps: int):  # fmt: skip
+        self.active = is_main
+        self.wandb_run = None
+        self.bar = None
+        if not self.active:
+            return
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self._drop_lines_after(start_step)
+        if cfg.wandb != "disabled":
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=cfg.project,
+                name=cfg.run_name or os.path.basename(os.path.abspath(output_dir)),
+                id=run_id,
+                resume="allow",
+                dir=output_dir,
+                mode=cfg.wandb,
+                config=config,
+            )
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _drop_lines_after(self, step: int) -> None:
+        if not os.path.isfile(self.path):
+            return
+        keep, drop = [], []
+        for line in open(self.path):
+            if not line.strip():
+                continue
+            try:
+                (keep if json.loads(line).get("step", 0) <= step else drop).append(line)
+            except json.JSONDecodeError:  # a line cut by a kill mid-write
+                drop.append(line if line.endswith("\n") else line + "\n")
+        if drop:
+            with open(os.path.join(os.path.dirname(self.path), "metrics.dropped.jsonl"), "a") as f:
+                f.writelines(drop)
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+        if self.bar is not None and "loss" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics.get('samples_per_s', 0):.0f}")
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def write(self, text: str) -> None:
+        """Print a line on rank 0 without breaking the progress bar."""
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -1,0 +1,235 @@
+"""Train a CLIP or SigLIP model on WebDataset shards under DeepSpeed.
+
+    python -m mmpretrain.train configs/demo.yaml [key=value ...]
+    torchrun --nproc_per_node=2 -m mmpretrain.train configs/demo.yaml engine.zero_stage=3
+
+Restarting the same command resumes from ``<output_dir>/checkpoints/latest``.
+``--stop-after-steps N`` ends this invocation after N steps with a checkpoint (for time-sliced
+jobs); the next invocation of the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from mmpretrain import checkpoint
+from mmpretrain.config import Config, ConfigError, diff_configs, from_yaml_file, load_config, to_dict, to_yaml
+from mmpretrain.distributed import all_reduce_sum, barrier, env_rank_world, init_distributed
+
+# Keys that may change between a run and its restart: they do not touch weights or data order.
+RESTART_MAY_CHANGE = ("logging.",)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m mmpretrain.train", description=__doc__.split("\n")[0])
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.name=tiny")
+    p.add_argument("--stop-after-steps", type=int, default=0, help="checkpoint and exit after N steps (0 = run on)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    return p.parse_args(argv)
+
+
+def check_restart(cfg: Config) -> None:
+    """Refuse to mix settings: a restart must use the config its run folder was started with."""
+    path = os.path.join(cfg.output_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return
+    old = to_dict(from_yaml_file(path))
+    changed = [c for c in diff_configs(old, to_dict(cfg)) if not c.startswith(RESTART_MAY_CHANGE)]
+    if changed:
+        raise ConfigError(
+            f"output_dir {cfg.output_dir} holds a run started with other settings ({'; '.join(changed)}); "
+            f"its config.yaml is kept. Restore those settings to resume, or choose a new output_dir"
+        )
+
+
+def resolve_data_paths(cfg: Config, is_main: bool) -> None:
+    """Generate the synthetic demo shards if the config asks for them (rank 0), then point data at them."""
+    from mmpretrain.data import ensure_synthetic
+
+    if cfg.data.synthetic.root:
+        if is_main:
+            ensure_synthetic(cfg.data.synthetic)
+        barrier()
+        paths = ensure_synthetic(cfg.data.synthetic)
+        cfg.data.train.urls = cfg.data.train.urls or paths.train_urls
+        cfg.data.eval.zeroshot = cfg.data.eval.zeroshot or paths.zeroshot_root
+        cfg.data.eval.retrieval = cfg.data.eval.retrieval or paths.retrieval_root
+
+
+def train_step(engine, batch, cfg: Config, device) -> tuple[torch.Tensor, float | None, torch.Tensor]:
+    """One optimizer step on this rank's batch: (loss, grad norm before clipping, logit scale)."""
+    from mmpretrain.engine import grad_norm_after_step, grad_norm_before_step
+    from mmpretrain.loss import compute_loss
+
+    images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W), B = per-rank batch
+    tokens = batch["text"].to(device, non_blocking=True)  # (B, L)
+    if cfg.engine.precision != "fp32":
+        images = images.to(torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float16)
+    if cfg.train.accum_steps > 1:
+        from mmpretrain.loss import grad_cache_step
+
+        loss, logit_scale = grad_cache_step(engine, images, tokens, cfg.loss, cfg.train.accum_steps)
+    else:
+        out = engine(images, tokens)
+        loss = compute_loss(cfg.loss, out)  # loss over the global batch, same value on every rank
+        engine.backward(loss)
+        logit_scale = out.logit_scale.detach()
+    norm = grad_norm_before_step(engine)
+    engine.step()
+    if norm is None:
+        norm = grad_norm_after_step(engine)
+    return loss.detach(), norm, logit_scale
+
+
+def run_eval(engine, tokenizer, cfg: Config, dist_info) -> dict:
+    """Zero-shot / retrieval on every rank (ZeRO-3 holds the weights in parts), reduced; rank 0 logs."""
+    from mmpretrain.evaluate import evaluate_all
+
+    return evaluate_all(
+        engine.module, tokenizer, cfg.data.eval, cfg.eval, rank=dist_info.rank, world_size=dist_info.world_size,
+        device=dist_info.device,
+    )  # fmt: skip
+
+
+def train(cfg: Config, stop_after_steps: int = 0) -> dict:
+    """Run (or resume) training; returns the final metrics of this invocation."""
+    from mmpretrain.data import Tokenizer, build_train_loader
+    from mmpretrain.engine import build_engine
+    from mmpretrain.logging import MetricsLogger, new_run_id
+    from mmpretrain.model import build_model
+
+    check_restart(cfg)
+    dist_info = init_distributed(cfg.engine.dist_timeout_s)
+    rank, world, device, is_main = dist_info.rank, dist_info.world_size, dist_info.device, dist_info.is_main
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    resolve_data_paths(cfg, is_main)
+    if is_main and not os.path.isfile(os.path.join(cfg.output_dir, "config.yaml")):
+        checkpoint.write_atomic(os.path.join(cfg.output_dir, "config.yaml"), to_yaml(cfg))
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model)
+    per_rank_batch = cfg.train.batch_size // world
+    engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=per_rank_batch, total_steps=cfg.train.steps)
+    torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank stream for dropout / patch dropout
+
+    meta = checkpoint.resume(engine, cfg.output_dir, rank)
+    if meta is not None and meta["world_size"] != world:
+        raise ConfigError(f"checkpoint was written by {meta['world_size']} ranks; this launch has {world}")
+    step = meta["step"] if meta else 0
+    samples_seen = meta["samples_seen"] if meta else 0
+    skipped_total = meta.get("skipped_samples", 0) if meta else 0
+    run_id = meta["wandb_run_id"] if meta else new_run_id()
+    cfg_dict = to_dict(cfg)
+    log = MetricsLogger(cfg.logging, cfg.output_dir, is_main=is_main, run_id=run_id, config=cfg_dict,
+                        start_step=step, total_steps=cfg.train.steps)  # fmt: skip
+    if meta:
+        log.write(f"resumed from {checkpoint.checkpoint_root(cfg.output_dir)}/step_{step}")
+
+    tokenizer = Tokenizer(context_length=cfg.model.text.context_length)
+    loader = build_train_loader(
+        cfg.data, tokenizer=tokenizer, image_size=cfg.model.vision.image_size, batch_size=per_rank_batch,
+        rank=rank, world_size=world, seed=cfg.train.seed, start_batch=step,
+    )  # fmt: skip
+    batches = iter(loader)
+
+    def save(at_step: int) -> str:
+        extra = {"samples_seen": samples_seen, "config": cfg_dict, "world_size": world, "wandb_run_id": run_id,
+                 "skipped_samples": skipped_total, "data": {"batches_consumed_per_rank": at_step}}  # fmt: skip
+        return checkpoint.save(engine, cfg.output_dir, at_step, extra, rank, cfg.checkpoint.keep_last)
+
+    last: dict = {}
+    t_last, wait, loss_sum, steps_in_window, skipped_window = time.perf_counter(), 0.0, 0.0, 0, 0
+    start_step, saved_at = step, None
+    while step < cfg.train.steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t0
+        loss, grad_norm, logit_scale = train_step(engine, batch, cfg, device)
+        step += 1
+        samples_seen += cfg.train.batch_size
+        skipped_window += batch.get("num_skipped", 0)
+        loss_sum += loss.item()
+        steps_in_window += 1
+        log.advance()
+
+        stop_now = stop_after_steps and step - start_step >= stop_after_steps
+        if step % cfg.logging.log_every == 0 or step == cfg.train.steps or stop_now:
+            skipped = int(all_reduce_sum(skipped_window, device))  # collective: every rank logs at the same steps
+            skipped_total += skipped
+            elapsed = time.perf_counter() - t_last
+            last = {
+                "samples_seen": samples_seen,
+                "loss": loss_sum / steps_in_window,
+                "lr": engine.get_lr()[0],
+                "logit_scale": logit_scale.float().item(),
+                "samples_per_s": steps_in_window * cfg.train.batch_size / elapsed,
+                "data_wait_frac": wait / elapsed,
+                "grad_norm": grad_norm,
+                "skipped_samples": skipped_total,
+            }
+            log.log(step, last)
+            t_last, wait, loss_sum, steps_in_window, skipped_window = time.perf_counter(), 0.0, 0.0, 0, 0
+
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            saved_at = save(step)
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.steps:
+            log.log(step, run_eval(engine, tokenizer, cfg, dist_info))
+        if stop_now:
+            break
+
+    if saved_at != f"step_{step}" and step > start_step:
+        saved_at = save(step)
+    results = {}
+    if step >= cfg.train.steps:
+        results = run_eval(engine, tokenizer, cfg, dist_info)
+        if results:
+            log.log(step, results)
+            if is_main:
+                with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
+                    json.dump({"step": step, **results}, f, indent=1)
+    log.close()
+    if is_main:
+        _print_summary(cfg, step, saved_at, results, stopped=step < cfg.train.steps)
+    return {**last, **results, "step": step}
+
+
+def _print_summary(cfg: Config, step: int, tag: str | None, results: dict, stopped: bool) -> None:
+    out = cfg.output_dir
+    lines = [f"\n{'stopped' if stopped else 'finished'} at step {step}/{cfg.train.steps}. Outputs in {out}/:"]
+    lines.append("  config.yaml     resolved config of this run")
+    lines.append("  metrics.jsonl   one JSON line per log step (plot: python tools/plot_metrics.py " + out + ")")
+    if tag:
+        lines.append(f"  checkpoints/{tag}  DeepSpeed state + meta.json (latest: checkpoints/latest)")
+    if results:
+        lines.append("  eval.json       final evaluation:")
+        lines += [f"    {k:40s} {v:.4f}" for k, v in results.items() if isinstance(v, float)]
+    if stopped:
+        lines.append("rerun the same command to resume.")
+    print("\n".join(lines), flush=True)
+
+
+def main(argv=None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    rank = env_rank_world()[0]
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, stop_after_steps=args.stop_after_steps)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"mmpretrain.train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        from mmpretrain.distributed import destroy
+
+        destroy()
+
+
+if __name__ == "__main__":
+    main()
