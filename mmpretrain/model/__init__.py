@@ -1,0 +1,68 @@
+"""Two-tower image-text models (CLIP, SigLIP), their config and size table.
+
+Usage::
+
+    model = build_model(ModelConfig(name="ViT-B-16"))
+    out = model(images_BCHW, tokens_BL)          # ModelOutput: normalized features, logit scale/bias
+    model.encode_image(images_BCHW)              # (B, E) unit vectors; encode_text likewise
+    model.vision_model(images, output_hidden_states=True).hidden_states[-2]   # e.g. what LLaVA reads
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=0.2), lr=...)
+"""
+
+import torch
+from torch import nn
+
+from mmpretrain.model.base import ModelOutput, TwoTowerModel
+from mmpretrain.model.clip import CLIP
+from mmpretrain.model.config import ModelConfig, TextConfig, VisionConfig, resolve_model_config
+from mmpretrain.model.layers import TowerOutput
+from mmpretrain.model.siglip import SigLIP
+from mmpretrain.model.sizes import SIZES
+
+__all__ = [
+    "CLIP",
+    "SIZES",
+    "ModelConfig",
+    "ModelOutput",
+    "SigLIP",
+    "TextConfig",
+    "TowerOutput",
+    "TwoTowerModel",
+    "VisionConfig",
+    "build_model",
+    "no_weight_decay",
+    "param_groups",
+    "resolve_model_config",
+]
+
+
+def build_model(cfg: ModelConfig) -> TwoTowerModel:
+    """Build CLIP or SigLIP from a (possibly unresolved) config; validates it with prefix "model".
+
+    Parameters are created on the current default device (use `with torch.device("meta"):` to
+    size a big model without allocating it) and initialized from torch's global RNG.
+    """
+    cfg.validate("model")
+    cfg = resolve_model_config(cfg)
+    return CLIP(cfg) if cfg.family == "clip" else SigLIP(cfg)
+
+
+def no_weight_decay(name: str, param: torch.Tensor, module: nn.Module) -> bool:
+    """True for biases, norm weights, logit scale/bias (all < 2-D), embeddings (token, position, class) and
+    SigLIP's pooling probe. `module` is the module that owns the parameter directly."""
+    return param.ndim < 2 or isinstance(module, nn.Embedding) or name.endswith("probe")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list:
+    """Two AdamW groups over the trainable parameters: [decayed, not decayed].
+
+    Frozen parameters (lock_image) are left out.
+    """
+    groups = [{"params": [], "weight_decay": weight_decay}, {"params": [], "weight_decay": 0.0}]
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            full_name = f"{module_name}.{name}" if module_name else name
+            groups[1 if no_weight_decay(full_name, p, module) else 0]["params"].append(p)
+    return groups

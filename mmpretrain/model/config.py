@@ -1,0 +1,131 @@
+"""Model config: a size name from the table plus optional per-field overrides.
+
+Every size field defaults to None, meaning "take it from `SIZES[name]`";
+`resolve_model_config` returns a copy with every None filled in.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from mmpretrain.kernels import ATTENTION_IMPLS
+from mmpretrain.model.sizes import SIZES
+
+FAMILIES = ("clip", "siglip")
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
+
+
+@dataclass
+class VisionConfig:
+    image_size: Optional[int] = None  # input side in pixels (square images)
+    patch_size: Optional[int] = None  # patch side in pixels; (image_size // patch_size)^2 patches
+    width: Optional[int] = None  # transformer hidden size
+    layers: Optional[int] = None  # number of transformer blocks
+    heads: Optional[int] = None  # attention heads; width must be a multiple
+    mlp_dim: Optional[int] = None  # hidden size of the block MLP
+    act: Optional[str] = None  # MLP activation: gelu | quick_gelu | gelu_tanh
+    ln_eps: Optional[float] = None  # LayerNorm epsilon
+    patch_dropout: float = 0.0  # FLIP: fraction of patch tokens dropped in training (class token kept)
+
+    def validate(self, prefix: str) -> None:
+        _check_tower(self, prefix)
+        if self.image_size < self.patch_size:
+            # A remainder is allowed: the strided conv drops it (SigLIP So400m: 384 px, 14 px patches -> 27 x 27).
+            raise ValueError(
+                f"{prefix}.image_size must be at least {prefix}.patch_size "
+                f"(got {self.image_size} and {self.patch_size})"
+            )
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"{prefix}.patch_dropout must be in [0, 1) (got {self.patch_dropout})")
+
+
+@dataclass
+class TextConfig:
+    vocab_size: Optional[int] = None  # token embedding rows; must cover the tokenizer's ids
+    context_length: Optional[int] = None  # max tokens per caption (position embedding rows)
+    width: Optional[int] = None  # transformer hidden size
+    layers: Optional[int] = None  # number of transformer blocks
+    heads: Optional[int] = None  # attention heads; width must be a multiple
+    mlp_dim: Optional[int] = None  # hidden size of the block MLP
+    act: Optional[str] = None  # MLP activation: gelu | quick_gelu | gelu_tanh
+    ln_eps: Optional[float] = None  # LayerNorm epsilon
+
+    def validate(self, prefix: str) -> None:
+        _check_tower(self, prefix)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # key into the size table (mmpretrain/model/sizes.py)
+    family: Optional[str] = None  # clip | siglip; None: from the table
+    embed_dim: Optional[int] = None  # shared image-text embedding width; siglip: must equal vision.width
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    attention: str = "auto"  # attention implementation: auto | triton | sdpa (see mmpretrain.kernels)
+    grad_checkpointing: bool = False  # recompute each transformer block in backward (saves activation memory)
+    lock_image: bool = False  # LiT: freeze the whole image tower (no grads, kept in eval mode)
+    init_logit_scale: Optional[float] = None  # log of the initial logit scale; None: log(1/0.07) clip, log(10) siglip
+    init_logit_bias: Optional[float] = None  # initial logit bias, siglip only (clip: must stay None); None: -10
+
+    def validate(self, prefix: str) -> None:
+        cfg = resolve_model_config(self, prefix)
+        if cfg.family not in FAMILIES:
+            raise ValueError(f"{prefix}.family must be one of {FAMILIES} (got {cfg.family!r})")
+        if cfg.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"{prefix}.attention must be one of {ATTENTION_IMPLS} (got {cfg.attention!r})")
+        if cfg.embed_dim <= 0:
+            raise ValueError(f"{prefix}.embed_dim must be positive (got {cfg.embed_dim})")
+        cfg.vision.validate(f"{prefix}.vision")
+        cfg.text.validate(f"{prefix}.text")
+        if cfg.family == "siglip" and cfg.embed_dim != cfg.vision.width:
+            # SigLIP's attention-pool head has no projection: its output width is the vision width.
+            raise ValueError(
+                f"{prefix}.embed_dim must equal {prefix}.vision.width for siglip "
+                f"(got {cfg.embed_dim} and {cfg.vision.width})"
+            )
+        for key in ("init_logit_scale", "init_logit_bias"):
+            value = getattr(cfg, key)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{prefix}.{key} must be finite (got {value})")
+        if cfg.family == "clip" and cfg.init_logit_bias is not None:
+            raise ValueError(f"{prefix}.init_logit_bias is only used by siglip (family is clip)")
+
+
+def resolve_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
+    """Return a copy of cfg with every None field filled from `SIZES[cfg.name]` (or the family default)."""
+    if cfg.name not in SIZES:
+        raise ValueError(f"{prefix}.name: unknown size {cfg.name!r} (choose from {', '.join(SIZES)})")
+    entry = SIZES[cfg.name]
+
+    def fill(obj, defaults):
+        return dataclasses.replace(
+            obj, **{k: defaults[k] for k, v in dataclasses.asdict(obj).items() if v is None and k in defaults}
+        )
+
+    family = cfg.family if cfg.family is not None else entry["family"]
+    siglip = family == "siglip"
+    return dataclasses.replace(
+        cfg,
+        family=family,
+        embed_dim=cfg.embed_dim if cfg.embed_dim is not None else entry["embed_dim"],
+        vision=fill(cfg.vision, entry["vision"]),
+        text=fill(cfg.text, entry["text"]),
+        init_logit_scale=cfg.init_logit_scale
+        if cfg.init_logit_scale is not None
+        else (math.log(10.0) if siglip else math.log(1 / 0.07)),
+        init_logit_bias=cfg.init_logit_bias if cfg.init_logit_bias is not None or not siglip else -10.0,
+    )
+
+
+def _check_tower(tower, prefix: str) -> None:
+    for f in dataclasses.fields(tower):
+        value = getattr(tower, f.name)
+        if f.name in ("act", "patch_dropout"):
+            continue
+        if value is None or value <= 0:
+            raise ValueError(f"{prefix}.{f.name} must be positive (got {value})")
+    if tower.act not in ACTIVATIONS:
+        raise ValueError(f"{prefix}.act must be one of {ACTIVATIONS} (got {tower.act!r})")
+    if tower.width % tower.heads:
+        raise ValueError(f"{prefix}.width must be divisible by {prefix}.heads (got {tower.width} and {tower.heads})")

@@ -1,0 +1,156 @@
+"""Building blocks shared by both towers and both families.
+
+Shape legend: B batch, N tokens, D width, H heads, Dh head width (D / H), F MLP hidden size,
+E embedding width.
+
+Attribute names mirror Hugging Face's CLIP/SigLIP modules (layer_norm1, self_attn, mlp.fc1 ...)
+so the converters are a key map; the one structural difference is the fused `self_attn.qkv_proj`
+(HF keeps q_proj, k_proj, v_proj: ours is their concatenation along the output dim, in that order).
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmpretrain.kernels import attention
+
+
+@dataclass
+class TowerOutput:
+    """What a tower's forward returns (one type, whatever the flags)."""
+
+    embeds: torch.Tensor  # (B, E) pooled and projected, NOT normalized
+    last_hidden_state: torch.Tensor  # (B, N, D) as HF defines it for this tower
+    hidden_states: Optional[tuple] = None  # L + 1 tensors (B, N, D): encoder input, then each block's output
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (under bf16 autocast or on a bf16 model), cast back to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    # OpenAI CLIP's sigmoid approximation of GELU (HF "quick_gelu")
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACT_FNS = {
+    "gelu": F.gelu,  # exact erf GELU (HF "gelu")
+    "quick_gelu": quick_gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # HF "gelu_pytorch_tanh" (SigLIP)
+}
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection; the math runs in `mmpretrain.kernels.attention`."""
+
+    def __init__(self, width: int, heads: int, causal: bool, impl: str):
+        super().__init__()
+        self.heads, self.causal, self.impl = heads, causal, impl
+        self.qkv_proj = nn.Linear(width, 3 * width)  # rows: [q; k; v]
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
+        B, N, D = x_BND.shape
+        qkv = self.qkv_proj(x_BND).view(B, N, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
+        out_BHND = attention(q, k, v, causal=self.causal, impl=self.impl)
+        return self.out_proj(out_BHND.transpose(1, 2).reshape(B, N, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, mlp_dim: int, act: str):
+        super().__init__()
+        self.act = ACT_FNS[act]
+        self.fc1 = nn.Linear(width, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, width, heads, mlp_dim, act, ln_eps, causal, impl):
+        super().__init__()
+        self.layer_norm1 = LayerNorm(width, eps=ln_eps)
+        self.self_attn = Attention(width, heads, causal, impl)
+        self.layer_norm2 = LayerNorm(width, eps=ln_eps)
+        self.mlp = MLP(width, mlp_dim, act)
+
+    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
+        x_BND = x_BND + self.self_attn(self.layer_norm1(x_BND))
+        return x_BND + self.mlp(self.layer_norm2(x_BND))
+
+
+class Encoder(nn.Module):
+    """A stack of blocks; each is recomputed in backward when `grad_checkpointing` is set."""
+
+    def __init__(self, tower_cfg, causal: bool, impl: str, grad_checkpointing: bool):
+        super().__init__()
+        c = tower_cfg
+        self.grad_checkpointing = grad_checkpointing
+        self.layers = nn.ModuleList(
+            EncoderLayer(c.width, c.heads, c.mlp_dim, c.act, c.ln_eps, causal, impl) for _ in range(c.layers)
+        )
+
+    def forward(self, x_BND: torch.Tensor, output_hidden_states: bool = False):
+        """Returns (last block output (B, N, D), hidden states tuple or None)."""
+        hidden_states = [x_BND] if output_hidden_states else None
+        for layer in self.layers:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x_BND = checkpoint(layer, x_BND, use_reentrant=False)
+            else:
+                x_BND = layer(x_BND)
+            if output_hidden_states:
+                hidden_states.append(x_BND)
+        return x_BND, (tuple(hidden_states) if output_hidden_states else None)
+
+
+class TextEmbeddings(nn.Module):
+    """Token embedding + learned absolute position embedding (HF CLIPTextEmbeddings / SiglipTextEmbeddings)."""
+
+    def __init__(self, vocab_size: int, context_length: int, width: int):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.position_embedding = nn.Embedding(context_length, width)
+
+    def forward(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+        L = tokens_BL.shape[1]
+        if L > self.position_embedding.num_embeddings:
+            raise ValueError(
+                f"got {L} tokens per caption, more than the model's context_length "
+                f"{self.position_embedding.num_embeddings}"
+            )
+        # Call the embedding modules (never read .weight here) so ZeRO-3 gathers their parameters.
+        positions = torch.arange(L, device=tokens_BL.device)
+        return self.token_embedding(tokens_BL) + self.position_embedding(positions)
+
+
+def patch_dropout(x_BND: torch.Tensor, keep_frac: float, num_prefix: int) -> torch.Tensor:
+    """FLIP: keep a random subset of the patch tokens per sample; the first num_prefix (class) tokens always stay.
+
+    Returns (B, num_prefix + K, D) with K = max(1, int(num_patches * keep_frac)); the kept
+    patches stay in their original order.
+    """
+    prefix, patches = x_BND[:, :num_prefix], x_BND[:, num_prefix:]
+    B, P, D = patches.shape
+    K = max(1, int(P * keep_frac))
+    keep_BK = torch.rand(B, P, device=x_BND.device).topk(K, dim=1).indices.sort(dim=1).values
+    patches = patches.gather(1, keep_BK[:, :, None].expand(B, K, D))
+    return torch.cat([prefix, patches], dim=1)
+
+
+def init_linear_(linear: nn.Linear, std: float) -> None:
+    nn.init.normal_(linear.weight, std=std)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)

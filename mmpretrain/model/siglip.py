@@ -1,0 +1,166 @@
+"""SigLIP: a twin of Hugging Face `SiglipModel` (big_vision's SigLIP).
+
+Vision: conv patch embedding with bias, no class token, learned position embedding, pre-LN blocks,
+post-LayerNorm on every token, attention-pooling head (a learned probe attends over the tokens,
+then LayerNorm + MLP residual) whose output is the embedding (no projection).
+Text: token + position embedding, NON-causal blocks, final LayerNorm, pooled at the last position,
+then a linear `head` with bias.
+
+Parameter names equal HF's except the fused `self_attn.qkv_proj` in the encoder blocks (HF
+q_proj/k_proj/v_proj) and the shape of logit_scale / logit_bias: () here, (1,) in HF. The pooling
+head keeps nn.MultiheadAttention's names (in_proj_weight, in_proj_bias, out_proj) like HF does.
+
+Shapes: B batch, C channels, N tokens, D width, H heads, Dh head width, E embed_dim (= D here), L text length.
+"""
+
+import torch
+from torch import nn
+
+from mmpretrain.kernels import attention
+from mmpretrain.model.base import TwoTowerModel
+from mmpretrain.model.layers import MLP, Encoder, LayerNorm, TextEmbeddings, TowerOutput, patch_dropout
+
+
+class SiglipVisionEmbeddings(nn.Module):
+    def __init__(self, image_size: int, patch_size: int, width: int):
+        super().__init__()
+        self.image_size = image_size
+        self.patch_embedding = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        self.position_embedding = nn.Embedding((image_size // patch_size) ** 2, width)
+
+    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """-> (B, N, D) patch tokens with position embedding added."""
+        _, _, H, W = images_BCHW.shape
+        if H != self.image_size or W != self.image_size:
+            raise ValueError(f"images are {H}x{W}, the model expects {self.image_size}x{self.image_size}")
+        x_BDhw = self.patch_embedding(images_BCHW.to(self.patch_embedding.weight.dtype))
+        x_BND = x_BDhw.flatten(2).transpose(1, 2)
+        return x_BND + self.position_embedding(torch.arange(x_BND.shape[1], device=x_BND.device))
+
+
+class PoolingAttention(nn.Module):
+    """Cross-attention from the probe to the tokens, with nn.MultiheadAttention's parameter layout."""
+
+    def __init__(self, width: int, heads: int, impl: str):
+        super().__init__()
+        self.heads, self.impl = heads, impl
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # rows: [q; k; v]
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, query_BQD: torch.Tensor, x_BND: torch.Tensor) -> torch.Tensor:
+        B, N, D = x_BND.shape
+        w_q, w_kv = self.in_proj_weight.split([D, 2 * D])
+        b_q, b_kv = self.in_proj_bias.split([D, 2 * D])
+        q = nn.functional.linear(query_BQD, w_q, b_q)
+        q = q.view(B, -1, self.heads, D // self.heads).transpose(1, 2)  # (B, H, Q, Dh)
+        kv = nn.functional.linear(x_BND, w_kv, b_kv).view(B, N, 2, self.heads, D // self.heads)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
+        out_BHQD = attention(q, k, v, causal=False, impl=self.impl)
+        return self.out_proj(out_BHQD.transpose(1, 2).reshape(B, -1, D))
+
+
+class AttentionPoolingHead(nn.Module):
+    """HF SiglipMultiheadAttentionPoolingHead (big_vision "MAP" head)."""
+
+    def __init__(self, v, impl: str):
+        super().__init__()
+        self.probe = nn.Parameter(torch.empty(1, 1, v.width))
+        self.attention = PoolingAttention(v.width, v.heads, impl)
+        self.layernorm = LayerNorm(v.width, eps=v.ln_eps)
+        self.mlp = MLP(v.width, v.mlp_dim, v.act)
+
+    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
+        """-> (B, D)"""
+        h_B1D = self.attention(self.probe.expand(x_BND.shape[0], -1, -1).to(x_BND.dtype), x_BND)
+        h_B1D = h_B1D + self.mlp(self.layernorm(h_B1D))
+        return h_B1D[:, 0]
+
+
+class SiglipVisionTower(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        v = cfg.vision
+        self.patch_dropout = v.patch_dropout
+        self.embeddings = SiglipVisionEmbeddings(v.image_size, v.patch_size, v.width)
+        self.encoder = Encoder(v, causal=False, impl=cfg.attention, grad_checkpointing=cfg.grad_checkpointing)
+        self.post_layernorm = LayerNorm(v.width, eps=v.ln_eps)
+        self.head = AttentionPoolingHead(v, cfg.attention)
+
+    def forward(self, images_BCHW: torch.Tensor, output_hidden_states: bool = False) -> TowerOutput:
+        x_BND = self.embeddings(images_BCHW)
+        if self.training and self.patch_dropout > 0:
+            x_BND = patch_dropout(x_BND, keep_frac=1 - self.patch_dropout, num_prefix=0)
+        x_BND, hidden_states = self.encoder(x_BND, output_hidden_states)
+        x_BND = self.post_layernorm(x_BND)  # HF's SigLIP last_hidden_state is after post_layernorm
+        return TowerOutput(self.head(x_BND), x_BND, hidden_states)
+
+
+class SiglipTextTower(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        t = cfg.text
+        self.embeddings = TextEmbeddings(t.vocab_size, t.context_length, t.width)
+        self.encoder = Encoder(t, causal=False, impl=cfg.attention, grad_checkpointing=cfg.grad_checkpointing)
+        self.final_layer_norm = LayerNorm(t.width, eps=t.ln_eps)
+        self.head = nn.Linear(t.width, cfg.embed_dim)
+
+    def forward(self, tokens_BL: torch.Tensor, output_hidden_states: bool = False) -> TowerOutput:
+        x_BLD, hidden_states = self.encoder(self.embeddings(tokens_BL), output_hidden_states)
+        x_BLD = self.final_layer_norm(x_BLD)
+        # SigLIP pools at the last position, whatever token sits there (captions are padded to full length).
+        return TowerOutput(self.head(x_BLD[:, -1]), x_BLD, hidden_states)
+
+
+class SigLIP(TwoTowerModel):
+    def __init__(self, cfg):
+        """cfg: a resolved ModelConfig (see build_model)."""
+        super().__init__(cfg.lock_image)
+        self.vision_model = SiglipVisionTower(cfg)
+        self.text_model = SiglipTextTower(cfg)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))  # log of the scale
+        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
+        self.init_weights()
+        if cfg.lock_image:
+            self.lock_image_tower()
+
+    def logit_params(self):
+        return self.logit_scale.float().exp(), self.logit_bias.float()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """big_vision's SigLIP init (as HF's SiglipPreTrainedModel); deterministic under torch.manual_seed."""
+        v, t = self.vision_model, self.text_model
+        width_v = v.post_layernorm.normalized_shape[0]
+        _lecun_normal_(v.embeddings.patch_embedding)
+        nn.init.normal_(v.embeddings.position_embedding.weight, std=width_v**-0.5)
+        for emb in (t.embeddings.token_embedding, t.embeddings.position_embedding):
+            nn.init.normal_(emb.weight, std=emb.embedding_dim**-0.5)  # flax default embed init
+        for layer in [*v.encoder.layers, *t.encoder.layers]:
+            for w in layer.self_attn.qkv_proj.weight.chunk(3):  # HF inits q, k, v as separate matrices
+                nn.init.xavier_uniform_(w)
+            nn.init.zeros_(layer.self_attn.qkv_proj.bias)
+            nn.init.xavier_uniform_(layer.self_attn.out_proj.weight)
+            nn.init.zeros_(layer.self_attn.out_proj.bias)
+            _init_mlp_(layer.mlp)
+        head = v.head
+        nn.init.xavier_uniform_(head.probe)
+        nn.init.xavier_uniform_(head.attention.in_proj_weight)
+        nn.init.zeros_(head.attention.in_proj_bias)
+        _lecun_normal_(head.attention.out_proj)
+        _init_mlp_(head.mlp)
+        _lecun_normal_(t.head)
+
+
+def _init_mlp_(mlp: MLP) -> None:
+    for fc in (mlp.fc1, mlp.fc2):
+        nn.init.xavier_uniform_(fc.weight)
+        nn.init.normal_(fc.bias, std=1e-6)
+
+
+def _lecun_normal_(module: nn.Module) -> None:
+    """Truncated normal with variance 1 / fan_in (flax lecun_normal); bias zero."""
+    fan_in = module.weight[0].numel()
+    std = fan_in**-0.5 / 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
+    nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+    nn.init.zeros_(module.bias)
