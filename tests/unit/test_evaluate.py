@@ -1,0 +1,394 @@
+"""mmpretrain.evaluate: metric math against brute force, end-to-end on small tar sets, 2 ranks == 1, CLI errors.
+
+Legend: N images, C classes, T texts, E embedding width.
+"""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from mmpretrain.evaluate import (
+    EvalConfig,
+    build_zeroshot_classifier,
+    evaluate_all,
+    main,
+    retrieval,
+    retrieval_recall,
+    topk_accuracy,
+    zeroshot_classification,
+)
+
+# the sets hold one corrupt image on purpose: it is skipped with a warning
+pytestmark = pytest.mark.filterwarnings("ignore:.*broken:UserWarning")
+
+# ----------------------------------------------------------------------------- helpers
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+COLORS.update({"purple": (140, 30, 160), "cyan": (30, 210, 220), "white": (250, 250, 250)})
+CLASSNAMES = list(COLORS)
+TEMPLATES = ["a photo of {c}.", "{c}", "something {c} here"]
+
+
+def _png(rgb, seed: int) -> bytes:
+    """A 12x12 image of color `rgb` with seeded noise (so a random model scores no two images alike)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(rgb)[None, None, :] + rng.integers(-25, 26, size=(12, 12, 3)), 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_tar(path, samples):
+    """samples: list of (key, {ext: bytes})."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tarfile.open(path, "w") as tf:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def write_sets(root, num_images: int = 11, broken: int = 4):
+    """A zero-shot and a retrieval set in clip_benchmark layout; returns (zeroshot_root, retrieval_root, meta).
+
+    Image i has class i % C; sample `broken` holds corrupt image bytes; shards split unevenly (3 + rest).
+    Captions: 1 to 3 per image, naming its color.
+    """
+    zs, rt = os.path.join(root, "colors"), os.path.join(root, "colors_captions")
+    zs_samples, rt_samples, labels, captions = [], [], [], []
+    for i in range(num_images):
+        c = i % len(CLASSNAMES)
+        image = b"not an image" if i == broken else _png(COLORS[CLASSNAMES[c]], i)
+        labels.append(c)
+        caps = [f"{CLASSNAMES[c]} number {i} version {j}" for j in range(1 + i % 3)]
+        captions.append(caps)
+        zs_samples.append((f"s{i:04d}", {"png": image, "cls": str(c).encode()}))
+        rt_samples.append((f"s{i:04d}", {"png": image, "txt": "\n".join(caps).encode()}))
+    for folder, samples in ((zs, zs_samples), (rt, rt_samples)):
+        _write_tar(os.path.join(folder, "test", "0.tar"), samples[:3])
+        _write_tar(os.path.join(folder, "test", "1.tar"), samples[3:])
+    with open(os.path.join(zs, "classnames.txt"), "w") as f:
+        f.write("\n".join(CLASSNAMES) + "\n")
+    with open(os.path.join(zs, "zeroshot_classification_templates.txt"), "w") as f:
+        f.write("\n".join(TEMPLATES) + "\n")
+    return zs, rt, {"labels": labels, "captions": captions, "broken": broken}
+
+
+def transform(img):
+    """PIL -> (3, 8, 8) float tensor in [0, 1]."""
+    return torch.from_numpy(np.asarray(img.resize((8, 8)), dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+class CharTokenizer:
+    """Deterministic stand-in for the BPE tokenizer: characters mod 97, padded with 0, length 24."""
+
+    def __call__(self, texts):
+        out = torch.zeros(len(texts), 24, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = [1 + ord(ch) % 96 for ch in t[:24]]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+class RandomTwoTower(nn.Module):
+    """Seeded random towers with the model's interface; records every forward call's batch size."""
+
+    def __init__(self, seed: int = 0, embed: int = 6):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.image_proj = nn.Parameter(torch.randn(3 * 8 * 8, embed, generator=g))
+        self.token_emb = nn.Parameter(torch.randn(97, embed, generator=g))
+        self.calls = []
+
+    def encode_image(self, images_BCHW):
+        self.calls.append(("image", len(images_BCHW), torch.is_grad_enabled(), self.training))
+        return F.normalize(images_BCHW.flatten(1).to(self.image_proj.dtype) @ self.image_proj, dim=-1).float()
+
+    def encode_text(self, tokens_BL):
+        self.calls.append(("text", len(tokens_BL), torch.is_grad_enabled(), self.training))
+        weights_BL = torch.arange(1, tokens_BL.shape[1] + 1, dtype=self.token_emb.dtype)  # order-sensitive pooling
+        return F.normalize((self.token_emb[tokens_BL] * weights_BL[None, :, None]).sum(1), dim=-1).float()
+
+
+class ColorOracle(RandomTwoTower):
+    """Knows the answer: images embed as the one-hot of their nearest palette color, texts as the one-hot of
+    the color they name, shifted by `shift` classes (shift=0: always right; shift=1: always wrong)."""
+
+    def __init__(self, shift: int = 0):
+        super().__init__(embed=len(CLASSNAMES))
+        self.shift = shift
+        self.tokenizer = CharTokenizer()
+        self.name_tokens = [self.tokenizer([n])[0, : len(n)] for n in CLASSNAMES]
+
+    def encode_image(self, images_BCHW):
+        super().encode_image(images_BCHW)
+        mean_B3 = images_BCHW.float().mean((2, 3)) * 255
+        palette_C3 = torch.tensor(list(COLORS.values()), dtype=torch.float32)
+        return F.one_hot(torch.cdist(mean_B3, palette_C3).argmin(1), len(CLASSNAMES)).float()
+
+    def encode_text(self, tokens_BL):
+        super().encode_text(tokens_BL)
+        out = torch.zeros(len(tokens_BL), len(CLASSNAMES))
+        for b, row in enumerate(tokens_BL):
+            for c, name in enumerate(self.name_tokens):
+                if row.unfold(0, len(name), 1).eq(name).all(1).any():
+                    out[b, (c + self.shift) % len(CLASSNAMES)] = 1.0
+        return out
+
+
+# ----------------------------------------------------------------------------- metric math
+
+
+def _topk_reference(logits, labels, ks):
+    order = logits.argsort(1, descending=True)
+    return {k: (order[:, :k] == labels[:, None]).any(1).double().mean().item() for k in ks}
+
+
+def _recall_reference(img, txt, txt_to_img, ks):
+    sim = img @ txt.T
+    out = {}
+    for k in ks:
+        hits = 0
+        for i in range(len(img)):
+            top = sim[i].argsort(descending=True)[:k].tolist()
+            hits += any(txt_to_img[t] == i for t in top)
+        out[f"image_to_text_R@{k}"] = hits / len(img)
+    for k in ks:
+        hits = 0
+        for t in range(len(txt)):
+            top = sim[:, t].argsort(descending=True)[:k].tolist()
+            hits += txt_to_img[t].item() in top
+        out[f"text_to_image_R@{k}"] = hits / len(txt)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_topk_accuracy_matches_sorting(seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 9, (200,), generator=g)
+    logits = torch.randn(200, 9, generator=g, dtype=torch.float64) + F.one_hot(labels, 9)  # better than chance
+    ks = [1, 2, 5, 9]
+    got = topk_accuracy(logits, labels, ks)
+    assert got == pytest.approx(_topk_reference(logits, labels, ks))
+    assert got[9] == 1.0 and 0 < got[1] < 1
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_retrieval_recall_matches_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    num_img = 13
+    caps_per_img = torch.randint(1, 4, (num_img,), generator=g)
+    txt_to_img = torch.repeat_interleave(torch.arange(num_img), caps_per_img)
+    txt_to_img = txt_to_img[torch.randperm(len(txt_to_img), generator=g)]  # captions in any order
+    img = F.normalize(torch.randn(num_img, 5, generator=g, dtype=torch.float64), dim=-1)
+    txt = F.normalize(torch.randn(len(txt_to_img), 5, generator=g, dtype=torch.float64), dim=-1)
+    ks = [1, 5, 10]
+    got = retrieval_recall(img, txt, txt_to_img, ks, chunk=4)  # chunks smaller than N and T
+    assert got == pytest.approx(_recall_reference(img, txt, txt_to_img, ks))
+    assert 0 < got["image_to_text_R@1"] < got["image_to_text_R@10"] <= 1
+
+
+def test_retrieval_recall_perfect_and_any_caption_counts():
+    img = torch.eye(3)
+    txt = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0], [0.6, 0.8, 0]])
+    txt_to_img = torch.tensor([0, 2, 1, 0])  # caption 3 of image 0 is nearer image 1: one miss at R@1
+    got = retrieval_recall(img, txt, txt_to_img, [1, 2])
+    assert got["image_to_text_R@1"] == 1.0  # image 0's best caption (0) ranks first; others are exact
+    assert got["text_to_image_R@1"] == 0.75 and got["text_to_image_R@2"] == 1.0
+
+
+def test_eval_config_validate():
+    EvalConfig().validate("eval")
+    with pytest.raises(ValueError, match=r"^eval\.top_k"):
+        EvalConfig(top_k=[0, 5]).validate("eval")
+    with pytest.raises(ValueError, match=r"^eval\.every_steps"):
+        EvalConfig(every_steps=-1).validate("eval")
+
+
+# ----------------------------------------------------------------------------- end to end on tar sets
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    return write_sets(str(tmp_path_factory.mktemp("evalsets")))
+
+
+def test_classifier_is_renormalized_prompt_mean(sets):
+    model = RandomTwoTower()
+    tok = CharTokenizer()
+    got = build_zeroshot_classifier(model, tok, CLASSNAMES, TEMPLATES, batch_size=4)
+    for c, name in enumerate(CLASSNAMES):
+        emb_TE = model.encode_text(tok([t.replace("{c}", name) for t in TEMPLATES]))
+        ref = F.normalize(emb_TE.double().mean(0), dim=0)
+        torch.testing.assert_close(got[c].double(), ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("shift", "top1", "top2"), [(0, 1.0, 1.0), (1, 0.0, 1.0)])
+def test_zeroshot_oracle_scores_exactly(sets, shift, top1, top2):
+    zs, _, meta = sets
+    model = ColorOracle(shift)
+    model.train()
+    with pytest.warns(UserWarning, match="1 broken images"):
+        got = zeroshot_classification(model, model.tokenizer, zs, transform=transform, batch_size=3, top_k=[1, 2])
+    # shift=1: the label's score is 0 and exactly one class scores 1, so the label ranks second
+    assert got == {"top1": top1, "top2": top2, "num_samples": len(meta["labels"]) - 1}  # the broken one skipped
+    assert model.training, "the previous train/eval mode is restored"
+    assert not any(grad or training for _, _, grad, training in model.calls), "no_grad and eval mode inside"
+
+
+def test_zeroshot_random_model_matches_direct_computation(sets):
+    """Plumbing check: reading, batching, padding and ensembling against a straightforward loop."""
+    zs, _, meta = sets
+    model, tok = RandomTwoTower(seed=3), CharTokenizer()
+    got = zeroshot_classification(model, tok, zs, transform=transform, batch_size=4, top_k=[1, 3])
+    keep = [i for i in range(len(meta["labels"])) if i != meta["broken"]]
+    images = torch.stack([transform(Image.open(io.BytesIO(_png(COLORS[CLASSNAMES[i % 7]], i)))) for i in keep])
+    prompts_CT = [[t.replace("{c}", n) for t in TEMPLATES] for n in CLASSNAMES]
+    classifier = torch.stack([F.normalize(model.encode_text(tok(p)).mean(0), dim=0) for p in prompts_CT])
+    logits = model.encode_image(images) @ classifier.T
+    ref = _topk_reference(logits, torch.tensor([meta["labels"][i] for i in keep]), [1, 3])
+    assert got == {"top1": pytest.approx(ref[1]), "top3": pytest.approx(ref[3]), "num_samples": len(keep)}
+
+
+def test_retrieval_matches_direct_computation(sets):
+    _, rt, meta = sets
+    model, tok = RandomTwoTower(seed=4), CharTokenizer()
+    got = retrieval(model, tok, rt, transform=transform, batch_size=4, recall_k=[1, 2, 5])
+    keep = [i for i in range(len(meta["captions"])) if i != meta["broken"]]
+    images = torch.stack([transform(Image.open(io.BytesIO(_png(COLORS[CLASSNAMES[i % 7]], i)))) for i in keep])
+    caps = [c for i in keep for c in meta["captions"][i]]
+    txt_to_img = torch.tensor([j for j, i in enumerate(keep) for _ in meta["captions"][i]])
+    ref = _recall_reference(model.encode_image(images), model.encode_text(tok(caps)), txt_to_img, [1, 2, 5])
+    assert {k: got[k] for k in ref} == pytest.approx(ref)
+    assert (got["num_images"], got["num_texts"]) == (len(keep), len(caps))  # the broken image and its captions left
+
+
+def test_retrieval_oracle_any_caption(sets):
+    _, rt, meta = sets
+    model = ColorOracle()
+    got = retrieval(model, model.tokenizer, rt, transform=transform, batch_size=5, recall_k=[1])
+    # every caption names its image's color: ties among same-colored images count in the query's favour
+    assert got["image_to_text_R@1"] == 1.0 and got["text_to_image_R@1"] == 1.0
+
+
+def test_bf16_model_runs_under_autocast(sets):
+    zs, rt, _ = sets
+    model = RandomTwoTower(seed=5).to(torch.bfloat16)
+    tok = CharTokenizer()
+    got = zeroshot_classification(model, tok, zs, transform=transform, batch_size=4)
+    assert set(got) == {"top1", "top5", "num_samples"} and 0 <= got["top1"] <= got["top5"] <= 1
+    assert all(not grad for _, _, grad, _ in model.calls)
+
+
+def test_evaluate_all_keys(sets):
+    from mmpretrain.data.config import EvalDataConfig
+
+    zs, rt, _ = sets
+    data_cfg = EvalDataConfig(zeroshot=zs, retrieval=rt, batch_size=4)
+    data_cfg.validate("data.eval")
+    results = evaluate_all(
+        RandomTwoTower(), CharTokenizer(), data_cfg, EvalConfig(num_workers=0, recall_k=[1, 5]), image_size=8
+    )
+    assert set(results) == {
+        "zeroshot/colors/top1", "zeroshot/colors/top5", "zeroshot/colors/num_samples",
+        "retrieval/colors_captions/image_to_text_R@1", "retrieval/colors_captions/image_to_text_R@5",
+        "retrieval/colors_captions/text_to_image_R@1", "retrieval/colors_captions/text_to_image_R@5",
+        "retrieval/colors_captions/num_images", "retrieval/colors_captions/num_texts",
+    }  # fmt: skip
+    assert evaluate_all(RandomTwoTower(), CharTokenizer(), EvalDataConfig(), EvalConfig(), image_size=8) == {}
+
+
+def test_decoding_workers_give_the_same_result(sets):
+    zs, _, _ = sets
+    kwargs = dict(transform=transform, batch_size=4)
+    serial = zeroshot_classification(RandomTwoTower(seed=6), CharTokenizer(), zs, num_workers=0, **kwargs)
+    assert zeroshot_classification(RandomTwoTower(seed=6), CharTokenizer(), zs, num_workers=2, **kwargs) == serial
+
+
+# ----------------------------------------------------------------------------- 2 ranks == 1 rank
+
+
+def _rank_worker(rank, world_size, init_file, zs, rt, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model, tok = RandomTwoTower(seed=7), CharTokenizer()
+        kwargs = dict(transform=transform, batch_size=2)
+        results = {
+            "zeroshot": zeroshot_classification(model, tok, zs, top_k=[1, 3], **kwargs),
+            "retrieval": retrieval(model, tok, rt, recall_k=[1, 3], **kwargs),
+            "classifier": build_zeroshot_classifier(model, tok, CLASSNAMES, TEMPLATES, 2).tolist(),
+            "calls": [(kind, n) for kind, n, _, _ in model.calls],
+        }
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_rank(sets, tmp_path):
+    zs, rt, _ = sets  # 11 images, 7 classes, 1..3 captions each: every share needs padding on 2 ranks
+    torch.multiprocessing.spawn(_rank_worker, args=(2, str(tmp_path / "init"), zs, rt, str(tmp_path)), nprocs=2)
+    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in range(2))
+
+    model, tok = RandomTwoTower(seed=7), CharTokenizer()
+    one = {
+        "zeroshot": zeroshot_classification(model, tok, zs, transform=transform, batch_size=2, top_k=[1, 3]),
+        "retrieval": retrieval(model, tok, rt, transform=transform, batch_size=2, recall_k=[1, 3]),
+    }
+    for r in (r0, r1):
+        assert r["zeroshot"] == pytest.approx(one["zeroshot"])
+        assert r["retrieval"] == pytest.approx(one["retrieval"])
+        classifier = build_zeroshot_classifier(model, tok, CLASSNAMES, TEMPLATES, 2)
+        torch.testing.assert_close(torch.tensor(r["classifier"]), classifier, atol=1e-6, rtol=0)
+    # ZeRO-3 needs the same forward calls, batch shapes included, on every rank
+    assert r0["calls"] == r1["calls"]
+    assert one["zeroshot"]["num_samples"] == 10 and one["zeroshot"]["top3"] > 0
+
+
+# ----------------------------------------------------------------------------- CLI errors
+
+
+def test_cli_missing_checkpoint_folder(tmp_path, capsys):
+    assert main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(tmp_path / "nope") in err
+
+
+def test_cli_bad_eval_sets(tmp_path, sets, capsys):
+    zs, rt, _ = sets
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main([str(run), "--zeroshot", str(tmp_path / "missing")]) == 2
+    assert str(tmp_path / "missing") in capsys.readouterr().err
+    no_classnames = tmp_path / "no_classnames"
+    (no_classnames / "test").mkdir(parents=True)
+    assert main([str(run), "--zeroshot", str(no_classnames)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(no_classnames / "classnames.txt") in err
+    assert main([str(run), "--retrieval", rt, "--split", "val"]) == 2
+    assert os.path.join(rt, "val", "*.tar") in capsys.readouterr().err
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmpretrain.evaluate", str(tmp_path / "missing_run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert str(tmp_path / "missing_run") in proc.stderr
