@@ -304,6 +304,12 @@ _flash_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 
+@torch.compiler.assume_constant_result
+def _default_fp32_precision() -> str:
+    # Read outside the traced graph: dynamo cannot trace this getter (a compiled graph keeps the value it saw).
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 def check_attention_inputs(q, k, v, key_padding_mask=None) -> None:
     """Raise ValueError unless q (B, H, M, D), k and v (B, H, N, D), key_padding_mask (B, N) fit together."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -357,7 +363,7 @@ def flash_attention(
     if reason is not None:
         raise ValueError(f"attention: the Triton kernel does not support {reason}; use impl='sdpa'")
     if fp32_precision is None:
-        fp32_precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        fp32_precision = _default_fp32_precision()
     if fp32_precision not in FP32_PRECISIONS:
         raise ValueError(f"attention: fp32_precision must be one of {FP32_PRECISIONS} (got {fp32_precision!r})")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
