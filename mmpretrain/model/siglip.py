@@ -125,7 +125,8 @@ class SigLIP(TwoTowerModel):
             self.lock_image_tower()
 
     def logit_params(self):
-        return self.logit_scale.float().exp(), self.logit_bias.float()
+        # clone: hand out a new tensor, never the parameter itself (ZeRO-3 empties a gathered parameter after forward)
+        return self.logit_scale.float().exp(), self.logit_bias.float().clone()
 
     @torch.no_grad()
     def init_weights(self) -> None:
