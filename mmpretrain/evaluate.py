@@ -611,7 +611,7 @@ def _run(args) -> dict[str, float]:
 
     from mmpretrain.checkpoint import load_model_from_run
     from mmpretrain.data import Tokenizer
-    from mmpretrain.distributed import init_distributed
+    from mmpretrain.distributed import env_rank_world, init_distributed
 
     model, cfg = load_model_from_run(args.checkpoint)
     data_cfg, eval_cfg = cfg.data.eval, cfg.eval
@@ -628,26 +628,31 @@ def _run(args) -> dict[str, float]:
     data_cfg.validate("data.eval")
     eval_cfg.validate("eval")
 
-    dist_info = init_distributed()  # a world of one unless launched by torchrun / srun
-    model.to(dist_info.device)
+    if env_rank_world()[1] > 1:  # launched by torchrun / srun: shard the sets over the ranks
+        device = init_distributed().device
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
     tokenizer = Tokenizer(cfg.model.text.context_length)
-    return evaluate_all(
-        model, tokenizer, data_cfg, eval_cfg, image_size=cfg.model.vision.image_size, device=dist_info.device
-    )
+    return evaluate_all(model, tokenizer, data_cfg, eval_cfg, image_size=cfg.model.vision.image_size, device=device)
 
 
 def main(argv=None) -> int:
     """`python -m mmpretrain.evaluate RUN [--zeroshot ROOT] [--retrieval ROOT] [--output results.json]`."""
+    from mmpretrain.distributed import env_rank_world
+
     args = _parse_args(argv)
+    is_main = env_rank_world()[0] == 0
     try:
         results = _run(args)
     except ValueError as e:  # user errors: one line, exit code 2, no traceback
-        print(f"mmpretrain.evaluate: error: {e}", file=sys.stderr, flush=True)
+        if is_main:
+            print(f"mmpretrain.evaluate: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main:
         print(format_table(results), flush=True)
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)

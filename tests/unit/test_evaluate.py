@@ -24,6 +24,7 @@ from mmpretrain.evaluate import (
     main,
     retrieval,
     retrieval_recall,
+    set_name,
     topk_accuracy,
     zeroshot_classification,
 )
@@ -392,3 +393,51 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert str(tmp_path / "missing_run") in proc.stderr
+
+
+# ----------------------------------------------------------------------------- the real tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_run(shapes_dataset):
+    """(model, config) as load_model_from_run returns them: a random tiny CLIP, eval sets = the shapes fixture."""
+    from mmpretrain.config import Config
+    from mmpretrain.model import ModelConfig, build_model, resolve_model_config
+
+    cfg = Config()
+    cfg.model = resolve_model_config(ModelConfig(name="tiny"))
+    cfg.data.eval.zeroshot, cfg.data.eval.retrieval = shapes_dataset.zeroshot_root, shapes_dataset.retrieval_root
+    torch.manual_seed(0)
+    return build_model(cfg.model).eval(), cfg
+
+
+def test_random_tiny_model_is_near_chance(tiny_run, shapes_dataset):
+    from mmpretrain.data import Tokenizer
+
+    model, cfg = tiny_run
+    tok = Tokenizer(cfg.model.text.context_length)
+    results = evaluate_all(model, tok, cfg.data.eval, EvalConfig(num_workers=0), image_size=cfg.model.vision.image_size)
+    zs, rt = set_name(shapes_dataset.zeroshot_root), set_name(shapes_dataset.retrieval_root)
+    assert results[f"zeroshot/{zs}/num_samples"] == shapes_dataset.num_eval
+    assert results[f"zeroshot/{zs}/top1"] <= min(0.25, results[f"zeroshot/{zs}/top5"])  # 32 classes: chance 3%
+    assert results[f"retrieval/{rt}/num_texts"] == 3 * shapes_dataset.num_eval
+    for direction in ("image_to_text", "text_to_image"):
+        r1, r5, r10 = (results[f"retrieval/{rt}/{direction}_R@{k}"] for k in (1, 5, 10))
+        assert r1 <= r5 <= r10 <= 0.5  # 64 images: chance R@10 is about 16%
+
+
+def test_cli_prints_table_and_writes_json(tiny_run, shapes_dataset, tmp_path, monkeypatch, capsys):
+    import mmpretrain.checkpoint
+
+    monkeypatch.setattr(mmpretrain.checkpoint, "load_model_from_run", lambda path: tiny_run)
+    out = tmp_path / "out" / "results.json"
+    assert main([str(tmp_path), "--batch-size", "16", "--num-workers", "0", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    zs = set_name(shapes_dataset.zeroshot_root)
+    printed = capsys.readouterr().out
+    assert f"zeroshot/{zs}/top1" in printed and f"{results[f'zeroshot/{zs}/top1']:.4f}" in printed
+    assert len(results) == 3 + 8  # the run's two sets: top1/top5/num_samples + 6 recalls and 2 counts
+
+    # sets named on the command line replace the run's
+    assert main([str(tmp_path), "--zeroshot", shapes_dataset.zeroshot_root, "--output", str(out)]) == 0
+    assert sorted(json.loads(out.read_text())) == sorted(k for k in results if k.startswith("zeroshot/"))
