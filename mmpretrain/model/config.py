@@ -104,17 +104,16 @@ def resolve_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfig
         )
 
     family = cfg.family if cfg.family is not None else entry["family"]
-    siglip = family == "siglip"
+    # Family defaults: CLIP 1/0.07 and no bias (OpenAI); SigLIP 10 and -10 (the SigLIP paper).
+    default_scale, default_bias = (math.log(10.0), -10.0) if family == "siglip" else (math.log(1 / 0.07), None)
     return dataclasses.replace(
         cfg,
         family=family,
         embed_dim=cfg.embed_dim if cfg.embed_dim is not None else entry["embed_dim"],
         vision=fill(cfg.vision, entry["vision"]),
         text=fill(cfg.text, entry["text"]),
-        init_logit_scale=cfg.init_logit_scale
-        if cfg.init_logit_scale is not None
-        else (math.log(10.0) if siglip else math.log(1 / 0.07)),
-        init_logit_bias=cfg.init_logit_bias if cfg.init_logit_bias is not None or not siglip else -10.0,
+        init_logit_scale=cfg.init_logit_scale if cfg.init_logit_scale is not None else default_scale,
+        init_logit_bias=cfg.init_logit_bias if cfg.init_logit_bias is not None else default_bias,
     )
 
 
