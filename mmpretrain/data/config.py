@@ -1,0 +1,160 @@
+"""Data config: train shards, eval sets, synthetic demo data (owned by mmpretrain.data).
+
+The root config nests ``DataConfig`` under ``data`` and calls ``validate("data")``; the seed
+lives in the root config and is passed to the loader builders.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import braceexpand
+
+
+def expand_shard_spec(spec: str) -> list[list[str]]:
+    """Split a shard spec on "::" into sources and brace-expand each: "a/{0..1}.tar::b.tar" -> [[a/0, a/1], [b]]."""
+    return [list(braceexpand.braceexpand(source)) for source in spec.split("::") if source]
+
+
+def is_remote(url: str) -> bool:
+    """True for urls webdataset opens through a pipe or the network (we do not check those for existence)."""
+    return url.startswith("pipe:") or "://" in url and not url.startswith("file://")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def check_shard_spec(spec: str, key: str) -> list[list[str]]:
+    """Expand a spec and check its local files exist; ValueError naming ``key`` otherwise."""
+    sources = expand_shard_spec(spec)
+    if not sources:
+        raise ValueError(f"{key}: empty shard spec {spec!r}")
+    for source_spec, urls in zip(spec.split("::"), sources):
+        missing = [u for u in urls if not is_remote(u) and not os.path.isfile(_local_path(u))]
+        if len(missing) == len(urls):
+            raise ValueError(f"{key}: no file matches {source_spec!r}")
+        if missing:
+            raise ValueError(f"{key}: {len(missing)} of {len(urls)} files of {source_spec!r} missing: {missing[0]!r}")
+    return sources
+
+
+@dataclass
+class TrainDataConfig:
+    urls: Optional[str] = None
+    """Train shards: a brace-expandable spec (local paths, ``pipe:...`` or http(s) urls, as webdataset opens
+    them), e.g. ``/data/laion/{000000..041407}.tar``. Several sources are separated by ``::``."""
+    resampled: bool = False
+    """Draw shards with replacement (seeded per rank and worker) instead of seeded passes over the shard list.
+    Use it when shards < ranks x workers or to weight sources."""
+    source_weights: Optional[list[float]] = None
+    """Resampled mode only: one weight per ``::`` source; a shard of source i is drawn with probability
+    proportional to weight_i (so a source's share is weight_i x its number of shards). None: all shards equal."""
+    samples_per_epoch: Optional[int] = None
+    """Nominal epoch size in samples (all ranks together). Required in resampled mode, where there is no natural
+    epoch; the loader streams forever, and the train loop uses it to report epochs."""
+    shuffle_buffer: int = 1000
+    """Samples held by each worker's shuffle buffer (memory: this many encoded samples per worker)."""
+    image_key: str = "jpg;png;webp"
+    """Tar member extensions tried in order for the image."""
+    text_key: str = "txt"
+    """Tar member extension of the caption (UTF-8 text)."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    """RandomResizedCrop area range (min, max) as fractions of the image area."""
+
+    def validate(self, prefix: str) -> None:
+        if self.urls is not None:
+            sources = check_shard_spec(self.urls, f"{prefix}.urls")
+            if self.source_weights is not None:
+                if not self.resampled:
+                    raise ValueError(f"{prefix}.source_weights: only used with {prefix}.resampled=true")
+                if len(self.source_weights) != len(sources):
+                    raise ValueError(
+                        f"{prefix}.source_weights: {len(self.source_weights)} weights for {len(sources)} '::' sources"
+                    )
+                if any(w < 0 for w in self.source_weights) or sum(self.source_weights) <= 0:
+                    raise ValueError(f"{prefix}.source_weights: must be >= 0 with a positive sum")
+        if self.resampled and self.samples_per_epoch is None:
+            raise ValueError(f"{prefix}.samples_per_epoch: required when {prefix}.resampled is true")
+        if self.samples_per_epoch is not None and self.samples_per_epoch <= 0:
+            raise ValueError(f"{prefix}.samples_per_epoch: must be > 0 (got {self.samples_per_epoch})")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"{prefix}.shuffle_buffer: must be >= 1 (got {self.shuffle_buffer})")
+        if not self.image_key or not self.text_key:
+            raise ValueError(f"{prefix}.image_key/text_key: must not be empty")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"{prefix}.crop_scale: need [min, max] with 0 < min <= max <= 1 (got {self.crop_scale})")
+
+
+@dataclass
+class EvalDataConfig:
+    zeroshot: Optional[str] = None
+    """Zero-shot classification set in clip_benchmark WebDataset layout: ``<root>/test/*.tar`` (``<key>.jpg|png|webp``
+    + ``<key>.cls``), ``<root>/classnames.txt`` and ``<root>/zeroshot_classification_templates.txt``."""
+    retrieval: Optional[str] = None
+    """Retrieval set in clip_benchmark layout: ``<root>/test/*.tar`` with ``<key>.txt`` holding one caption a line."""
+    split: str = "test"
+    """Split folder under each eval root."""
+    batch_size: int = 64
+    """Eval images per rank per forward pass."""
+
+    def validate(self, prefix: str) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"{prefix}.batch_size: must be >= 1 (got {self.batch_size})")
+        for name in ("zeroshot", "retrieval"):
+            root = getattr(self, name)
+            if root is None or is_remote(root):
+                continue
+            if not os.path.isdir(root):
+                raise ValueError(f"{prefix}.{name}: no such directory {root!r}")
+            if not glob.glob(os.path.join(root, self.split, "*.tar")):
+                raise ValueError(f"{prefix}.{name}: no file matches {os.path.join(root, self.split, '*.tar')!r}")
+        if self.zeroshot is not None and not is_remote(self.zeroshot):
+            for fname in ("classnames.txt", "zeroshot_classification_templates.txt"):
+                if not os.path.isfile(os.path.join(self.zeroshot, fname)):
+                    raise ValueError(f"{prefix}.zeroshot: missing {os.path.join(self.zeroshot, fname)!r}")
+
+
+@dataclass
+class SyntheticConfig:
+    root: Optional[str] = None
+    """Folder of the synthetic colored-shapes dataset (generated there if absent). When set and
+    ``data.train.urls`` is unset, training and eval use it (the demo)."""
+    num_train: int = 20000
+    """Train samples."""
+    samples_per_shard: int = 1000
+    """Train samples per tar shard."""
+    num_eval: int = 1024
+    """Held-out samples in each eval set (zero-shot and retrieval)."""
+    image_size: int = 32
+    """Side of the generated square images in pixels."""
+    seed: int = 0
+    """Generator seed (the eval sets use seeds derived from it, distinct from train)."""
+
+    def validate(self, prefix: str) -> None:
+        for name in ("num_train", "samples_per_shard", "num_eval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{prefix}.{name}: must be >= 1 (got {getattr(self, name)})")
+        if self.image_size < 16:
+            raise ValueError(f"{prefix}.image_size: must be >= 16 pixels (got {self.image_size})")
+
+
+@dataclass
+class DataConfig:
+    train: TrainDataConfig = field(default_factory=TrainDataConfig)
+    eval: EvalDataConfig = field(default_factory=EvalDataConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0: load in the training process)."""
+
+    def validate(self, prefix: str) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"{prefix}.num_workers: must be >= 0 (got {self.num_workers})")
+        if self.train.urls is None and self.synthetic.root is None:
+            raise ValueError(f"{prefix}.train.urls: required (or set {prefix}.synthetic.root for synthetic data)")
+        self.train.validate(f"{prefix}.train")
+        self.eval.validate(f"{prefix}.eval")
+        self.synthetic.validate(f"{prefix}.synthetic")

@@ -1,0 +1,138 @@
+"""Write WebDataset tar shards: ``<key>.jpg`` (+ ``.txt``, ``.json``, ``.cls`` ...) grouped by key.
+
+Used by the synthetic data generator and by tools/make_shards.py. Each shard is written under a
+temporary name and renamed when complete, so a crashed writer never leaves a truncated tar that
+looks finished; ``close()`` writes ``_stats.json`` (sample and shard counts) next to the shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+
+STATS_FILE = "_stats.json"
+
+
+def encode_image(img: Image.Image, fmt: str = "jpg", quality: int = 90) -> bytes:
+    """PIL image -> encoded bytes (JPEG at ``quality``, or PNG/WEBP)."""
+    buf = io.BytesIO()
+    if fmt in ("jpg", "jpeg"):
+        img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    elif fmt == "png":
+        img.save(buf, format="PNG")
+    elif fmt == "webp":
+        img.save(buf, format="WEBP", quality=quality)
+    else:
+        raise ValueError(f"unsupported image format {fmt!r} (jpg, png, webp)")
+    return buf.getvalue()
+
+
+class ShardWriter:
+    """Write samples into ``<out_dir>/<name_format.format(i)>``, ``samples_per_shard`` samples per shard.
+
+    A sample is a dict with ``"__key__"`` (unique, no dots) and one entry per extension:
+    bytes are stored as is, ``str`` as UTF-8, ``int`` as its decimal text, ``dict``/``list`` as
+    JSON, a PIL image is encoded by its extension (jpg quality 90).
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        samples_per_shard: int = 10000,
+        name_format: str = "shard-{:06d}.tar",
+        image_quality: int = 90,
+    ):
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1 (got {samples_per_shard})")
+        self.out_dir = str(out_dir)
+        self.samples_per_shard = samples_per_shard
+        self.name_format = name_format
+        self.image_quality = image_quality
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.shards: list[dict[str, Any]] = []  # one {"name", "num_samples", "num_bytes"} per finished shard
+        self._tar: wds.TarWriter | None = None
+        self._tmp_path = self._path = ""
+        self._count = self._bytes = 0
+
+    def _encode(self, sample: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for ext, value in sample.items():
+            if ext == "__key__":
+                if not isinstance(value, str) or "." in value or not value:
+                    raise ValueError(f"sample key must be a non-empty string without dots (got {value!r})")
+                out[ext] = value
+            elif isinstance(value, (bytes, bytearray, memoryview)):
+                out[ext] = bytes(value)
+            elif isinstance(value, str):
+                out[ext] = value.encode("utf-8")
+            elif isinstance(value, bool):
+                raise ValueError(f"{ext}: bool values are ambiguous; store an int or str")
+            elif isinstance(value, int):
+                out[ext] = str(value).encode("ascii")
+            elif isinstance(value, (dict, list)):
+                out[ext] = json.dumps(value).encode("utf-8")
+            elif isinstance(value, Image.Image):
+                out[ext] = encode_image(value, ext.lower(), self.image_quality)
+            else:
+                raise ValueError(f"{ext}: cannot store a {type(value).__name__}")
+        if "__key__" not in out:
+            raise ValueError("sample needs a '__key__'")
+        return out
+
+    def write(self, sample: dict[str, Any]) -> None:
+        encoded = self._encode(sample)
+        if self._tar is None:
+            self._open_next()
+        self._bytes += self._tar.write(encoded)
+        self._count += 1
+        if self._count >= self.samples_per_shard:
+            self._finish_shard()
+
+    def _open_next(self) -> None:
+        name = self.name_format.format(len(self.shards))
+        self._path = os.path.join(self.out_dir, name)
+        self._tmp_path = self._path + ".tmp"
+        # fixed integer mtime: the same samples give byte-identical tars (a float mtime costs a PAX header per member)
+        self._tar = wds.TarWriter(self._tmp_path, encoder=False, mtime=0)
+        self._count = self._bytes = 0
+
+    def _finish_shard(self) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        os.replace(self._tmp_path, self._path)
+        self.shards.append({"name": os.path.basename(self._path), "num_samples": self._count, "num_bytes": self._bytes})
+        self._tar = None
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s["num_samples"] for s in self.shards) + (self._count if self._tar is not None else 0)
+
+    def close(self) -> dict[str, Any]:
+        """Finish the last shard and write ``_stats.json``; returns the stats."""
+        if self._tar is not None:
+            self._finish_shard()
+        stats = {
+            "num_samples": sum(s["num_samples"] for s in self.shards),
+            "num_shards": len(self.shards),
+            "shards": self.shards,
+        }
+        with open(os.path.join(self.out_dir, STATS_FILE), "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=1)
+        return stats
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:  # leave no half-written shard behind
+            self._tar.close()
+            os.remove(self._tmp_path)
+            self._tar = None

@@ -1,0 +1,59 @@
+"""Image transforms: PIL image -> normalized float tensor (3, S, S), as CLIP and OpenCLIP do it.
+
+train: RGB, RandomResizedCrop(S, scale, bicubic), ToTensor, Normalize(CLIP mean/std)
+eval:  RGB, Resize(shorter side -> S, bicubic), CenterCrop(S), ToTensor, Normalize
+
+The train crop is seeded per sample (``transform(img, seed)``): the torch RNG is forked around
+the crop, so a sample's crop depends only on its seed, never on how many samples a worker
+decoded before. That is what lets a resumed loader skip samples without decoding them and
+still produce the same crops as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+class TrainTransform:
+    """RandomResizedCrop + normalize; ``__call__(img, seed) -> FloatTensor (3, S, S)``."""
+
+    def __init__(self, image_size: int, scale: tuple[float, float] = (0.9, 1.0)):
+        self.image_size = image_size
+        self.crop = T.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC)
+        self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+    def __call__(self, img: Image.Image, seed: int) -> torch.Tensor:
+        img = _to_rgb(img)
+        # fork: the crop draws from the global torch RNG; keep the caller's RNG stream untouched
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            img = self.crop(img)
+        return self.to_tensor(img)
+
+
+class EvalTransform:
+    """Resize shorter side + center crop + normalize; ``__call__(img) -> FloatTensor (3, S, S)``."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+        self.transform = T.Compose(
+            [
+                T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
+                T.CenterCrop(image_size),
+                T.ToTensor(),
+                T.Normalize(CLIP_MEAN, CLIP_STD),
+            ]
+        )
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.transform(_to_rgb(img))
