@@ -87,14 +87,16 @@ class CLIP(TwoTowerModel):
         super().__init__(cfg.lock_image)
         self.vision_model = CLIPVisionTower(cfg)
         self.text_model = CLIPTextTower(cfg)
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))  # log of the scale
+        # Shape (1,), not () as in HF CLIP: DeepSpeed's parameter broadcast views each parameter as bytes,
+        # which fails on 0-dim tensors. Converters reshape.
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))  # log of the scale
         self.init_weights()
         if cfg.lock_image:
             self.lock_image_tower()
 
     def logit_params(self):
         # Clamp here (not on the parameter in the loop) so it holds under ZeRO-sharded parameters too.
-        return self.logit_scale.float().exp().clamp(max=LOGIT_SCALE_MAX), None
+        return self.logit_scale.float().exp().clamp(max=LOGIT_SCALE_MAX).squeeze(0), None
 
     @torch.no_grad()
     def init_weights(self) -> None:

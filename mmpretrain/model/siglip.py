@@ -7,7 +7,7 @@ Text: token + position embedding, NON-causal blocks, final LayerNorm, pooled at 
 then a linear `head` with bias.
 
 Parameter names equal HF's except the fused `self_attn.qkv_proj` in the encoder blocks (HF
-q_proj/k_proj/v_proj) and the shape of logit_scale / logit_bias: () here, (1,) in HF. The pooling
+q_proj/k_proj/v_proj) (logit_scale / logit_bias have shape (1,) as in HF). The pooling
 head keeps nn.MultiheadAttention's names (in_proj_weight, in_proj_bias, out_proj) like HF does.
 
 Shapes: B batch, C channels, N tokens, D width, H heads, Dh head width, E embed_dim (= D here), L text length.
@@ -118,15 +118,16 @@ class SigLIP(TwoTowerModel):
         super().__init__(cfg.lock_image)
         self.vision_model = SiglipVisionTower(cfg)
         self.text_model = SiglipTextTower(cfg)
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))  # log of the scale
-        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
+        # Shape (1,) like HF (and DeepSpeed's parameter broadcast cannot handle 0-dim tensors).
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))  # log of the scale
+        self.logit_bias = nn.Parameter(torch.full((1,), float(cfg.init_logit_bias)))
         self.init_weights()
         if cfg.lock_image:
             self.lock_image_tower()
 
     def logit_params(self):
         # clone: hand out a new tensor, never the parameter itself (ZeRO-3 empties a gathered parameter after forward)
-        return self.logit_scale.float().exp(), self.logit_bias.float().clone()
+        return self.logit_scale.float().exp().squeeze(0), self.logit_bias.float().squeeze(0).clone()
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -54,7 +54,7 @@ def hf_to_ours(hf_sd: dict) -> dict:
         elif ".self_attn.k_proj." in key or ".self_attn.v_proj." in key:
             continue
         elif key in ("logit_scale", "logit_bias"):
-            out[key] = value.reshape(())  # SigLIP: (1,) in HF, () here
+            out[key] = value.reshape(1)  # CLIP: () in HF, (1,) here (DeepSpeed cannot broadcast 0-dim)
         else:
             out[renames.get(key, key)] = value
     return out
