@@ -1,0 +1,92 @@
+"""Acceptance: the tiny models give the same loss and gradients with model.attention=triton and =sdpa.
+
+On CPU the Triton path runs under the interpreter, in a child process (see interpret_runner.py);
+on CUDA the same comparison runs a few AdamW steps at the real kernels. The CLIP twin covers
+the causal text tower, the SigLIP twin a single pooling query attending over all tokens.
+Shapes: B batch, E embedding width, L context length.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from interpret_runner import needs_interpreter, run_under_interpreter, runner_only
+
+from mmpretrain.model import ModelConfig, build_model, resolve_model_config
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SIZES = ["tiny", "siglip-tiny"]
+
+
+def contrastive_loss(out) -> torch.Tensor:
+    """CLIP: mean of the two cross-entropies; SigLIP: sigmoid loss summed over pairs / B (written out here)."""
+    logits_BB = out.logit_scale * out.image_features @ out.text_features.T
+    labels_B = torch.arange(logits_BB.shape[0], device=logits_BB.device)
+    if out.logit_bias is None:
+        return (F.cross_entropy(logits_BB, labels_B) + F.cross_entropy(logits_BB.T, labels_B)) / 2
+    signs_BB = 2 * torch.eye(logits_BB.shape[0], device=logits_BB.device) - 1
+    return -F.logsigmoid(signs_BB * (logits_BB + out.logit_bias)).sum() / logits_BB.shape[0]
+
+
+def make_batch(name, B, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = resolve_model_config(ModelConfig(name=name))
+    vision, text = cfg.vision, cfg.text
+    images_BCHW = torch.randn(B, 3, vision.image_size, vision.image_size, generator=g)
+    tokens_BL = torch.randint(1, text.vocab_size, (B, text.context_length), generator=g)
+    return images_BCHW.to(device), tokens_BL.to(device)
+
+
+def build_pair(name, device):
+    """The same weights under both attention implementations."""
+    torch.manual_seed(0)
+    tri = build_model(ModelConfig(name=name, attention="triton")).to(device)
+    sdpa = build_model(ModelConfig(name=name, attention="sdpa")).to(device)
+    sdpa.load_state_dict(tri.state_dict())
+    return tri, sdpa
+
+
+def loss_and_grads(model, images_BCHW, tokens_BL):
+    model.zero_grad(set_to_none=True)
+    loss = contrastive_loss(model(images_BCHW, tokens_BL))
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def train_steps(model, batches, lr=1e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for images_BCHW, tokens_BL in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = contrastive_loss(model(images_BCHW, tokens_BL))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", SIZES)
+def test_interp_tiny_model_loss_triton_equals_sdpa(name):
+    tri, sdpa = build_pair(name, "cpu")
+    batch = make_batch(name, 2, "cpu")  # the interpreter is slow: 2 samples
+    loss_tri, grads_tri = loss_and_grads(tri, *batch)
+    loss_sdpa, grads_sdpa = loss_and_grads(sdpa, *batch)
+    torch.testing.assert_close(loss_tri, loss_sdpa, rtol=1e-5, atol=1e-6)
+    assert grads_tri.keys() == grads_sdpa.keys() and len(grads_tri) > 10
+    for n in grads_tri:
+        torch.testing.assert_close(grads_tri[n], grads_sdpa[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@runner_only
+def test_run_cpu_interpreter_suite():
+    run_under_interpreter(__file__, min_passed=len(SIZES))
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", SIZES)
+def test_cuda_tiny_model_training_matches_sdpa(name):
+    tri, sdpa = build_pair(name, "cuda")
+    batches = [make_batch(name, 16, "cuda", seed=s) for s in range(4)]
+    # fp32 with IEEE dots (torch's default matmul precision) on both paths.
+    torch.testing.assert_close(train_steps(tri, batches), train_steps(sdpa, batches), rtol=1e-4, atol=1e-5)
