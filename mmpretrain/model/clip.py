@@ -8,7 +8,7 @@ largest token id, as OpenAI and HF's legacy `eos_token_id == 2` path do), bias-f
 Parameter names equal HF's except: fused `self_attn.qkv_proj` (HF q_proj/k_proj/v_proj), and
 `vision_model.projection` / `text_model.projection` (HF `visual_projection` / `text_projection`,
 top-level there; ours live in the towers so that `lock_image` freezes the projection too and
-ZeRO-3 gathers it with the tower).
+ZeRO-3 gathers it with the tower), and logit_scale's shape: (1,) here, () in HF.
 
 Shapes: B batch, C channels, N tokens, P patches, D width, E embed_dim, L text length.
 """
