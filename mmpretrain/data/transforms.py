@@ -36,7 +36,8 @@ class TrainTransform:
         img = _to_rgb(img)
         # fork: the crop draws from the global torch RNG; keep the caller's RNG stream untouched
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # CPU generator only: torch.manual_seed would also queue lazy CUDA/XPU seeding (slow, per sample)
+            torch.default_generator.manual_seed(seed)
             img = self.crop(img)
         return self.to_tensor(img)
 
