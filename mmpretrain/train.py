@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -51,16 +52,13 @@ def check_restart(cfg: Config) -> None:
 
 def resolve_data_paths(cfg: Config, is_main: bool) -> None:
     """Generate the synthetic demo shards if the config asks for them (rank 0), then point data at them."""
-    from mmpretrain.data import ensure_synthetic
+    from mmpretrain.data import with_synthetic_data
 
     if cfg.data.synthetic.root:
         if is_main:
-            ensure_synthetic(cfg.data.synthetic)
+            with_synthetic_data(cfg.data)
         barrier()
-        paths = ensure_synthetic(cfg.data.synthetic)
-        cfg.data.train.urls = cfg.data.train.urls or paths.train_urls
-        cfg.data.eval.zeroshot = cfg.data.eval.zeroshot or paths.zeroshot_root
-        cfg.data.eval.retrieval = cfg.data.eval.retrieval or paths.retrieval_root
+        cfg.data = with_synthetic_data(cfg.data)
 
 
 def train_step(engine, batch, cfg: Config, device) -> tuple[torch.Tensor, float | None, torch.Tensor]:
@@ -75,7 +73,21 @@ def train_step(engine, batch, cfg: Config, device) -> tuple[torch.Tensor, float 
     if cfg.train.accum_steps > 1:
         from mmpretrain.loss import grad_cache_step
 
-        loss, logit_scale = grad_cache_step(engine, images, tokens, cfg.loss, cfg.train.accum_steps)
+        def backward(surrogate, last):
+            engine.set_gradient_accumulation_boundary(last)  # ZeRO-0/1/2 reduce once, after the last
+            engine.backward(surrogate)
+
+        k = cfg.train.accum_steps
+        micro = list(zip(images.chunk(k), tokens.chunk(k)))
+        scales = []
+
+        def forward(mb):
+            out = engine(*mb)
+            scales.append(out.logit_scale.detach())
+            return out
+
+        loss = grad_cache_step(forward, micro, partial(compute_loss, cfg.loss), backward)
+        logit_scale = scales[-1]
     else:
         out = engine(images, tokens)
         loss = compute_loss(cfg.loss, out)  # loss over the global batch, same value on every rank
@@ -93,8 +105,8 @@ def run_eval(engine, tokenizer, cfg: Config, dist_info) -> dict:
     from mmpretrain.evaluate import evaluate_all
 
     return evaluate_all(
-        engine.module, tokenizer, cfg.data.eval, cfg.eval, rank=dist_info.rank, world_size=dist_info.world_size,
-        device=dist_info.device,
+        engine.module, tokenizer, cfg.data.eval, cfg.eval, image_size=cfg.model.vision.image_size,
+        rank=dist_info.rank, world_size=dist_info.world_size, device=dist_info.device,
     )  # fmt: skip
 
 
@@ -109,9 +121,10 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
     dist_info = init_distributed(cfg.engine.dist_timeout_s)
     rank, world, device, is_main = dist_info.rank, dist_info.world_size, dist_info.device, dist_info.is_main
     os.makedirs(cfg.output_dir, exist_ok=True)
-    resolve_data_paths(cfg, is_main)
     if is_main and not os.path.isfile(os.path.join(cfg.output_dir, "config.yaml")):
+        # written before synthetic data paths are filled in, so a restart compares like with like
         checkpoint.write_atomic(os.path.join(cfg.output_dir, "config.yaml"), to_yaml(cfg))
+    resolve_data_paths(cfg, is_main)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)

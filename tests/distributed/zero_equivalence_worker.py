@@ -1,0 +1,49 @@
+"""Worker for test_zero_equivalence.py: a few train steps on fixed global batches.
+
+Every rank builds the same global batch for each step and keeps its own slice, so N ranks see
+exactly the batch one rank sees. Writes per-step loss and gradient norm (rank 0) as JSON.
+
+    torchrun --nproc_per_node=2 tests/distributed/zero_equivalence_worker.py OUT.json engine.zero_stage=3
+"""
+
+import json
+import sys
+
+import torch
+
+from mmpretrain.config import load_config
+from mmpretrain.distributed import init_distributed
+from mmpretrain.engine import build_engine
+from mmpretrain.model import build_model
+from mmpretrain.train import train_step
+
+NUM_STEPS = 4
+
+
+def main(out_path, overrides):
+    cfg = load_config(None, ["model.name=tiny", "train.batch_size=8", "optim.warmup_steps=1", *overrides])
+    info = init_distributed()
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    per_rank = cfg.train.batch_size // info.world_size
+    engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=per_rank, total_steps=NUM_STEPS)
+    size, ctx, vocab = cfg.model.vision.image_size, cfg.model.text.context_length, cfg.model.text.vocab_size
+    losses, norms = [], []
+    for step in range(NUM_STEPS):
+        g = torch.Generator().manual_seed(100 + step)
+        images = torch.randn(cfg.train.batch_size, 3, size, size, generator=g)  # the global batch
+        tokens = torch.randint(1, vocab - 2, (cfg.train.batch_size, ctx), generator=g)
+        tokens[:, 0] = vocab - 2  # start of text
+        lengths = torch.randint(3, ctx, (cfg.train.batch_size,), generator=g)
+        tokens[torch.arange(cfg.train.batch_size), lengths] = vocab - 1  # end of text
+        tokens[torch.arange(ctx)[None, :] > lengths[:, None]] = 0
+        mine = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
+        loss, norm, _ = train_step(engine, {"image": images[mine], "text": tokens[mine]}, cfg, info.device)
+        losses.append(loss.item())
+        norms.append(norm)
+    if info.rank == 0:
+        json.dump({"loss": losses, "grad_norm": norms}, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])

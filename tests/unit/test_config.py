@@ -1,0 +1,83 @@
+"""Config: defaults <- YAML <- overrides; bad input fails before any work with the dotted key named."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mmpretrain.config import ConfigError, diff_configs, from_yaml_file, load_config, to_dict, to_yaml
+from mmpretrain.distributed import free_port
+from mmpretrain.train import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO = os.path.join(REPO, "configs", "demo.yaml")
+
+
+def test_merge_order_and_resolution(tmp_path):
+    cfg = load_config(DEMO, ["train.steps=7", "model.vision.patch_dropout=0.5"])
+    assert cfg.train.steps == 7 and cfg.model.vision.patch_dropout == 0.5
+    assert cfg.train.batch_size == 128  # from the YAML
+    assert cfg.optim.beta2 == 0.98  # a default
+    assert cfg.model.vision.width is not None and cfg.model.family == "clip"  # size table filled in
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    assert to_dict(from_yaml_file(str(path))) == to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.stepz=3"], "train.stepz: unknown key"),
+        (["train.steps=abc"], "train.steps:"),
+        (["optim.lr=-1"], "optim.lr must be > 0"),
+        (["model.name=ViT-Q-99"], "model.name: unknown size 'ViT-Q-99'"),
+        (["engine.zero_stage=4"], "engine.zero_stage must be 0, 1, 2 or 3"),
+        (["loss.name=siglip"], "loss.name: 'siglip' does not match the model family 'clip'"),
+        (["data.synthetic.root=null"], "data.train.urls: required"),
+        (["data.train.urls=/nonexistent/shard-{000..003}.tar"], "data.train.urls"),
+        (["train.steps"], "must look like key=value"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, overrides)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_batch_must_divide_world_size():
+    with pytest.raises(ConfigError, match=r"train.batch_size must be divisible by the world size \(got 10 on 4"):
+        load_config(DEMO, ["train.batch_size=10"], world_size=4)
+
+
+def test_cli_error_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([DEMO, "train.stepz=3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "mmpretrain.train: error: train.stepz: unknown key"
+
+
+def test_missing_config_file(capsys):
+    with pytest.raises(SystemExit):
+        main(["no/such.yaml"])
+    assert "config file not found: no/such.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_bad_batch_fails_fast_on_every_rank(tmp_path):
+    """Two ranks, a batch that does not split: both exit before any collective, nothing hangs."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "mmpretrain.train", DEMO, "train.batch_size=7", f"output_dir={tmp_path}/out"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "train.batch_size must be divisible by the world size (got 7 on 2 ranks)" in proc.stderr
+    assert proc.stderr.count("mmpretrain.train: error:") == 1  # rank 0 speaks for all
+    assert "Traceback (most recent call last)" not in proc.stderr.split("mmpretrain.train: error:")[0]
+    assert not os.path.exists(f"{tmp_path}/out")
+
+
+def test_diff_configs_lists_dotted_keys():
+    assert diff_configs({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}) == ["a.c: 2 -> 3"]
