@@ -8,7 +8,7 @@ Train stream of one DataLoader worker (``W = max(1, num_workers)`` workers per r
                  an RNG seeded with (seed, rank, w). Epochs never end the stream: it runs forever.
       -> tar members grouped into samples        (unreadable tar / truncated member: counted, skipped)
       -> keep samples with an image and a caption (missing one: counted, skipped)
-      -> shuffle buffer, RNG seeded with (seed, rank, w)
+      -> shuffle buffer, RNG seeded with (seed, rank, w, epoch)
       -> [resume: drop the first k * batch_size samples undecoded]
       -> decode image + caption, transform       (undecodable: counted, skipped)
       -> batches of batch_size, tokenized        {"image": (B,3,S,S), "text": (B,L), "num_skipped": int}
@@ -19,12 +19,17 @@ sequence is a pure function of (urls, seed, rank, world_size, num_workers, batch
 Exact resume. torch's DataLoader takes batch i from worker i % W, so with ``start_batch=N`` the
 stream of worker w (its seeds and shards) drops its first ceil((N - w) / W) batches' worth of
 samples before decoding; as the DataLoader always asks worker 0 first, DataLoader worker i runs
-stream (i + N) % W. The loader then yields batches N, N+1, ... of an uninterrupted run. Brokenness found before the
-skip point (unreadable tars, missing image/caption) is handled identically in both runs; an image
-that only fails to *decode* inside the skipped range is not seen by the resumed run, which then
-runs one sample ahead of the uninterrupted one per such image (a shift, not a loss or a crash).
-Decoding the skipped range would make that exact at the cost of a slow restart; rare corrupt
-JPEGs are not worth it.
+stream (i + N) % W. The loader then yields batches N, N+1, ... of an uninterrupted run.
+Brokenness found before the skip point (unreadable tars, missing image/caption) is handled
+identically in both runs; an image that only fails to *decode* inside the skipped range is not
+seen by the resumed run, which then runs one sample ahead of the uninterrupted one per such image
+(a shift, not a loss or a crash). Decoding the skipped range would make that exact at the cost of
+a slow restart; rare corrupt JPEGs are not worth it. The skipped samples are still read from the
+tars (the shuffle buffer at the resume point holds samples from that range): a restart at batch N
+reads N x batch_size samples per rank, without decoding them.
+
+Broken-sample counts are counts of failures: a truncated tar counts the member that is cut and
+the tar stream that ends early; how many samples the lost tail held is unknowable.
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ from pathlib import Path
 import ftfy
 import torch
 
+# Rust-side threads buy nothing for 77-token captions (DataLoader workers already run in parallel), and a
+# worker forked after the parent tokenized would warn and turn them off anyway.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 BPE_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 VOCAB_SIZE = 49408
 SOT_TOKEN = "<|startoftext|>"
