@@ -73,6 +73,12 @@ class MetricsLogger:
                 mode=cfg.wandb,
                 config=config,
             )
+            # wandb hooks imports to report which libraries a run uses; a DataLoader worker forked
+            # after this point that imports a hooked module then dies with wandb's ForkedError.
+            # Those hooks only feed wandb's own telemetry, so remove them.
+            unregister = getattr(type(self.wandb_run), "_unregister_telemetry_import_hooks", None)
+            if unregister is not None:
+                unregister(self.wandb_run.id)
         if cfg.progress:
             from tqdm.auto import tqdm
 

@@ -54,7 +54,8 @@ def resolve_data_paths(cfg: Config, is_main: bool) -> None:
     """Generate the synthetic demo shards if the config asks for them (rank 0), then point data at them."""
     from mmpretrain.data import with_synthetic_data
 
-    if cfg.data.synthetic.root:
+    d = cfg.data
+    if d.synthetic.root and None in (d.train.urls, d.eval.zeroshot, d.eval.retrieval):
         if is_main:
             with_synthetic_data(cfg.data)
         barrier()
