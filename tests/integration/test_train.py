@@ -124,5 +124,5 @@ def test_restart_with_other_settings_is_refused(runs, shapes_dataset):
     before = open(os.path.join(out, "config.yaml")).read()
     proc = train_cli([*base_overrides(shapes_dataset, out), "optim.lr=0.1"], check=False)
     assert proc.returncode == 2
-    assert "optim.lr: 0.0005 -> 0.1" in proc.stderr and "Traceback" not in proc.stderr
+    assert "optim.lr: 0.001 -> 0.1" in proc.stderr and "Traceback" not in proc.stderr
     assert open(os.path.join(out, "config.yaml")).read() == before
