@@ -85,11 +85,11 @@ def chunked_clip_forward(a_MD, b_ND, scale, chunk_size):
     bT_DN = b_ND.float().T
     row_lse_M = torch.empty(M, device=a_MD.device)
     col_sumexp_N = torch.zeros(N, device=a_MD.device, dtype=torch.float64)
-    buf_cN = torch.empty(min(chunk_size, M), N, device=a_MD.device)
+    logits_buf, e_buf = _chunk_buffers(M, N, chunk_size, a_MD.device)  # the only O(chunk * N) memory
     for r0 in range(0, M, chunk_size):
         r1 = min(r0 + chunk_size, M)
-        logits_cN = torch.mm(a_MD[r0:r1].float() * scale, bT_DN)
-        e_cN = buf_cN[: r1 - r0]
+        logits_cN, e_cN = logits_buf[: r1 - r0], e_buf[: r1 - r0]
+        torch.mm(a_MD[r0:r1].float() * scale, bT_DN, out=logits_cN)
         rmax_c = logits_cN.amax(1)
         torch.sub(logits_cN, rmax_c[:, None], out=e_cN).exp_()
         row_lse_M[r0:r1] = e_cN.sum(1).log_().add_(rmax_c)
@@ -105,12 +105,13 @@ def chunked_clip_backward(a_MD, b_ND, scale, row_lse_M, col_lse_N, chunk_size):
     b_ND = b_ND.float()
     da_MD = torch.empty(M, b_ND.shape[1], device=a_MD.device)
     db_ND = torch.zeros_like(b_ND)
-    buf_cN = torch.empty(min(chunk_size, M), N, device=a_MD.device)
+    g_buf, p_buf = _chunk_buffers(M, N, chunk_size, a_MD.device)
     for r0 in range(0, M, chunk_size):
         r1 = min(r0 + chunk_size, M)
+        g_cN, p_cN = g_buf[: r1 - r0], p_buf[: r1 - r0]
         sa_cD = a_MD[r0:r1].float() * scale
-        g_cN = torch.mm(sa_cD, b_ND.T)  # logits, then G in place
-        p_cN = torch.sub(g_cN, row_lse_M[r0:r1, None], out=buf_cN[: r1 - r0]).exp_()
+        torch.mm(sa_cD, b_ND.T, out=g_cN)  # logits, then G = P + Q in place
+        torch.sub(g_cN, row_lse_M[r0:r1, None], out=p_cN).exp_()
         g_cN.sub_(col_lse_N[None, :]).exp_().add_(p_cN)
         torch.mm(g_cN, b_ND, out=da_MD[r0:r1]).mul_(scale)
         db_ND.addmm_(g_cN.T, sa_cD)
@@ -119,28 +120,40 @@ def chunked_clip_backward(a_MD, b_ND, scale, row_lse_M, col_lse_N, chunk_size):
 
 def chunked_siglip_forward(a_MD, b_ND, scale, bias, chunk_size):
     """sum_ij softplus(l_ij + b) and sum_ij sigmoid(l_ij + b) over this strip (fp64 scalars)."""
+    M, N = a_MD.shape[0], b_ND.shape[0]
     bT_DN = b_ND.float().T
     softplus_sum = torch.zeros((), device=a_MD.device, dtype=torch.float64)
     sigmoid_sum = torch.zeros((), device=a_MD.device, dtype=torch.float64)
-    for r0 in range(0, a_MD.shape[0], chunk_size):
-        logits_cN = torch.addmm(bias.float().expand(1), a_MD[r0 : r0 + chunk_size].float() * scale, bT_DN)
-        softplus_sum += F.softplus(logits_cN).sum(dtype=torch.float64)
+    logits_buf, sp_buf = _chunk_buffers(M, N, chunk_size, a_MD.device)
+    for r0 in range(0, M, chunk_size):
+        r1 = min(r0 + chunk_size, M)
+        logits_cN, sp_cN = logits_buf[: r1 - r0], sp_buf[: r1 - r0]
+        torch.mm(a_MD[r0:r1].float() * scale, bT_DN, out=logits_cN).add_(bias)
+        softplus_sum += torch._C._nn.softplus(logits_cN, 1.0, 20.0, out=sp_cN).sum(dtype=torch.float64)
         sigmoid_sum += logits_cN.sigmoid_().sum(dtype=torch.float64)
     return softplus_sum, sigmoid_sum
 
 
 def chunked_siglip_backward(a_MD, b_ND, scale, bias, chunk_size):
     """da = s * sigmoid(l + b) @ b and db = s * sigmoid(l + b)^T @ a for this strip (diagonal excluded)."""
+    M, N = a_MD.shape[0], b_ND.shape[0]
     b_ND = b_ND.float()
-    da_MD = torch.empty(a_MD.shape[0], b_ND.shape[1], device=a_MD.device)
+    da_MD = torch.empty(M, b_ND.shape[1], device=a_MD.device)
     db_ND = torch.zeros_like(b_ND)
-    for r0 in range(0, a_MD.shape[0], chunk_size):
-        r1 = min(r0 + chunk_size, a_MD.shape[0])
+    (g_buf,) = _chunk_buffers(M, N, chunk_size, a_MD.device, count=1)
+    for r0 in range(0, M, chunk_size):
+        r1 = min(r0 + chunk_size, M)
         sa_cD = a_MD[r0:r1].float() * scale
-        g_cN = torch.addmm(bias.float().expand(1), sa_cD, b_ND.T).sigmoid_()
+        g_cN = torch.mm(sa_cD, b_ND.T, out=g_buf[: r1 - r0]).add_(bias).sigmoid_()
         torch.mm(g_cN, b_ND, out=da_MD[r0:r1]).mul_(scale)
         db_ND.addmm_(g_cN.T, sa_cD)
     return da_MD, db_ND
+
+
+def _chunk_buffers(M, N, chunk_size, device, count=2):
+    """Preallocated (chunk, N) fp32 work buffers, reused by every chunk (a fresh tensor per chunk would keep
+    the previous chunk's alive while the next one is computed: one buffer more at the peak)."""
+    return [torch.empty(min(chunk_size, M), N, device=device) for _ in range(count)]
 
 
 class _ChunkedOps:
@@ -196,6 +209,11 @@ def _reduce_scatter_sum(x_BD, group):
     return out_bD
 
 
+def _rowdot(x_bD, y_bD):
+    """(b,) fp32 row-wise dot products without a (b, D) temporary."""
+    return torch.bmm(x_bD.float()[:, None, :], y_bD.float()[:, :, None]).flatten()
+
+
 def _check_logit_range(img_bD, txt_BD, scale):
     """Raise if |logits| may leave the float64 accumulator's range (CPU only: on CUDA this would sync)."""
     if img_bD.is_cuda:
@@ -222,7 +240,7 @@ class _ClipLoss(torch.autograd.Function):
         _check_logit_range(img_bD, txt_BD, scale)
         s = scale.detach().float()
         row_lse_b, col_sumexp_B = ops.clip_forward(img_bD, txt_BD, s, chunk_size)
-        pos_b = s * (img_bD.float() * txt_BD[off : off + b].float()).sum(-1)  # l_ii of the local pairs
+        pos_b = s * _rowdot(img_bD, txt_BD[off : off + b])  # l_ii of the local pairs
         # Row terms of the local images (each positive counted in both directions) ride with the column sums.
         stats = torch.cat([col_sumexp_B, (row_lse_b.double() - 2 * pos_b.double()).sum()[None]])
         _all_reduce_sum(stats, group)  # collective: complete column sums + loss (B + 1 fp64 numbers)
@@ -241,10 +259,10 @@ class _ClipLoss(torch.autograd.Function):
         s = scale.detach().float()
         dimg_bD, dtxt_BD = _ops(ctx.impl).clip_backward(img_bD, txt_BD, s, row_lse_b, col_lse_B, ctx.chunk_size)
         # Diagonal: -2 [i=j] in (P + Q - 2 [i=j]) / (2B).
-        dimg_bD.sub_(2 * s * txt_BD[off : off + b].float())
-        dtxt_BD[off : off + b].sub_(2 * s * img_bD.float())
+        dimg_bD.addcmul_(txt_BD[off : off + b], -2 * s)  # in place: no (b, D) temporaries
+        dtxt_BD[off : off + b].addcmul_(img_bD, -2 * s)
         coef = grad_loss.float() * world / (2 * B)  # x world: the engine averages over ranks (docstring)
-        dscale = (img_bD.float() * dimg_bD).sum() / s * coef
+        dscale = torch.dot(img_bD.float().flatten(), dimg_bD.flatten()) / s * coef
         dimg_bD.mul_(coef)
         dtxt_bD = _reduce_scatter_sum(dtxt_BD.mul_(coef), ctx.group)  # collective: sum text grads onto owners
         return dimg_bD.to(img_bD.dtype), dtxt_bD.to(txt_BD.dtype), dscale.to(scale.dtype), None, None, None
@@ -259,7 +277,7 @@ class _SiglipLoss(torch.autograd.Function):
         txt_BD = _all_gather(txt_bD, group)  # collective: all-gather the texts (B, D)
         s, bb = scale.detach().float(), bias.detach().float()
         softplus_sum, sigmoid_sum = _ops(impl).siglip_forward(img_bD, txt_BD, s, bb, chunk_size)
-        pos_b = s * (img_bD.float() * txt_BD[off : off + b].float()).sum(-1) + bb  # l_ii + b of the local pairs
+        pos_b = s * _rowdot(img_bD, txt_BD[off : off + b]) + bb  # l_ii + b of the local pairs
         stats = torch.stack([softplus_sum - pos_b.double().sum(), sigmoid_sum])
         _all_reduce_sum(stats[:1], group)  # collective: the loss (the sigmoid sum stays local, for db)
         ctx.save_for_backward(img_bD, txt_BD, scale, bias, stats[1])
@@ -274,10 +292,10 @@ class _SiglipLoss(torch.autograd.Function):
         B, off = b * world, rank * b
         s, bb = scale.detach().float(), bias.detach().float()
         dimg_bD, dtxt_BD = _ops(ctx.impl).siglip_backward(img_bD, txt_BD, s, bb, ctx.chunk_size)
-        dimg_bD.sub_(s * txt_BD[off : off + b].float())  # diagonal: -[i=j] in (sigmoid - [i=j]) / B
-        dtxt_BD[off : off + b].sub_(s * img_bD.float())
+        dimg_bD.addcmul_(txt_BD[off : off + b], -s)  # diagonal: -[i=j] in (sigmoid - [i=j]) / B
+        dtxt_BD[off : off + b].addcmul_(img_bD, -s)
         coef = grad_loss.float() * world / B  # x world: the engine averages over ranks (docstring)
-        dscale = (img_bD.float() * dimg_bD).sum() / s * coef
+        dscale = torch.dot(img_bD.float().flatten(), dimg_bD.flatten()) / s * coef
         dbias = (sigmoid_sum - b).float() * coef
         dimg_bD.mul_(coef)
         dtxt_bD = _reduce_scatter_sum(dtxt_BD.mul_(coef), ctx.group)  # collective: sum text grads onto owners
