@@ -17,6 +17,7 @@ exp/log math is fp32. Under TRITON_INTERPRET=1 (CPU tests) autotuning is off and
 blocks are used; the variable must be set before this module is imported.
 """
 
+import functools
 import os
 
 import torch
@@ -66,6 +67,17 @@ def _logits_tile(
     return acc * scale
 
 
+@triton.jit
+def _exp_f64(x):
+    """exp(x) as float64 for fp32 x, |x| < ~700, from fp64 arithmetic and one fp32 exp2 (no fp64 transcendental,
+    which not every backend lowers): exp(x) = 2^k * 2^f, k = trunc(x log2 e), 2^k built from exponent bits."""
+    y = x.to(tl.float64) * 1.4426950408889634
+    k = y.to(tl.int32)
+    f = (y - k.to(tl.float64)).to(tl.float32)  # in (-1, 1)
+    two_k = ((k + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)
+    return two_k * tl.exp2(f).to(tl.float64)
+
+
 @_autotune(_FWD_CONFIGS, key=["M", "N", "D"], reset_to_zero=["row_sumexp_ptr", "col_sumexp_ptr"])
 @triton.jit
 def _clip_fwd_kernel(
@@ -93,8 +105,8 @@ def _clip_fwd_kernel(
         lc = tl.where(mask_m[:, None], logits, float("-inf"))
         c_max = tl.max(lc, 0)
         c_sum = tl.sum(tl.exp(lc - c_max[None, :]), 0)
-        tl.atomic_add(col_sumexp_ptr + offs_n, c_sum.to(tl.float64) * tl.exp(c_max.to(tl.float64)), mask=mask_n)
-    tl.atomic_add(row_sumexp_ptr + offs_m, s_i.to(tl.float64) * tl.exp(m_i.to(tl.float64)), mask=mask_m)
+        tl.atomic_add(col_sumexp_ptr + offs_n, c_sum.to(tl.float64) * _exp_f64(c_max), mask=mask_n)
+    tl.atomic_add(row_sumexp_ptr + offs_m, s_i.to(tl.float64) * _exp_f64(m_i), mask=mask_m)
 
 
 @_autotune(_FWD_CONFIGS, key=["M", "N", "D"], reset_to_zero=["row_softplus_ptr", "row_sigmoid_ptr"])
@@ -178,11 +190,16 @@ def _prep(a_MD, b_ND, *scalars):
     return a_MD.contiguous(), b_ND.contiguous(), scalars, "ieee" if a_MD.dtype == torch.float32 else "tf32"
 
 
+@functools.lru_cache
+def _num_sms(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _num_splits(device, programs, num_col_blocks):
     """Column splits so that the grid fills the GPU when a strip has few row tiles (a small local batch)."""
     if INTERPRET:
         return min(INTERPRET_SPLITS, num_col_blocks)
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(num_col_blocks, triton.cdiv(target, programs)))
 
 
