@@ -4,20 +4,20 @@
     python -m mmpretrain.evaluate outputs/demo/checkpoints/step_500 --zeroshot data/shapes/zeroshot --output r.json
     torchrun --nproc_per_node=8 -m mmpretrain.evaluate RUN --retrieval /data/flickr30k
 
-Dataset layout (clip_benchmark's WebDataset export). A zero-shot set is a folder holding
-`classnames.txt` (one class a line), `zeroshot_classification_templates.txt` (one prompt a
-line, `{c}` marks the class name) and tar shards of `<key>.webp|jpg|jpeg|png` + `<key>.cls`
-(class index). A retrieval set holds shards of an image + `<key>.txt` (one caption a line,
-several per image). Shards sit in `<root>/<split>/*.tar` (split `test` unless
-`data.eval.split` says otherwise). The folder's name names the set in the results:
+Dataset layout: clip_benchmark's WebDataset export, read by `mmpretrain.data` (load_zeroshot_set,
+load_retrieval_set, build_eval_loader): `<root>/classnames.txt`,
+`<root>/zeroshot_classification_templates.txt` (`{c}` marks the class name) and
+`<root>/<split>/*.tar` of `<key>.webp|png|jpg` + `<key>.cls`; a retrieval set's samples carry
+`<key>.txt` with one caption a line. The folder's name names the set in the results:
 `zeroshot/<name>/top1`, `retrieval/<name>/image_to_text_R@1`.
 
 Distributed. The train loop calls `evaluate_all` on every rank. Under ZeRO-3 each rank holds a
-slice of the weights and every forward is a collective, so every rank must make the same
-forward calls with the same batch shapes: samples are dealt out round-robin (rank r takes
-global samples r, r + W, ...), every rank's list is padded to ceil(N / W) with repeats
-marked invalid, and correct counts are all-reduced. Retrieval all-gathers the padded
-features to every rank, which then all compute the same recalls.
+slice of the weights and every forward gathers them (a collective), so every rank must make the
+same sequence of forward calls. The loader gives rank r the samples r, r + W, ... (broken ones
+skipped), so ranks may hold different batch counts: the image loop runs in lockstep (one tiny
+all-reduce per batch says whether any rank still has one) and a rank that has run out feeds a
+one-image dummy batch; caption and prompt chunks are counted up front and padded the same way.
+Counts are all-reduced; retrieval features are all-gathered, so every rank returns the same numbers.
 
 Metric conventions: a query's rank is the number of candidates that score strictly higher
 than its best correct candidate, and it is a hit at k when that rank is < k. This equals
@@ -32,15 +32,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import math
-import os
-import re
 import sys
-import tarfile
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -48,10 +43,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-IMAGE_EXTS = ("webp", "jpg", "jpeg", "png")
-CLASSNAMES_FILE = "classnames.txt"
-TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 
 
 @dataclass
@@ -134,143 +125,6 @@ def retrieval_recall(
     return out
 
 
-# ----------------------------------------------------------------------------- dataset reading
-
-
-@dataclass
-class _Sample:
-    """One WebDataset sample inside a tar: where each of its files' bytes lie."""
-
-    shard: str
-    key: str
-    members: dict[str, tuple[int, int]]  # extension -> (byte offset in the tar, size)
-
-    def read(self, ext: str) -> bytes:
-        offset, size = self.members[ext]
-        with open(self.shard, "rb") as f:
-            f.seek(offset)
-            return f.read(size)
-
-    def image_ext(self) -> Optional[str]:
-        return next((e for e in IMAGE_EXTS if e in self.members), None)
-
-
-def _find_shards(root: Path, split: str, what: str) -> list[str]:
-    shards = sorted((root / split).glob("*.tar"))
-    if not shards:
-        raise ValueError(f"{what}: no file matches '{root / split / '*.tar'}'")
-    return [str(s) for s in shards]
-
-
-def _check_root(root: str, split: str, what: str, files: Sequence[str]) -> Path:
-    if "://" in root or root.startswith("pipe:"):
-        raise ValueError(f"{what}: eval sets must be local folders (got '{root}')")
-    path = Path(root)
-    if not path.is_dir():
-        raise ValueError(f"{what}: no such folder '{root}'")
-    for name in files:
-        if not (path / name).is_file():
-            raise ValueError(f"{what}: missing '{path / name}'")
-    _find_shards(path, split, what)
-    return path
-
-
-def check_zeroshot_root(root: str, split: str = "test", what: str = "zeroshot") -> Path:
-    """Raise ValueError naming `what` and the path unless `root` is a zero-shot set."""
-    return _check_root(root, split, what, (CLASSNAMES_FILE, TEMPLATES_FILE))
-
-
-def check_retrieval_root(root: str, split: str = "test", what: str = "retrieval") -> Path:
-    """Raise ValueError naming `what` and the path unless `root` holds retrieval shards."""
-    return _check_root(root, split, what, ())
-
-
-def _index_samples(shards: Sequence[str], required_ext: str) -> list[_Sample]:
-    """Every sample of the shards in order, from the tar headers alone (payloads are seeked over).
-
-    Samples without an image or without `required_ext` are left out with a warning.
-    """
-    samples: list[_Sample] = []
-    for shard in shards:
-        with tarfile.open(shard, "r:") as tf:
-            for info in tf:
-                match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", info.name)  # webdataset's key.ext split
-                if not info.isfile() or match is None:
-                    continue
-                key, ext = match.group(1), match.group(2).lower()
-                if not samples or samples[-1].key != key or samples[-1].shard != shard:
-                    samples.append(_Sample(shard, key, {}))
-                samples[-1].members[ext] = (info.offset_data, info.size)
-    complete = [s for s in samples if s.image_ext() is not None and required_ext in s.members]
-    if len(complete) < len(samples):
-        where = os.path.dirname(shards[0])
-        warnings.warn(
-            f"{len(samples) - len(complete)} samples in {where} lack an image or .{required_ext}; skipped",
-            stacklevel=2,
-        )
-    return complete
-
-
-def _read_all(samples: Sequence[_Sample], ext: str) -> list[str]:
-    """The UTF-8 text of member `ext` of every sample, opening each shard once."""
-    out, handle, handle_shard = [], None, None
-    try:
-        for sample in samples:
-            if sample.shard != handle_shard:
-                if handle is not None:
-                    handle.close()
-                handle, handle_shard = open(sample.shard, "rb"), sample.shard
-            offset, size = sample.members[ext]
-            handle.seek(offset)
-            out.append(handle.read(size).decode("utf-8"))
-    finally:
-        if handle is not None:
-            handle.close()
-    return out
-
-
-def _lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-class _ImageDataset(torch.utils.data.Dataset):
-    """Decodes this rank's (padded) share of the images into (image CHW, decoded, real).
-
-    `real` is False for padding; `decoded` is False for a broken image, which becomes the
-    transform of a black image so that batch shapes (and forward calls) stay the same on every rank.
-    """
-
-    def __init__(self, samples: Sequence[_Sample], indices: Sequence[int], real: Sequence[bool], transform):
-        self.samples, self.indices, self.real, self.transform = samples, indices, real, transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        sample = self.samples[self.indices[i]]
-        try:
-            with Image.open(io.BytesIO(sample.read(sample.image_ext()))) as img:
-                return self.transform(img.convert("RGB")), True, self.real[i]
-        except Exception as e:  # a broken sample is skipped and counted, never fatal
-            warnings.warn(f"skipping broken image {sample.key} in {sample.shard}: {e}", stacklevel=1)
-            return self.transform(Image.new("RGB", (256, 256))), False, self.real[i]
-
-
-def _collate(items):
-    images, decoded, real = zip(*items)
-    return torch.stack(images), torch.tensor(decoded), torch.tensor(real)
-
-
-def _image_batches(samples, indices, real, transform, batch_size: int, num_workers: int):
-    """(images_BCHW, decoded_B, real_B) batches of this rank's share, in order."""
-    dataset = _ImageDataset(samples, indices, real, transform)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate
-    )
-
-
 # ----------------------------------------------------------------------------- distributed plumbing
 
 
@@ -293,30 +147,31 @@ class _Ranks:
         num_pad = per_rank - len(own)
         return own + [own[0] if own else 0] * num_pad, [True] * len(own) + [False] * num_pad
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
         if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)  # collective
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=self.group)  # collective
         return t
 
-    def gather_dealt(self, local_n: torch.Tensor, num_items: int) -> torch.Tensor:
-        """Undo `deal`: all-gather every rank's padded (n, ...) share; (num_items, ...) in global order."""
-        if self.world_size == 1:
-            return local_n[:num_items]
-        parts = [torch.empty_like(local_n) for _ in range(self.world_size)]
-        dist.all_gather(parts, local_n.contiguous(), group=self.group)  # collective
-        # rank r's j-th item is global item j * W + r: interleaving the shares restores the order
-        # and leaves the padding (j * W + r >= N) at the end.
-        return torch.stack(parts, dim=1).flatten(0, 1)[:num_items]
+    def max(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        return int(self.all_reduce(t, dist.ReduceOp.MAX).item())
 
-    def check_same(self, values: Sequence[int], what: str) -> None:
-        """Every rank must have indexed the same set, or their forward counts would diverge."""
-        if self.world_size == 1:
-            return
-        t = torch.tensor([*values, *(-v for v in values)], dtype=torch.long, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)  # collective: max and -min at once
-        high, low = t[: len(values)].tolist(), (-t[len(values) :]).tolist()
-        if high != low:
-            raise ValueError(f"{what}: the ranks read different sample counts (from {low} to {high})")
+    def gather_rows(self, rows_nE: torch.Tensor, index_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All ranks' rows and their global indices, sorted by index: ((M, E), (M,)), M = sum of n."""
+        index_n = index_n.to(self.device)
+        if self.world_size > 1:
+            n_max = self.max(len(rows_nE))  # all_gather needs equal shapes: pad to the longest share
+            rows = F.pad(rows_nE, (0, 0, 0, n_max - len(rows_nE)))
+            index = F.pad(index_n, (0, n_max - len(index_n)), value=-1)
+            rows_parts = [torch.empty_like(rows) for _ in range(self.world_size)]
+            index_parts = [torch.empty_like(index) for _ in range(self.world_size)]
+            dist.all_gather(rows_parts, rows.contiguous(), group=self.group)  # collective
+            dist.all_gather(index_parts, index.contiguous(), group=self.group)  # collective
+            rows_nE, index_n = torch.cat(rows_parts), torch.cat(index_parts)
+            keep = index_n >= 0
+            rows_nE, index_n = rows_nE[keep], index_n[keep]
+        order = index_n.argsort(stable=True)
+        return rows_nE[order], index_n[order]
 
 
 def _ranks(model, rank, world_size, group, device) -> _Ranks:
@@ -330,6 +185,15 @@ def _ranks(model, rank, world_size, group, device) -> _Ranks:
     assert 0 <= rank < world_size, (rank, world_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     return _Ranks(rank, world_size, group, device)
+
+
+def _lockstep(batches: Iterable, ranks: _Ranks) -> Iterator[Optional[dict]]:
+    """This rank's batches, then None until every rank has run out: all ranks loop the same number of times."""
+    it = iter(batches)
+    batch = next(it, None)
+    while ranks.max(int(batch is not None)):  # collective, once per batch: does any rank go on?
+        yield batch
+        batch = next(it, None) if batch is not None else None  # never ask an exhausted loader again
 
 
 # ----------------------------------------------------------------------------- running the model
@@ -358,13 +222,21 @@ def _inference(model, device: torch.device):
         model.train(was_training)
 
 
-def _encode_texts(model, tokens_TL: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """(T, E) float32 normalized features, in ceil(T / batch_size) forward calls."""
-    feats = [
-        model.encode_text(tokens_TL[i : i + batch_size].to(device)).float()
-        for i in range(0, len(tokens_TL), batch_size)
-    ]
-    return torch.cat(feats)
+def _encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int, ranks: _Ranks) -> torch.Tensor:
+    """(T, E) float32 normalized features; every rank makes as many forward calls as the rank with most texts."""
+    num_chunks = ranks.max(-(-len(texts) // batch_size))
+    tokens_TL = tokenizer(list(texts)) if texts else None
+    feats = []
+    for c in range(num_chunks):
+        if c * batch_size < len(texts):
+            feats.append(model.encode_text(tokens_TL[c * batch_size : (c + 1) * batch_size].to(ranks.device)).float())
+        else:  # this rank has run out: a dummy forward keeps ZeRO-3's collectives in step
+            model.encode_text(tokenizer([""]).to(ranks.device))
+    return torch.cat(feats) if feats else torch.zeros(0, 0, device=ranks.device)
+
+
+def _dummy_images(image_size: int, dtype, device) -> torch.Tensor:
+    return torch.zeros(1, 3, image_size, image_size, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------- zero-shot classification
@@ -392,12 +264,12 @@ def build_zeroshot_classifier(
     class_ids, real = ranks.deal(len(classnames))
     prompts = [t.replace("{c}", classnames[c]) for c in class_ids for t in templates]
     with _inference(model, ranks.device):
-        txt_TE = _encode_texts(model, tokenizer(prompts), batch_size, ranks.device)
+        txt_TE = _encode_texts(model, tokenizer, prompts, batch_size, ranks)
     class_cE = F.normalize(txt_TE.view(len(class_ids), len(templates), -1).mean(1), dim=-1)
     classifier_CE = torch.zeros(len(classnames), class_cE.shape[-1], device=ranks.device)
     own = torch.tensor(real, device=ranks.device)
     classifier_CE[torch.tensor(class_ids, device=ranks.device)[own]] = class_cE[own]
-    return ranks.all_reduce_sum(classifier_CE)  # each class has one owner: the sum is a gather
+    return ranks.all_reduce(classifier_CE)  # each class has one owner: the sum is a gather
 
 
 def zeroshot_classification(
@@ -405,7 +277,7 @@ def zeroshot_classification(
     tokenizer: Callable[[list[str]], torch.Tensor],
     root: str,
     *,
-    transform: Callable,
+    image_size: int,
     split: str = "test",
     batch_size: int = 64,
     top_k: Sequence[int] = (1, 5),
@@ -417,50 +289,41 @@ def zeroshot_classification(
 ) -> dict[str, float]:
     """Zero-shot accuracy on a clip_benchmark-layout set: {"top1": .., "top5": .., "num_samples": N}.
 
-    `transform` maps a PIL RGB image to a (3, H, W) tensor (the model's eval transform). Call it on
-    every rank of `group`; rank/world_size default to the group's when torch.distributed is initialized.
+    Images go through the eval transform at `image_size`. Call it on every rank of `group`;
+    rank/world_size default to the group's when torch.distributed is initialized.
     """
-    path = check_zeroshot_root(root, split, "zeroshot")
-    classnames, templates = _lines(path.joinpath(CLASSNAMES_FILE).read_text("utf-8")), []
-    templates = _lines(path.joinpath(TEMPLATES_FILE).read_text("utf-8"))
-    if not classnames or not templates:
-        raise ValueError(f"zeroshot: '{path / CLASSNAMES_FILE}' and '{path / TEMPLATES_FILE}' must not be empty")
-    if any("{c}" not in t for t in templates):
-        bad = next(t for t in templates if "{c}" not in t)
-        raise ValueError(f"zeroshot: template {bad!r} in '{path / TEMPLATES_FILE}' lacks '{{c}}'")
+    from mmpretrain.data import build_eval_loader, load_zeroshot_set
+
+    zs = load_zeroshot_set(root, split)
     model = _unwrap(model)
     ranks = _ranks(model, rank, world_size, group, device)
-    samples = _index_samples(_find_shards(path, split, "zeroshot"), "cls")
-    labels = [int(x) if x.strip().lstrip("-").isdigit() else -1 for x in _read_all(samples, "cls")]
-    if not samples or not all(0 <= y < len(classnames) for y in labels):
-        bad = next((i for i, y in enumerate(labels) if not 0 <= y < len(classnames)), None)
-        what = "no samples" if bad is None else f"sample {samples[bad].key}: class is not in [0, {len(classnames)})"
-        raise ValueError(f"zeroshot: '{path}': {what}")
-    ranks.check_same([len(samples)], f"zeroshot: '{path}'")
-
     classifier_CE = build_zeroshot_classifier(
-        model, tokenizer, classnames, templates, batch_size, device=ranks.device, rank=ranks.rank,
+        model, tokenizer, zs.classnames, zs.templates, batch_size, device=ranks.device, rank=ranks.rank,
         world_size=ranks.world_size, group=group,
     )  # fmt: skip
-    indices, real = ranks.deal(len(samples))
-    labels_n = torch.tensor([labels[i] for i in indices], device=ranks.device)
-    counts = torch.zeros(len(top_k) + 2, dtype=torch.long, device=ranks.device)  # correct@k..., evaluated, broken
-    start = 0
+    loader = build_eval_loader(
+        zs.urls, task="zeroshot", image_size=image_size, batch_size=batch_size, rank=ranks.rank,
+        world_size=ranks.world_size, num_workers=num_workers,
+    )  # fmt: skip
+    counts_K2 = torch.zeros(len(top_k) + 2, dtype=torch.long, device=ranks.device)  # correct@k..., seen, bad label
     with _inference(model, ranks.device) as dtype:
-        for images, decoded_B, real_B in _image_batches(samples, indices, real, transform, batch_size, num_workers):
-            img_BE = model.encode_image(images.to(ranks.device, dtype))
-            logits_BC = img_BE.float() @ classifier_CE.T
-            decoded_B, real_B = decoded_B.to(ranks.device), real_B.to(ranks.device)
-            labels_B, start = labels_n[start : start + len(images)], start + len(images)
-            valid_B = decoded_B & real_B
-            counts[:-2] += topk_correct(logits_BC[valid_B], labels_B[valid_B], top_k)
-            counts[-2] += valid_B.sum()
-            counts[-1] += (real_B & ~decoded_B).sum()
-    counts = ranks.all_reduce_sum(counts).tolist()
-    num_samples, num_broken = counts[-2], counts[-1]
-    if num_broken and ranks.rank == 0:
-        warnings.warn(f"zeroshot: {num_broken} broken images in '{path}' were skipped", stacklevel=2)
-    out = {f"top{k}": c / max(num_samples, 1) for k, c in zip(top_k, counts[:-2])}
+        for batch in _lockstep(loader, ranks):
+            if batch is None:
+                model.encode_image(_dummy_images(image_size, dtype, ranks.device))
+                continue
+            logits_BC = model.encode_image(batch["image"].to(ranks.device, dtype)).float() @ classifier_CE.T
+            labels_B = batch["label"].to(ranks.device)
+            ok_B = (labels_B >= 0) & (labels_B < len(zs.classnames))  # a bad label fails below, on every rank
+            counts_K2[:-2] += topk_correct(logits_BC[ok_B], labels_B[ok_B], top_k)
+            counts_K2[-2] += ok_B.sum()
+            counts_K2[-1] += (~ok_B).sum()
+    counts = ranks.all_reduce(counts_K2).tolist()
+    num_samples, num_bad = counts[-2], counts[-1]
+    if num_bad:
+        raise ValueError(f"zeroshot: '{root}': {num_bad} samples have a .cls outside [0, {len(zs.classnames)})")
+    if num_samples == 0:
+        raise ValueError(f"zeroshot: '{root}': no readable samples")
+    out = {f"top{k}": c / num_samples for k, c in zip(top_k, counts[:-2])}
     out["num_samples"] = num_samples
     return out
 
@@ -473,7 +336,7 @@ def retrieval(
     tokenizer: Callable[[list[str]], torch.Tensor],
     root: str,
     *,
-    transform: Callable,
+    image_size: int,
     split: str = "test",
     batch_size: int = 64,
     recall_k: Sequence[int] = (1, 5, 10),
@@ -486,45 +349,40 @@ def retrieval(
     """Image<->text recall@k on a clip_benchmark-layout retrieval set.
 
     Returns {"image_to_text_R@k": .., "text_to_image_R@k": .., "num_images": N, "num_texts": T}.
-    Images and captions are dealt over the ranks, encoded with the same forward count on every
-    rank and all-gathered, so every rank returns the same numbers.
+    Each rank encodes its share of the images and of their captions; the features are all-gathered,
+    so every rank returns the same numbers.
     """
-    path = check_retrieval_root(root, split, "retrieval")
+    from mmpretrain.data import build_eval_loader, load_retrieval_set
+
+    urls = load_retrieval_set(root, split).urls
     model = _unwrap(model)
     ranks = _ranks(model, rank, world_size, group, device)
-    samples = _index_samples(_find_shards(path, split, "retrieval"), "txt")
-    # Captions are small: every rank reads them all, so all agree on T and on the caption -> image map.
-    captions, txt_to_img = [], []
-    for i, text in enumerate(_read_all(samples, "txt")):
-        lines = _lines(text)
-        captions += lines
-        txt_to_img += [i] * len(lines)
-    if not captions:
-        raise ValueError(f"retrieval: '{path}': no samples with an image and a caption")
-    ranks.check_same([len(samples), len(captions)], f"retrieval: '{path}'")
-    num_img, num_txt = len(samples), len(captions)
-
-    img_ids, img_real = ranks.deal(num_img)
-    txt_ids, _ = ranks.deal(num_txt)
-    img_feats, decoded = [], []
+    loader = build_eval_loader(
+        urls, task="retrieval", image_size=image_size, batch_size=batch_size, rank=ranks.rank,
+        world_size=ranks.world_size, num_workers=num_workers,
+    )  # fmt: skip
+    img_feats, img_index, captions, caption_img_index = [], [], [], []
     with _inference(model, ranks.device) as dtype:
-        for images, decoded_B, _ in _image_batches(samples, img_ids, img_real, transform, batch_size, num_workers):
-            img_feats.append(model.encode_image(images.to(ranks.device, dtype)).float())
-            decoded.append(decoded_B.to(ranks.device, torch.long))  # gloo all-gathers no bools
-        txt_tE = _encode_texts(model, tokenizer([captions[t] for t in txt_ids]), batch_size, ranks.device)
-    img_NE = ranks.gather_dealt(torch.cat(img_feats), num_img)
-    decoded_N = ranks.gather_dealt(torch.cat(decoded), num_img).bool()
-    txt_TE = ranks.gather_dealt(txt_tE, num_txt)
+        for batch in _lockstep(loader, ranks):
+            if batch is None:
+                model.encode_image(_dummy_images(image_size, dtype, ranks.device))
+                continue
+            img_feats.append(model.encode_image(batch["image"].to(ranks.device, dtype)).float())
+            img_index.append(batch["index"])
+            for index, caps in zip(batch["index"].tolist(), batch["captions"]):
+                captions += caps
+                caption_img_index += [index] * len(caps)
+        txt_tE = _encode_texts(model, tokenizer, captions, batch_size, ranks)
+    if ranks.max(len(captions)) == 0:
+        raise ValueError(f"retrieval: '{root}': no readable samples with an image and a caption")
+    embed_dim = ranks.max(txt_tE.shape[-1])  # a rank without captions knows E only from the others
+    img_nE = torch.cat(img_feats) if img_feats else torch.zeros(0, embed_dim, device=ranks.device)
+    txt_tE = txt_tE if len(txt_tE) else torch.zeros(0, embed_dim, device=ranks.device)
+    img_index_n = torch.cat(img_index) if img_index else torch.zeros(0, dtype=torch.long)
 
-    # A broken image leaves the gallery and takes its captions out of the queries.
-    txt_to_img_T = torch.tensor(txt_to_img, device=ranks.device)
-    num_broken = int((~decoded_N).sum())
-    if num_broken:
-        if ranks.rank == 0:
-            warnings.warn(f"retrieval: {num_broken} broken images in '{path}' were skipped", stacklevel=2)
-        keep_T = decoded_N[txt_to_img_T]
-        new_index_N = torch.cumsum(decoded_N.long(), 0) - 1
-        img_NE, txt_TE, txt_to_img_T = img_NE[decoded_N], txt_TE[keep_T], new_index_N[txt_to_img_T[keep_T]]
+    img_NE, img_index_N = ranks.gather_rows(img_nE, img_index_n)
+    txt_TE, txt_img_index_T = ranks.gather_rows(txt_tE, torch.tensor(caption_img_index, dtype=torch.long))
+    txt_to_img_T = torch.searchsorted(img_index_N, txt_img_index_T)  # global image index -> row of img_NE
     out = retrieval_recall(img_NE, txt_TE, txt_to_img_T, recall_k)
     out["num_images"], out["num_texts"] = len(img_NE), len(txt_TE)
     return out
@@ -535,7 +393,7 @@ def retrieval(
 
 def set_name(root: str) -> str:
     """The name a set's results are keyed by: its folder's name."""
-    return Path(root).resolve().name
+    return Path(root.rstrip("/")).name
 
 
 def evaluate_all(
@@ -555,10 +413,8 @@ def evaluate_all(
     Keys: "zeroshot/<folder>/top1", ..., "retrieval/<folder>/image_to_text_R@1", ...; {} when no
     set is configured. Call it on every rank; every rank returns the same dict.
     """
-    from mmpretrain.data.transforms import EvalTransform
-
     common = dict(
-        transform=EvalTransform(image_size), split=data_cfg.split, batch_size=data_cfg.batch_size,
+        image_size=image_size, split=data_cfg.split, batch_size=data_cfg.batch_size,
         num_workers=eval_cfg.num_workers, device=device, rank=rank, world_size=world_size, group=group,
     )  # fmt: skip
     results: dict[str, float] = {}
@@ -588,8 +444,8 @@ def _parse_args(argv):
         description="Zero-shot classification and image-text retrieval of a trained run or checkpoint.",
     )
     p.add_argument("checkpoint", help="run folder (uses checkpoints/latest) or a checkpoints/step_<N> folder")
-    p.add_argument("--zeroshot", help="zero-shot set root (default: data.eval.zeroshot of the run)")
-    p.add_argument("--retrieval", help="retrieval set root (default: data.eval.retrieval of the run)")
+    p.add_argument("--zeroshot", help="zero-shot set root; replaces the run's data.eval sets")
+    p.add_argument("--retrieval", help="retrieval set root; replaces the run's data.eval sets")
     p.add_argument("--split", help="shard folder under each root (default: data.eval.split of the run)")
     p.add_argument("--batch-size", type=int, help="images per forward pass per rank (default: data.eval.batch_size)")
     p.add_argument("--num-workers", type=int, help="image decoding workers per rank (default: eval.num_workers)")
@@ -601,14 +457,6 @@ def _run(args) -> dict[str, float]:
     """Load, evaluate, return the results (on every rank); user errors raise ValueError."""
     if not Path(args.checkpoint).is_dir():
         raise ValueError(f"checkpoint: no such folder '{args.checkpoint}'")
-    split = args.split or "test"
-    if args.zeroshot is not None:
-        check_zeroshot_root(args.zeroshot, split, "--zeroshot")
-    if args.retrieval is not None:
-        check_retrieval_root(args.retrieval, split, "--retrieval")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
-
     from mmpretrain.checkpoint import load_model_from_run
     from mmpretrain.data import Tokenizer
     from mmpretrain.distributed import env_rank_world, init_distributed
@@ -625,7 +473,7 @@ def _run(args) -> dict[str, float]:
         eval_cfg.num_workers = args.num_workers
     if data_cfg.zeroshot is None and data_cfg.retrieval is None:
         raise ValueError(f"{args.checkpoint}: the run names no eval set (data.eval); pass --zeroshot or --retrieval")
-    data_cfg.validate("data.eval")
+    data_cfg.validate("data.eval")  # missing folders and files, named
     eval_cfg.validate("eval")
 
     if env_rank_world()[1] > 1:  # launched by torchrun / srun: shard the sets over the ranks

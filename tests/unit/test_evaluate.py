@@ -3,9 +3,11 @@
 Legend: N images, C classes, T texts, E embedding width.
 """
 
+import copy
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from mmpretrain.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
 from mmpretrain.evaluate import (
     EvalConfig,
     build_zeroshot_classifier,
@@ -28,9 +31,6 @@ from mmpretrain.evaluate import (
     topk_accuracy,
     zeroshot_classification,
 )
-
-# the sets hold one corrupt image on purpose: it is skipped with a warning
-pytestmark = pytest.mark.filterwarnings("ignore:.*broken:UserWarning")
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -60,11 +60,11 @@ def _write_tar(path, samples):
                 tf.addfile(info, io.BytesIO(data))
 
 
-def write_sets(root, num_images: int = 11, broken: int = 4):
+def write_sets(root, num_images: int = 11, broken: int = 3):
     """A zero-shot and a retrieval set in clip_benchmark layout; returns (zeroshot_root, retrieval_root, meta).
 
-    Image i has class i % C; sample `broken` holds corrupt image bytes; shards split unevenly (3 + rest).
-    Captions: 1 to 3 per image, naming its color.
+    Image i has class i % C; sample `broken` holds corrupt image bytes (skipped by the loader, which makes
+    rank 1 of 2 hold fewer batches); shards split unevenly (3 + rest). Captions: 1 to 3 per image, naming its color.
     """
     zs, rt = os.path.join(root, "colors"), os.path.join(root, "colors_captions")
     zs_samples, rt_samples, labels, captions = [], [], [], []
@@ -86,9 +86,8 @@ def write_sets(root, num_images: int = 11, broken: int = 4):
     return zs, rt, {"labels": labels, "captions": captions, "broken": broken}
 
 
-def transform(img):
-    """PIL -> (3, 8, 8) float tensor in [0, 1]."""
-    return torch.from_numpy(np.asarray(img.resize((8, 8)), dtype=np.float32) / 255).permute(2, 0, 1)
+SIZE = 8  # eval image side: the 12x12 test images are resized and center-cropped to it
+transform = EvalTransform(SIZE)
 
 
 class CharTokenizer:
@@ -134,7 +133,10 @@ class ColorOracle(RandomTwoTower):
 
     def encode_image(self, images_BCHW):
         super().encode_image(images_BCHW)
-        mean_B3 = images_BCHW.float().mean((2, 3)) * 255
+        pixels_BCHW = (
+            images_BCHW.float() * torch.tensor(CLIP_STD)[:, None, None] + torch.tensor(CLIP_MEAN)[:, None, None]
+        )
+        mean_B3 = pixels_BCHW.mean((2, 3)) * 255
         palette_C3 = torch.tensor(list(COLORS.values()), dtype=torch.float32)
         return F.one_hot(torch.cdist(mean_B3, palette_C3).argmin(1), len(CLASSNAMES)).float()
 
@@ -240,8 +242,7 @@ def test_zeroshot_oracle_scores_exactly(sets, shift, top1, top2):
     zs, _, meta = sets
     model = ColorOracle(shift)
     model.train()
-    with pytest.warns(UserWarning, match="1 broken images"):
-        got = zeroshot_classification(model, model.tokenizer, zs, transform=transform, batch_size=3, top_k=[1, 2])
+    got = zeroshot_classification(model, model.tokenizer, zs, image_size=SIZE, batch_size=3, top_k=[1, 2])
     # shift=1: the label's score is 0 and exactly one class scores 1, so the label ranks second
     assert got == {"top1": top1, "top2": top2, "num_samples": len(meta["labels"]) - 1}  # the broken one skipped
     assert model.training, "the previous train/eval mode is restored"
@@ -252,7 +253,7 @@ def test_zeroshot_random_model_matches_direct_computation(sets):
     """Plumbing check: reading, batching, padding and ensembling against a straightforward loop."""
     zs, _, meta = sets
     model, tok = RandomTwoTower(seed=3), CharTokenizer()
-    got = zeroshot_classification(model, tok, zs, transform=transform, batch_size=4, top_k=[1, 3])
+    got = zeroshot_classification(model, tok, zs, image_size=SIZE, batch_size=4, top_k=[1, 3])
     keep = [i for i in range(len(meta["labels"])) if i != meta["broken"]]
     images = torch.stack([transform(Image.open(io.BytesIO(_png(COLORS[CLASSNAMES[i % 7]], i)))) for i in keep])
     prompts_CT = [[t.replace("{c}", n) for t in TEMPLATES] for n in CLASSNAMES]
@@ -265,7 +266,7 @@ def test_zeroshot_random_model_matches_direct_computation(sets):
 def test_retrieval_matches_direct_computation(sets):
     _, rt, meta = sets
     model, tok = RandomTwoTower(seed=4), CharTokenizer()
-    got = retrieval(model, tok, rt, transform=transform, batch_size=4, recall_k=[1, 2, 5])
+    got = retrieval(model, tok, rt, image_size=SIZE, batch_size=4, recall_k=[1, 2, 5])
     keep = [i for i in range(len(meta["captions"])) if i != meta["broken"]]
     images = torch.stack([transform(Image.open(io.BytesIO(_png(COLORS[CLASSNAMES[i % 7]], i)))) for i in keep])
     caps = [c for i in keep for c in meta["captions"][i]]
@@ -278,7 +279,7 @@ def test_retrieval_matches_direct_computation(sets):
 def test_retrieval_oracle_any_caption(sets):
     _, rt, meta = sets
     model = ColorOracle()
-    got = retrieval(model, model.tokenizer, rt, transform=transform, batch_size=5, recall_k=[1])
+    got = retrieval(model, model.tokenizer, rt, image_size=SIZE, batch_size=5, recall_k=[1])
     # every caption names its image's color: ties among same-colored images count in the query's favour
     assert got["image_to_text_R@1"] == 1.0 and got["text_to_image_R@1"] == 1.0
 
@@ -287,7 +288,7 @@ def test_bf16_model_runs_under_autocast(sets):
     zs, rt, _ = sets
     model = RandomTwoTower(seed=5).to(torch.bfloat16)
     tok = CharTokenizer()
-    got = zeroshot_classification(model, tok, zs, transform=transform, batch_size=4)
+    got = zeroshot_classification(model, tok, zs, image_size=SIZE, batch_size=4)
     assert set(got) == {"top1", "top5", "num_samples"} and 0 <= got["top1"] <= got["top5"] <= 1
     assert all(not grad for _, _, grad, _ in model.calls)
 
@@ -312,7 +313,7 @@ def test_evaluate_all_keys(sets):
 
 def test_decoding_workers_give_the_same_result(sets):
     zs, _, _ = sets
-    kwargs = dict(transform=transform, batch_size=4)
+    kwargs = dict(image_size=SIZE, batch_size=4)
     serial = zeroshot_classification(RandomTwoTower(seed=6), CharTokenizer(), zs, num_workers=0, **kwargs)
     assert zeroshot_classification(RandomTwoTower(seed=6), CharTokenizer(), zs, num_workers=2, **kwargs) == serial
 
@@ -326,7 +327,7 @@ def _rank_worker(rank, world_size, init_file, zs, rt, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         model, tok = RandomTwoTower(seed=7), CharTokenizer()
-        kwargs = dict(transform=transform, batch_size=2)
+        kwargs = dict(image_size=SIZE, batch_size=2)
         results = {
             "zeroshot": zeroshot_classification(model, tok, zs, top_k=[1, 3], **kwargs),
             "retrieval": retrieval(model, tok, rt, recall_k=[1, 3], **kwargs),
@@ -341,13 +342,14 @@ def _rank_worker(rank, world_size, init_file, zs, rt, out_dir):
 
 def test_two_ranks_equal_one_rank(sets, tmp_path):
     zs, rt, _ = sets  # 11 images, 7 classes, 1..3 captions each: every share needs padding on 2 ranks
-    torch.multiprocessing.spawn(_rank_worker, args=(2, str(tmp_path / "init"), zs, rt, str(tmp_path)), nprocs=2)
+    args = (2, str(tmp_path / "init"), zs, rt, str(tmp_path))
+    torch.multiprocessing.spawn(_rank_worker, args=args, nprocs=2)
     r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in range(2))
 
     model, tok = RandomTwoTower(seed=7), CharTokenizer()
     one = {
-        "zeroshot": zeroshot_classification(model, tok, zs, transform=transform, batch_size=2, top_k=[1, 3]),
-        "retrieval": retrieval(model, tok, rt, transform=transform, batch_size=2, recall_k=[1, 3]),
+        "zeroshot": zeroshot_classification(model, tok, zs, image_size=SIZE, batch_size=2, top_k=[1, 3]),
+        "retrieval": retrieval(model, tok, rt, image_size=SIZE, batch_size=2, recall_k=[1, 3]),
     }
     for r in (r0, r1):
         assert r["zeroshot"] == pytest.approx(one["zeroshot"])
@@ -355,7 +357,8 @@ def test_two_ranks_equal_one_rank(sets, tmp_path):
         classifier = build_zeroshot_classifier(model, tok, CLASSNAMES, TEMPLATES, 2)
         torch.testing.assert_close(torch.tensor(r["classifier"]), classifier, atol=1e-6, rtol=0)
     # ZeRO-3 needs the same forward calls, batch shapes included, on every rank
-    assert r0["calls"] == r1["calls"]
+    assert [kind for kind, _ in r0["calls"]] == [kind for kind, _ in r1["calls"]]
+    assert r0["calls"] != r1["calls"], "uneven shares: rank 1 ran dummy batches"
     assert one["zeroshot"]["num_samples"] == 10 and one["zeroshot"]["top3"] > 0
 
 
@@ -368,19 +371,21 @@ def test_cli_missing_checkpoint_folder(tmp_path, capsys):
     assert err.count("\n") == 0 and str(tmp_path / "nope") in err
 
 
-def test_cli_bad_eval_sets(tmp_path, sets, capsys):
+def test_cli_bad_eval_sets(tiny_run, tmp_path, sets, monkeypatch, capsys):
+    import mmpretrain.checkpoint
+
     zs, rt, _ = sets
-    run = tmp_path / "run"
-    run.mkdir()
-    assert main([str(run), "--zeroshot", str(tmp_path / "missing")]) == 2
-    assert str(tmp_path / "missing") in capsys.readouterr().err
+    monkeypatch.setattr(mmpretrain.checkpoint, "load_model_from_run", lambda path: copy.deepcopy(tiny_run))
     no_classnames = tmp_path / "no_classnames"
-    (no_classnames / "test").mkdir(parents=True)
-    assert main([str(run), "--zeroshot", str(no_classnames)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and str(no_classnames / "classnames.txt") in err
-    assert main([str(run), "--retrieval", rt, "--split", "val"]) == 2
-    assert os.path.join(rt, "val", "*.tar") in capsys.readouterr().err
+    shutil.copytree(os.path.join(zs, "test"), no_classnames / "test")
+    for args, named in [
+        (["--zeroshot", str(tmp_path / "missing")], str(tmp_path / "missing")),
+        (["--zeroshot", str(no_classnames)], str(no_classnames / "classnames.txt")),
+        (["--retrieval", rt, "--split", "val"], os.path.join(rt, "val", "*.tar")),
+    ]:
+        assert main([str(tmp_path), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and named in err, err
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
@@ -429,7 +434,7 @@ def test_random_tiny_model_is_near_chance(tiny_run, shapes_dataset):
 def test_cli_prints_table_and_writes_json(tiny_run, shapes_dataset, tmp_path, monkeypatch, capsys):
     import mmpretrain.checkpoint
 
-    monkeypatch.setattr(mmpretrain.checkpoint, "load_model_from_run", lambda path: tiny_run)
+    monkeypatch.setattr(mmpretrain.checkpoint, "load_model_from_run", lambda path: copy.deepcopy(tiny_run))
     out = tmp_path / "out" / "results.json"
     assert main([str(tmp_path), "--batch-size", "16", "--num-workers", "0", "--output", str(out)]) == 0
     results = json.loads(out.read_text())
