@@ -126,3 +126,19 @@ def test_restart_with_other_settings_is_refused(runs, shapes_dataset):
     assert proc.returncode == 2
     assert "optim.lr: 0.001 -> 0.1" in proc.stderr and "Traceback" not in proc.stderr
     assert open(os.path.join(out, "config.yaml")).read() == before
+
+
+@pytest.mark.slow
+def test_siglip_bf16_with_grad_cache_trains(shapes_dataset, tmp_path):
+    """The other family, mixed precision and GradCache accumulation through the same CLI."""
+    out = str(tmp_path / "siglip")
+    args = [*base_overrides(shapes_dataset, out), "model.name=siglip-tiny", "loss.name=siglip",
+            "engine.precision=bf16", "train.accum_steps=2", "train.steps=4", "model.vision.patch_dropout=0.25"]  # fmt: skip
+    proc = train_cli(args)
+    lines = read_metrics(out)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert all(m["loss"] == m["loss"] and m["grad_norm"] > 0 for m in lines)
+    # at init (scale 10, bias -10, features nearly orthogonal) each positive pair costs about
+    # -log sigmoid(-10) = 10 nats and each negative about 0, so the loss per sample starts near 10
+    assert 8 < lines[0]["loss"] < 12, lines[0]["loss"]
+    assert "finished at step 4/4" in proc.stdout
