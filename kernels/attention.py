@@ -209,7 +209,8 @@ def _launch_args(q, k, v, kpm, causal, scale, tf32):
         HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)),  # tl.dot needs K >= 16
         IS_CAUSAL=causal,
         HAS_KPM=has_kpm,
-        INPUT_PRECISION="tf32" if (tf32 and q.dtype == torch.float32) else "ieee",
+        # fp32: exact ("ieee") or TF32 tensor cores; fp16/bf16: None = the backend's default (tensor cores).
+        INPUT_PRECISION=("tf32" if tf32 else "ieee") if q.dtype == torch.float32 else None,
     )
     return B, H, M, N, kpm_arg, strides, consts
 
@@ -366,6 +367,11 @@ def flash_attention(
         fp32_precision = _default_fp32_precision()
     if fp32_precision not in FP32_PRECISIONS:
         raise ValueError(f"attention: fp32_precision must be one of {FP32_PRECISIONS} (got {fp32_precision!r})")
+    if not q.is_cuda and not INTERPRET:
+        raise ValueError(
+            f"attention: the Triton kernel needs CUDA tensors (got device {q.device}); set TRITON_INTERPRET=1 "
+            "before importing mmpretrain.kernels to run it on CPU in the (slow) Triton interpreter"
+        )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8)

@@ -207,8 +207,10 @@ def test_auto_on_cpu_is_sdpa():
 @pytest.mark.skipif(INTERPRETING or torch.cuda.is_available(), reason="checks the CPU refusal without interpreter")
 def test_triton_on_cpu_without_interpreter_is_refused():
     q, k, v, _ = make_qkv(1, 1, 4, 4, 16, dtype=torch.float32)
-    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match="model.attention=triton .* TRITON_INTERPRET=1"):
         attention(q, k, v, impl="triton")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        flash_attention(q, k, v)
 
 
 def _qkv(shape_q, shape_kv, dtype=torch.float32):
