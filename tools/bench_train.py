@@ -1,0 +1,464 @@
+"""Benchmark the train step: steady-state samples/s, peak memory and MFU, optionally against OpenCLIP.
+
+    python tools/bench_train.py configs/bench-tiny.yaml --openclip          # ours vs OpenCLIP, same model
+    python tools/bench_train.py configs/vit-b-16-laion.yaml train.batch_size=256 --steps 30
+    torchrun --nproc_per_node=2 tools/bench_train.py configs/bench-tiny.yaml   # ours on 2 ranks
+
+What is timed: one optimizer step exactly as the trainer runs it -- `mmpretrain.train.train_step`
+through the DeepSpeed engine `build_engine` returns (forward, loss, backward, gradient norm and
+clipping, AdamW step, LR schedule). The batches are synthetic and already on the device (random
+images, random token ids ending in an EOT token), so neither the data loader nor the host-to-device
+copy is measured. `--warmup` steps run first (allocations, AdamW state creation); then `--steps`
+steps are timed one by one and reported by their median (samples/s = global batch / median step time;
+robust to a loaded machine). Runs in a world of 1, or under torchrun on N ranks (each rank gets
+`train.batch_size / N` samples; the table reports the global batch and rank 0's memory).
+
+With `--openclip` (world of 1 only) the SAME model is built as an OpenCLIP custom config
+(`open_clip.create_model` of a registered `model_cfg`: embed_dim, vision_cfg, text_cfg) and its
+train step -- forward, `open_clip.loss.ClipLoss`, backward, gradient clipping at `optim.grad_clip`,
+`torch.optim.AdamW` (same hyper-parameters, fused on CUDA like ours), logit-scale clamp as OpenCLIP's
+trainer does -- is timed in the same process, with the same batch and threads. After both warm up,
+the timed steps alternate (ours, OpenCLIP, ours, ...) so that a change in machine load hits both.
+bf16 configs run OpenCLIP under `torch.autocast(bfloat16)`, as its trainer's `amp_bf16` does.
+
+Peak memory, per implementation, measured while it is built and warmed up (its first AdamW step
+allocates the optimizer state), above what was in use just before:
+- CUDA: `torch.cuda.max_memory_allocated()` (reset at the phase start) minus `memory_allocated()`
+  at the phase start: parameters, gradients, optimizer state and activations of this model.
+- CPU: the process RSS high-water mark (`resource.getrusage(RUSAGE_SELF).ru_maxrss`), reset at the
+  phase start through /proc/self/clear_refs (Linux) after `malloc_trim` gave freed heap back, minus
+  the RSS at the phase start. RSS counts allocator slack and touched pages: an approximation.
+
+Model FLOPs (``train_flops_per_sample``, PaLM-style MFU accounting; forward = 2 FLOPs per
+multiply-add of a weight matmul, training = 3x forward)::
+
+    per tower:  6 * N * (layers * (4 D^2 + 2 D F))       QKV + out projections, MLP; N tokens, F mlp_dim
+              + 12 * layers * N^2 * D                     attention scores QK^T and AV (causal counted full)
+              + 6 * D * E                                 output projection on the pooled token (CLIP)
+    vision:     + 6 * P * (3 p^2 D)                       patch embedding as a matmul; P patches of side p
+                N = P (+1 class token for CLIP); with patch dropout, the kept patches
+                SigLIP head: 6 * (2 D^2 N + 2 D^2 + 2 D F) + 12 * N * D   (one learned query)
+    text:       N = context_length; SigLIP's linear head 6 * D * E
+    loss:       6 * B * E                                 the B x B x E similarity matmul, per sample
+
+Biases, norms, activations, softmax and embedding lookups are not counted. MFU = FLOPs per sample
+x samples/s / peak dense TFLOP/s of the device (table ``PEAK_TFLOPS``, by device name; fp32 counts
+the TF32 peak only when `torch.get_float32_matmul_precision()` is not "highest"). On CPU, or on a device
+missing from the table, MFU is n/a.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from mmpretrain.config import ConfigError, load_config
+from mmpretrain.distributed import destroy, env_rank_world, init_distributed, print0
+
+# Peak dense TFLOP/s from NVIDIA's datasheets (sparsity excluded): (name substrings, bf16/fp16, tf32, fp32).
+# First match wins, so the more specific names come first.
+PEAK_TFLOPS = [
+    (("H100", "PCIe"), 756.0, 378.0, 51.2),
+    (("H100", "NVL"), 835.0, 417.5, 60.0),
+    (("H200", "NVL"), 835.0, 417.5, 60.0),
+    (("GH200",), 989.0, 494.7, 66.9),
+    (("H100",), 989.0, 494.7, 66.9),  # SXM
+    (("H200",), 989.0, 494.7, 66.9),  # SXM
+    (("A100",), 312.0, 156.0, 19.5),
+]
+
+
+@dataclass
+class PhaseResult:
+    """One implementation's measurements."""
+
+    impl: str
+    num_params: int
+    step_s: list = field(default_factory=list)  # timed step durations, seconds
+    peak_mem_bytes: int = 0
+
+    def median_step_s(self) -> float:
+        return statistics.median(self.step_s)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _tower_block_flops(num_tokens: int, width: int, mlp_dim: int, layers: int) -> int:
+    """Forward FLOPs of `layers` pre-LN blocks on one sequence: weight matmuls + attention."""
+    weights = layers * (4 * width * width + 2 * width * mlp_dim)  # qkv (3 D^2) + out (D^2) + fc1, fc2 (D F each)
+    attn = 4 * layers * num_tokens * num_tokens * width  # QK^T and AV: 2 N^2 D each
+    return 2 * num_tokens * weights + attn
+
+
+def forward_flops_per_sample(model_cfg, batch_size: int, training: bool = True) -> dict:
+    """Forward FLOPs of one sample: {"vision", "text", "loss"} for a resolved ModelConfig.
+
+    `batch_size` is the global batch (the similarity matrix is B x B); `training` applies patch dropout.
+    """
+    m, v, t = model_cfg, model_cfg.vision, model_cfg.text
+    grid = v.image_size // v.patch_size
+    num_patches = grid * grid
+    patch_embed = 2 * num_patches * 3 * v.patch_size**2 * v.width  # every patch embedded, before dropout
+    kept = max(1, int(num_patches * (1 - v.patch_dropout))) if training and v.patch_dropout > 0 else num_patches
+    if m.family == "clip":
+        n_v = 1 + kept  # class token
+        vision = patch_embed + _tower_block_flops(n_v, v.width, v.mlp_dim, v.layers) + 2 * v.width * m.embed_dim
+    else:
+        n_v = kept
+        head = 2 * (2 * v.width * v.width * n_v + 2 * v.width * v.width + 2 * v.width * v.mlp_dim) + 4 * n_v * v.width
+        vision = patch_embed + _tower_block_flops(n_v, v.width, v.mlp_dim, v.layers) + head
+    text = _tower_block_flops(t.context_length, t.width, t.mlp_dim, t.layers) + 2 * t.width * m.embed_dim
+    return {"vision": vision, "text": text, "loss": 2 * batch_size * m.embed_dim}
+
+
+def train_flops_per_sample(model_cfg, batch_size: int) -> int:
+    """Training FLOPs of one sample: 3x the forward (backward = 2x forward)."""
+    return 3 * sum(forward_flops_per_sample(model_cfg, batch_size, training=True).values())
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    """Peak dense TFLOP/s for this precision on this device; None on CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for keys, half, tf32, fp32 in PEAK_TFLOPS:
+        if all(k in name for k in keys):
+            if precision in ("bf16", "fp16"):
+                return half
+            return fp32 if torch.get_float32_matmul_precision() == "highest" else tf32
+    return None
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+class MemoryMeter:
+    """Peak memory of a phase above what was in use at its start (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.kind = "CUDA max_memory_allocated"
+        else:
+            self.kind = "RSS high-water mark (getrusage ru_maxrss), reset per phase"
+            self.can_reset = os.path.exists("/proc/self/clear_refs")
+            if not self.can_reset:
+                self.kind = "RSS high-water mark (getrusage ru_maxrss), NOT reset: later phases under-read"
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back so RSS counts live memory
+        except (OSError, AttributeError):
+            pass
+        if self.can_reset:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # Linux >= 4.0: reset the peak RSS to the current RSS
+            except OSError:
+                self.can_reset = False
+        self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if self.can_reset else _rss_bytes()
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or platform.processor() or 'cpu'}, {os.cpu_count()} cores"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ----------------------------------------------------------------------------- the two train steps
+
+
+def synthetic_batch(model_cfg, batch_size: int, device: torch.device, seed: int) -> dict:
+    """Random images (B, 3, H, W) ~ N(0, 1) and tokens (B, L): SOT, random ids, EOT (the largest id), padding."""
+    g = torch.Generator().manual_seed(seed)
+    v, t = model_cfg.vision, model_cfg.text
+    images = torch.randn(batch_size, 3, v.image_size, v.image_size, generator=g)
+    L = t.context_length
+    tokens = torch.zeros(batch_size, L, dtype=torch.long)
+    lengths = torch.randint(3, L + 1, (batch_size,), generator=g)  # SOT + >= 1 word + EOT
+    for i, n in enumerate(lengths.tolist()):
+        tokens[i, 0] = t.vocab_size - 2  # SOT
+        tokens[i, 1 : n - 1] = torch.randint(1, t.vocab_size - 2, (n - 2,), generator=g)
+        tokens[i, n - 1] = t.vocab_size - 1  # EOT: both models pool at the argmax
+    return {"image": images.to(device), "text": tokens.to(device)}
+
+
+def build_ours(cfg, device: torch.device, per_rank_batch: int):
+    """(step(batch), num_params): the trainer's own engine and train_step."""
+    from mmpretrain.engine import build_engine
+    from mmpretrain.model import build_model
+    from mmpretrain.train import train_step
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    num_params = sum(p.numel() for p in model.parameters())
+    engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=per_rank_batch, total_steps=cfg.train.steps)
+
+    def step(batch):
+        return train_step(engine, batch, cfg, device)
+
+    return step, num_params
+
+
+def openclip_model_cfg(model_cfg) -> dict:
+    """Our resolved CLIP ModelConfig as an OpenCLIP custom config (model_cfg dict); ValueError where it cannot."""
+    m, v, t = model_cfg, model_cfg.vision, model_cfg.text
+    if m.family != "clip":
+        raise ValueError(f"--openclip: model.family must be clip (got {m.family!r}); OpenCLIP's SigLIP differs")
+    if v.act != t.act or v.act not in ("gelu", "quick_gelu"):
+        raise ValueError(f"--openclip: model.vision.act and model.text.act must both be gelu or quick_gelu "
+                         f"(got {v.act!r}, {t.act!r})")  # fmt: skip
+    for key, value in (("vision.ln_eps", v.ln_eps), ("text.ln_eps", t.ln_eps)):
+        if value != 1e-5:
+            raise ValueError(f"--openclip: model.{key} must be 1e-5, OpenCLIP's LayerNorm eps (got {value})")
+    if m.lock_image:
+        raise ValueError("--openclip: model.lock_image is not supported")
+    return {
+        "embed_dim": m.embed_dim,
+        "quick_gelu": v.act == "quick_gelu",
+        "vision_cfg": {
+            "image_size": v.image_size,
+            "layers": v.layers,
+            "width": v.width,
+            "head_width": v.width // v.heads,
+            "mlp_ratio": v.mlp_dim / v.width,
+            "patch_size": v.patch_size,
+            "patch_dropout": v.patch_dropout,
+        },
+        "text_cfg": {
+            "context_length": t.context_length,
+            "vocab_size": t.vocab_size,
+            "width": t.width,
+            "heads": t.heads,
+            "layers": t.layers,
+            "mlp_ratio": t.mlp_dim / t.width,
+        },
+    }
+
+
+def create_openclip_model(model_cfg, device: torch.device):
+    """open_clip.create_model of our config, registered under a temporary name (random init, no download)."""
+    import open_clip
+
+    name = "mmpretrain-bench"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{name}.json")
+        with open(path, "w") as f:
+            json.dump(openclip_model_cfg(model_cfg), f)
+        open_clip.add_model_config(path)
+        return open_clip.create_model(name, pretrained=None, precision="fp32", device=device)
+
+
+def build_openclip(cfg, device: torch.device):
+    """(step(batch), num_params): OpenCLIP's model and loss with a torch AdamW, as its trainer steps."""
+    import math
+
+    from open_clip.loss import ClipLoss
+
+    torch.manual_seed(cfg.train.seed)
+    model = create_openclip_model(cfg.model, device)
+    model.train()
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    num_params = sum(p.numel() for p in model.parameters())
+    o = cfg.optim
+    # OpenCLIP's trainer: no weight decay on gains, biases (ndim < 2), embeddings and logit_scale.
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    exclude = [p for n, p in named if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n]
+    include = [p for n, p in named if not (p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n)]
+    groups = [{"params": exclude, "weight_decay": 0.0}, {"params": include, "weight_decay": o.weight_decay}]
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
+    loss_fn = ClipLoss()
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.precision)
+    if cfg.engine.precision == "fp16":
+        raise ValueError("--openclip: engine.precision=fp16 is not supported (needs a GradScaler); use bf16 or fp32")
+
+    def step(batch):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            image_features, text_features, logit_scale = model(batch["image"], batch["text"])
+            loss = loss_fn(image_features, text_features, logit_scale)
+        loss.backward()
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))  # as OpenCLIP's train loop, after every step
+        return loss.detach()
+
+    return step, num_params
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, batch, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    step(batch)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def warm_up(name: str, build, meter: MemoryMeter, batch, device, warmup: int):
+    """Build one implementation and run its warmup steps inside a memory phase."""
+    meter.start()
+    step, num_params = build()
+    for _ in range(max(1, warmup)):  # >= 1: the first AdamW step allocates its state (part of the peak)
+        step(batch)
+    _sync(device)
+    return step, PhaseResult(name, num_params, peak_mem_bytes=meter.peak())
+
+
+def format_table(results: list, global_batch: int, flops_per_sample: int, peak: float | None) -> str:
+    lines = [
+        "| impl | params | samples/s | step ms | peak memory MiB | MFU |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        sps = global_batch / r.median_step_s()
+        mfu = f"{flops_per_sample * sps / (peak * 1e12):.1%}" if peak else "n/a"
+        lines.append(f"| {r.impl} | {r.num_params:,} | {sps:.1f} | {r.median_step_s() * 1e3:.1f} | "
+                     f"{r.peak_mem_bytes / 2**20:.0f} | {mfu} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="tools/bench_train.py", description=__doc__.split("\n")[0])
+    p.add_argument("config", help="YAML config (e.g. configs/bench-tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=128")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per implementation (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5, at least 1)")
+    p.add_argument("--openclip", action="store_true", help="also time the same model built with OpenCLIP")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's default)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.threads < 0:
+        p.error("--steps must be >= 1, --warmup and --threads >= 0")
+    return args
+
+
+def bench(args) -> dict:
+    cfg = load_config(args.config, args.overrides)
+    if args.openclip:
+        if env_rank_world()[1] > 1:
+            raise ConfigError("--openclip runs in a world of 1 (drop torchrun)")
+        openclip_model_cfg(cfg.model)  # fail on an unsupported model before any work
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist_info = init_distributed(cfg.engine.dist_timeout_s)
+    device, world = dist_info.device, dist_info.world_size
+    per_rank = cfg.train.batch_size // world
+    batch = synthetic_batch(cfg.model, per_rank, device, seed=cfg.train.seed + dist_info.rank)
+    meter = MemoryMeter(device)
+
+    phases = [("mmpretrain (DeepSpeed)", lambda: build_ours(cfg, device, per_rank))]
+    if args.openclip:
+        phases.append(("open_clip", lambda: build_openclip(cfg, device)))
+    steps, results = [], []
+    for name, build in phases:
+        step, result = warm_up(name, build, meter, batch, device, args.warmup)
+        steps.append(step)
+        results.append(result)
+    for _ in range(args.steps):  # interleaved: a change in load hits every implementation alike
+        for step, result in zip(steps, results):
+            result.step_s.append(timed(step, batch, device))
+
+    flops = train_flops_per_sample(cfg.model, cfg.train.batch_size)
+    peak = peak_tflops(device, cfg.engine.precision)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    header = [
+        f"# bench_train {args.config} {' '.join(args.overrides)}".rstrip(),
+        f"date {datetime.datetime.now().isoformat(timespec='seconds')}; device {device.type} ({device_name}); "
+        f"world {world}; torch threads {torch.get_num_threads()}; precision {cfg.engine.precision}; "
+        f"ZeRO {cfg.engine.zero_stage}",
+        f"global batch {cfg.train.batch_size} ({per_rank} per rank); warmup {args.warmup}, timed {args.steps} "
+        f"steps each (median; interleaved); synthetic batches already on the device: data loader not measured",
+        f"model FLOPs per sample (train) {flops / 1e9:.3f} GFLOP; peak "
+        + (f"{peak:g} TFLOP/s" if peak else "n/a (MFU n/a)"),
+        f"peak memory: {meter.kind}, above the phase start" + (", rank 0" if world > 1 else ""),
+    ]
+    table = format_table(results, cfg.train.batch_size, flops, peak)
+    lines = header + ["", table]
+    if len(results) == 2:
+        ours, oc = results
+        lines.append(f"\nratio ours/openclip: samples/s {oc.median_step_s() / ours.median_step_s():.3f}, "
+                     f"peak memory {ours.peak_mem_bytes / max(1, oc.peak_mem_bytes):.3f}")  # fmt: skip
+        if ours.num_params == oc.num_params:
+            note = "equal; logit_scale is (1,) in ours (DeepSpeed cannot broadcast 0-dim) and () in open_clip"
+        else:
+            note = f"differ by {ours.num_params - oc.num_params:+,}: see openclip_model_cfg"
+        lines.append(f"params: ours {ours.num_params:,}, open_clip {oc.num_params:,} ({note})")
+    print0("\n".join(lines))
+    return {
+        "flops_per_sample": flops,
+        "peak_tflops": peak,
+        "memory_kind": meter.kind,
+        "table": table,
+        "results": [
+            {
+                "impl": r.impl,
+                "num_params": r.num_params,
+                "samples_per_s": cfg.train.batch_size / r.median_step_s(),
+                "step_ms": r.median_step_s() * 1e3,
+                "peak_mem_bytes": r.peak_mem_bytes,
+            }
+            for r in results
+        ],
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return bench(args)
+    except (ConfigError, ValueError) as e:
+        if env_rank_world()[0] == 0:
+            print(f"bench_train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        destroy()
+
+
+if __name__ == "__main__":
+    main()
