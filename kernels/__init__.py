@@ -24,15 +24,8 @@ import torch.nn.functional as F
 
 # Imported before `attention` is defined below: importing the submodule sets the package
 # attribute `attention` to the module, and the function must win.
-from .attention import (
-    INTERPRET as TRITON_INTERPRET,
-)
-from .attention import (
-    attention_reference,
-    check_attention_inputs,
-    flash_attention,
-    triton_unsupported_reason,
-)
+from .attention import INTERPRET as TRITON_INTERPRET
+from .attention import attention_reference, check_attention_inputs, flash_attention, triton_unsupported_reason
 
 __all__ = ["ATTENTION_IMPLS", "attention", "attention_reference", "flash_attention", "TRITON_INTERPRET"]
 

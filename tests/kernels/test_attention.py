@@ -204,7 +204,7 @@ def test_auto_on_cpu_is_sdpa():
     torch.testing.assert_close(attention(q, k, v, causal=True), want, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(INTERPRETING or torch.cuda.is_available(), reason="checks the CPU refusal without interpreter")
+@pytest.mark.skipif(INTERPRETING, reason="checks the CPU refusal without the interpreter")
 def test_triton_on_cpu_without_interpreter_is_refused():
     q, k, v, _ = make_qkv(1, 1, 4, 4, 16, dtype=torch.float32)
     with pytest.raises(ValueError, match="model.attention=triton .* TRITON_INTERPRET=1"):
