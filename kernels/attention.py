@@ -25,6 +25,7 @@ and SDPA. ``TRITON_INTERPRET=1`` must be set before this module is imported to r
 Shapes: B batch, H heads, M query length, N key length, D head dim, Dp = D padded.
 """
 
+import contextlib
 import math
 from typing import Optional
 
@@ -197,7 +198,7 @@ def _n_bucket(n: int) -> int:
     return min(max(triton.next_power_of_2(n), 64), 4096)
 
 
-def _launch_args(q, k, v, kpm, causal, scale, tf32):
+def _launch_args(q, k, v, kpm, causal, tf32):
     """Arguments shared by the three main kernels: strides, sizes and constexprs."""
     B, H, M, D = q.shape
     N = k.shape[2]
@@ -215,6 +216,11 @@ def _launch_args(q, k, v, kpm, causal, scale, tf32):
     return B, H, M, N, kpm_arg, strides, consts
 
 
+def _device_guard(x: torch.Tensor):
+    # Triton launches on the current CUDA device: make it the tensors' device.
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _blocks(name):
     if not INTERPRET:
         return {}
@@ -228,16 +234,17 @@ def _flash_fwd(
     tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Returns out (B, H, M, D) in q's dtype and lse (B, H, M) fp32 in log2 units."""
-    B, H, M, N, kpm_arg, strides, consts = _launch_args(q, k, v, kpm, causal, scale, tf32)
+    B, H, M, N, kpm_arg, strides, consts = _launch_args(q, k, v, kpm, causal, tf32)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, M), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * B * H,)
-    _attn_fwd_kernel[grid](
-        q, k, v, kpm_arg, out, lse, *strides, kpm_arg.stride(0),
-        H, M, N, scale * LOG2E, _n_bucket(N), **consts, **_blocks("fwd"),
-    )  # fmt: skip
+    with _device_guard(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, kpm_arg, out, lse, *strides, kpm_arg.stride(0),
+            H, M, N, scale * LOG2E, _n_bucket(N), **consts, **_blocks("fwd"),
+        )  # fmt: skip
     return out, lse
 
 
@@ -253,7 +260,7 @@ def _flash_bwd(
     kpm: Optional[torch.Tensor], causal: bool, scale: float, tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Returns dq, dk, dv, contiguous, in the dtypes of q, k, v."""
-    B, H, M, N, kpm_arg, strides, consts = _launch_args(q, k, v, kpm, causal, scale, tf32)
+    B, H, M, N, kpm_arg, strides, consts = _launch_args(q, k, v, kpm, causal, tf32)
     do = _last_dim_contiguous(do)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -262,18 +269,19 @@ def _flash_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((B, H, M), dtype=torch.float32, device=q.device)
     delta_block = 16 if INTERPRET else 64
-    _attn_bwd_delta_kernel[(triton.cdiv(M, delta_block), B * H)](
-        out, do, delta, *do.stride()[:3], H, M,
-        HEAD_DIM=consts["HEAD_DIM"], HEAD_DIM_PAD=consts["HEAD_DIM_PAD"], BLOCK_M=delta_block,
-    )  # fmt: skip
     args = (q, k, v, kpm_arg, do, lse, delta)
     sizes = (*strides, *do.stride()[:3], kpm_arg.stride(0), H, M, N, scale, scale * LOG2E, _n_bucket(N))
-    _attn_bwd_dq[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * B * H,)](
-        *args, dq, *sizes, **consts, **_blocks("dq")
-    )  # fmt: skip
-    _attn_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * B * H,)](
-        *args, dk, dv, *sizes, **consts, **_blocks("dkdv")
-    )  # fmt: skip
+    with _device_guard(q):
+        _attn_bwd_delta_kernel[(B * H, triton.cdiv(M, delta_block))](
+            out, do, delta, *do.stride()[:3], H, M,
+            HEAD_DIM=consts["HEAD_DIM"], HEAD_DIM_PAD=consts["HEAD_DIM_PAD"], BLOCK_M=delta_block,
+        )  # fmt: skip
+        _attn_bwd_dq[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * B * H,)](
+            *args, dq, *sizes, **consts, **_blocks("dq")
+        )  # fmt: skip
+        _attn_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * B * H,)](
+            *args, dk, dv, *sizes, **consts, **_blocks("dkdv")
+        )  # fmt: skip
     return dq, dk, dv
 
 

@@ -38,8 +38,8 @@ def _attn_bwd_delta_kernel(
     BLOCK_M: tl.constexpr,
 ):
     # delta_BHM = rowsum(dO * OUT) in fp32; OUT is ours (contiguous), dO may be strided.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # B*H on axis 0: axis 1 is limited to 65535 programs
+    pid_m = tl.program_id(1)
     off_b = pid_bh // num_heads
     off_h = pid_bh % num_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
