@@ -23,7 +23,8 @@ Matrix products: forward 1, backward 3 on the chunked path (recompute, dx, dy) a
 the full-matrix loss (two logits products, four in backward).
 
 Memory: O(B*D) saved for backward (the gathered text features and two log-sum-exp vectors);
-O(chunk*B) transient on the chunked path (two chunk x B fp32 buffers), O(B*D) on the Triton path.
+O(chunk*B) transient on the chunked path (one chunk x B fp32 logits buffer, 4*chunk*B bytes, plus a
+chunk x 2048 temporary), O(B*D) on the Triton path.
 
 Distributed (b local rows, B = b * world, rank r holds rows r*b ... r*b+b-1). Text features are
 all-gathered (B x D); each rank computes the strip of local image rows x all text columns, so it
@@ -55,6 +56,7 @@ import torch.nn.functional as F
 
 IMPLS = ("triton", "chunked", "naive")
 MAX_ABS_LOGIT = 700.0  # float64 exp range; see the module docstring
+COL_BLOCK = 2048  # columns per elementwise temporary on the chunked path (chunk x COL_BLOCK fp32)
 
 
 # ----------------------------------------------------------------------------- references
@@ -85,17 +87,20 @@ def chunked_clip_forward(a_MD, b_ND, scale, chunk_size):
     bT_DN = b_ND.float().T
     row_lse_M = torch.empty(M, device=a_MD.device)
     col_sumexp_N = torch.zeros(N, device=a_MD.device, dtype=torch.float64)
-    logits_buf, e_buf = _chunk_buffers(M, N, chunk_size, a_MD.device)  # the only O(chunk * N) memory
+    logits_buf, tmp = _Buffer(M, N, chunk_size, a_MD.device), _Buffer(M, COL_BLOCK, chunk_size, a_MD.device)
     for r0 in range(0, M, chunk_size):
         r1 = min(r0 + chunk_size, M)
-        logits_cN, e_cN = logits_buf[: r1 - r0], e_buf[: r1 - r0]
-        torch.mm(a_MD[r0:r1].float() * scale, bT_DN, out=logits_cN)
+        logits_cN = torch.mm(a_MD[r0:r1].float() * scale, bT_DN, out=logits_buf.get(r1 - r0, N))
         rmax_c = logits_cN.amax(1)
-        torch.sub(logits_cN, rmax_c[:, None], out=e_cN).exp_()
-        row_lse_M[r0:r1] = e_cN.sum(1).log_().add_(rmax_c)
-        cmax_N = logits_cN.amax(0)
-        torch.sub(logits_cN, cmax_N[None, :], out=e_cN).exp_()
-        col_sumexp_N += e_cN.sum(0).double() * cmax_N.double().exp()
+        rsum_c = torch.zeros_like(rmax_c)
+        for c0 in range(0, N, COL_BLOCK):  # exp temporaries a column block at a time
+            c1 = min(c0 + COL_BLOCK, N)
+            logits_cw = logits_cN[:, c0:c1]
+            rsum_c += torch.sub(logits_cw, rmax_c[:, None], out=tmp.get(r1 - r0, c1 - c0)).exp_().sum(1)
+            cmax_w = logits_cw.amax(0)
+            e_cw = torch.sub(logits_cw, cmax_w[None, :], out=tmp.get(r1 - r0, c1 - c0)).exp_()
+            col_sumexp_N[c0:c1] += e_cw.sum(0).double() * cmax_w.double().exp()
+        row_lse_M[r0:r1] = rsum_c.log_().add_(rmax_c)
     return row_lse_M, col_sumexp_N
 
 
@@ -105,14 +110,15 @@ def chunked_clip_backward(a_MD, b_ND, scale, row_lse_M, col_lse_N, chunk_size):
     b_ND = b_ND.float()
     da_MD = torch.empty(M, b_ND.shape[1], device=a_MD.device)
     db_ND = torch.zeros_like(b_ND)
-    g_buf, p_buf = _chunk_buffers(M, N, chunk_size, a_MD.device)
+    g_buf, tmp = _Buffer(M, N, chunk_size, a_MD.device), _Buffer(M, COL_BLOCK, chunk_size, a_MD.device)
     for r0 in range(0, M, chunk_size):
         r1 = min(r0 + chunk_size, M)
-        g_cN, p_cN = g_buf[: r1 - r0], p_buf[: r1 - r0]
         sa_cD = a_MD[r0:r1].float() * scale
-        torch.mm(sa_cD, b_ND.T, out=g_cN)  # logits, then G = P + Q in place
-        torch.sub(g_cN, row_lse_M[r0:r1, None], out=p_cN).exp_()
-        g_cN.sub_(col_lse_N[None, :]).exp_().add_(p_cN)
+        g_cN = torch.mm(sa_cD, b_ND.T, out=g_buf.get(r1 - r0, N))  # logits, then G = P + Q in place
+        for c0 in range(0, N, COL_BLOCK):
+            c1 = min(c0 + COL_BLOCK, N)
+            p_cw = torch.sub(g_cN[:, c0:c1], row_lse_M[r0:r1, None], out=tmp.get(r1 - r0, c1 - c0)).exp_()
+            g_cN[:, c0:c1].sub_(col_lse_N[None, c0:c1]).exp_().add_(p_cw)
         torch.mm(g_cN, b_ND, out=da_MD[r0:r1]).mul_(scale)
         db_ND.addmm_(g_cN.T, sa_cD)
     return da_MD, db_ND
@@ -124,12 +130,14 @@ def chunked_siglip_forward(a_MD, b_ND, scale, bias, chunk_size):
     bT_DN = b_ND.float().T
     softplus_sum = torch.zeros((), device=a_MD.device, dtype=torch.float64)
     sigmoid_sum = torch.zeros((), device=a_MD.device, dtype=torch.float64)
-    logits_buf, sp_buf = _chunk_buffers(M, N, chunk_size, a_MD.device)
+    logits_buf, tmp = _Buffer(M, N, chunk_size, a_MD.device), _Buffer(M, COL_BLOCK, chunk_size, a_MD.device)
     for r0 in range(0, M, chunk_size):
         r1 = min(r0 + chunk_size, M)
-        logits_cN, sp_cN = logits_buf[: r1 - r0], sp_buf[: r1 - r0]
-        torch.mm(a_MD[r0:r1].float() * scale, bT_DN, out=logits_cN).add_(bias)
-        softplus_sum += torch._C._nn.softplus(logits_cN, 1.0, 20.0, out=sp_cN).sum(dtype=torch.float64)
+        logits_cN = torch.mm(a_MD[r0:r1].float() * scale, bT_DN, out=logits_buf.get(r1 - r0, N)).add_(bias)
+        for c0 in range(0, N, COL_BLOCK):
+            c1 = min(c0 + COL_BLOCK, N)
+            sp_cw = torch._C._nn.softplus(logits_cN[:, c0:c1], 1.0, 20.0, out=tmp.get(r1 - r0, c1 - c0))
+            softplus_sum += sp_cw.sum(dtype=torch.float64)
         sigmoid_sum += logits_cN.sigmoid_().sum(dtype=torch.float64)
     return softplus_sum, sigmoid_sum
 
@@ -140,20 +148,27 @@ def chunked_siglip_backward(a_MD, b_ND, scale, bias, chunk_size):
     b_ND = b_ND.float()
     da_MD = torch.empty(M, b_ND.shape[1], device=a_MD.device)
     db_ND = torch.zeros_like(b_ND)
-    (g_buf,) = _chunk_buffers(M, N, chunk_size, a_MD.device, count=1)
+    g_buf = _Buffer(M, N, chunk_size, a_MD.device)
     for r0 in range(0, M, chunk_size):
         r1 = min(r0 + chunk_size, M)
         sa_cD = a_MD[r0:r1].float() * scale
-        g_cN = torch.mm(sa_cD, b_ND.T, out=g_buf[: r1 - r0]).add_(bias).sigmoid_()
+        g_cN = torch.mm(sa_cD, b_ND.T, out=g_buf.get(r1 - r0, N)).add_(bias).sigmoid_()
         torch.mm(g_cN, b_ND, out=da_MD[r0:r1]).mul_(scale)
         db_ND.addmm_(g_cN.T, sa_cD)
     return da_MD, db_ND
 
 
-def _chunk_buffers(M, N, chunk_size, device, count=2):
-    """Preallocated (chunk, N) fp32 work buffers, reused by every chunk (a fresh tensor per chunk would keep
-    the previous chunk's alive while the next one is computed: one buffer more at the peak)."""
-    return [torch.empty(min(chunk_size, M), N, device=device) for _ in range(count)]
+class _Buffer:
+    """One preallocated fp32 work buffer of min(chunk, M) x cols, handed out as contiguous (rows, cols) views.
+
+    Reused by every chunk: a fresh tensor per chunk would keep the previous chunk's alive while the
+    next is computed (one buffer more at the peak)."""
+
+    def __init__(self, M, cols, chunk_size, device):
+        self.flat = torch.empty(min(chunk_size, M) * cols, device=device)
+
+    def get(self, rows, cols):
+        return self.flat[: rows * cols].view(rows, cols)
 
 
 class _ChunkedOps:

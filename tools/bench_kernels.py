@@ -17,7 +17,9 @@ to /proc/self/clear_refs) minus VmRSS at the baseline: everything the process re
 (torch's allocations, BLAS workspaces, allocator slack), which is what the OOM killer sees.
 CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the baseline.
 Both include the gradients of the features (2 x B x D x 4 bytes), which every implementation needs.
-Time: median of the repetitions (the first included), wall clock, synchronized on CUDA.
+Time: median of the repetitions in a row's process (the first included), wall clock, synchronized
+on CUDA; with --rounds, the fastest round. "load" is the 1-minute load average when each round of
+the row started: on a shared machine, timings are only comparable at similar load.
 """
 
 import argparse
@@ -135,31 +137,40 @@ def available_bytes(device):
 
 
 def run_table(args):
+    """Every (D, B, impl) row in its own subprocess; --rounds repeats the grid (impls interleaved, so that load
+    from other processes hits them alike) and keeps each row's fastest round. Slow rows (B >= 65536) run once."""
     device = args.device
-    rows = []
     limit = 0.9 * available_bytes(device)
-    for D in args.dim:
-        for B in args.batch:
-            for impl in args.impls:
-                pred = predict_bytes(impl, B, D, args.chunk_size, device)
-                row = dict(impl=impl, B=B, D=D, device=device, predicted_bytes=pred)
-                if pred > limit:
-                    row["skipped"] = f"OOM (predicted {pred / GB:.0f} GB)"
-                elif args.skip_slow and B >= 65536:
-                    row["skipped"] = "slow row (--skip-slow)"
+    grid = [(D, B, impl) for D in args.dim for B in args.batch for impl in args.impls]
+    rows = {}
+    for rnd in range(args.rounds):
+        for D, B, impl in grid:
+            pred = predict_bytes(impl, B, D, args.chunk_size, device)
+            row = rows.setdefault((D, B, impl), dict(impl=impl, B=B, D=D, device=device, predicted_bytes=pred))
+            if rnd > 0 and ("skipped" in row or B >= 65536):
+                continue
+            if pred > limit:
+                row["skipped"] = f"OOM (predicted {pred / GB:.0f} GB)"
+            elif args.skip_slow and B >= 65536:
+                row["skipped"] = "slow row (--skip-slow)"
+            else:
+                spec = dict(impl=impl, B=B, D=D, device=device, dtype=args.dtype, chunk_size=args.chunk_size,
+                            max_reps=args.reps, budget_s=args.budget_s)  # fmt: skip
+                cmd = [sys.executable, os.path.abspath(__file__), "loss", "--row", json.dumps(spec)]
+                load = os.getloadavg()[0]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    row["skipped"] = f"failed (exit {proc.returncode})"
+                    print(proc.stderr[-2000:], file=sys.stderr)
                 else:
-                    spec = dict(impl=impl, B=B, D=D, device=device, dtype=args.dtype, chunk_size=args.chunk_size,
-                                max_reps=args.reps, budget_s=args.budget_s)  # fmt: skip
-                    cmd = [sys.executable, os.path.abspath(__file__), "loss", "--row", json.dumps(spec)]
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                    if proc.returncode != 0:
-                        row["skipped"] = f"failed (exit {proc.returncode})"
-                        print(proc.stderr[-2000:], file=sys.stderr)
-                    else:
-                        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-                print(_row_line(row, rows), flush=True)
-                rows.append(row)
-    return rows
+                    res = json.loads(proc.stdout.strip().splitlines()[-1])
+                    res["load"] = row.get("load", []) + [round(load, 1)]
+                    if "seconds" in row and row["seconds"] <= res["seconds"]:
+                        res["seconds"], res["reps"] = row["seconds"], row["reps"]
+                    res["peak_extra_bytes"] = max(res["peak_extra_bytes"], row.get("peak_extra_bytes", 0))
+                    row.update(res)
+            print(_row_line(row, list(rows.values())) + (f"  (round {rnd + 1})" if args.rounds > 1 else ""), flush=True)
+    return list(rows.values())
 
 
 def _ref(rows, row):
@@ -168,7 +179,7 @@ def _ref(rows, row):
 
 def _row_line(row, rows):
     if "skipped" in row:
-        return f"| {row['B']} | {row['D']} | {row['impl']} | {row['skipped']} | | | |"
+        return f"| {row['B']} | {row['D']} | {row['impl']} | {row['skipped']} | | | | | |"
     ref = _ref(rows, row)
     ratio_t = f"{row['seconds'] / ref['seconds']:.2f}x" if ref and "seconds" in ref else ""
     ratio_m = f"{ref['peak_extra_bytes'] / row['peak_extra_bytes']:.0f}x less" if ref and "seconds" in ref else ""
@@ -176,7 +187,7 @@ def _row_line(row, rows):
         ratio_t, ratio_m = "1.00x", ""
     return (
         f"| {row['B']} | {row['D']} | {row['impl']} | {row['seconds']:.2f} | {row['peak_extra_bytes'] / GB:.3f} "
-        f"| {ratio_t} | {ratio_m} | {row['loss']:.6f} |"
+        f"| {ratio_t} | {ratio_m} | {row['loss']:.6f} | {', '.join(map(str, row.get('load', [])))} |"
     )
 
 
@@ -217,8 +228,8 @@ def markdown(rows, args, fits):
         f"dtype {args.dtype}, chunk_size {args.chunk_size}. `python tools/bench_kernels.py loss` "
         "(each row in its own process).",
         "",
-        "| B | D | impl | fwd+bwd s | peak extra GB | time vs open_clip | memory vs open_clip | loss |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| B | D | impl | fwd+bwd s | peak extra GB | time vs open_clip | memory vs open_clip | loss | load |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     lines += [_row_line(r, rows[:i]) for i, r in enumerate(rows)]
     for impl, fit in fits.items():
@@ -297,13 +308,14 @@ def loss_main(argv):
     p = argparse.ArgumentParser(prog="bench_kernels.py loss", description="CLIP loss: ours vs full matrix vs open_clip")
     p.add_argument("--batch", type=int, nargs="+", default=[4096, 16384, 65536])
     p.add_argument("--dim", type=int, nargs="+", default=[512, 768])
-    p.add_argument("--impls", nargs="+", default=["ours", "naive", "open_clip"], choices=["ours", "naive", "open_clip"])
+    p.add_argument("--impls", nargs="+", default=["open_clip", "naive", "ours"], choices=["ours", "naive", "open_clip"])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the chunked path")
     p.add_argument("--skip-slow", action="store_true", help="skip B >= 65536 (minutes per row on a CPU)")
+    p.add_argument("--rounds", type=int, default=1, help="run the grid this many times, keep each row's fastest")
     p.add_argument("--reps", type=int, default=5, help="at most this many timed repetitions per row")
-    p.add_argument("--budget-s", type=float, default=20.0, help="no new repetition after this many seconds")
+    p.add_argument("--budget-s", type=float, default=60.0, help="no new repetition after this many seconds")
     p.add_argument("--predict", type=int, nargs="+", default=[65536, 262144], help="batches the memory model predicts")
     p.add_argument("--md", default=None, help="write the markdown table here")
     p.add_argument("--json", default=None, help="write the raw rows here")
@@ -318,8 +330,8 @@ def loss_main(argv):
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     print(f"{machine_line(args.device)}; dtype {args.dtype}\n")
-    print("| B | D | impl | fwd+bwd s | peak extra GB | time vs open_clip | memory vs open_clip | loss |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|", flush=True)
+    print("| B | D | impl | fwd+bwd s | peak extra GB | time vs open_clip | memory vs open_clip | loss | load |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---|", flush=True)
     rows = run_table(args)
     fits = {impl: fit_memory(rows, impl, args.predict) for impl in ("ours", "open_clip")}
     md = markdown(rows, args, {k: v for k, v in fits.items() if v})

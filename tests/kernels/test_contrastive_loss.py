@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from interpret_runner import needs_interpreter, run_under_interpreter, runner_only
+from mmpretrain.kernels import contrastive_loss
 from mmpretrain.kernels.contrastive_loss import clip_loss_reference, siglip_loss_reference
 
 from mmpretrain.loss import LossConfig, clip_loss, compute_loss, grad_cache_step, siglip_loss
@@ -73,6 +74,15 @@ def assert_close_rel(got, ref, scale, rtol=RTOL):
 def test_chunked_matches_float64_reference(name, scale, bias, B, D, chunk_size):
     inputs = make_inputs(B, D, scale, bias)
     got = loss_and_grads(ours(name, "chunked", chunk_size), inputs, torch.float32)
+    assert_close_rel(got, reference(name, inputs), scale)
+
+
+@pytest.mark.parametrize("name,scale,bias", [SETTINGS[0], SETTINGS[3]])
+def test_chunked_column_blocks(monkeypatch, name, scale, bias):
+    """Elementwise temporaries a column block at a time: blocks smaller than B, one partial."""
+    monkeypatch.setattr(contrastive_loss, "COL_BLOCK", 16)
+    inputs = make_inputs(70, 16, scale, bias)
+    got = loss_and_grads(ours(name, "chunked", 24), inputs, torch.float32)
     assert_close_rel(got, reference(name, inputs), scale)
 
 
