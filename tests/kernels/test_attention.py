@@ -248,6 +248,47 @@ def test_flash_attention_unsupported_inputs(q, kwargs, match):
         flash_attention(q, q, q, **kwargs)
 
 
+def _ptxas_available() -> bool:
+    import os
+
+    import triton
+
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+
+
+@pytest.mark.skipif(INTERPRETING or torch.cuda.is_available() or not _ptxas_available(), reason="CPU-only")
+def test_kernels_compile_for_h100_without_a_gpu():
+    """The CUDA path, never run on CPU CI, compiles for sm_90a: bf16, padded head dim, causal, key padding mask.
+
+    Small tiles keep ptxas fast; the GPU tests and the autotuner cover the real block sizes."""
+    import sys
+
+    import triton
+    from mmpretrain.kernels.attention_bwd import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel_module = sys.modules["mmpretrain.kernels.attention"]  # the package attribute is the function
+    consts = dict(HEAD_DIM=24, HEAD_DIM_PAD=32, IS_CAUSAL=True, HAS_KPM=True, INPUT_PRECISION=None)
+    pointers = dict(KPM="*i8", LSE="*fp32", DELTA="*fp32")
+    for fn, blocks in (
+        (kernel_module._attn_fwd_kernel.fn, dict(BLOCK_M=32, BLOCK_N=32)),
+        (_attn_bwd_dq_kernel, dict(BLOCK_M=32, BLOCK_N=32)),
+        (_attn_bwd_dkdv_kernel, dict(BLOCK_M=32, BLOCK_N=32)),
+        (_attn_bwd_delta_kernel, dict(BLOCK_M=32)),
+    ):
+        fn_consts = {k: v for k, v in {**consts, **blocks}.items() if k in fn.arg_names}
+        signature = {
+            name: "constexpr" if name in fn_consts
+            else pointers.get(name, "*bf16") if name.isupper()
+            else "fp32" if "scale" in name
+            else "i32"
+            for name in fn.arg_names
+        }  # fmt: skip
+        compiled = triton.compile(ASTSource(fn, signature, fn_consts), target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"], fn.__name__
+
+
 # ----------------------------------------------------------------------------------------------
 # CUDA: real shapes, fp16/bf16 against an fp32 reference
 # ----------------------------------------------------------------------------------------------
