@@ -6,6 +6,8 @@ the causal text tower, the SigLIP twin a single pooling query attending over all
 Shapes: B batch, E embedding width, L context length.
 """
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,11 +68,17 @@ def train_steps(model, batches, lr=1e-3):
 
 @needs_interpreter
 @pytest.mark.parametrize("name", SIZES)
-def test_interp_tiny_model_loss_triton_equals_sdpa(name):
+def test_interp_tiny_model_loss_triton_equals_sdpa(name, monkeypatch):
+    calls = []
+    kernels = sys.modules["mmpretrain.kernels"]
+    triton_attention = kernels.flash_attention
+    monkeypatch.setattr(kernels, "flash_attention", lambda *a, **kw: calls.append(1) or triton_attention(*a, **kw))
     tri, sdpa = build_pair(name, "cpu")
     batch = make_batch(name, 2, "cpu")  # the interpreter is slow: 2 samples
-    loss_tri, grads_tri = loss_and_grads(tri, *batch)
     loss_sdpa, grads_sdpa = loss_and_grads(sdpa, *batch)
+    assert not calls
+    loss_tri, grads_tri = loss_and_grads(tri, *batch)
+    assert len(calls) >= 4, "model.attention=triton did not reach the Triton kernel"
     torch.testing.assert_close(loss_tri, loss_sdpa, rtol=1e-5, atol=1e-6)
     assert grads_tri.keys() == grads_sdpa.keys() and len(grads_tri) > 10
     for n in grads_tri:
