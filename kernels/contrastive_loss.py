@@ -20,13 +20,15 @@ never silently wrong (the CPU path raises a ValueError first). Columns need no s
 ranks combine their partial column sums with one all-reduce. The backward recomputes each tile
 from the features and the saved log-sum-exps (the FlashAttention recipe).
 Matrix products: forward 1, backward 3 on the chunked path (recompute, dx, dy) against 6 for
-the full-matrix loss (two logits products, four in backward).
+the full-matrix loss (two logits products, four in backward). The Triton backward recomputes the
+tiles in each of its two launches (dx by rows, dy by columns: no atomics on wide rows), 5 in all.
 
 Memory: O(B*D) saved for backward (the gathered text features and two log-sum-exp vectors);
 O(chunk*B) transient on the chunked path (one chunk x B fp32 logits buffer, 4*chunk*B bytes, plus a
 chunk x 2048 temporary), O(B*D) on the Triton path.
 
-Distributed (b local rows, B = b * world, rank r holds rows r*b ... r*b+b-1). Text features are
+Distributed (b local rows, the same b on every rank, B = b * world, rank r holds rows
+r*b ... r*b+b-1; the positive of local row i is global column r*b + i). Text features are
 all-gathered (B x D); each rank computes the strip of local image rows x all text columns, so it
 owns the complete row terms of its images and a partial sum of every column; one all-reduce of
 B + 1 float64 numbers completes the column log-sum-exps and the loss, identical on every rank.
@@ -35,7 +37,9 @@ texts, which a reduce-scatter sums onto the owner.
 Why all-gather and not a ring (big_vision's chunked SigLIP, Inf-CL's ring): the gathered texts
 cost B*D (65536 x 768 in bf16 is 96 MB), small next to the towers' activations, and the
 all-gather + reduce-scatter move the same bytes as N-1 ring steps in two bandwidth-optimal
-collectives with no per-step synchronization. A ring only wins once B*D itself does not fit.
+collectives with no per-step synchronization, and the strip layout completes CLIP's column
+log-sum-exps with a single all-reduce (a ring needs the partial column sums to travel too).
+A ring only wins once B*D itself does not fit on a rank.
 
 Gradient contract with the engine: DeepSpeed (and DDP) AVERAGE parameter gradients over the N
 ranks. The loss is one number over the global batch, so the right parameter gradient is the SUM

@@ -18,13 +18,12 @@ blocks are used; the variable must be set before this module is imported.
 """
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = bool(triton.knobs.runtime.interpret)  # read from TRITON_INTERPRET when kernels are decorated
 # Fixed blocks under the interpreter: small, so that tests at B = 33, 130 and D = 32 cover partial
 # tiles, several K steps, several D groups and several column splits.
 INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, BLOCK_DO=16)
