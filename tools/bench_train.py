@@ -297,16 +297,16 @@ def build_openclip(cfg, device: torch.device):
         model.set_grad_checkpointing(True)
     num_params = sum(p.numel() for p in model.parameters())
     o = cfg.optim
-    # OpenCLIP's trainer: no weight decay on gains, biases (ndim < 2), embeddings and logit_scale.
+    # OpenCLIP's trainer: no weight decay on 1-D parameters and names with bn/ln/bias/logit_scale.
+    no_decay = lambda n, p: p.ndim < 2 or any(k in n for k in ("bn", "ln", "bias", "logit_scale"))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    exclude = [p for n, p in named if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n]
-    include = [p for n, p in named if not (p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n)]
-    groups = [{"params": exclude, "weight_decay": 0.0}, {"params": include, "weight_decay": o.weight_decay}]
+    groups = [
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": o.weight_decay},
+    ]
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
     loss_fn = ClipLoss()
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.precision)
-    if cfg.engine.precision == "fp16":
-        raise ValueError("--openclip: engine.precision=fp16 is not supported (needs a GradScaler); use bf16 or fp32")
+    autocast_dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else None  # fp16 refused in bench()
 
     def step(batch):
         opt.zero_grad(set_to_none=True)
@@ -383,6 +383,8 @@ def bench(args) -> dict:
     if args.openclip:
         if env_rank_world()[1] > 1:
             raise ConfigError("--openclip runs in a world of 1 (drop torchrun)")
+        if cfg.engine.precision == "fp16":
+            raise ConfigError("--openclip: engine.precision=fp16 is not supported (needs a GradScaler); use bf16")
         openclip_model_cfg(cfg.model)  # fail on an unsupported model before any work
     if args.threads:
         torch.set_num_threads(args.threads)
