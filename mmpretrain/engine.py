@@ -63,6 +63,9 @@ class EngineConfig:
     """fp32 | bf16 | fp16 (fp16 needs CUDA). Loss, logit scale and LayerNorms compute in fp32 either way."""
     dist_timeout_s: float = 600.0
     """Process-group timeout in seconds: a dead peer ends the run after this long."""
+    cpu_threads: int = 0
+    """CPU only: torch intra-op threads per rank. 0 = the cores left per rank after the data workers
+    (at least 1); oversubscribed cores make OpenMP spin, which costs more than a thread gains."""
 
     def validate(self, prefix: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -71,8 +74,21 @@ class EngineConfig:
             raise ValueError(f"{prefix}.precision must be one of {PRECISIONS} (got {self.precision!r})")
         if self.precision == "fp16" and not torch.cuda.is_available():
             raise ValueError(f"{prefix}.precision=fp16 needs a CUDA device; use fp32 or bf16 here")
+        if self.cpu_threads < 0:
+            raise ValueError(f"{prefix}.cpu_threads must be >= 0 (got {self.cpu_threads})")
         if self.dist_timeout_s <= 0:
             raise ValueError(f"{prefix}.dist_timeout_s must be > 0 (got {self.dist_timeout_s})")
+
+
+def set_cpu_threads(cfg: EngineConfig, *, ranks_on_node: int, data_workers: int) -> int:
+    """Set torch's intra-op threads for a CPU run; returns the number (unchanged on CUDA)."""
+    import os
+
+    if torch.cuda.is_available():
+        return torch.get_num_threads()
+    n = cfg.cpu_threads or max(1, (os.cpu_count() or 1) // ranks_on_node - data_workers)
+    torch.set_num_threads(n)
+    return n
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):

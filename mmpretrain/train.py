@@ -114,13 +114,15 @@ def run_eval(engine, tokenizer, cfg: Config, dist_info) -> dict:
 def train(cfg: Config, stop_after_steps: int = 0) -> dict:
     """Run (or resume) training; returns the final metrics of this invocation."""
     from mmpretrain.data import Tokenizer, build_train_loader
-    from mmpretrain.engine import build_engine
+    from mmpretrain.engine import build_engine, set_cpu_threads
     from mmpretrain.logging import MetricsLogger, new_run_id
     from mmpretrain.model import build_model
 
     check_restart(cfg)
     dist_info = init_distributed(cfg.engine.dist_timeout_s)
     rank, world, device, is_main = dist_info.rank, dist_info.world_size, dist_info.device, dist_info.is_main
+    ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    set_cpu_threads(cfg.engine, ranks_on_node=ranks_on_node, data_workers=cfg.data.num_workers)
     os.makedirs(cfg.output_dir, exist_ok=True)
     if is_main and not os.path.isfile(os.path.join(cfg.output_dir, "config.yaml")):
         # written before synthetic data paths are filled in, so a restart compares like with like
