@@ -34,8 +34,8 @@ import sys
 import time
 
 GB = 1e9
-OPEN_CLIP_B2 = 5.0  # bytes of full-matrix losses, in units of 4 * B^2 (fitted on CPU: see docs/bench_loss.md)
-NAIVE_B2 = 5.0
+OPEN_CLIP_B2 = 4.1  # peak bytes of the full-matrix losses in units of 4 * B^2 (fitted on CPU, docs/bench_loss.md)
+NAIVE_B2 = 4.1
 
 
 # ----------------------------------------------------------------------------- one row (in a subprocess)
