@@ -22,7 +22,9 @@ def run_worker(tmp_path, nproc, overrides):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", WORKER, str(out), *overrides]  # fmt: skip
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if proc.returncode != 0:  # the worker's own traceback, not only torchrun's summary
+        errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
+        pytest.fail(f"worker failed ({cmd}):\n" + "\n".join(errors[:30]) + "\n" + proc.stderr[-3000:])
     return json.loads(out.read_text())
 
 
@@ -38,3 +40,15 @@ def test_two_ranks_zero3_equal_one_rank_zero0(tmp_path, family):
         assert b == pytest.approx(a, rel=1e-4), f"grad norm differs at step {step}: {a} vs {b}"
     # the steps moved the weights: losses are not all the same value
     assert len({round(x, 6) for x in ref["loss"]}) > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_grad_cache_on_two_ranks_equals_one_rank_full_batch(tmp_path, stage):
+    """train.accum_steps=2 (GradCache) through DeepSpeed keeps every negative of the global batch."""
+    ref = run_worker(tmp_path, 1, ["engine.zero_stage=0"])
+    got = run_worker(tmp_path, 2, [f"engine.zero_stage={stage}", "train.accum_steps=2"])
+    for step, (a, b) in enumerate(zip(ref["loss"], got["loss"])):
+        assert b == pytest.approx(a, rel=1e-5), f"loss differs at step {step}: {a} vs {b}"
+    for step, (a, b) in enumerate(zip(ref["grad_norm"], got["grad_norm"])):
+        assert b == pytest.approx(a, rel=1e-4), f"grad norm differs at step {step}: {a} vs {b}"

@@ -132,8 +132,8 @@ def test_restart_with_other_settings_is_refused(runs, shapes_dataset):
 def test_siglip_bf16_with_grad_cache_trains(shapes_dataset, tmp_path):
     """The other family, mixed precision and GradCache accumulation through the same CLI."""
     out = str(tmp_path / "siglip")
-    args = [*base_overrides(shapes_dataset, out), "model.name=siglip-tiny", "loss.name=siglip",
-            "engine.precision=bf16", "train.accum_steps=2", "train.steps=4", "model.vision.patch_dropout=0.25"]  # fmt: skip
+    args = [*base_overrides(shapes_dataset, out), "model.name=siglip-tiny", "loss.name=siglip", "engine.precision=bf16"]
+    args += ["train.accum_steps=2", "train.steps=4", "model.vision.patch_dropout=0.25"]
     proc = train_cli(args)
     lines = read_metrics(out)
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
