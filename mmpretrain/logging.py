@@ -80,9 +80,14 @@ class MetricsLogger:
             if unregister is not None:
                 unregister(self.wandb_run.id)
         if cfg.progress:
+            import sys
+
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            # in a log file (CI, SLURM) a redraw per second would be thousands of lines
+            interval = 1.0 if sys.stderr.isatty() else 60.0
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                            mininterval=interval)  # fmt: skip
 
     def _drop_lines_after(self, step: int) -> None:
         if not os.path.isfile(self.path):
