@@ -142,3 +142,17 @@ def test_siglip_bf16_with_grad_cache_trains(shapes_dataset, tmp_path):
     # -log sigmoid(-10) = 10 nats and each negative about 0, so the loss per sample starts near 10
     assert 8 < lines[0]["loss"] < 12, lines[0]["loss"]
     assert "finished at step 4/4" in proc.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_the_run_folder_reproduces_the_final_eval(runs, tmp_path):
+    """python -m mmpretrain.evaluate RUN loads the last checkpoint and gets the numbers training logged."""
+    out_json = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "mmpretrain.evaluate", runs["full"], "--output", str(out_json)],
+                          env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out_json.read_text())
+    logged = json.load(open(os.path.join(runs["full"], "eval.json")))
+    for key in ("zeroshot/eval/top1", "zeroshot/eval/top5", "retrieval/retrieval/image_to_text_R@1"):
+        assert got[key] == pytest.approx(logged[key], abs=1e-9), key
+    assert "zeroshot/eval/top1" in proc.stdout  # the printed table
