@@ -1,0 +1,36 @@
+"""Checkpoint hand-off: our runs <-> consolidated safetensors, Hugging Face transformers, OpenCLIP.
+
+CLI: `python tools/convert_checkpoint.py {consolidate,to-hf,to-openclip,from-hf,from-openclip} SRC OUT`.
+Key maps and folder layouts: docs/formats.md.
+"""
+
+from mmpretrain.convert.consolidate import consolidate, load_consolidated, read_consolidated, read_run, write_folder
+from mmpretrain.convert.hf import export_hf, from_hf_state_dict, hf_config, read_hf, to_hf_state_dict
+from mmpretrain.convert.load import load_any, read_any
+from mmpretrain.convert.openclip import (
+    export_openclip,
+    from_openclip_state_dict,
+    openclip_config,
+    read_openclip,
+    to_openclip_state_dict,
+)
+
+__all__ = [
+    "consolidate",
+    "export_hf",
+    "export_openclip",
+    "from_hf_state_dict",
+    "from_openclip_state_dict",
+    "hf_config",
+    "load_any",
+    "load_consolidated",
+    "openclip_config",
+    "read_any",
+    "read_consolidated",
+    "read_hf",
+    "read_openclip",
+    "read_run",
+    "to_hf_state_dict",
+    "to_openclip_state_dict",
+    "write_folder",
+]

@@ -1,0 +1,114 @@
+"""What every converter shares: dtype flag, strict key/shape checks, safe loading, atomic output folders.
+
+A converter is a key map. `check_state_dict` compares what a map produced with what the other side
+expects and fails naming the missing, leftover and mis-shaped keys. Output folders are written
+under a temporary sibling and renamed into place, so a failure never leaves a half-written folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)} (got {name!r})")
+    return DTYPES[name]
+
+
+def cast(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors to dtype, contiguous (safetensors refuses views); others unchanged."""
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+
+def check_state_dict(got: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: str) -> None:
+    """Raise ValueError naming the missing / leftover keys and the shape mismatches (up to 5 of each)."""
+
+    def names(keys):
+        keys = sorted(keys)
+        return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+    missing, leftover = set(expected) - set(got), set(got) - set(expected)
+    if missing:
+        raise ValueError(f"{source}: missing keys {names(missing)}")
+    if leftover:
+        raise ValueError(f"{source}: unexpected keys {names(leftover)}")
+    bad = [f"{k} {tuple(got[k].shape)} != {tuple(s)}" for k, s in expected.items() if tuple(got[k].shape) != tuple(s)]
+    if bad:
+        raise ValueError(f"{source}: shape mismatch: {'; '.join(bad[:5])}")
+
+
+def load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """A safetensors file on CPU; a missing, truncated or corrupted file is a one-line ValueError naming it."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # safetensors raises its own error types for bad headers / short files
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ValueError(f"{path}: not a readable safetensors file ({why})") from None
+
+
+def load_torch_weights(path: str) -> dict[str, torch.Tensor]:
+    """A torch.save'd state dict loaded with weights_only=True (never unpickles code)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ValueError(f"{path}: not a readable torch weights file ({why})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]  # OpenCLIP training checkpoints wrap the weights
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: expected a dict of tensors")
+    return sd
+
+
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    """.safetensors through safetensors, anything else through torch.load(weights_only=True)."""
+    return load_safetensors(path) if path.endswith(".safetensors") else load_torch_weights(path)
+
+
+def save_safetensors(sd: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata=metadata or {"format": "pt"})
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str, force: bool = False) -> Iterator[str]:
+    """Yield a temporary folder next to out_dir; on success it replaces out_dir, on failure it is removed.
+
+    An existing non-empty out_dir is refused unless force (then it is replaced only once the new one is complete).
+    """
+    out_dir = os.path.abspath(out_dir)
+    if os.path.isfile(out_dir):
+        raise ValueError(f"{out_dir}: exists and is a file")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise ValueError(f"{out_dir}: exists and is not empty (pass --force to replace it)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old", dir=parent)
+        os.replace(out_dir, os.path.join(old, "x"))
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,135 @@
+"""A DeepSpeed run checkpoint (any ZeRO stage, any world size) -> one `model.safetensors` + `config.yaml`.
+
+Output folder::
+
+    model.safetensors   our parameter names, whole tensors, in the chosen dtype
+    config.yaml         the run's resolved config (only `model:` is needed to rebuild the model)
+
+ZeRO 1-3 go through DeepSpeed's own consolidation (`get_fp32_state_dict_from_zero_checkpoint`,
+lazy mode: each tensor is assembled from the rank shards when it is read, so peak memory is about
+one copy of the model in the output dtype, not the fp32 copy plus it). Stage 0 keeps whole
+weights in `mp_rank_00_model_states.pt`, which is memory-mapped. Both are pickles from our own run
+(trusted like code, see mmpretrain/checkpoint.py); everything read back from the output goes
+through safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from omegaconf import OmegaConf
+
+from mmpretrain.convert.common import atomic_folder, cast, check_state_dict, load_safetensors, save_safetensors
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+
+
+def expected_shapes(model_cfg) -> dict[str, torch.Size]:
+    """Our parameter names and shapes for a model config, without allocating (meta device)."""
+    from mmpretrain.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def config_from_dict(raw: dict, source: str):
+    """A full Config from a (possibly partial) dict; an unknown or badly typed key is named."""
+    from mmpretrain.config import Config
+
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))
+    except Exception as e:
+        raise ValueError(f"{source}: invalid config ({str(e).splitlines()[0]})") from None
+
+
+def _read_meta(step_dir: str) -> dict:
+    path = os.path.join(step_dir, "meta.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({e})") from None
+
+
+def _run_state_dict(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
+    """fp32 (stage 1-3) or saved-dtype (stage 0) weights; tensors may be lazy (read on access)."""
+    if stage == 0:
+        path = os.path.join(step_dir, "mp_rank_00_model_states.pt")
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: missing, the checkpoint is incomplete")
+        try:
+            states = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            return states["module"]
+        except Exception as e:
+            raise ValueError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root, tag = os.path.split(os.path.normpath(step_dir))
+    try:
+        return dict(get_fp32_state_dict_from_zero_checkpoint(root, tag=tag, lazy_mode=True))
+    except Exception as e:
+        raise ValueError(f"{step_dir}: DeepSpeed could not consolidate it ({type(e).__name__}: {e})") from None
+
+
+def read_run(path: str, dtype: torch.dtype = torch.float32):
+    """(state dict in dtype, Config) from a run folder or a step folder; keys and shapes checked against the config."""
+    from mmpretrain.checkpoint import find_step_dir
+
+    step_dir = find_step_dir(path)
+    meta = _read_meta(step_dir)
+    cfg = config_from_dict(meta.get("config", {}), os.path.join(step_dir, "meta.json"))
+    sd = _run_state_dict(step_dir, cfg.engine.zero_stage)
+    out = {}
+    for k in list(sd):
+        v = sd.pop(k)  # drop our reference as we go: a lazy tensor is materialized once, then cast
+        v = v.contiguous() if not isinstance(v, torch.Tensor) else v
+        out[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
+    check_state_dict(out, expected_shapes(cfg.model), step_dir)
+    return out, cfg
+
+
+def consolidate(path: str, out_dir: str, dtype: torch.dtype = torch.float32, force: bool = False) -> str:
+    """Run / step folder -> out_dir with model.safetensors + config.yaml. Returns out_dir."""
+    sd, cfg = read_run(path, dtype)
+    write_folder(sd, cfg, out_dir, force)
+    return out_dir
+
+
+def write_folder(sd: dict[str, torch.Tensor], cfg, out_dir: str, force: bool = False) -> None:
+    """Our consolidated layout: model.safetensors + config.yaml (cfg: a Config)."""
+    with atomic_folder(out_dir, force) as tmp:
+        save_safetensors(sd, os.path.join(tmp, WEIGHTS))
+        OmegaConf.save(OmegaConf.structured(cfg), os.path.join(tmp, CONFIG))
+
+
+def is_consolidated(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, WEIGHTS)) and os.path.isfile(os.path.join(path, CONFIG))
+
+
+def read_consolidated(path: str, dtype: torch.dtype | None = None):
+    """(state dict, Config) from a consolidated folder; keys and shapes checked against its config."""
+    cfg_path = os.path.join(path, CONFIG)
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{cfg_path}: no such file")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(cfg_path))
+    except Exception as e:
+        raise ValueError(f"{cfg_path}: unreadable YAML ({str(e).splitlines()[0]})") from None
+    cfg = config_from_dict(raw, cfg_path)
+    sd = load_safetensors(os.path.join(path, WEIGHTS))
+    check_state_dict(sd, expected_shapes(cfg.model), os.path.join(path, WEIGHTS))
+    return (cast(sd, dtype) if dtype is not None else sd), cfg
+
+
+def load_consolidated(path: str):
+    """(model in eval mode, fp32, Config) from a consolidated folder; strict."""
+    from mmpretrain.model import build_model
+
+    sd, cfg = read_consolidated(path, torch.float32)
+    model = build_model(cfg.model)
+    model.load_state_dict(sd, strict=True)
+    return model.eval(), cfg

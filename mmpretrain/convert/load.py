@@ -1,0 +1,56 @@
+"""Read weights from any source we know, as our state dict + config.
+
+    run folder / checkpoints/step_N      DeepSpeed checkpoint (any ZeRO stage), config from meta.json
+    consolidated folder                  model.safetensors + config.yaml
+    Hugging Face folder                  config.json + model.safetensors (CLIP or SigLIP)
+    OpenCLIP folder                      one model-config *.json + one weights file
+
+`load_any(path) -> (model, Config)` is what `python -m mmpretrain.evaluate` needs; a Config built
+from an HF / OpenCLIP folder has our defaults everywhere but `model`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mmpretrain.convert.consolidate import is_consolidated, read_consolidated, read_run
+from mmpretrain.convert.hf import is_hf_folder, read_hf
+from mmpretrain.convert.openclip import find_openclip, read_openclip
+
+
+def _is_run(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "meta.json")) or os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def read_any(path: str, dtype: torch.dtype = torch.float32):
+    """(our state dict in dtype, Config) from any supported source; one-line ValueError otherwise."""
+    from mmpretrain.config import Config
+
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: no such folder")
+    if _is_run(path):
+        return read_run(path, dtype)
+    if is_consolidated(path):
+        return read_consolidated(path, dtype)
+    if is_hf_folder(path):
+        sd, model_cfg = read_hf(path, dtype)
+        return sd, Config(model=model_cfg)
+    if (found := find_openclip(path)) is not None:
+        sd, model_cfg = read_openclip(*found, dtype)
+        return sd, Config(model=model_cfg)
+    raise ValueError(
+        f"{path}: not a run folder, a checkpoint step folder, a consolidated folder (model.safetensors + "
+        "config.yaml), a Hugging Face folder (config.json) or an OpenCLIP folder (one *.json + one weights file)"
+    )
+
+
+def load_any(path: str):
+    """(fp32 model in eval mode, Config) from any supported source; the weights load strictly."""
+    from mmpretrain.model import build_model
+
+    sd, cfg = read_any(path, torch.float32)
+    model = build_model(cfg.model)
+    model.load_state_dict(sd, strict=True)
+    return model.eval(), cfg
