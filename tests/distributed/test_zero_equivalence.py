@@ -43,7 +43,7 @@ def test_two_ranks_zero3_equal_one_rank_zero0(tmp_path, family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 1, 3])
 def test_grad_cache_on_two_ranks_equals_one_rank_full_batch(tmp_path, stage):
     """train.accum_steps=2 (GradCache) through DeepSpeed keeps every negative of the global batch."""
     ref = run_worker(tmp_path, 1, ["engine.zero_stage=0"])

@@ -37,6 +37,7 @@ def test_merge_order_and_resolution(tmp_path):
         (["data.synthetic.root=null"], "data.train.urls: required"),
         (["data.train.urls=/nonexistent/shard-{000..003}.tar"], "data.train.urls"),
         (["train.steps"], "must look like key=value"),
+        (["train.accum_steps=2", "engine.zero_stage=2"], "use engine.zero_stage=1 or 3"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):
