@@ -75,7 +75,7 @@ class Config:
                 f"{t.batch_size // world_size} samples per rank)"
             )
         if t.accum_steps > 1 and self.engine.zero_stage == 2 and not _cuda():
-            # Seen 2 times in 8 two-rank runs: 'terminate called without an active exception' in
+            # Seen in 3 of 9 two-rank runs here: 'terminate called without an active exception' in
             # DeepSpeed's stage-2 gradient reduction when the accumulation boundary is toggled on CPU.
             raise ConfigError(
                 "train.accum_steps > 1 with engine.zero_stage=2 aborts intermittently inside DeepSpeed on CPU; "
