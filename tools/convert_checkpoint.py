@@ -62,10 +62,11 @@ def run(args) -> str:
     from mmpretrain.convert.common import parse_dtype
 
     dtype = parse_dtype(args.dtype)
-    from mmpretrain.convert import consolidate, hf, load, openclip, resize
+    from mmpretrain.convert import hf, load, openclip, resize
+    from mmpretrain.convert.consolidate import read_run, write_folder
 
     if args.command == "consolidate":
-        sd, cfg = consolidate.read_run(args.src, dtype)
+        sd, cfg = read_run(args.src, dtype)
     elif args.command == "from-openclip" and args.config is not None:
         sd, model_cfg = openclip.read_openclip(args.config, args.src, dtype)
         from mmpretrain.config import Config
@@ -100,7 +101,7 @@ def run(args) -> str:
         from mmpretrain.model import resolve_model_config
 
         return openclip.export_openclip(sd, resolve_model_config(model_cfg), args.out, args.name, dtype, args.force)
-    consolidate.write_folder(sd, cfg, args.out, args.force)
+    write_folder(sd, cfg, args.out, args.force)
     return args.out
 
 
