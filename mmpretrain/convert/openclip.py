@@ -95,6 +95,8 @@ def from_openclip_state_dict(oc_sd: dict[str, torch.Tensor], source: str) -> dic
     back_block = {v: k for k, v in BLOCK.items()}
     back = {v: k for k, v in RENAMES.items()}
     back_tower = {v: k for k, v in TOWERS.items()}
+    if oc_sd and all(k.startswith("module.") for k in oc_sd):  # saved from DDP, as OpenCLIP's trainer does
+        oc_sd = {k[len("module.") :]: v for k, v in oc_sd.items()}
     out = {}
     for key, value in oc_sd.items():
         if key == "attn_mask" or key.endswith(".attn_mask"):

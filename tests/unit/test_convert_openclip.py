@@ -80,7 +80,8 @@ def test_import_from_open_clip_same_outputs_and_round_trip_bit_exact(tmp_path):
     open_clip.add_model_config(str(src))
     torch.manual_seed(3)
     oc = perturbed(open_clip.create_model(name), 4)
-    torch.save(oc.state_dict(), src / "weights.pt")  # a .pt: loaded with weights_only=True
+    # OpenCLIP's trainer layout: {"epoch", "state_dict" (DDP "module." prefix), ...}, loaded with weights_only=True
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in oc.state_dict().items()}}, src / "weights.pt")
 
     sd, got_cfg = read_openclip(str(src / f"{name}.json"), str(src / "weights.pt"))
     assert got_cfg == cfg
