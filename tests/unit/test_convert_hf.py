@@ -254,3 +254,26 @@ def test_output_folder_is_atomic_and_not_overwritten(tmp_path):
     with atomic_folder(str(out), force=True) as tmp:
         open(os.path.join(tmp, "new.txt"), "w").write("y")
     assert os.listdir(out) == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_evaluate_cli_on_an_hf_folder_through_load_any(tmp_path, shapes_dataset, monkeypatch, capsys):
+    """The hook wanted in mmpretrain.evaluate (load_any in place of load_model_from_run): an exported HF
+    folder evaluates to exactly our model's numbers."""
+    import mmpretrain.checkpoint
+    from mmpretrain.convert import load_any
+    from mmpretrain.data.config import EvalDataConfig
+    from mmpretrain.evaluate import EvalConfig, evaluate_all, main
+
+    cfg = resolve_model_config(ModelConfig(name="tiny"))  # the real vocabulary: the eval sets use our tokenizer
+    ours = our_model(cfg)
+    export_hf(ours.state_dict(), cfg, str(tmp_path / "hf"))
+    data_cfg = EvalDataConfig(zeroshot=shapes_dataset.zeroshot_root, retrieval=shapes_dataset.retrieval_root)
+    ref = evaluate_all(ours, Tokenizer(cfg.text.context_length), data_cfg, EvalConfig(num_workers=0),
+                       image_size=cfg.vision.image_size)  # fmt: skip
+    monkeypatch.setattr(mmpretrain.checkpoint, "load_model_from_run", load_any)
+    out = tmp_path / "results.json"
+    args = [str(tmp_path / "hf"), "--zeroshot", shapes_dataset.zeroshot_root, "--retrieval",
+            shapes_dataset.retrieval_root, "--num-workers", "0", "--output", str(out)]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    got = json.load(open(out))
+    assert got.keys() == ref.keys() and all(got[k] == pytest.approx(ref[k], abs=1e-9) for k in ref)
