@@ -78,12 +78,23 @@ def test_cli_chain_and_one_line_errors(runs, tmp_path, capsys):
     assert cli.main(["consolidate", run, consolidated, "--dtype", "bf16"]) == 0
     assert cli.main(["to-hf", consolidated, hf]) == 0
     assert cli.main(["from-hf", hf, back]) == 0
-    from mmpretrain.convert import read_consolidated
+    from mmpretrain.convert import read_any, read_consolidated
 
     a, _ = read_consolidated(consolidated)
     b, cfg_b = read_consolidated(back)
     assert all(v.dtype == torch.bfloat16 and torch.equal(b[k], v) for k, v in a.items())
     assert cfg_b.model.vision.image_size == 32
+    # OpenCLIP both ways, and an HF export resized for 48 px inputs
+    oc, oc_back, hf48 = str(tmp_path / "oc"), str(tmp_path / "oc_back"), str(tmp_path / "hf48")
+    assert cli.main(["to-openclip", consolidated, oc, "--name", "tiny-run"]) == 0
+    assert sorted(os.listdir(oc)) == ["open_clip_model.safetensors", "tiny-run.json"]
+    assert cli.main(["from-openclip", oc, oc_back]) == 0
+    c, _ = read_consolidated(oc_back)
+    assert all(torch.equal(c[k], v) for k, v in a.items())
+    assert cli.main(["to-hf", run, hf48, "--image-size", "48"]) == 0
+    assert json.load(open(os.path.join(hf48, "config.json")))["vision_config"]["image_size"] == 48
+    d, _ = read_any(hf48)
+    assert d["vision_model.embeddings.position_embedding.weight"].shape == (1 + 6 * 6, 64)
     capsys.readouterr()
 
     def fails(argv, match):
