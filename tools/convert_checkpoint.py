@@ -63,7 +63,7 @@ def run(args) -> str:
 
     dtype = parse_dtype(args.dtype)
     from mmpretrain.convert import hf, load, openclip, resize
-    from mmpretrain.convert.consolidate import read_run, write_folder
+    from mmpretrain.convert.ours import read_run, write_folder
 
     if args.command == "consolidate":
         sd, cfg = read_run(args.src, dtype)

@@ -4,7 +4,6 @@ CLI: `python tools/convert_checkpoint.py {consolidate,to-hf,to-openclip,from-hf,
 Key maps and folder layouts: docs/formats.md.
 """
 
-from mmpretrain.convert.consolidate import consolidate, load_consolidated, read_consolidated, read_run, write_folder
 from mmpretrain.convert.hf import export_hf, from_hf_state_dict, hf_config, read_hf, to_hf_state_dict
 from mmpretrain.convert.load import load_any, read_any
 from mmpretrain.convert.openclip import (
@@ -14,6 +13,7 @@ from mmpretrain.convert.openclip import (
     read_openclip,
     to_openclip_state_dict,
 )
+from mmpretrain.convert.ours import consolidate, load_consolidated, read_consolidated, read_run, write_folder
 
 __all__ = [
     "consolidate",

@@ -247,7 +247,7 @@ def read_hf(path: str, dtype: torch.dtype | None = torch.float32):
     hf_sd = {k: v for k, v in _read_hf_weights(path).items() if not k.endswith(".position_ids")}
     check_state_dict(hf_sd, hf_expected_shapes(hf_cfg), path)
     sd = from_hf_state_dict(hf_sd, model_cfg.family, path)
-    from mmpretrain.convert.consolidate import expected_shapes
+    from mmpretrain.convert.ours import expected_shapes
 
     check_state_dict(sd, expected_shapes(model_cfg), path)
     return (cast(sd, dtype) if dtype is not None else sd), model_cfg

@@ -15,9 +15,9 @@ import os
 
 import torch
 
-from mmpretrain.convert.consolidate import is_consolidated, read_consolidated, read_run
 from mmpretrain.convert.hf import is_hf_folder, read_hf
 from mmpretrain.convert.openclip import find_openclip, read_openclip
+from mmpretrain.convert.ours import is_consolidated, read_consolidated, read_run
 
 
 def _is_run(path: str) -> bool:

@@ -217,7 +217,7 @@ def find_openclip(path: str) -> tuple[str, str] | None:
 
 def read_openclip(config_path: str, weights_path: str, dtype: torch.dtype | None = torch.float32):
     """(our state dict, resolved ModelConfig) from an OpenCLIP model-config JSON + weights file; strict."""
-    from mmpretrain.convert.consolidate import expected_shapes
+    from mmpretrain.convert.ours import expected_shapes
 
     try:
         raw = json.load(open(config_path))

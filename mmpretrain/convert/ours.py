@@ -1,13 +1,13 @@
-"""A DeepSpeed run checkpoint (any ZeRO stage, any world size) -> one `model.safetensors` + `config.yaml`.
+"""Our own formats: a DeepSpeed run checkpoint (any ZeRO stage, any world size) and the consolidated folder.
 
-Output folder::
+`consolidate` turns the first into the second; the consolidated folder::
 
     model.safetensors   our parameter names, whole tensors, in the chosen dtype
     config.yaml         the run's resolved config (only `model:` is needed to rebuild the model)
 
 ZeRO 1-3 go through DeepSpeed's own consolidation (`get_fp32_state_dict_from_zero_checkpoint`,
-lazy mode: each tensor is assembled from the rank shards when it is read, so peak memory is about
-one copy of the model in the output dtype, not the fp32 copy plus it). Stage 0 keeps whole
+lazy mode: DeepSpeed loads the ranks' flat fp32 shards and each whole tensor is assembled from them
+only when converted, so no second full fp32 copy is built next to the output). Stage 0 keeps whole
 weights in `mp_rank_00_model_states.pt`, which is memory-mapped. Both are pickles from our own run
 (trusted like code, see mmpretrain/checkpoint.py); everything read back from the output goes
 through safetensors.
@@ -86,7 +86,8 @@ def read_run(path: str, dtype: torch.dtype = torch.float32):
     out = {}
     for k in list(sd):
         v = sd.pop(k)  # drop our reference as we go: a lazy tensor is materialized once, then cast
-        v = v.contiguous() if not isinstance(v, torch.Tensor) else v
+        if not isinstance(v, torch.Tensor):  # DeepSpeed's lazy tensor: contiguous() assembles it from the shards
+            v = v.contiguous()
         out[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
     check_state_dict(out, expected_shapes(cfg.model), step_dir)
     return out, cfg
