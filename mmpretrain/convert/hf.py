@@ -49,7 +49,7 @@ def hf_config(model_cfg, dtype: torch.dtype = torch.float32):
                     num_attention_heads=c.heads, hidden_act=HF_ACT[c.act], layer_norm_eps=c.ln_eps)  # fmt: skip
 
     vision = dict(tower(v), image_size=v.image_size, patch_size=v.patch_size)
-    # EOT is the largest id (49407 for our tokenizer), SOT the one below; we pad with 0
+    # EOT is the largest id (49407 for our tokenizer), SOT the one below
     pad = 0 if model_cfg.family == "siglip" else t.vocab_size - 1  # as the exported tokenizer pads
     ids = dict(eos_token_id=t.vocab_size - 1, bos_token_id=t.vocab_size - 2, pad_token_id=pad)
     text = dict(tower(t), vocab_size=t.vocab_size, max_position_embeddings=t.context_length, **ids)
@@ -106,7 +106,10 @@ def model_config_from_hf(hf_cfg, source: str):
         name, bias = "siglip-tiny", -10.0
     # every size field is given, so the table entry only names the family
     cfg = ModelConfig(name=name, family=family, embed_dim=embed_dim, vision=vision, text=text, init_logit_bias=bias)
-    cfg.validate("model")
+    try:
+        cfg.validate("model")
+    except ValueError as e:
+        raise ValueError(f"{source}: gives an invalid model config ({e})") from None
     return resolve_model_config(cfg)
 
 

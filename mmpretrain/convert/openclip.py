@@ -185,7 +185,10 @@ def model_config_from_openclip(raw: dict, source: str):
         cfg = ModelConfig(name="tiny", family="clip", embed_dim=raw["embed_dim"], vision=vision, text=text)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{source}: malformed OpenCLIP model config ({e})") from None
-    cfg.validate("model")
+    try:
+        cfg.validate("model")
+    except ValueError as e:
+        raise ValueError(f"{source}: gives an invalid model config ({e})") from None
     return resolve_model_config(cfg)
 
 
