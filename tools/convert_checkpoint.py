@@ -28,7 +28,7 @@ COMMANDS = {
     "to-hf": "any source -> Hugging Face folder (CLIPModel / SiglipModel, tokenizer, preprocessor)",
     "to-openclip": "any CLIP source -> OpenCLIP model-config JSON + open_clip_model.safetensors",
     "from-hf": "Hugging Face CLIP / SigLIP folder -> our consolidated folder",
-    "from-openclip": "OpenCLIP folder (one *.json + one weights file) -> our consolidated folder",
+    "from-openclip": "OpenCLIP folder (model-config JSON + weights) -> our consolidated folder",
 }
 
 
@@ -77,7 +77,7 @@ def run(args) -> str:
 
         found = openclip.find_openclip(args.src)
         if found is None:
-            raise ValueError(f"{args.src}: not an OpenCLIP folder (one model-config *.json + one weights file)")
+            raise ValueError(f"{args.src}: not an OpenCLIP folder (a model-config *.json and one weights file)")
         sd, model_cfg = openclip.read_openclip(*found, dtype)
         cfg = Config(model=model_cfg)
     elif args.command == "from-hf":

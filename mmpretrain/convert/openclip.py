@@ -206,13 +206,25 @@ def export_openclip(sd: dict[str, torch.Tensor], model_cfg, out_dir: str, name: 
     return out_dir
 
 
+HUB_CONFIG = "open_clip_config.json"  # the Hugging Face hub layout: {"model_cfg": ..., "preprocess_cfg": ...}
+NOT_MODEL_CONFIGS = {"config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "vocab.json", "added_tokens.json", "preprocessor_config.json"}  # fmt: skip
+
+
 def find_openclip(path: str) -> tuple[str, str] | None:
-    """(config json, weights file) of an OpenCLIP folder (exactly one *.json and one weights file), else None."""
+    """(model-config json, weights file) of an OpenCLIP folder, else None.
+
+    Config: open_clip_config.json if present, else the one *.json that is not a tokenizer / HF file.
+    Weights: the one *.safetensors if there is one (hub folders also carry a .bin twin), else the one .bin/.pt/.pth.
+    """
     if not os.path.isdir(path):
         return None
-    files = os.listdir(path)
-    jsons = [f for f in files if f.endswith(".json") and f not in ("config.json",)]
-    weights = [f for f in files if f.endswith((".safetensors", ".bin", ".pt", ".pth")) and f != "model.safetensors"]
+    files = sorted(os.listdir(path))
+    jsons = [f for f in files if f.endswith(".json") and f not in NOT_MODEL_CONFIGS]
+    if HUB_CONFIG in files:
+        jsons = [HUB_CONFIG]
+    weights = [f for f in files if f.endswith(".safetensors")]
+    weights = weights or [f for f in files if f.endswith((".bin", ".pt", ".pth"))]
     if len(jsons) == 1 and len(weights) == 1:
         return os.path.join(path, jsons[0]), os.path.join(path, weights[0])
     return None

@@ -6,6 +6,7 @@ Import: a random open_clip model built from the same JSON, saved with torch.save
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -101,6 +102,22 @@ def test_import_from_open_clip_same_outputs_and_round_trip_bit_exact(tmp_path):
     assert again.keys() == {k for k in ref if k != "attn_mask"}
     for k, v in again.items():
         assert torch.equal(v, ref[k]), k
+
+
+def test_hub_layout_folder_is_found(tmp_path):
+    """open_clip_config.json (model_cfg nested) + tokenizer files + a .bin twin of the safetensors weights."""
+    cfg = tiny_cfg("gelu")
+    sd = build_model(cfg).state_dict()
+    export_openclip(sd, cfg, str(tmp_path / "oc"), name="m")
+    hub = tmp_path / "oc"
+    hub_cfg = {"model_cfg": json.load(open(hub / "m.json")), "preprocess_cfg": {}}
+    json.dump(hub_cfg, open(hub / "open_clip_config.json", "w"))
+    os.remove(hub / "m.json")
+    for f in ("tokenizer.json", "special_tokens_map.json"):
+        (hub / f).write_text("{}")
+    (hub / "open_clip_pytorch_model.bin").write_bytes(b"not read")
+    back, got_cfg = read_any(str(hub))
+    assert got_cfg.model == cfg and all(torch.equal(back[k], v) for k, v in sd.items())
 
 
 def test_unsupported_models_and_options_are_refused(tmp_path):
