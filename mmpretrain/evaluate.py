@@ -443,7 +443,11 @@ def _parse_args(argv):
         prog="python -m mmpretrain.evaluate",
         description="Zero-shot classification and image-text retrieval of a trained run or checkpoint.",
     )
-    p.add_argument("checkpoint", help="run folder (uses checkpoints/latest) or a checkpoints/step_<N> folder")
+    p.add_argument(
+        "checkpoint",
+        help="run folder (uses checkpoints/latest), checkpoints/step_<N> folder, consolidated folder, "
+        "Hugging Face CLIP/SigLIP folder or OpenCLIP folder",
+    )
     p.add_argument("--zeroshot", help="zero-shot set root; replaces the run's data.eval sets")
     p.add_argument("--retrieval", help="retrieval set root; replaces the run's data.eval sets")
     p.add_argument("--split", help="shard folder under each root (default: data.eval.split of the run)")
@@ -457,11 +461,11 @@ def _run(args) -> dict[str, float]:
     """Load, evaluate, return the results (on every rank); user errors raise ValueError."""
     if not Path(args.checkpoint).is_dir():
         raise ValueError(f"checkpoint: no such folder '{args.checkpoint}'")
-    from mmpretrain.checkpoint import load_model_from_run
+    from mmpretrain.convert import load_any
     from mmpretrain.data import Tokenizer
     from mmpretrain.distributed import env_rank_world, init_distributed
 
-    model, cfg = load_model_from_run(args.checkpoint)
+    model, cfg = load_any(args.checkpoint)
     data_cfg, eval_cfg = cfg.data.eval, cfg.eval
     if args.zeroshot is not None or args.retrieval is not None:  # sets named here replace the run's
         data_cfg.zeroshot, data_cfg.retrieval = args.zeroshot, args.retrieval

@@ -372,10 +372,10 @@ def test_cli_missing_checkpoint_folder(tmp_path, capsys):
 
 
 def test_cli_bad_eval_sets(tiny_run, tmp_path, sets, monkeypatch, capsys):
-    import mmpretrain.checkpoint
+    import mmpretrain.convert
 
     zs, rt, _ = sets
-    monkeypatch.setattr(mmpretrain.checkpoint, "load_model_from_run", lambda path: copy.deepcopy(tiny_run))
+    monkeypatch.setattr(mmpretrain.convert, "load_any", lambda path: copy.deepcopy(tiny_run))
     no_classnames = tmp_path / "no_classnames"
     shutil.copytree(os.path.join(zs, "test"), no_classnames / "test")
     for args, named in [
@@ -405,7 +405,7 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(shapes_dataset):
-    """(model, config) as load_model_from_run returns them: a random tiny CLIP, eval sets = the shapes fixture."""
+    """(model, config) as mmpretrain.convert.load_any returns them: a random tiny CLIP, shapes eval sets."""
     from mmpretrain.config import Config
     from mmpretrain.model import ModelConfig, build_model, resolve_model_config
 
@@ -432,9 +432,9 @@ def test_random_tiny_model_is_near_chance(tiny_run, shapes_dataset):
 
 
 def test_cli_prints_table_and_writes_json(tiny_run, shapes_dataset, tmp_path, monkeypatch, capsys):
-    import mmpretrain.checkpoint
+    import mmpretrain.convert
 
-    monkeypatch.setattr(mmpretrain.checkpoint, "load_model_from_run", lambda path: copy.deepcopy(tiny_run))
+    monkeypatch.setattr(mmpretrain.convert, "load_any", lambda path: copy.deepcopy(tiny_run))
     out = tmp_path / "out" / "results.json"
     assert main([str(tmp_path), "--batch-size", "16", "--num-workers", "0", "--output", str(out)]) == 0
     results = json.loads(out.read_text())
