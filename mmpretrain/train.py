@@ -62,6 +62,27 @@ def resolve_data_paths(cfg: Config, is_main: bool) -> None:
         cfg.data = with_synthetic_data(cfg.data)
 
 
+def init_weights(model, path: str) -> None:
+    """Load a whole model's weights (our runs, consolidated, HF or OpenCLIP folders) strictly."""
+    from mmpretrain.convert import read_any
+
+    try:
+        sd, _ = read_any(path)
+    except ValueError as e:
+        raise ConfigError(f"model.init_from: {e}") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in sd and sd[k].shape != v.shape]  # fmt: skip
+    if missing or unexpected or wrong:
+        raise ConfigError(
+            f"model.init_from: {path} does not fit this model (check model.name and sizes): "
+            f"{len(missing)} missing e.g. {missing[:2]}, {len(unexpected)} unexpected e.g. {unexpected[:2]}, "
+            f"{len(wrong)} of other shape e.g. {wrong[:2]}"
+        )
+    model.load_state_dict(sd, strict=True)
+
+
 def train_step(engine, batch, cfg: Config, device) -> tuple[torch.Tensor, float | None, torch.Tensor]:
     """One optimizer step on this rank's batch: (loss, grad norm before clipping, logit scale)."""
     from mmpretrain.engine import grad_norm_after_step, grad_norm_before_step
@@ -131,6 +152,8 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
+    if cfg.model.init_from:
+        init_weights(model, cfg.model.init_from)
     per_rank_batch = cfg.train.batch_size // world
     engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=per_rank_batch, total_steps=cfg.train.steps)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank stream for dropout / patch dropout

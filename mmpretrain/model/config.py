@@ -65,6 +65,8 @@ class ModelConfig:
     attention: str = "auto"  # attention implementation: auto | triton | sdpa (see mmpretrain.kernels)
     grad_checkpointing: bool = False  # recompute each transformer block in backward (saves activation memory)
     lock_image: bool = False  # LiT: freeze the whole image tower (no grads, kept in eval mode)
+    init_from: Optional[str] = None  # start a fresh run from these weights: a run, step, consolidated, HF or
+    # OpenCLIP folder (read with safetensors / weights_only); sizes must match. Ignored when resuming.
     init_logit_scale: Optional[float] = None  # log of the initial logit scale; None: log(1/0.07) clip, log(10) siglip
     init_logit_bias: Optional[float] = None  # initial logit bias, siglip only (clip: must stay None); None: -10
 

@@ -23,29 +23,17 @@ STEPS = 6
 PINNED_LOSSES = [3.0782155990600586, 2.8537890911102295, 2.778383731842041]
 
 
-DEMO = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "demo.yaml"
-)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(REPO, "tests", "integration", "tiny.yaml")  # not configs/demo.yaml: tuning the demo moves nothing
 
 
 def base_overrides(ds, out):
     return [
-        DEMO,
+        TINY,
         f"output_dir={out}",
-        "data.synthetic.root=null",
-        "model.name=tiny",
         f"data.train.urls={ds.train_urls}",
         f"data.eval.zeroshot={ds.zeroshot_root}",
         f"data.eval.retrieval={ds.retrieval_root}",
-        "data.num_workers=1",
-        "data.train.shuffle_buffer=64",
-        "train.batch_size=16",
-        f"train.steps={STEPS}",
-        "optim.warmup_steps=2",
-        "checkpoint.every_steps=3",
-        "eval.every_steps=0",
-        "logging.log_every=1",
-        "logging.progress=false",
     ]
 
 
@@ -156,3 +144,21 @@ def test_evaluate_cli_on_the_run_folder_reproduces_the_final_eval(runs, tmp_path
     for key in ("zeroshot/eval/top1", "zeroshot/eval/top5", "retrieval/retrieval/image_to_text_R@1"):
         assert got[key] == pytest.approx(logged[key], abs=1e-9), key
     assert "zeroshot/eval/top1" in proc.stdout  # the printed table
+
+
+@pytest.mark.slow
+def test_init_from_hf_export_continues_from_those_weights(runs, shapes_dataset, tmp_path):
+    """Export the trained run to a Hugging Face folder, start a new run from it: step 1 sees those weights."""
+    hf_dir = str(tmp_path / "hf")
+    conv = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "to-hf", runs["full"], hf_dir], env=ENV,
+                          capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
+    assert conv.returncode == 0, conv.stderr[-2000:]
+    out = str(tmp_path / "from_hf")
+    train_cli([*base_overrides(shapes_dataset, out), f"model.init_from={hf_dir}", "train.steps=1", "optim.lr=1e-9"])
+    # with a vanishing LR the new run's only step leaves the imported weights as they were
+    sd_new, sd_src = load_state_dict(find_step_dir(out)), load_state_dict(find_step_dir(runs["full"]))
+    for k in sd_src:
+        torch.testing.assert_close(sd_new[k], sd_src[k], rtol=0, atol=1e-6, msg=k)
+    bad = train_cli([*base_overrides(shapes_dataset, str(tmp_path / "bad")), f"model.init_from={hf_dir}",
+                     "model.name=siglip-tiny", "loss.name=siglip"], check=False)  # fmt: skip
+    assert bad.returncode == 2 and "model.init_from:" in bad.stderr and "Traceback" not in bad.stderr
