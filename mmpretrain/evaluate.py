@@ -3,6 +3,7 @@
     python -m mmpretrain.evaluate outputs/demo                   # the run's eval sets (data.eval)
     python -m mmpretrain.evaluate outputs/demo/checkpoints/step_500 --zeroshot data/shapes/zeroshot --output r.json
     torchrun --nproc_per_node=8 -m mmpretrain.evaluate RUN --retrieval /data/flickr30k
+    python -m mmpretrain.evaluate RUN --imagenet /data/wds_imagenet1k --linear-probe /data/wds_cifar10
 
 Dataset layout: clip_benchmark's WebDataset export, read by `mmpretrain.data` (load_zeroshot_set,
 load_retrieval_set, build_eval_loader): `<root>/classnames.txt`,
@@ -10,6 +11,11 @@ load_retrieval_set, build_eval_loader): `<root>/classnames.txt`,
 `<root>/<split>/*.tar` of `<key>.webp|png|jpg` + `<key>.cls`; a retrieval set's samples carry
 `<key>.txt` with one caption a line. The folder's name names the set in the results:
 `zeroshot/<name>/top1`, `retrieval/<name>/image_to_text_R@1`.
+
+Also: ImageNet-1k zero-shot (`imagenet_zeroshot`: class names and the 80 OpenAI templates from
+open_clip, so the root needs only tars; keys `zeroshot/imagenet1k/top1`) and a linear probe
+(`linear_probe`: L-BFGS logistic regression on frozen image features of `<root>/train`, top-1 on
+`<root>/test`; keys `linear_probe/<name>/top1`).
 
 Distributed. The train loop calls `evaluate_all` on every rank. Under ZeRO-3 each rank holds a
 slice of the weights and every forward gathers them (a collective), so every rank must make the
@@ -242,11 +248,15 @@ def _dummy_images(image_size: int, dtype, device) -> torch.Tensor:
 # ----------------------------------------------------------------------------- zero-shot classification
 
 
+def _prompt(template, classname: str) -> str:
+    return template(classname) if callable(template) else template.replace("{c}", classname)
+
+
 def build_zeroshot_classifier(
     model,
     tokenizer: Callable[[list[str]], torch.Tensor],
     classnames: Sequence[str],
-    templates: Sequence[str],
+    templates: Sequence,
     batch_size: int = 64,
     *,
     device=None,
@@ -256,13 +266,14 @@ def build_zeroshot_classifier(
 ) -> torch.Tensor:
     """(C, E) float32 class embeddings: per class, the mean of its normalized prompt embeddings, renormalized.
 
-    Prompts are `template.replace("{c}", classname)`. Under torch.distributed the classes are dealt
+    Prompts are `template.replace("{c}", classname)`, or `template(classname)` for a callable template
+    (open_clip's OpenAI ImageNet templates). Under torch.distributed the classes are dealt
     over the ranks (the same forward count on all) and all-reduced: every rank returns the whole classifier.
     """
     model = _unwrap(model)
     ranks = _ranks(model, rank, world_size, group, device)
     class_ids, real = ranks.deal(len(classnames))
-    prompts = [t.replace("{c}", classnames[c]) for c in class_ids for t in templates]
+    prompts = [_prompt(t, classnames[c]) for c in class_ids for t in templates]
     with _inference(model, ranks.device):
         txt_TE = _encode_texts(model, tokenizer, prompts, batch_size, ranks)
     class_cE = F.normalize(txt_TE.view(len(class_ids), len(templates), -1).mean(1), dim=-1)
@@ -282,6 +293,8 @@ def zeroshot_classification(
     batch_size: int = 64,
     top_k: Sequence[int] = (1, 5),
     num_workers: int = 0,
+    classnames: Optional[Sequence[str]] = None,
+    templates: Optional[Sequence] = None,
     device=None,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
@@ -291,10 +304,16 @@ def zeroshot_classification(
 
     Images go through the eval transform at `image_size`. Call it on every rank of `group`;
     rank/world_size default to the group's when torch.distributed is initialized.
+    `classnames` and `templates` (strings with `{c}` or callables classname -> prompt), when both
+    given, replace the root's classnames.txt and zeroshot_classification_templates.txt.
     """
     from mmpretrain.data import build_eval_loader, load_zeroshot_set
+    from mmpretrain.data.pipeline import ZeroShotSet, eval_tar_urls
 
-    zs = load_zeroshot_set(root, split)
+    if classnames is not None and templates is not None:
+        zs = ZeroShotSet(list(classnames), list(templates), eval_tar_urls(root, split))
+    else:
+        zs = load_zeroshot_set(root, split)
     model = _unwrap(model)
     ranks = _ranks(model, rank, world_size, group, device)
     classifier_CE = build_zeroshot_classifier(
@@ -326,6 +345,131 @@ def zeroshot_classification(
     out = {f"top{k}": c / num_samples for k, c in zip(top_k, counts[:-2])}
     out["num_samples"] = num_samples
     return out
+
+
+def imagenet_classes_and_templates() -> tuple[list[str], list]:
+    """open_clip's 1000 standard ImageNet-1k class names and the 80 OpenAI prompt templates (callables)."""
+    try:
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+    except ImportError as e:
+        raise ValueError(
+            f"imagenet: the ImageNet class names and templates come from the package open_clip_torch, "
+            f"which is not importable ({e}); pip install open_clip_torch"
+        ) from e
+    return list(IMAGENET_CLASSNAMES), list(OPENAI_IMAGENET_TEMPLATES)
+
+
+def imagenet_zeroshot(model, tokenizer: Callable[[list[str]], torch.Tensor], root: str, **kwargs) -> dict[str, float]:
+    """Zero-shot ImageNet-1k on a clip_benchmark-layout validation set (`<root>/<split>/*.tar`, `.cls` in [0, 1000)).
+
+    Class names and the 80 OpenAI templates come from open_clip, so the root needs no classnames.txt
+    or templates file. kwargs: as zeroshot_classification's (image_size, split, batch_size, ...).
+    """
+    classnames, templates = imagenet_classes_and_templates()
+    return zeroshot_classification(model, tokenizer, root, classnames=classnames, templates=templates, **kwargs)
+
+
+# ----------------------------------------------------------------------------- linear probe
+
+
+def _image_features(model, root: str, split: str, *, image_size: int, batch_size: int, num_workers: int, ranks):
+    """((N, E) float32 L2-normalized features, (N,) labels) of a whole split, in sample order, on every rank."""
+    from mmpretrain.data import build_eval_loader
+    from mmpretrain.data.pipeline import eval_tar_urls
+
+    loader = build_eval_loader(
+        eval_tar_urls(root, split), task="zeroshot", image_size=image_size, batch_size=batch_size,
+        rank=ranks.rank, world_size=ranks.world_size, num_workers=num_workers,
+    )  # fmt: skip
+    feats, labels, index = [], [], []
+    with _inference(model, ranks.device) as dtype:
+        for batch in _lockstep(loader, ranks):
+            if batch is None:
+                model.encode_image(_dummy_images(image_size, dtype, ranks.device))
+                continue
+            feats.append(F.normalize(model.encode_image(batch["image"].to(ranks.device, dtype)).float(), dim=-1))
+            labels.append(batch["label"])
+            index.append(batch["index"])
+    embed_dim = ranks.max(feats[0].shape[-1] if feats else 0)
+    feat_nE = torch.cat(feats) if feats else torch.zeros(0, embed_dim, device=ranks.device)
+    # labels travel as an extra feature column: one gather, sorted by the same index
+    label_n = torch.cat(labels).to(ranks.device, torch.float32) if labels else torch.zeros(0, device=ranks.device)
+    index_n = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+    rows_NE1, _ = ranks.gather_rows(torch.cat([feat_nE, label_n[:, None]], 1), index_n)
+    return rows_NE1[:, :-1], rows_NE1[:, -1].round().long()
+
+
+def fit_logistic_regression(
+    x_NE: torch.Tensor, y_N: torch.Tensor, num_classes: int, *, weight_decay: float = 1e-4, max_iter: int = 300
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression by L-BFGS in float64: (weight (E, C), bias (C,)).
+
+    Minimizes mean cross-entropy + weight_decay * ||weight||^2 (the bias is not decayed), from zeros,
+    so the result is deterministic: every rank fitting the same features gets the same classifier.
+    """
+    x_NE, y_N = x_NE.double(), y_N.to(x_NE.device)
+    w_EC = torch.zeros(x_NE.shape[1], num_classes, dtype=torch.float64, device=x_NE.device, requires_grad=True)
+    b_C = torch.zeros(num_classes, dtype=torch.float64, device=x_NE.device, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w_EC, b_C], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+        history_size=20, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x_NE @ w_EC + b_C, y_N) + weight_decay * w_EC.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)  # one step runs up to max_iter L-BFGS iterations
+    return w_EC.detach(), b_C.detach()
+
+
+def linear_probe(
+    model,
+    train_root: str,
+    test_root: Optional[str] = None,
+    *,
+    image_size: int,
+    split_train: str = "train",
+    split_test: str = "test",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    weight_decay: float = 1e-4,
+    max_iter: int = 300,
+    device=None,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    group=None,
+) -> dict[str, float]:
+    """Linear-probe top-1: logistic regression on frozen image features of a labeled split, tested on another.
+
+    Reads `<train_root>/<split_train>/*.tar` and `<test_root>/<split_test>/*.tar` (test_root defaults
+    to train_root) in clip_benchmark layout; only `.cls` labels are used (no class names needed; C is
+    the largest label + 1). Features are the L2-normalized `encode_image` outputs. Distributed: ranks
+    encode their shares of the images (lockstep, as zero-shot) and all-gather the features; every rank
+    then fits the same float64 L-BFGS problem and returns the same numbers.
+    Returns {"top1": .., "num_train": N_train, "num_test": N_test}.
+    """
+    test_root = train_root if test_root is None else test_root
+    model = _unwrap(model)
+    ranks = _ranks(model, rank, world_size, group, device)
+    kw = dict(image_size=image_size, batch_size=batch_size, num_workers=num_workers, ranks=ranks)
+    train_x_NE, train_y_N = _image_features(model, train_root, split_train, **kw)
+    test_x_ME, test_y_M = _image_features(model, test_root, split_test, **kw)
+    for where, y in ((f"{train_root}/{split_train}", train_y_N), (f"{test_root}/{split_test}", test_y_M)):
+        if len(y) == 0:
+            raise ValueError(f"linear_probe: '{where}': no readable samples")
+        if y.min() < 0:
+            raise ValueError(f"linear_probe: '{where}': negative .cls labels")
+    num_classes = int(max(train_y_N.max(), test_y_M.max())) + 1
+    w_EC, b_C = fit_logistic_regression(
+        train_x_NE, train_y_N, num_classes, weight_decay=weight_decay, max_iter=max_iter
+    )
+    pred_M = (test_x_ME.double() @ w_EC + b_C).argmax(1)
+    top1 = (pred_M == test_y_M).double().mean().item()
+    return {"top1": top1, "num_train": len(train_y_N), "num_test": len(test_y_M)}
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -450,6 +594,17 @@ def _parse_args(argv):
     )
     p.add_argument("--zeroshot", help="zero-shot set root; replaces the run's data.eval sets")
     p.add_argument("--retrieval", help="retrieval set root; replaces the run's data.eval sets")
+    p.add_argument(
+        "--imagenet",
+        help="ImageNet-1k validation set root (tars with .cls only): zero-shot with open_clip's class names "
+        "and 80 OpenAI templates; replaces the run's data.eval sets",
+    )
+    p.add_argument(
+        "--linear-probe",
+        metavar="ROOT",
+        help="labeled set with ROOT/train and ROOT/test: logistic-regression probe on frozen image features; "
+        "replaces the run's data.eval sets",
+    )
     p.add_argument("--split", help="shard folder under each root (default: data.eval.split of the run)")
     p.add_argument("--batch-size", type=int, help="images per forward pass per rank (default: data.eval.batch_size)")
     p.add_argument("--num-workers", type=int, help="image decoding workers per rank (default: eval.num_workers)")
@@ -467,7 +622,8 @@ def _run(args) -> dict[str, float]:
 
     model, cfg = load_any(args.checkpoint)
     data_cfg, eval_cfg = cfg.data.eval, cfg.eval
-    if args.zeroshot is not None or args.retrieval is not None:  # sets named here replace the run's
+    named = (args.zeroshot, args.retrieval, args.imagenet, args.linear_probe)
+    if any(r is not None for r in named):  # sets named here replace the run's
         data_cfg.zeroshot, data_cfg.retrieval = args.zeroshot, args.retrieval
     if args.split is not None:
         data_cfg.split = args.split
@@ -475,10 +631,18 @@ def _run(args) -> dict[str, float]:
         data_cfg.batch_size = args.batch_size
     if args.num_workers is not None:
         eval_cfg.num_workers = args.num_workers
-    if data_cfg.zeroshot is None and data_cfg.retrieval is None:
-        raise ValueError(f"{args.checkpoint}: the run names no eval set (data.eval); pass --zeroshot or --retrieval")
+    if all(r is None for r in (data_cfg.zeroshot, data_cfg.retrieval, args.imagenet, args.linear_probe)):
+        raise ValueError(
+            f"{args.checkpoint}: the run names no eval set (data.eval); "
+            "pass --zeroshot, --retrieval, --imagenet or --linear-probe"
+        )
     data_cfg.validate("data.eval")  # missing folders and files, named
     eval_cfg.validate("eval")
+    for flag, root in (("--imagenet", args.imagenet), ("--linear-probe", args.linear_probe)):
+        if root is not None and not Path(root).is_dir():
+            raise ValueError(f"{flag}: no such folder '{root}'")
+    if args.imagenet is not None:
+        imagenet_classes_and_templates()  # fail early, before loading anything, when open_clip is missing
 
     if env_rank_world()[1] > 1:  # launched by torchrun / srun: shard the sets over the ranks
         device = init_distributed().device
@@ -486,11 +650,23 @@ def _run(args) -> dict[str, float]:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     tokenizer = Tokenizer(cfg.model.text.context_length)
-    return evaluate_all(model, tokenizer, data_cfg, eval_cfg, image_size=cfg.model.vision.image_size, device=device)
+    image_size = cfg.model.vision.image_size
+    results = evaluate_all(model, tokenizer, data_cfg, eval_cfg, image_size=image_size, device=device)
+    common = dict(
+        image_size=image_size, batch_size=data_cfg.batch_size, num_workers=eval_cfg.num_workers, device=device
+    )
+    if args.imagenet is not None:  # --split applies to it (default data.eval.split); the probe reads train/test
+        r = imagenet_zeroshot(model, tokenizer, args.imagenet, split=data_cfg.split, top_k=eval_cfg.top_k, **common)
+        results.update({f"zeroshot/imagenet1k/{k}": v for k, v in r.items()})
+    if args.linear_probe is not None:
+        r = linear_probe(model, args.linear_probe, **common)
+        results.update({f"linear_probe/{set_name(args.linear_probe)}/{k}": v for k, v in r.items()})
+    return results
 
 
 def main(argv=None) -> int:
-    """`python -m mmpretrain.evaluate RUN [--zeroshot ROOT] [--retrieval ROOT] [--output results.json]`."""
+    """`python -m mmpretrain.evaluate RUN [--zeroshot ROOT] [--retrieval ROOT] [--imagenet ROOT]
+    [--linear-probe ROOT] [--output results.json]`."""
     from mmpretrain.distributed import env_rank_world
 
     args = _parse_args(argv)

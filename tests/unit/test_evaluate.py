@@ -24,6 +24,9 @@ from mmpretrain.evaluate import (
     EvalConfig,
     build_zeroshot_classifier,
     evaluate_all,
+    fit_logistic_regression,
+    imagenet_zeroshot,
+    linear_probe,
     main,
     retrieval,
     retrieval_recall,
@@ -446,3 +449,116 @@ def test_cli_prints_table_and_writes_json(tiny_run, shapes_dataset, tmp_path, mo
     # sets named on the command line replace the run's
     assert main([str(tmp_path), "--zeroshot", shapes_dataset.zeroshot_root, "--output", str(out)]) == 0
     assert sorted(json.loads(out.read_text())) == sorted(k for k in results if k.startswith("zeroshot/"))
+
+
+# ----------------------------------------------------------------------------- linear probe
+
+
+def test_logistic_regression_separates_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centers_CE = F.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=-1) * 3
+    y_N = torch.randint(0, 5, (300,), generator=g)
+    x_NE = centers_CE[y_N] + 0.3 * torch.randn(300, 8, generator=g, dtype=torch.float64)
+    assert (x_NE @ centers_CE.T).argmax(1).eq(y_N).all(), "the synthetic set is linearly separable"
+    w_EC, b_C = fit_logistic_regression(x_NE.float(), y_N, 5, weight_decay=1e-4, max_iter=200)
+    assert (x_NE @ w_EC + b_C).argmax(1).eq(y_N).all()  # 100% train accuracy
+    # the L-BFGS optimum has zero gradient of the regularized loss
+    w, b = w_EC.clone().requires_grad_(), b_C.clone().requires_grad_()
+    (F.cross_entropy(x_NE @ w + b, y_N) + 1e-4 * w.square().sum()).backward()
+    assert w.grad.abs().max() < 1e-5 and b.grad.abs().max() < 1e-5
+
+
+def test_linear_probe_oracle_features(sets, tmp_path):
+    """The color oracle's one-hot features make the 7 classes separable: the probe scores 100% on held-out data."""
+    zs, _, meta = sets
+    root = tmp_path / "probe"
+    shutil.copytree(os.path.join(zs, "test"), root / "train")
+    samples = [(f"t{i}", {"png": _png(COLORS[CLASSNAMES[i % 7]], 100 + i), "cls": str(i % 7).encode()})
+               for i in range(9)]  # fmt: skip
+    _write_tar(str(root / "test" / "0.tar"), samples)
+    model = ColorOracle()
+    got = linear_probe(model, str(root), image_size=SIZE, batch_size=4, max_iter=100)
+    assert got == {"top1": 1.0, "num_train": len(meta["labels"]) - 1, "num_test": 9}
+    assert not any(grad or training for _, _, grad, training in model.calls)
+
+
+def test_linear_probe_shapes_end_to_end(tiny_run, shapes_dataset, tmp_path, monkeypatch, capsys):
+    """A random tiny CLIP through the CLI: the shapes zero-shot tars serve as both splits."""
+    import mmpretrain.convert
+
+    monkeypatch.setattr(mmpretrain.convert, "load_any", lambda path: copy.deepcopy(tiny_run))
+    root = tmp_path / "shapes_probe"
+    for split in ("train", "test"):
+        shutil.copytree(os.path.join(shapes_dataset.zeroshot_root, "test"), root / split)
+    out = tmp_path / "r.json"
+    assert main([str(tmp_path), "--linear-probe", str(root), "--num-workers", "0", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results) == {f"linear_probe/shapes_probe/{k}" for k in ("top1", "num_train", "num_test")}
+    assert results["linear_probe/shapes_probe/num_test"] == shapes_dataset.num_eval
+    assert 0 <= results["linear_probe/shapes_probe/top1"] <= 1
+
+
+# ----------------------------------------------------------------------------- ImageNet-1k zero-shot
+
+
+class CountingTokenizer(CharTokenizer):
+    def __init__(self):
+        self.texts = []
+
+    def __call__(self, texts):
+        self.texts += texts
+        return super().__call__(texts)
+
+
+def test_imagenet_zeroshot_uses_open_clip_names_and_80_templates(tmp_path):
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    labels = [0, 999, 417, 3, 512]
+    samples = [(f"v{i:03d}", {"png": _png((40 * i, 90, 200 - 30 * i), i), "cls": str(c).encode()})
+               for i, c in enumerate(labels)]  # fmt: skip
+    _write_tar(str(tmp_path / "imagenet" / "test" / "0.tar"), samples)  # no classnames.txt, no templates file
+    model, tok = RandomTwoTower(seed=8), CountingTokenizer()
+    got = imagenet_zeroshot(model, tok, str(tmp_path / "imagenet"), image_size=SIZE, batch_size=512, top_k=[1, 5])
+    assert set(got) == {"top1", "top5", "num_samples"} and got["num_samples"] == len(labels)
+    prompts = [t for t in tok.texts if t]  # "" are dummy-forward prompts (none on one rank)
+    assert len(prompts) == 1000 * 80 and len(set(prompts)) > 1000 * 70
+    assert prompts[:80] == [t(IMAGENET_CLASSNAMES[0]) for t in OPENAI_IMAGENET_TEMPLATES]
+    assert prompts[-1] == OPENAI_IMAGENET_TEMPLATES[-1](IMAGENET_CLASSNAMES[999])
+
+    classifier_CE = build_zeroshot_classifier(
+        model, CharTokenizer(), IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, batch_size=512
+    )
+    assert classifier_CE.shape == (1000, 6)
+    images = torch.stack([transform(Image.open(io.BytesIO(files["png"]))) for _, files in samples])
+    ref = _topk_reference(model.encode_image(images) @ classifier_CE.T, torch.tensor(labels), [1, 5])
+    assert (got["top1"], got["top5"]) == pytest.approx((ref[1], ref[5]))
+
+
+def test_imagenet_cli_keys(tiny_run, tmp_path, monkeypatch):
+    """The CLI path with the real tiny model; a 3-class stand-in for open_clip's lists keeps it fast."""
+    import mmpretrain.convert
+    import mmpretrain.evaluate
+
+    monkeypatch.setattr(mmpretrain.convert, "load_any", lambda path: copy.deepcopy(tiny_run))
+    monkeypatch.setattr(
+        mmpretrain.evaluate, "imagenet_classes_and_templates", lambda: (["tench", "goldfish", "shark"], [str, "a {c}."])
+    )
+    samples = [(f"v{i}", {"png": _png((80 * i, 90, 30), i), "cls": str(i % 3).encode()}) for i in range(4)]
+    _write_tar(str(tmp_path / "imagenet" / "test" / "0.tar"), samples)
+    out = tmp_path / "r.json"
+    args = ["--imagenet", str(tmp_path / "imagenet"), "--num-workers", "0", "--output", str(out)]
+    assert main([str(tmp_path), *args]) == 0
+    results = json.loads(out.read_text())
+    assert set(results) == {f"zeroshot/imagenet1k/{k}" for k in ("top1", "top5", "num_samples")}
+    assert results["zeroshot/imagenet1k/num_samples"] == 4 and results["zeroshot/imagenet1k/top5"] == 1.0
+
+
+def test_imagenet_without_open_clip_is_one_line_error(tiny_run, tmp_path, monkeypatch, capsys):
+    import mmpretrain.convert
+
+    monkeypatch.setattr(mmpretrain.convert, "load_any", lambda path: copy.deepcopy(tiny_run))
+    monkeypatch.setitem(sys.modules, "open_clip.zero_shot_metadata", None)  # import fails as if not installed
+    (tmp_path / "imagenet").mkdir()
+    assert main([str(tmp_path), "--imagenet", str(tmp_path / "imagenet")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "open_clip_torch" in err, err
