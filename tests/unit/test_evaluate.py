@@ -335,6 +335,7 @@ def _rank_worker(rank, world_size, init_file, zs, rt, out_dir):
             "zeroshot": zeroshot_classification(model, tok, zs, top_k=[1, 3], **kwargs),
             "retrieval": retrieval(model, tok, rt, recall_k=[1, 3], **kwargs),
             "classifier": build_zeroshot_classifier(model, tok, CLASSNAMES, TEMPLATES, 2).tolist(),
+            "probe": linear_probe(model, zs, split_train="test", max_iter=50, **kwargs),
             "calls": [(kind, n) for kind, n, _, _ in model.calls],
         }
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -353,8 +354,11 @@ def test_two_ranks_equal_one_rank(sets, tmp_path):
     one = {
         "zeroshot": zeroshot_classification(model, tok, zs, image_size=SIZE, batch_size=2, top_k=[1, 3]),
         "retrieval": retrieval(model, tok, rt, image_size=SIZE, batch_size=2, recall_k=[1, 3]),
+        "probe": linear_probe(model, zs, split_train="test", max_iter=50, image_size=SIZE, batch_size=2),
     }
+    assert one["probe"]["num_train"] == one["probe"]["num_test"] == 10
     for r in (r0, r1):
+        assert r["probe"] == pytest.approx(one["probe"])
         assert r["zeroshot"] == pytest.approx(one["zeroshot"])
         assert r["retrieval"] == pytest.approx(one["retrieval"])
         classifier = build_zeroshot_classifier(model, tok, CLASSNAMES, TEMPLATES, 2)
