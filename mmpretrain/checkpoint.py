@@ -134,32 +134,18 @@ def find_step_dir(path: str) -> str:
 
 
 def load_state_dict(step_dir: str) -> dict[str, torch.Tensor]:
-    """Whole fp32 model weights from a checkpoint of any ZeRO stage and world size, on CPU."""
-    meta = json.load(open(os.path.join(step_dir, "meta.json")))
-    stage = meta["config"]["engine"]["zero_stage"]
-    if stage == 0:
-        # Stage 0 keeps whole weights in the module file; zero_to_fp32 does not handle it.
-        path = os.path.join(step_dir, "mp_rank_00_model_states.pt")
-        if not os.path.isfile(path):
-            raise ValueError(f"{path} is missing: the checkpoint is incomplete")
-        states = torch.load(path, map_location="cpu", weights_only=False)
-        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """Whole fp32 model weights from a checkpoint of any ZeRO stage and world size, on CPU.
 
-    root, tag = os.path.split(os.path.normpath(step_dir))
-    return dict(get_fp32_state_dict_from_zero_checkpoint(root, tag=tag))
+    Stage 0 keeps whole weights in its module file (zero_to_fp32 does not handle it); stages 1-3
+    go through DeepSpeed's consolidation. The work, and its checks, live in mmpretrain.convert.
+    """
+    from mmpretrain.convert import read_run
+
+    return read_run(step_dir, torch.float32)[0]
 
 
 def load_model_from_run(path: str):
-    """(model, config) from a run folder or a step folder; the weights load strictly."""
-    from omegaconf import OmegaConf
+    """(model in eval mode, config) from a run folder or a step folder; the weights load strictly."""
+    from mmpretrain.convert import load_any
 
-    from mmpretrain.config import Config
-    from mmpretrain.model import build_model
-
-    step_dir = find_step_dir(path)
-    meta = json.load(open(os.path.join(step_dir, "meta.json")))
-    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), meta["config"]))
-    model = build_model(cfg.model)
-    model.load_state_dict(load_state_dict(step_dir), strict=True)
-    return model.eval(), cfg
+    return load_any(path)
