@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
 
+from mmpretrain.convert.hf import from_hf_state_dict
 from mmpretrain.model import SIZES, ModelConfig, TextConfig, VisionConfig, build_model, resolve_model_config
 
 HF_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
@@ -40,24 +41,9 @@ def hf_model(cfg: ModelConfig, attn="eager"):
     return SiglipModel(hf_cfg)
 
 
-def hf_to_ours(hf_sd: dict) -> dict:
-    """HF CLIPModel / SiglipModel state dict -> ours."""
-    renames = {"visual_projection.weight": "vision_model.projection.weight",
-               "text_projection.weight": "text_model.projection.weight"}  # fmt: skip
-    out = {}
-    for key, value in hf_sd.items():
-        if ".self_attn.q_proj." in key:
-            kind = key.rsplit(".", 1)[1]  # weight | bias
-            stem = key.split(".self_attn.")[0] + ".self_attn."
-            parts = [hf_sd[f"{stem}{p}_proj.{kind}"] for p in "qkv"]
-            out[f"{stem}qkv_proj.{kind}"] = torch.cat(parts, dim=0)
-        elif ".self_attn.k_proj." in key or ".self_attn.v_proj." in key:
-            continue
-        elif key in ("logit_scale", "logit_bias"):
-            out[key] = value.reshape(1)  # CLIP: () in HF, (1,) here (DeepSpeed cannot broadcast 0-dim)
-        else:
-            out[renames.get(key, key)] = value
-    return out
+def hf_to_ours(hf_sd: dict, family: str) -> dict:
+    """HF CLIPModel / SiglipModel state dict -> ours: the key map the converter ships (mmpretrain.convert.hf)."""
+    return from_hf_state_dict(hf_sd, family, source="test")
 
 
 def tiny_cfg(name, act=None):
@@ -73,7 +59,7 @@ def paired_models(cfg: ModelConfig, seed=0):
         for p in hf.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ours = build_model(cfg).eval()
-    ours.load_state_dict(hf_to_ours(hf.state_dict()), strict=True)
+    ours.load_state_dict(hf_to_ours(hf.state_dict(), cfg.family), strict=True)
     return hf, ours
 
 
@@ -135,7 +121,7 @@ def test_every_hf_key_is_mapped():
         cfg = tiny_cfg(name)
         with torch.device("meta"):
             hf, ours = hf_model(cfg), build_model(cfg)
-        mapped = {k: v.shape for k, v in hf_to_ours(hf.state_dict()).items()}
+        mapped = {k: v.shape for k, v in hf_to_ours(hf.state_dict(), cfg.family).items()}
         assert mapped == {k: v.shape for k, v in ours.state_dict().items()}
 
 
