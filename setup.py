@@ -41,9 +41,11 @@ setup(
         "tqdm>=4.60",
         "regex",
         "ftfy",
+        "simplejpeg>=1.7",  # reduced-scale JPEG decoding (the fast decode path)
+        "pyarrow>=14",  # parquet caption files in tools/make_shards.py
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6", "open_clip_torch>=2.24", "matplotlib>=3.7"],
+        "dev": ["pytest>=8", "ruff>=0.6", "open_clip_torch>=2.24", "matplotlib>=3.7", "scikit-image>=0.22"],
     },
     entry_points={
         "console_scripts": [

@@ -50,6 +50,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mmpretrain.data.transforms import normalize_images
+
 
 @dataclass
 class EvalConfig:
@@ -330,7 +332,8 @@ def zeroshot_classification(
             if batch is None:
                 model.encode_image(_dummy_images(image_size, dtype, ranks.device))
                 continue
-            logits_BC = model.encode_image(batch["image"].to(ranks.device, dtype)).float() @ classifier_CE.T
+            images = normalize_images(batch["image"].to(ranks.device), dtype)
+            logits_BC = model.encode_image(images).float() @ classifier_CE.T
             labels_B = batch["label"].to(ranks.device)
             ok_B = (labels_B >= 0) & (labels_B < len(zs.classnames))  # a bad label fails below, on every rank
             counts_K2[:-2] += topk_correct(logits_BC[ok_B], labels_B[ok_B], top_k)
@@ -387,7 +390,8 @@ def _image_features(model, root: str, split: str, *, image_size: int, batch_size
             if batch is None:
                 model.encode_image(_dummy_images(image_size, dtype, ranks.device))
                 continue
-            feats.append(F.normalize(model.encode_image(batch["image"].to(ranks.device, dtype)).float(), dim=-1))
+            images = normalize_images(batch["image"].to(ranks.device), dtype)
+            feats.append(F.normalize(model.encode_image(images).float(), dim=-1))
             labels.append(batch["label"])
             index.append(batch["index"])
     embed_dim = ranks.max(feats[0].shape[-1] if feats else 0)
@@ -511,7 +515,7 @@ def retrieval(
             if batch is None:
                 model.encode_image(_dummy_images(image_size, dtype, ranks.device))
                 continue
-            img_feats.append(model.encode_image(batch["image"].to(ranks.device, dtype)).float())
+            img_feats.append(model.encode_image(normalize_images(batch["image"].to(ranks.device), dtype)).float())
             img_index.append(batch["index"])
             for index, caps in zip(batch["index"].tolist(), batch["captions"]):
                 captions += caps

@@ -85,10 +85,11 @@ def init_weights(model, path: str) -> None:
 
 def train_step(engine, batch, cfg: Config, device) -> tuple[torch.Tensor, float | None, torch.Tensor]:
     """One optimizer step on this rank's batch: (loss, grad norm before clipping, logit scale)."""
+    from mmpretrain.data.transforms import normalize_images
     from mmpretrain.engine import grad_norm_after_step, grad_norm_before_step
     from mmpretrain.loss import compute_loss
 
-    images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W), B = per-rank batch
+    images = normalize_images(batch["image"].to(device, non_blocking=True))  # (B, 3, H, W), B = per-rank batch
     tokens = batch["text"].to(device, non_blocking=True)  # (B, L)
     if cfg.engine.precision != "fp32":
         images = images.to(torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float16)

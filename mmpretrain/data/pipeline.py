@@ -37,7 +37,6 @@ from __future__ import annotations
 import bisect
 import glob
 import hashlib
-import io
 import itertools
 import logging
 import os
@@ -50,7 +49,6 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig, TrainDataConfig, expand_shard_spec
@@ -216,8 +214,7 @@ def _decode_train(
     """(image (3,S,S), caption) per good sample; the crop is seeded by the sample's position in the stream."""
     for position, sample in enumerate(src, start=first_position):
         try:
-            with Image.open(io.BytesIO(sample[_first_key(sample, image_keys)])) as img:
-                image = transform(img, mix_seed(crop_seed, position))
+            image = transform.from_bytes(sample[_first_key(sample, image_keys)], mix_seed(crop_seed, position))
             text = sample[text_key].decode("utf-8").strip()
             if not text:
                 raise ValueError("empty caption")
@@ -472,8 +469,7 @@ class EvalStream(IterableDataset):
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
     def _decode(self, sample: dict) -> tuple[torch.Tensor, Any]:
-        with Image.open(io.BytesIO(sample[_first_key(sample, EVAL_IMAGE_KEYS)])) as img:
-            image = self.transform(img)
+        image = self.transform.from_bytes(sample[_first_key(sample, EVAL_IMAGE_KEYS)])
         if self.task == "zeroshot":
             return image, int(sample["cls"].decode("ascii").strip())
         captions = [c.strip() for c in sample["txt"].decode("utf-8").splitlines() if c.strip()]

@@ -11,6 +11,8 @@ still produce the same crops as an uninterrupted run.
 
 from __future__ import annotations
 
+import io
+
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -41,6 +43,11 @@ class TrainTransform:
             img = self.crop(img)
         return self.to_tensor(img)
 
+    def from_bytes(self, data: bytes, seed: int) -> torch.Tensor:
+        """Decode encoded image bytes and transform them: the entry point the train loader calls."""
+        with Image.open(io.BytesIO(data)) as img:
+            return self(img, seed)
+
 
 class EvalTransform:
     """Resize shorter side + center crop + normalize; ``__call__(img) -> FloatTensor (3, S, S)``."""
@@ -58,3 +65,19 @@ class EvalTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.transform(_to_rgb(img))
+
+    def from_bytes(self, data: bytes) -> torch.Tensor:
+        """Decode encoded image bytes and transform them: the entry point the eval loaders call."""
+        with Image.open(io.BytesIO(data)) as img:
+            return self(img)
+
+
+def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Loader images -> model input of ``dtype``: uint8 (B,3,S,S) in [0, 255] are scaled and CLIP-normalized
+    (run it after moving the batch to the device: the loader ships 4x fewer bytes); float input is taken
+    as already normalized and only cast."""
+    if images.dtype != torch.uint8:
+        return images.to(dtype)
+    mean = torch.tensor(CLIP_MEAN, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(CLIP_STD, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return ((images.float() - mean) / std).to(dtype)
