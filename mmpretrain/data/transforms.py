@@ -22,6 +22,16 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+class ImageTooLargeError(ValueError):
+    """An image whose header declares more pixels than allowed (decompression-bomb guard); nothing was decoded."""
+
+
+def check_image_size(img: Image.Image, max_pixels: int | None) -> None:
+    """Raise ImageTooLargeError before decoding when width x height > max_pixels (None: no limit)."""
+    if max_pixels is not None and img.width * img.height > max_pixels:
+        raise ImageTooLargeError(f"image of {img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
@@ -29,8 +39,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 class TrainTransform:
     """RandomResizedCrop + normalize; ``__call__(img, seed) -> FloatTensor (3, S, S)``."""
 
-    def __init__(self, image_size: int, scale: tuple[float, float] = (0.9, 1.0)):
-        self.image_size = image_size
+    def __init__(
+        self,
+        image_size: int,
+        scale: tuple[float, float] = (0.9, 1.0),
+        *,
+        fast: bool = True,
+        max_pixels: int | None = None,
+    ):
+        self.image_size, self.fast, self.max_pixels = image_size, fast, max_pixels
         self.crop = T.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC)
         self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
@@ -46,14 +63,15 @@ class TrainTransform:
     def from_bytes(self, data: bytes, seed: int) -> torch.Tensor:
         """Decode encoded image bytes and transform them: the entry point the train loader calls."""
         with Image.open(io.BytesIO(data)) as img:
+            check_image_size(img, self.max_pixels)
             return self(img, seed)
 
 
 class EvalTransform:
     """Resize shorter side + center crop + normalize; ``__call__(img) -> FloatTensor (3, S, S)``."""
 
-    def __init__(self, image_size: int):
-        self.image_size = image_size
+    def __init__(self, image_size: int, *, fast: bool = True, max_pixels: int | None = None):
+        self.image_size, self.fast, self.max_pixels = image_size, fast, max_pixels
         self.transform = T.Compose(
             [
                 T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
@@ -69,6 +87,7 @@ class EvalTransform:
     def from_bytes(self, data: bytes) -> torch.Tensor:
         """Decode encoded image bytes and transform them: the entry point the eval loaders call."""
         with Image.open(io.BytesIO(data)) as img:
+            check_image_size(img, self.max_pixels)
             return self(img)
 
 
