@@ -164,7 +164,7 @@ def _process_chunk(chunk: list[Item], opts: ImageOptions) -> list[Result]:
     return [process(item, opts) for item in chunk]
 
 
-def ordered_map(items: Iterable[Item], opts: ImageOptions, workers: int, chunk: int = 16) -> Iterator[Result]:
+def ordered_map(items: Iterable[Item], opts: ImageOptions, workers: int, chunk: int = 8) -> Iterator[Result]:
     """process() over items in input order; with workers > 1 in a process pool, at most 4 x workers chunks
     in flight (bounded memory even when items carry image bytes)."""
     if workers <= 1:
@@ -549,6 +549,9 @@ def summarize(stats: dict, skipped: list[dict], bad_tars: list, extra: dict, out
         print(f"    {s['where']}: {s['reason']}: {s['detail']}")
     if len(skipped) > 20:
         print(f"    ... {len(skipped) - 20} more in {os.path.join(out_dir, '_stats.json')}")
+    if "ignored_files" in extra:
+        ignored = extra["ignored_files"]
+        print(f"  ignored {ignored['count']} files without an image extension, e.g. {ignored['first'][0]}")
     for url, err in bad_tars:
         print(f"  unreadable tar (samples after the break are lost): {url}: {err}")
     return full
