@@ -98,7 +98,7 @@ def _samples(url: str) -> Iterator[tuple[str, dict[str, bytes]] | tuple[None, st
                 key = member_key
                 parts[ext.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exn:
-        if key is not None:
+        if parts:  # the members of the cut sample that were read whole
             yield key, parts
         yield None, f"unreadable tar: {type(exn).__name__}: {exn}"
         return

@@ -409,7 +409,7 @@ def read_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]] | tuple[
                 key = member_key
                 parts[ext.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exn:
-        if key is not None:
+        if parts:  # the members of the cut sample that were read whole
             yield key, parts
         yield None, f"{type(exn).__name__}: {exn}"
         return
