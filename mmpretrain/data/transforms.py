@@ -1,43 +1,65 @@
-"""Image transforms: PIL image -> normalized float tensor (3, S, S), as CLIP and OpenCLIP do it.
+"""Image transforms: encoded bytes or a PIL image -> uint8 tensor (3, S, S), as CLIP and OpenCLIP crop it.
 
-train: RGB, RandomResizedCrop(S, scale, bicubic), ToTensor, Normalize(CLIP mean/std)
-eval:  RGB, Resize(shorter side -> S, bicubic), CenterCrop(S), ToTensor, Normalize
+train: RGB, RandomResizedCrop(S, scale, bicubic)
+eval:  RGB, Resize(shorter side -> S, bicubic), CenterCrop(S)
 
-The train crop is seeded per sample (``transform(img, seed)``): the torch RNG is forked around
-the crop, so a sample's crop depends only on its seed, never on how many samples a worker
-decoded before. That is what lets a resumed loader skip samples without decoding them and
-still produce the same crops as an uninterrupted run.
+Outputs are uint8 in [0, 255]: the loader ships 4x fewer bytes and the train/eval loops scale and
+CLIP-normalize on the device with ``normalize_images``. ``normalize_images(transform(img)[None])`` is
+open_clip's float transform up to float rounding (fast=False) or to a grey level and the geometry notes below.
+
+Two paths, picked by ``fast``:
+  fast=False  PIL + torchvision, exactly open_clip's pixels: the reference.
+  fast=True   (default) the same crop geometry from the same seed, but JPEGs are decoded at 1/2, 1/4 or 1/8
+              scale in the DCT domain when the crop still has >= S pixels on both sides there (decode.py),
+              and the crop is resized with torch's uint8 antialiased bicubic (within a grey level of PIL's).
+              At full scale the train crop box is the reference's exactly; at reduced scale its edges are
+              rounded to the reduced grid (<= half a reduced pixel). The eval path resizes the whole reduced
+              image to the reference's resized size and center-crops it, so its geometry is the reference's.
+              Images other than baseline JPEGs (PNG, WebP, CMYK) are decoded by PIL at full size.
+
+The train crop is seeded per sample (``from_bytes(data, seed)``): the torch RNG is forked around the
+crop draw, so a sample's crop depends only on its seed, never on how many samples a worker decoded
+before. That is what lets a resumed loader skip samples without decoding them and still produce the same
+crops as an uninterrupted run. Both paths draw (i, j, h, w) as torchvision's RandomResizedCrop.get_params
+does after ``torch.manual_seed(seed)``, on the original image size, so fast and plain crop the same region.
 """
 
 from __future__ import annotations
 
 import io
+import math
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from .decode import EncodedImage, ImageTooLargeError, check_image_size, pil_to_uint8, reduction_for, resize_region
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "EvalTransform",
+    "ImageTooLargeError",
+    "TrainTransform",
+    "normalize_images",
+]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's aspect-ratio range (torchvision's and open_clip's default)
+_LOG_RATIO = tuple(torch.log(torch.tensor(RATIO)).tolist())  # float32 logs, as torchvision draws them
 
 
-class ImageTooLargeError(ValueError):
-    """An image whose header declares more pixels than allowed (decompression-bomb guard); nothing was decoded."""
-
-
-def check_image_size(img: Image.Image, max_pixels: int | None) -> None:
-    """Raise ImageTooLargeError before decoding when width x height > max_pixels (None: no limit)."""
-    if max_pixels is not None and img.width * img.height > max_pixels:
-        raise ImageTooLargeError(f"image of {img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    return img if img.mode == "RGB" else img.convert("RGB")
+def _to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL image -> uint8 (3, H, W), contiguous."""
+    return torch.from_numpy(pil_to_uint8(img)).permute(2, 0, 1).contiguous()
 
 
 class TrainTransform:
-    """RandomResizedCrop + normalize; ``__call__(img, seed) -> FloatTensor (3, S, S)``."""
+    """RandomResizedCrop to uint8 (3, S, S): ``from_bytes(data, seed)`` or ``__call__(pil_image, seed)``."""
 
     def __init__(
         self,
@@ -48,47 +70,102 @@ class TrainTransform:
         max_pixels: int | None = None,
     ):
         self.image_size, self.fast, self.max_pixels = image_size, fast, max_pixels
-        self.crop = T.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC)
-        self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+        self.scale = tuple(scale)
+
+    def crop_params(self, height: int, width: int, seed: int) -> tuple[int, int, int, int]:
+        """Crop box (top, left, h, w) in original pixels for this seed; the global torch RNG is untouched.
+
+        torchvision's RandomResizedCrop.get_params algorithm, drawn from a private generator seeded with
+        ``seed``: the same numbers get_params draws after ``torch.manual_seed(seed)`` (a test pins it), at a
+        fifth of its cost (it is per sample).
+        """
+        g = torch.Generator().manual_seed(seed)
+        area = height * width
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1], generator=g).item()
+            aspect = torch.empty(1).uniform_(_LOG_RATIO[0], _LOG_RATIO[1], generator=g).exp_().item()  # float32
+            w, h = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                i = torch.randint(0, height - h + 1, size=(1,), generator=g).item()
+                j = torch.randint(0, width - w + 1, size=(1,), generator=g).item()
+                return i, j, h, w
+        # ten misses (extreme aspect ratios or scales): the largest centered box within the ratio range
+        if width / height < min(RATIO):
+            w, h = width, round(width / min(RATIO))
+        elif width / height > max(RATIO):
+            w, h = round(height * max(RATIO)), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, img: Image.Image, seed: int) -> torch.Tensor:
-        img = _to_rgb(img)
-        # fork: the crop draws from the global torch RNG; keep the caller's RNG stream untouched
-        with torch.random.fork_rng(devices=[]):
-            # CPU generator only: torch.manual_seed would also queue lazy CUDA/XPU seeding (slow, per sample)
-            torch.default_generator.manual_seed(seed)
-            img = self.crop(img)
-        return self.to_tensor(img)
+        """Transform a decoded image (no reduced-scale decoding here: that needs the encoded bytes)."""
+        i, j, h, w = self.crop_params(img.height, img.width, seed)
+        size = self.image_size
+        if self.fast:
+            return resize_region(pil_to_uint8(img), i, j, h, w, (size, size))
+        img = img if img.mode == "RGB" else img.convert("RGB")
+        img = TF.resized_crop(img, i, j, h, w, [size, size], InterpolationMode.BICUBIC, antialias=True)
+        return _to_uint8_tensor(img)
 
     def from_bytes(self, data: bytes, seed: int) -> torch.Tensor:
         """Decode encoded image bytes and transform them: the entry point the train loader calls."""
-        with Image.open(io.BytesIO(data)) as img:
-            check_image_size(img, self.max_pixels)
-            return self(img, seed)
+        if not self.fast:
+            with Image.open(io.BytesIO(data)) as img:
+                check_image_size(img.width, img.height, self.max_pixels)
+                return self(img, seed)
+        enc = EncodedImage(data, self.max_pixels)  # header only; raises ImageTooLargeError
+        i, j, h, w = self.crop_params(enc.height, enc.width, seed)
+        pixels, sy, sx = enc.decode(reduction_for(min(h, w), self.image_size))
+        # the box on the decoded grid; at reduced scale its edges round to the nearest decoded pixel
+        rows, cols = pixels.shape[:2]
+        top, left = min(round(i * sy), rows - 1), min(round(j * sx), cols - 1)
+        bottom, right = max(min(round((i + h) * sy), rows), top + 1), max(min(round((j + w) * sx), cols), left + 1)
+        return resize_region(pixels, top, left, bottom - top, right - left, (self.image_size, self.image_size))
 
 
 class EvalTransform:
-    """Resize shorter side + center crop + normalize; ``__call__(img) -> FloatTensor (3, S, S)``."""
+    """Resize shorter side + center crop to uint8 (3, S, S): ``from_bytes(data)`` or ``__call__(pil_image)``."""
 
     def __init__(self, image_size: int, *, fast: bool = True, max_pixels: int | None = None):
         self.image_size, self.fast, self.max_pixels = image_size, fast, max_pixels
-        self.transform = T.Compose(
-            [
-                T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
-                T.CenterCrop(image_size),
-                T.ToTensor(),
-                T.Normalize(CLIP_MEAN, CLIP_STD),
-            ]
+        self.reference = T.Compose(
+            [T.Resize(image_size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(image_size)]
         )
 
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """torchvision's Resize(S) output size: shorter side -> S, longer side scaled and truncated."""
+        size = self.image_size
+        if width <= height:
+            return int(size * height / width), size
+        return size, int(size * width / height)
+
+    def _resize_and_crop(self, pixels: np.ndarray, height: int, width: int) -> torch.Tensor:
+        """pixels: the (possibly reduced) decode of an original height x width image -> uint8 (3, S, S)."""
+        size = self.image_size
+        new_h, new_w = self.resized_size(height, width)
+        resized = resize_region(pixels, 0, 0, pixels.shape[0], pixels.shape[1], (new_h, new_w))  # (3, new_h, new_w)
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))  # CenterCrop's rounding
+        return resized[:, top : top + size, left : left + size].contiguous()
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return self.transform(_to_rgb(img))
+        """Transform a decoded image (no reduced-scale decoding here: that needs the encoded bytes)."""
+        if self.fast:
+            return self._resize_and_crop(pil_to_uint8(img), img.height, img.width)
+        return _to_uint8_tensor(self.reference(img if img.mode == "RGB" else img.convert("RGB")))
 
     def from_bytes(self, data: bytes) -> torch.Tensor:
         """Decode encoded image bytes and transform them: the entry point the eval loaders call."""
-        with Image.open(io.BytesIO(data)) as img:
-            check_image_size(img, self.max_pixels)
-            return self(img)
+        if not self.fast:
+            with Image.open(io.BytesIO(data)) as img:
+                check_image_size(img.width, img.height, self.max_pixels)
+                return self(img)
+        enc = EncodedImage(data, self.max_pixels)  # header only; raises ImageTooLargeError
+        new_h, new_w = self.resized_size(enc.height, enc.width)
+        # the largest reduction at which the decoded image is still >= the resized size on both sides
+        crop_side = self.image_size * min(enc.height / new_h, enc.width / new_w)  # the crop in original pixels
+        pixels, _, _ = enc.decode(reduction_for(crop_side, self.image_size))
+        return self._resize_and_crop(pixels, enc.height, enc.width)
 
 
 def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

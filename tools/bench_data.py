@@ -1,0 +1,242 @@
+"""Image decode + augment + collate throughput per CPU core, on real JPEG photos.
+
+    python tools/bench_data.py                          # 400x320 and 1024x768 JPEGs, crop scale 0.9-1.0
+    python tools/bench_data.py --crop-scale 0.08 1.0    # open_clip's usual RandomResizedCrop range
+    python tools/bench_data.py --workdir /tmp/bench_data --rounds 9
+
+Inputs: the colour photos that ship inside the scikit-image wheel (astronaut, chelsea, coffee, rocket,
+motorcycle; no download), cut to random windows of the target aspect ratio (70-100% of the largest
+one), resized (bicubic) to each size and saved as baseline JPEG (quality 90, 4:2:0) into one
+WebDataset-style tar per size (``<key>.jpg`` + ``<key>.txt``) under --workdir (a temp dir by default).
+The sources are 300-741 px wide, so the 1024x768 images are upscaled: smoother, hence smaller files
+and cheaper entropy decoding than native photos of that size; the table gives the mean file size.
+The tars are read into memory before timing: file IO is not measured.
+
+Measured: encoded bytes -> (3, 224, 224) per image -> ``torch.stack`` of batches of --batch images,
+in this one process with ``torch.set_num_threads(1)`` (a DataLoader worker's setting), so images/s
+here is images/s per core:
+
+  train, ours fast    TrainTransform(224, scale, fast=True).from_bytes(data, seed)   -> uint8
+  train, ours plain   TrainTransform(224, scale, fast=False).from_bytes(data, seed)  -> uint8 (PIL + torchvision)
+  train, torchvision  Image.open, convert RGB, RandomResizedCrop(224, scale, bicubic), ToTensor, Normalize -> float
+  eval,  ours fast / ours plain / torchvision: the same with resize shorter side + center crop
+
+Each round runs every pipeline once over every image (new seeds each round), interleaved, so load
+from other processes hits all of them alike; a cell is the median over rounds, and "x tv" is the
+median of the per-round ratios to torchvision (ratios taken side by side are what survive a noisy
+machine). A stage breakdown of the fast train path follows the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from mmpretrain.data.decode import EncodedImage, reduction_for, resize_region
+from mmpretrain.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform
+
+GOALS = {(400, 320): 1000.0, (1024, 768): 400.0}  # train, ours fast: images/s/core (issue #8)
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
+
+
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    if name == "motorcycle":
+        return skimage.data.stereo_motorcycle()[0]  # the left view
+    return getattr(skimage.data, name)()
+
+
+def build_tars(workdir: str, sizes: list[tuple[int, int]], num_images: int, quality: int) -> dict:
+    """One tar of ``num_images`` JPEGs per (width, height); returns {size: path}."""
+    os.makedirs(workdir, exist_ok=True)
+    photos = [Image.fromarray(_photo(n)).convert("RGB") for n in PHOTOS]
+    paths = {}
+    for width, height in sizes:
+        path = os.path.join(workdir, f"photos_{width}x{height}_q{quality}_n{num_images}.tar")
+        paths[(width, height)] = path
+        if os.path.exists(path):
+            continue
+        rng = np.random.default_rng(width * 7919 + height)
+        with tarfile.open(path + ".tmp", "w") as tf:
+            for k in range(num_images):
+                src = photos[k % len(photos)]
+                # the largest window of the target aspect, shrunk to 70-100%, at a random place
+                win_w = min(src.width, src.height * width / height) * rng.uniform(0.7, 1.0)
+                win_h = win_w * height / width
+                x0, y0 = rng.uniform(0, src.width - win_w), rng.uniform(0, src.height - win_h)
+                img = src.resize((width, height), Image.BICUBIC, box=(x0, y0, x0 + win_w, y0 + win_h))
+                if k % 2:
+                    img = img.transpose(Image.FLIP_LEFT_RIGHT)
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=quality)
+                for ext, data in (("jpg", buf.getvalue()), ("txt", f"{PHOTOS[k % len(PHOTOS)]} {k}".encode())):
+                    info = tarfile.TarInfo(f"{k:06d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        os.replace(path + ".tmp", path)
+    return paths
+
+
+def read_jpegs(path: str) -> list[bytes]:
+    with tarfile.open(path) as tf:
+        return [tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".jpg")]
+
+
+def pipelines(size: int, scale: tuple[float, float]) -> dict:
+    """name -> fn(data, seed) -> (3, size, size) tensor."""
+    fast, plain = TrainTransform(size, scale, fast=True), TrainTransform(size, scale, fast=False)
+    eval_fast, eval_plain = EvalTransform(size, fast=True), EvalTransform(size, fast=False)
+    to_float = [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    tv_train = T.Compose([T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC), *to_float])
+    tv_eval = T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(size), *to_float])
+
+    def torchvision_train(data: bytes, seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return tv_train(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    return {
+        ("train", "ours fast"): fast.from_bytes,
+        ("train", "ours plain"): plain.from_bytes,
+        ("train", "torchvision"): torchvision_train,
+        ("eval", "ours fast"): lambda data, seed: eval_fast.from_bytes(data),
+        ("eval", "ours plain"): lambda data, seed: eval_plain.from_bytes(data),
+        ("eval", "torchvision"): lambda data, seed: tv_eval(Image.open(io.BytesIO(data)).convert("RGB")),
+    }
+
+
+def images_per_s(fn, datas: list[bytes], seed0: int, batch: int) -> float:
+    t0 = time.perf_counter()
+    for b in range(0, len(datas), batch):
+        chunk = datas[b : b + batch]
+        torch.stack([fn(d, seed0 + b + k) for k, d in enumerate(chunk)])
+    return len(datas) / (time.perf_counter() - t0)
+
+
+def stage_ms(datas: list[bytes], size: int, scale: tuple[float, float], batch: int, seed0: int) -> dict:
+    """Per-image milliseconds of the fast train path's stages, each timed in its own pass."""
+    tf = TrainTransform(size, scale, fast=True)
+
+    def header(d, s):
+        enc = EncodedImage(d)
+        return enc, tf.crop_params(enc.height, enc.width, s)
+
+    parsed = [header(d, seed0 + k) for k, d in enumerate(datas)]
+    out, n = {}, len(datas)
+    t0 = time.perf_counter()
+    for k, d in enumerate(datas):
+        header(d, seed0 + k)
+    out["header + crop draw"] = (time.perf_counter() - t0) / n * 1e3
+    factors = [reduction_for(min(h, w), size) for _, (_, _, h, w) in parsed]
+    t0 = time.perf_counter()
+    decoded = [enc.decode(f) for (enc, _), f in zip(parsed, factors)]
+    out["decode"] = (time.perf_counter() - t0) / n * 1e3
+    t0 = time.perf_counter()
+    outs = []
+    for (pixels, sy, sx), (_, (i, j, h, w)) in zip(decoded, parsed):
+        top, left = round(i * sy), round(j * sx)
+        outs.append(resize_region(pixels, top, left, round(h * sy), round(w * sx), (size, size)))
+    out["crop + resize"] = (time.perf_counter() - t0) / n * 1e3
+    t0 = time.perf_counter()
+    for b in range(0, n, batch):
+        torch.stack(outs[b : b + batch])
+    out["collate (stack)"] = (time.perf_counter() - t0) / n * 1e3
+    out["decode reductions"] = " ".join(f"1/{f}: {factors.count(f)}" for f in sorted(set(factors)))
+    return out
+
+
+def machine() -> str:
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if line.startswith("Model name")
+        )
+    except (OSError, StopIteration):
+        model = platform.processor()
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default=None, help="where the tars go (default: a temp dir, removed at exit)")
+    p.add_argument("--sizes", nargs="+", default=["400x320", "1024x768"], help="WxH of the JPEGs")
+    p.add_argument("--crop-scale", nargs=2, type=float, default=[0.9, 1.0], metavar=("LO", "HI"))
+    p.add_argument("--image-size", type=int, default=224, help="output side S")
+    p.add_argument("--num-images", type=int, default=128, help="JPEGs per size")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--quality", type=int, default=90)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
+    scale = tuple(args.crop_scale)
+
+    tmp = None if args.workdir else tempfile.TemporaryDirectory()
+    paths = build_tars(args.workdir or tmp.name, sizes, args.num_images, args.quality)
+    datas = {s: read_jpegs(paths[s]) for s in sizes}
+    fns = pipelines(args.image_size, scale)
+    for s in sizes:  # warm-up: imports, first-call allocations
+        for fn in fns.values():
+            fn(datas[s][0], 0)
+
+    load_before = os.getloadavg()[0]
+    rates = {(s, name): [] for s in sizes for name in fns}
+    for r in range(args.rounds):
+        for s in sizes:
+            for name, fn in fns.items():
+                rates[(s, name)].append(images_per_s(fn, datas[s], r * len(datas[s]), args.batch))
+    load_after = os.getloadavg()[0]
+
+    def cell(s, name):
+        rate = statistics.median(rates[(s, name)])
+        ref = rates[(s, (name[0], "torchvision"))]
+        ratio = statistics.median(a / b for a, b in zip(rates[(s, name)], ref))
+        return f"{rate:7.0f} | {ratio:5.2f}x"
+
+    kb = {s: statistics.mean(map(len, datas[s])) / 1e3 for s in sizes}
+    head = " | ".join(f"{w}x{h} ({kb[(w, h)]:.0f} kB) img/s | x tv" for w, h in sizes)
+    print(
+        f"\ncrop scale {scale[0]}-{scale[1]}, output {args.image_size}x{args.image_size}, batch {args.batch}, "
+        f"{args.num_images} images per size, {args.rounds} rounds, 1 thread; {machine()}"
+    )
+    print(
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, 1-min load average "
+        f"{load_before:.2f} before, {load_after:.2f} after\n"
+    )
+    print(f"| pipeline | {head} |")
+    print("|---|" + "---:|---:|" * len(sizes))
+    for name in fns:
+        print(f"| {name[0]}, {name[1]} | " + " | ".join(cell(s, name) for s in sizes) + " |")
+    goals = " | ".join(f"{GOALS.get(s, float('nan')):7.0f} |" for s in sizes)
+    print(f"| goal (train, ours fast) | {goals}")
+
+    print("\nfast train path, per image (ms), one pass each:\n")
+    stages = {s: stage_ms(datas[s], args.image_size, scale, args.batch, 10**6) for s in sizes}
+    print("| stage | " + " | ".join(f"{w}x{h}" for w, h in sizes) + " |")
+    print("|---|" + "---:|" * len(sizes))
+    for key in stages[sizes[0]]:
+        vals = [stages[s][key] for s in sizes]
+        print(f"| {key} | " + " | ".join(v if isinstance(v, str) else f"{v:.3f}" for v in vals) + " |")
+    print(f"\ncommand: python {' '.join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:]))}")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
