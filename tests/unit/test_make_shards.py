@@ -367,12 +367,22 @@ def test_img2dataset_reshard(tmp_path, capsys):
                 originals.append((img, f"caption {i}", key))
             w.write(sample)
     (src / "00000.parquet").write_bytes(b"PAR1")  # written by img2dataset beside the tars: ignored
+    # a third tar cut inside its second image: its first sample is kept, the break is reported
+    with ShardWriter(tmp_path / "cut", samples_per_shard=5, name_format="{:05d}.tar") as w:
+        for i in range(2):
+            img = save_image(tmp_path / "tmp" / f"c{i}.jpg", 9, 11, seed=300 + i)
+            w.write({"__key__": f"c{i}", "jpg": img, "txt": f"cut {i}"})
+    with tarfile.open(tmp_path / "cut" / "00000.tar") as tar:
+        cut = tar.getmember("c1.jpg").offset_data + 10
+    (src / "00003.tar").write_bytes((tmp_path / "cut" / "00000.tar").read_bytes()[:cut])
+    originals.append((open(tmp_path / "tmp" / "c0.jpg", "rb").read(), "cut 0", "c0"))
     out = tmp_path / "out"
     code, stdout, _ = run_tool(["img2dataset", src, out, "--samples-per-shard", 3], capsys)
     assert code == 0
     paths, stats = shard_paths(out)
     samples = read_tars(paths)
-    assert len(paths) == 3 and [s["num_samples"] for s in stats["shards"]] == [3, 3, 3]
+    assert len(paths) == 4 and [s["num_samples"] for s in stats["shards"]] == [3, 3, 3, 1]
+    assert stats["unreadable_tars"][0]["tar"] == str(src / "00003.tar") and "unreadable tar" in stdout
     assert [(s["jpg"], s["txt"].decode()) for s in samples] == [(img, cap) for img, cap, _ in originals]
     meta = json.loads(samples[0]["json"])
     assert meta["source_shard"] == "00000.tar" and meta["img2dataset"]["url"] == "http://x/0.jpg"
