@@ -83,17 +83,30 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: int) -> str:
-    """Save on every rank (a collective); returns the tag. ``meta`` must be the same on all ranks."""
+def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: int, before_commit=None) -> str:
+    """Save on every rank (a collective); returns the tag. ``meta`` must be the same on all ranks.
+
+    Order: DeepSpeed's files and the RNG states of every rank, then meta.json, then (after a
+    barrier) ``latest``. A step folder without meta.json is incomplete and is never resumed from.
+    ``before_commit(step)`` runs just before meta.json is written (fault injection in tests).
+    """
     root = checkpoint_root(output_dir)
     tag = f"step_{step}"
-    engine.save_checkpoint(root, tag=tag, save_latest=False)
     tag_dir = os.path.join(root, tag)
+    if rank == 0 and os.path.isdir(tag_dir):
+        # left by a save that was killed: DeepSpeed would write over it, but a stale meta.json
+        # must not make a half-written folder look complete
+        stale = os.path.join(tag_dir, "meta.json")
+        if os.path.exists(stale):
+            os.remove(stale)
+    barrier()
+    engine.save_checkpoint(root, tag=tag, save_latest=False)
     torch.save(_rng_state(), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
+    barrier()  # every rank has written its shards and RNG state
+    if before_commit is not None:
+        before_commit(step)
     if rank == 0:
         write_atomic(os.path.join(tag_dir, "meta.json"), json.dumps({"step": step, **meta}, indent=1))
-    barrier()  # every rank has written its shards and RNG state
-    if rank == 0:
         write_atomic(os.path.join(root, "latest"), tag)
         _prune(root, keep_last, keep=tag)
     barrier()

@@ -44,6 +44,9 @@ class TrainLoopConfig:
     """GradCache micro-batches per step; every negative of the global batch is kept. 1 = off."""
     seed: int = 0
     """Seeds model init, data order and every RNG of the run."""
+    max_skips_in_a_row: int = 8
+    """A step whose loss or gradient is non-finite on any rank is skipped (no update, counted); this many in a
+    row stop the run with an error, without saving over the last good checkpoint."""
 
 
 @dataclass
@@ -62,7 +65,7 @@ class Config:
 
     def validate(self, prefix: str = "", world_size: int = 1) -> None:
         t = self.train
-        for key in ("batch_size", "steps", "accum_steps"):
+        for key in ("batch_size", "steps", "accum_steps", "max_skips_in_a_row"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1 (got {getattr(t, key)})")
         if t.batch_size % world_size:

@@ -15,13 +15,15 @@ import json
 import os
 import sys
 import time
-from functools import partial
+from dataclasses import dataclass
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, diff_configs, from_yaml_file, load_config, to_dict, to_yaml
 from mmpretrain.distributed import all_reduce_sum, barrier, env_rank_world, init_distributed
+from mmpretrain.faults import EXIT_STOPPED, Injector, NonFiniteError, SkipTracker, StepGuard, StopRequest
 
 # Keys that may change between a run and its restart: they do not touch weights or data order.
 RESTART_MAY_CHANGE = ("logging.",)
@@ -83,16 +85,30 @@ def init_weights(model, path: str) -> None:
     model.load_state_dict(sd, strict=True)
 
 
-def train_step(engine, batch, cfg: Config, device) -> tuple[torch.Tensor, float | None, torch.Tensor]:
-    """One optimizer step on this rank's batch: (loss, grad norm before clipping, logit scale)."""
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # global-batch loss (same on every rank)
+    grad_norm: float | None  # before clipping; None for a skipped step
+    logit_scale: torch.Tensor
+    skipped: bool  # the loss or a gradient was non-finite on some rank: no optimizer step
+    stop: bool  # some rank was asked to stop (signal or stop file)
+
+
+def train_step(engine, batch, cfg: Config, device, guard, injector, stop_requested: bool) -> StepResult:
+    """One optimizer step on this rank's batch, or none if any rank saw a non-finite loss or gradient.
+
+    One collective per step decides, on every rank alike, whether to skip the update and whether to stop.
+    """
     from mmpretrain.data.transforms import normalize_images
     from mmpretrain.engine import grad_norm_after_step, grad_norm_before_step
+    from mmpretrain.faults import discard_gradients
     from mmpretrain.loss import compute_loss
 
     images = normalize_images(batch["image"].to(device, non_blocking=True))  # (B, 3, H, W), B = per-rank batch
     tokens = batch["text"].to(device, non_blocking=True)  # (B, L)
     if cfg.engine.precision != "fp32":
         images = images.to(torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float16)
+    guard.reset()
     if cfg.train.accum_steps > 1:
         from mmpretrain.loss import grad_cache_step
 
@@ -109,18 +125,29 @@ def train_step(engine, batch, cfg: Config, device) -> tuple[torch.Tensor, float 
             scales.append(out.logit_scale.detach())
             return out
 
-        loss = grad_cache_step(forward, micro, partial(compute_loss, cfg.loss), backward)
+        def loss_fn(*features):
+            return injector.loss(compute_loss(cfg.loss, *features))
+
+        loss = grad_cache_step(forward, micro, loss_fn, backward)
         logit_scale = scales[-1]
     else:
         out = engine(images, tokens)
-        loss = compute_loss(cfg.loss, out)  # loss over the global batch, same value on every rank
+        loss = injector.loss(compute_loss(cfg.loss, out))  # loss over the global batch, same value on every rank
         engine.backward(loss)
         logit_scale = out.logit_scale.detach()
+    bad = guard.bad | ~torch.isfinite(loss.detach()).all()
+    flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=bad.device)])
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flags)  # the one collective of the step: every rank decides alike
+    skipped, stop = bool(flags[0] > 0), bool(flags[1] > 0)
+    if skipped:
+        discard_gradients(engine)
+        return StepResult(loss.detach(), None, logit_scale, True, stop)
     norm = grad_norm_before_step(engine)
     engine.step()
     if norm is None:
         norm = grad_norm_after_step(engine)
-    return loss.detach(), norm, logit_scale
+    return StepResult(loss.detach(), norm, logit_scale, False, stop)
 
 
 def run_eval(engine, tokenizer, cfg: Config, dist_info) -> dict:
@@ -160,17 +187,32 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank stream for dropout / patch dropout
 
     meta = checkpoint.resume(engine, cfg.output_dir, rank)
-    if meta is not None and meta["world_size"] != world:
-        raise ConfigError(f"checkpoint was written by {meta['world_size']} ranks; this launch has {world}")
     step = meta["step"] if meta else 0
     samples_seen = meta["samples_seen"] if meta else 0
     skipped_total = meta.get("skipped_samples", 0) if meta else 0
+    skips = SkipTracker(cfg.train.max_skips_in_a_row, total=meta.get("skipped_steps", 0) if meta else 0)
     run_id = meta["wandb_run_id"] if meta else new_run_id()
     cfg_dict = to_dict(cfg)
     log = MetricsLogger(cfg.logging, cfg.output_dir, is_main=is_main, run_id=run_id, config=cfg_dict,
                         start_step=step, total_steps=cfg.train.steps)  # fmt: skip
     if meta:
         log.write(f"resumed from {checkpoint.checkpoint_root(cfg.output_dir)}/step_{step}")
+        if meta["world_size"] != world:
+            log.write(
+                f"the checkpoint was written by {meta['world_size']} ranks, this launch has {world}: weights and "
+                "optimizer state continue; the data order from here on is that of the new world size"
+            )
+
+    # before the loader forks its workers (they inherit the handlers and so survive a job-wide signal)
+    stopper = StopRequest(os.environ.get("MMPRETRAIN_STOP_FILE") or os.path.join(cfg.output_dir, "STOP"))
+    stopper.install()
+    if is_main and stopper.clear_stale_file():
+        log.write(f"removed a stale stop file {stopper.stop_file} (its run ended before acting on it)")
+    barrier()
+    if not is_main:
+        stopper.stop_file = None  # rank 0 looks at the file; the step's collective tells the others
+    injector = Injector.from_env(rank)
+    guard = StepGuard(engine.module, device, injector)
 
     tokenizer = Tokenizer(context_length=cfg.model.text.context_length)
     loader = build_train_loader(
@@ -181,51 +223,67 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
 
     def save(at_step: int) -> str:
         extra = {"samples_seen": samples_seen, "config": cfg_dict, "world_size": world, "wandb_run_id": run_id,
-                 "skipped_samples": skipped_total, "data": {"batches_consumed_per_rank": at_step}}  # fmt: skip
-        return checkpoint.save(engine, cfg.output_dir, at_step, extra, rank, cfg.checkpoint.keep_last)
+                 "skipped_samples": skipped_total, "skipped_steps": skips.total,
+                 "data": {"batches_consumed_per_rank": at_step}}  # fmt: skip
+        return checkpoint.save(engine, cfg.output_dir, at_step, extra, rank, cfg.checkpoint.keep_last,
+                               before_commit=injector.during_save)  # fmt: skip
 
     last: dict = {}
-    t_last, wait, loss_sum, steps_in_window, skipped_window = time.perf_counter(), 0.0, 0.0, 0, 0
-    start_step, saved_at = step, None
+    t_last, wait, loss_sum, steps_in_window, batches_in_window, skipped_window = time.perf_counter(), 0.0, 0.0, 0, 0, 0
+    start_step, saved_at, stop = step, (f"step_{step}" if meta else None), False
     while step < cfg.train.steps:
         t0 = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t0
-        loss, grad_norm, logit_scale = train_step(engine, batch, cfg, device)
-        step += 1
+        injector.begin_step(step + 1)
+        res = train_step(engine, batch, cfg, device, guard, injector, stopper.requested())
+        step += 1  # a batch consumed: skipped steps count too, so the data position stays step x batch
         samples_seen += cfg.train.batch_size
         skipped_window += batch.get("num_skipped", 0)
-        loss_sum += loss.item()
-        steps_in_window += 1
+        batches_in_window += 1
+        if not res.skipped:
+            loss_sum += res.loss.item()
+            steps_in_window += 1
+        skips.update(step, res.skipped, "loss or gradient", saved_at)
         log.advance()
 
-        stop_now = stop_after_steps and step - start_step >= stop_after_steps
-        if step % cfg.logging.log_every == 0 or step == cfg.train.steps or stop_now:
+        stop = res.stop or bool(stop_after_steps and step - start_step >= stop_after_steps)
+        if step % cfg.logging.log_every == 0 or step == cfg.train.steps or stop:
             skipped = int(all_reduce_sum(skipped_window, device))  # collective: every rank logs at the same steps
             skipped_total += skipped
             elapsed = time.perf_counter() - t_last
             last = {
                 "samples_seen": samples_seen,
-                "loss": loss_sum / steps_in_window,
+                "loss": loss_sum / steps_in_window if steps_in_window else float("nan"),
                 "lr": engine.get_lr()[0],
-                "logit_scale": logit_scale.float().item(),
-                "samples_per_s": steps_in_window * cfg.train.batch_size / elapsed,
+                "logit_scale": res.logit_scale.float().item(),
+                "samples_per_s": batches_in_window * cfg.train.batch_size / elapsed,
                 "data_wait_frac": wait / elapsed,
-                "grad_norm": grad_norm,
+                "grad_norm": res.grad_norm,
                 "skipped_samples": skipped_total,
+                "skipped_steps": skips.total,
             }
             log.log(step, last)
-            t_last, wait, loss_sum, steps_in_window, skipped_window = time.perf_counter(), 0.0, 0.0, 0, 0
+            t_last, wait, loss_sum, steps_in_window, batches_in_window, skipped_window = (time.perf_counter(), 0.0,
+                                                                                          0.0, 0, 0, 0)  # fmt: skip
 
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
             saved_at = save(step)
-        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.steps:
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.steps and not stop:
             log.log(step, run_eval(engine, tokenizer, cfg, dist_info))
-        if stop_now:
+        if stop:
             break
 
     if saved_at != f"step_{step}" and step > start_step:
         saved_at = save(step)
+    stopped_on_request = stop and res.stop
+    if stopped_on_request:
+        log.write(f"stopped on request ({stopper.reason() if stopper.requested() else 'another rank'}) after "
+                  f"step {step}; checkpoint {saved_at} saved; rerun the same command to resume")  # fmt: skip
+        if is_main:
+            stopper.acknowledge()
+    stopper.uninstall()
+    del batches  # shut the loader's workers down now, while signals are ours again
     results = {}
     if step >= cfg.train.steps:
         results = run_eval(engine, tokenizer, cfg, dist_info)
@@ -237,7 +295,7 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
     log.close()
     if is_main:
         _print_summary(cfg, step, saved_at, results, stopped=step < cfg.train.steps)
-    return {**last, **results, "step": step}
+    return {**last, **results, "step": step, "stopped_on_request": stopped_on_request}
 
 
 def _print_summary(cfg: Config, step: int, tag: str | None, results: dict, stopped: bool) -> None:
@@ -255,20 +313,36 @@ def _print_summary(cfg: Config, step: int, tag: str | None, results: dict, stopp
     print("\n".join(lines), flush=True)
 
 
+# Errors every rank raises alike (decided by a collective): one line from rank 0, exit 1, no traceback.
+AGREED_ERRORS = (NonFiniteError,)
+
+
+@record  # under torchrun: an exception on any rank is written where the launcher reports it as the root cause
 def main(argv=None) -> None:
+    """Exit codes: 0 finished (or --stop-after-steps), 2 bad config, 75 stopped on request with a checkpoint
+    saved (rerun to resume), 1 any other error. An unexpected error on one rank ends the others: torchrun
+    stops the remaining workers, and a rank waiting on a dead peer fails within engine.dist_timeout_s."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank = env_rank_world()[0]
+    code = 0
     try:
         cfg = load_config(args.config, args.overrides)
-        train(cfg, stop_after_steps=args.stop_after_steps)
+        result = train(cfg, stop_after_steps=args.stop_after_steps)
+        code = EXIT_STOPPED if result.get("stopped_on_request") else 0
     except ConfigError as e:
         if rank == 0:
             print(f"mmpretrain.train: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code = 2
+    except AGREED_ERRORS as e:
+        if rank == 0:
+            print(f"mmpretrain.train: error: {e}", file=sys.stderr, flush=True)
+        code = 1
     finally:
         from mmpretrain.distributed import destroy
 
         destroy()
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
