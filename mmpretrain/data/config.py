@@ -7,11 +7,16 @@ lives in the root config and is passed to the loader builders.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import braceexpand
+
+log = logging.getLogger(__name__)
+
+DECODE_CHOICES = ("fast", "pil")
 
 
 def expand_shard_spec(spec: str) -> list[list[str]]:
@@ -29,24 +34,53 @@ def _local_path(url: str) -> str:
 
 
 def check_shard_spec(spec: str, key: str) -> list[list[str]]:
-    """Expand a spec and check its local files exist; ValueError naming ``key`` otherwise."""
+    """Expand a spec and check its local files: ValueError naming ``key`` when no file of a source exists.
+
+    Some files missing is only a warning: a missing shard is a data fault met at read time (counted as
+    ``unreadable_shard`` and skipped, like a corrupt one), not a reason to refuse the run.
+    """
     sources = expand_shard_spec(spec)
     if not sources:
         raise ValueError(f"{key}: empty shard spec {spec!r}")
-    for source_spec, urls in zip(spec.split("::"), sources):
+    for source_spec, urls in zip([s for s in spec.split("::") if s], sources):
         missing = [u for u in urls if not is_remote(u) and not os.path.isfile(_local_path(u))]
         if len(missing) == len(urls):
             raise ValueError(f"{key}: no file matches {source_spec!r}")
         if missing:
-            raise ValueError(f"{key}: {len(missing)} of {len(urls)} files of {source_spec!r} missing: {missing[0]!r}")
+            log.warning(
+                "%s: %d of %d files of %r missing (e.g. %r); they will be skipped and counted as unreadable_shard",
+                key, len(missing), len(urls), source_spec, missing[0],
+            )  # fmt: skip
     return sources
+
+
+@dataclass
+class SourceConfig:
+    """One source of a multi-source mixture (``data.train.sources``)."""
+
+    urls: str
+    """The source's shards: a brace-expandable spec as in ``data.train.urls`` (no ``::``)."""
+    weight: float = 1.0
+    """Share of the train SAMPLES drawn from this source: weight / sum of weights (not per shard)."""
+    name: Optional[str] = None
+    """Name in the per-batch ``data_stats["sources"]`` counts and logs; None: ``source<i>`` by position."""
+
+
+def source_names(sources: list[SourceConfig]) -> list[str]:
+    """The names of ``sources``, defaults filled in: ``source0``, ``source1``, ... by position."""
+    return [s.name if s.name is not None else f"source{i}" for i, s in enumerate(sources)]
 
 
 @dataclass
 class TrainDataConfig:
     urls: Optional[str] = None
     """Train shards: a brace-expandable spec (local paths, ``pipe:...`` or http(s) urls, as webdataset opens
-    them), e.g. ``/data/laion/{000000..041407}.tar``. Several sources are separated by ``::``."""
+    them), e.g. ``/data/laion/{000000..041407}.tar``. Several sources may be separated by ``::`` (one shard
+    pool; see ``source_weights``). Exclusive with ``sources``."""
+    sources: Optional[list[SourceConfig]] = None
+    """Several sources mixed by SAMPLE share: each DataLoader worker reads every source as its own stream
+    (own shard order and shuffle buffer: memory is sources x shuffle_buffer samples) and a seeded RNG picks
+    the source of every next sample with probability weight / sum of weights. Exclusive with ``urls``."""
     resampled: bool = False
     """Draw shards with replacement (seeded per rank and worker) instead of seeded passes over the shard list.
     Use it when shards < ranks x workers or to weight sources."""
@@ -66,6 +100,10 @@ class TrainDataConfig:
     """RandomResizedCrop area range (min, max) as fractions of the image area."""
 
     def validate(self, prefix: str) -> None:
+        if self.urls is not None and self.sources is not None:
+            raise ValueError(f"{prefix}.sources: set either {prefix}.urls or {prefix}.sources, not both")
+        if self.sources is not None:
+            self._validate_sources(prefix)
         if self.urls is not None:
             sources = check_shard_spec(self.urls, f"{prefix}.urls")
             if self.source_weights is not None:
@@ -87,6 +125,27 @@ class TrainDataConfig:
             raise ValueError(f"{prefix}.image_key/text_key: must not be empty")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"{prefix}.crop_scale: need [min, max] with 0 < min <= max <= 1 (got {self.crop_scale})")
+
+    def _validate_sources(self, prefix: str) -> None:
+        if not self.sources:
+            raise ValueError(f"{prefix}.sources: empty list (give at least one source, or use {prefix}.urls)")
+        if self.source_weights is not None:
+            raise ValueError(f"{prefix}.source_weights: not used with {prefix}.sources (give each source a weight)")
+        for i, source in enumerate(self.sources):
+            key = f"{prefix}.sources[{i}]"
+            if not source.urls or "::" in source.urls:
+                raise ValueError(f"{key}.urls: one non-empty shard spec per source, without '::' (got {source.urls!r})")
+            check_shard_spec(source.urls, f"{key}.urls")
+            if not source.weight >= 0:
+                raise ValueError(f"{key}.weight: must be >= 0 (got {source.weight})")
+            if source.name is not None and not source.name:
+                raise ValueError(f"{key}.name: must not be empty (null for the default 'source{i}')")
+        if sum(s.weight for s in self.sources) <= 0:
+            raise ValueError(f"{prefix}.sources: the weights must have a positive sum")
+        names = source_names(self.sources)
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise ValueError(f"{prefix}.sources: the name {dup!r} is used twice")
 
 
 @dataclass
@@ -149,12 +208,33 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     num_workers: int = 2
     """DataLoader worker processes per rank (0: load in the training process)."""
+    max_bad_fraction: float = 0.1
+    """Stop training (DataFaultError) when broken samples / samples read (all ranks, since the start of this
+    launch) exceeds it. Broken: every skipped sample, unreadable shard and truncated tar (DATA_FAULT_REASONS).
+    1.0: never stop."""
+    bad_min_samples: int = 1000
+    """Do not judge ``max_bad_fraction`` before this many samples were read (all ranks together)."""
+    max_image_pixels: int = 50_000_000
+    """Images whose header declares more pixels (width x height) are skipped before decoding
+    (``oversized_image``: decompression-bomb guard)."""
+    decode: str = "fast"
+    """Image decoding (``fast=`` of the transforms): "fast" decodes JPEGs with libjpeg-turbo, at a reduced DCT
+    scale when the crop allows it (same crop geometry, pixels within a grey level); "pil": PIL + torchvision,
+    open_clip's exact pixels."""
 
     def validate(self, prefix: str) -> None:
         if self.num_workers < 0:
             raise ValueError(f"{prefix}.num_workers: must be >= 0 (got {self.num_workers})")
-        if self.train.urls is None and self.synthetic.root is None:
+        if self.train.urls is None and self.train.sources is None and self.synthetic.root is None:
             raise ValueError(f"{prefix}.train.urls: required (or set {prefix}.synthetic.root for synthetic data)")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"{prefix}.max_bad_fraction: must be in [0, 1] (got {self.max_bad_fraction})")
+        if self.bad_min_samples < 1:
+            raise ValueError(f"{prefix}.bad_min_samples: must be >= 1 (got {self.bad_min_samples})")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"{prefix}.max_image_pixels: must be >= 1 (got {self.max_image_pixels})")
+        if self.decode not in DECODE_CHOICES:
+            raise ValueError(f"{prefix}.decode: must be one of {', '.join(DECODE_CHOICES)} (got {self.decode!r})")
         self.train.validate(f"{prefix}.train")
         self.eval.validate(f"{prefix}.eval")
         self.synthetic.validate(f"{prefix}.synthetic")

@@ -6,12 +6,15 @@ Train stream of one DataLoader worker (``W = max(1, num_workers)`` workers per r
                  rank; rank r keeps every world-th shard from r, worker w every W-th of those.
                  Resampled mode: shards drawn with replacement (optionally weighted by source) from
                  an RNG seeded with (seed, rank, w). Epochs never end the stream: it runs forever.
-      -> tar members grouped into samples        (unreadable tar / truncated member: counted, skipped)
-      -> keep samples with an image and a caption (missing one: counted, skipped)
+      -> tar members grouped into samples        (unreadable shard / truncated tar: counted, skipped)
+      -> check members: image and caption present, non-empty, caption UTF-8 and not blank (else counted)
       -> shuffle buffer, RNG seeded with (seed, rank, w, epoch)
+      [-> data.train.sources: one such stream per source; an RNG seeded with (seed, rank, w) picks the
+          source of every next sample with probability weight / sum of weights]
       -> [resume: drop the first k * batch_size samples undecoded]
-      -> decode image + caption, transform       (undecodable: counted, skipped)
-      -> batches of batch_size, tokenized        {"image": (B,3,S,S), "text": (B,L), "num_skipped": int}
+      -> decode image, transform                 (oversized / undecodable: counted, skipped)
+      -> batches of batch_size, tokenized        {"image": (B,3,S,S), "text": (B,L), "num_skipped": int,
+                                                  "data_stats": dict}
 
 Every random choice is seeded from (seed, rank, worker, epoch or sample position), so the batch
 sequence is a pure function of (urls, seed, rank, world_size, num_workers, batch_size).
@@ -20,16 +23,40 @@ Exact resume. torch's DataLoader takes batch i from worker i % W, so with ``star
 stream of worker w (its seeds and shards) drops its first ceil((N - w) / W) batches' worth of
 samples before decoding; as the DataLoader always asks worker 0 first, DataLoader worker i runs
 stream (i + N) % W. The loader then yields batches N, N+1, ... of an uninterrupted run.
-Brokenness found before the skip point (unreadable tars, missing image/caption) is handled
+Brokenness found before the skip point (unreadable tars, every member check above) is handled
 identically in both runs; an image that only fails to *decode* inside the skipped range is not
 seen by the resumed run, which then runs one sample ahead of the uninterrupted one per such image
 (a shift, not a loss or a crash). Decoding the skipped range would make that exact at the cost of
 a slow restart; rare corrupt JPEGs are not worth it. The skipped samples are still read from the
 tars (the shuffle buffer at the resume point holds samples from that range): a restart at batch N
-reads N x batch_size samples per rank, without decoding them.
+reads N x batch_size samples per rank, without decoding them. The source mixture is drawn before
+the skip, so it resumes exactly too.
 
-Broken-sample counts are counts of failures: a truncated tar counts the member that is cut and
-the tar stream that ends early; how many samples the lost tail held is unknowable.
+Bad data never stops a run. Every fault is skipped and counted under one of DATA_FAULT_REASONS:
+    unreadable_shard  the shard cannot be opened or is not a tar (missing file, no permission, garbage)
+    truncated_tar     the tar stream breaks after its start (cut mid-member, garbled or missing end)
+    no_image          a sample without an image member (e.g. a caption alone)
+    no_caption        a sample with an image but no caption member
+    zero_byte         the image or the caption member has 0 bytes
+    bad_utf8          the caption is not UTF-8
+    empty_caption     the caption is only whitespace
+    oversized_image   the header declares more than data.max_image_pixels pixels (nothing decoded)
+    corrupt_image     anything else that fails to decode
+Truncated tar, the counting rule: it counts exactly one ``truncated_tar``. Every sample whose members
+all lie before the cut is read normally; the sample whose member data is cut is lost with the tar (no
+second count). A cut between two members of one sample (at a header) leaves that sample with the
+members before the cut, judged as usual (e.g. ``no_caption``). A tar that lacks its end-of-archive
+blocks is truncated (a tar cut exactly at a member boundary looks like that).
+Each batch carries ``data_stats`` for the samples its worker read since its previous batch (a plain
+picklable dict; ``read`` = good + broken, a shard-level fault counting one):
+    {"read": int, "skipped": {reason: int, all of DATA_FAULT_REASONS}, "bad_shards": {url: int broken},
+     "sources": {source name: good samples in this batch}}
+The train loop sums them over steps and ranks with ``merge_data_stats`` and calls
+``check_bad_fraction``, which raises DataFaultError when broken / read passes data.max_bad_fraction
+(after data.bad_min_samples samples): a run on a dataset that is mostly broken stops with the worst shards
+named. Faults found after a worker's last good sample of a window are reported with its next batch.
+A worker that meets MAX_CONSECUTIVE_BROKEN broken samples in a row, or a whole epoch of its shards
+without a usable sample, raises instead of spinning.
 """
 
 from __future__ import annotations
@@ -42,6 +69,7 @@ import logging
 import os
 import random
 import re
+import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -49,16 +77,33 @@ from typing import Any
 
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .config import DataConfig, TrainDataConfig, expand_shard_spec
+from .config import DataConfig, TrainDataConfig, expand_shard_spec, source_names
 from .tokenizer import Tokenizer
-from .transforms import EvalTransform, TrainTransform
+from .transforms import EvalTransform, ImageTooLargeError, TrainTransform
 
 log = logging.getLogger(__name__)
 
 # a worker that meets this many broken samples in a row with no good one is reading garbage: fail loudly
 MAX_CONSECUTIVE_BROKEN = 10_000
+
+DATA_FAULT_REASONS = (
+    "unreadable_shard",
+    "truncated_tar",
+    "no_image",
+    "no_caption",
+    "zero_byte",
+    "bad_utf8",
+    "empty_caption",
+    "oversized_image",
+    "corrupt_image",
+)
+
+
+class DataFaultError(RuntimeError):
+    """Too large a fraction of the train data is broken (see check_bad_fraction)."""
 
 
 def mix_seed(*parts: int) -> int:
@@ -68,39 +113,191 @@ def mix_seed(*parts: int) -> int:
 
 
 # the seed streams a worker draws from
-_SHARD_ORDER, _RESAMPLE, _SHUFFLE, _CROP = 0, 1, 2, 3
+_SHARD_ORDER, _RESAMPLE, _SHUFFLE, _CROP, _SOURCE, _MIX = 0, 1, 2, 3, 4, 5
 
 
-class SkipCounter:
-    """Broken samples (and unreadable tars) met by one worker: ``taken`` per batch, plus a run of failures."""
+# ---------------------------------------------------------------- fault counts
 
-    def __init__(self, where: str):
+
+def empty_data_stats(sources: Iterable[str] = ()) -> dict[str, Any]:
+    """Zero counts in the ``data_stats`` format (see the module docstring)."""
+    return {
+        "read": 0,
+        "skipped": dict.fromkeys(DATA_FAULT_REASONS, 0),
+        "bad_shards": {},
+        "sources": dict.fromkeys(sources, 0),
+    }
+
+
+def _add_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out
+
+
+def merge_data_stats(total: dict, new: dict) -> dict:
+    """``total`` + ``new`` as a new dict (counts added key by key); either may be ``{}``.
+
+    Sums the batches of one rank over steps, and the sums of all ranks (e.g. after all_gather_object).
+    """
+    out = empty_data_stats()
+    out["read"] = total.get("read", 0) + new.get("read", 0)
+    for key in ("skipped", "bad_shards", "sources"):
+        out[key] = _add_counts(_add_counts(out[key], total.get(key, {})), new.get(key, {}))
+    return out
+
+
+def check_bad_fraction(stats: dict, *, max_bad_fraction: float, min_samples: int) -> None:
+    """Raise DataFaultError when broken / read > max_bad_fraction, once read >= min_samples.
+
+    ``stats``: data_stats summed over all ranks, so that every rank decides alike (no rank left hanging
+    in a collective). The message names the worst shards and the reasons.
+    """
+    read = stats.get("read", 0)
+    skipped = stats.get("skipped", {})
+    broken = sum(skipped.values())
+    if read < min_samples or read == 0 or broken / read <= max_bad_fraction:
+        return
+    worst = sorted(stats.get("bad_shards", {}).items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    reasons = sorted(((r, n) for r, n in skipped.items() if n), key=lambda kv: -kv[1])
+    raise DataFaultError(
+        f"data: {100 * broken / read:.1f}% of {read} samples read were broken "
+        f"(> data.max_bad_fraction={max_bad_fraction}); "
+        f"worst shards: {', '.join(f'{url} ({n})' for url, n in worst) or 'none'}; "
+        f"by reason: {', '.join(f'{r} {n}' for r, n in reasons)}"
+    )
+
+
+class FaultCounter:
+    """The counts of one worker since its last batch (``take()``), plus a guard against endless garbage."""
+
+    def __init__(self, where: str, sources: Iterable[str] = ()):
         self.where = where
-        self.count = 0  # since the last batch
-        self.total = 0
+        self.source_names = list(sources)
+        self.total = 0  # broken, over the worker's life (for the log)
         self.consecutive = 0  # broken in a row, reset by every good sample
-        self.usable = 0  # samples with an image and a caption read from tars (detects shards that give nothing)
+        self.stats = empty_data_stats(self.source_names)
 
-    def add(self, reason: str) -> None:
-        self.count += 1
+    def fault(self, reason: str, url: str | None, detail: Any) -> None:
+        assert reason in DATA_FAULT_REASONS, reason
+        stats = self.stats
+        stats["read"] += 1
+        stats["skipped"][reason] += 1
+        url = str(url)
+        stats["bad_shards"][url] = stats["bad_shards"].get(url, 0) + 1
         self.total += 1
         self.consecutive += 1
         if self.total <= 5 or self.total % 1000 == 0:
-            log.warning("%s: skipped broken sample #%d: %s", self.where, self.total, reason[:300])
+            log.warning("%s: skipped broken sample #%d (%s): %s: %s", self.where, self.total, reason, url,
+                        str(detail)[:300])  # fmt: skip
         if self.consecutive >= MAX_CONSECUTIVE_BROKEN:
-            raise RuntimeError(f"{self.where}: {self.consecutive} broken samples in a row; last: {reason[:300]}")
+            raise RuntimeError(f"{self.where}: {self.consecutive} broken samples in a row; last: {reason} {url}")
 
-    def good(self) -> None:
+    def good(self, source: str) -> None:
+        self.stats["read"] += 1
+        self.stats["sources"][source] = self.stats["sources"].get(source, 0) + 1
         self.consecutive = 0
 
-    def take(self) -> int:
-        n, self.count = self.count, 0
-        return n
+    def take(self) -> dict[str, Any]:
+        stats, self.stats = self.stats, empty_data_stats(self.source_names)
+        return stats
 
-    def handler(self, exn: Exception) -> bool:
-        """webdataset exception handler: count and continue."""
-        self.add(f"{type(exn).__name__}: {exn}")
-        return True
+
+# ---------------------------------------------------------------- reading tars
+
+
+class _BrokenTarStream(Exception):
+    """The tar stream ended or broke somewhere tarfile would silently call an end."""
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile ends a stream quietly at an empty, cut or garbled header after the first one; a complete tar
+    ends with zero blocks (EOFHeaderError, passed on), so anything else there means the tar is truncated."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+            if tar.offset == 0:
+                raise  # the first header: tarfile says "not a tar" itself
+            raise _BrokenTarStream(f"no valid header at byte {tar.offset} ({e}): the tar is cut or garbled") from None
+
+
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "dir/key.ext.gz" -> ("dir/key", "ext.gz")
+
+
+def read_tar_samples(url: str, counter: FaultCounter) -> Iterator[dict[str, Any]]:
+    """Samples of one tar shard: ``{"__key__", "__url__", <ext>: bytes ...}``; members with one key in a row.
+
+    Shard-level faults are counted here (unreadable_shard, truncated_tar; see the module docstring).
+    Our own reader rather than wds.tarfile_to_samples: the fault must be classified where it happens,
+    and tarfile alone does not notice a tar cut at a header.
+    """
+    try:
+        stream = wds.gopen(url, "rb")  # local paths, file:, pipe: and http(s) alike
+    except Exception as exn:  # noqa: BLE001 -- missing file, permission denied, failing pipe ...
+        counter.fault("unreadable_shard", url, f"{type(exn).__name__}: {exn}")
+        return
+    try:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo)  # reads the first header
+        except Exception as exn:  # noqa: BLE001 -- not a tar (or empty, or unreadable) from its first block
+            counter.fault("unreadable_shard", url, f"not a tar: {type(exn).__name__}: {exn}")
+            return
+        sample: dict[str, Any] | None = None
+        in_data = False  # reading a member's bytes: a failure there loses the sample that member belongs to
+        try:
+            for info in tar:
+                tar.members = []  # stream mode would keep every TarInfo of the shard
+                match = _MEMBER_NAME.match(info.name)
+                if not info.isreg() or match is None or os.path.basename(info.name).startswith("__"):
+                    continue  # directories, links, webdataset's __meta__ members
+                key, ext = match.group(1), match.group(2).lower()
+                if sample is None or key != sample["__key__"]:
+                    if sample is not None and len(sample) > 2:
+                        yield sample
+                    sample = {"__key__": key, "__url__": url}
+                in_data = True
+                data = tar.extractfile(info).read()
+                in_data = False
+                sample.setdefault(ext, data)  # a duplicated member keeps its first copy
+        except Exception as exn:  # noqa: BLE001 -- cut, garbled, or a read error inside the stream
+            counter.fault("truncated_tar", url, f"{type(exn).__name__}: {exn}")
+            if in_data:
+                sample = None
+        if sample is not None and len(sample) > 2:  # more than __key__ and __url__
+            yield sample
+    finally:
+        try:
+            stream.close()
+        except Exception as exn:  # noqa: BLE001 -- e.g. a pipe's exit status; its stream was judged above
+            log.debug("%s: closing: %s", url, exn)
+
+
+def _first_key(sample: dict, keys: list[str]) -> str | None:
+    return next((k for k in keys if k in sample), None)
+
+
+def sample_fault(sample: dict, image_keys: list[str], text_key: str) -> str | None:
+    """The reason a raw sample is unusable, judged from its bytes without decoding the image; None if usable.
+    A usable sample gets ``"__caption__"``: the stripped caption."""
+    image_key = _first_key(sample, image_keys)
+    if image_key is None:
+        return "no_image"
+    if text_key not in sample:
+        return "no_caption"
+    if not sample[image_key] or not sample[text_key]:
+        return "zero_byte"
+    try:
+        caption = sample[text_key].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "bad_utf8"
+    if not caption:
+        return "empty_caption"
+    sample["__caption__"] = caption
+    return None
 
 
 # ---------------------------------------------------------------- shard lists
@@ -131,69 +328,85 @@ def _resampled_shards(
         yield dict(url=urls[bisect.bisect_right(cum, rng.random() * cum[-1])])
 
 
+@dataclass
+class _Source:
+    """One stream of shards as the worker reads it: a data.train.sources entry, or all of data.train.urls."""
+
+    shards: list[list[str]]  # "::" groups (only data.train.urls has several: they weight resampled shards)
+    shard_weights: list[float] | None  # data.train.source_weights, per group
+    names: list[str]  # the name counted in data_stats["sources"], per group
+    seed: int
+
+
+def _checked_samples(
+    shards: Iterable[dict], *, name_of: dict[str, str], image_keys: list[str], text_key: str, counter: FaultCounter
+) -> Iterator[dict]:
+    """Usable raw samples of a stream of shards, each tagged ``"__source__"``; every fault counted."""
+    for shard in shards:
+        url = shard["url"]
+        for sample in read_tar_samples(url, counter):
+            reason = sample_fault(sample, image_keys, text_key)
+            if reason is not None:
+                counter.fault(reason, url, sample["__key__"])
+                continue
+            sample["__source__"] = name_of[url]
+            yield sample
+
+
 def _raw_samples(
     cfg: TrainDataConfig,
-    sources: list[list[str]],
+    source: _Source,
     *,
-    seed: int,
     rank: int,
     world_size: int,
     worker: int,
     num_workers: int,
-    counter: SkipCounter,
+    counter: FaultCounter,
+    num_epochs: int | None = None,
 ) -> Iterator[dict]:
-    """Endless stream of shuffled, not yet decoded samples (with an image and a caption) for one worker.
+    """Stream of shuffled, not yet decoded, usable samples of one source for one worker (endless by default).
 
     Epoch mode chains epochs, each shuffled on its own (an epoch is one pass: no sample of epoch e+1
     enters the buffer before epoch e is done). Resampled mode is one endless "epoch".
     """
-    urls = [u for source in sources for u in source]
-    image_keys = cfg.image_key.split(";")
-    for epoch in itertools.count():
+    seed = source.seed
+    urls = [u for group in source.shards for u in group]
+    name_of = {u: name for group, name in zip(source.shards, source.names) for u in group}
+    for epoch in itertools.count() if num_epochs is None else range(num_epochs):
         if cfg.resampled:
-            shards = partial(_resampled_shards, sources, cfg.source_weights, seed=seed, rank=rank, worker=worker)
+            shards = _resampled_shards(source.shards, source.shard_weights, seed=seed, rank=rank, worker=worker)
         else:
-            shards = partial(
-                epoch_shards,
-                urls,
-                seed=seed,
-                epoch=epoch,
-                rank=rank,
-                world_size=world_size,
-                worker=worker,
-                num_workers=num_workers,
+            shards = epoch_shards(
+                urls, seed=seed, epoch=epoch, rank=rank, world_size=world_size, worker=worker, num_workers=num_workers
             )
-        before = counter.usable
-        yield from wds.DataPipeline(
-            shards,
-            wds.tarfile_to_samples(handler=counter.handler),
-            partial(_require_keys, image_keys=image_keys, text_key=cfg.text_key, counter=counter),
-            wds.shuffle(
-                cfg.shuffle_buffer,
-                initial=cfg.shuffle_buffer,
-                rng=random.Random(mix_seed(seed, _SHUFFLE, rank, worker, epoch)),
-            ),
+        samples = _checked_samples(
+            shards, name_of=name_of, image_keys=cfg.image_key.split(";"), text_key=cfg.text_key, counter=counter
         )
-        if counter.usable == before:  # an endless loop over shards that give nothing would hang training
-            raise RuntimeError(f"{counter.where}: no usable sample in its shards in epoch {epoch} (unreadable?)")
+        shuffle = wds.shuffle(
+            cfg.shuffle_buffer,
+            initial=cfg.shuffle_buffer,
+            rng=random.Random(mix_seed(seed, _SHUFFLE, rank, worker, epoch)),
+        )
+        usable = 0
+        for sample in shuffle(samples):
+            usable += 1
+            yield sample
+        if usable == 0:  # an endless loop over shards that give nothing would hang training
+            raise RuntimeError(
+                f"{counter.where}: no usable sample in its shards of {'/'.join(source.names)} in epoch {epoch} "
+                "(all unreadable or broken?)"
+            )
 
 
-def _first_key(sample: dict, keys: list[str]) -> str | None:
-    return next((k for k in keys if k in sample), None)
+def _mix(streams: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
+    """Every next sample from stream i with probability weights[i] / sum(weights)."""
+    cum = list(itertools.accumulate(weights))
+    while True:
+        yield next(streams[bisect.bisect_right(cum, rng.random() * cum[-1])])
 
 
-def _require_keys(src: Iterable[dict], image_keys: list[str], text_key: str, counter: SkipCounter) -> Iterator[dict]:
-    """Drop samples without an image or a caption (decided from member names, before the resume skip)."""
-    for sample in src:
-        if _first_key(sample, image_keys) is None or text_key not in sample:
-            counter.add(f"{sample.get('__url__')}:{sample.get('__key__')}: missing image or {text_key!r}")
-            continue
-        counter.usable += 1
-        yield sample
-
-
-def _skip(src: Iterable, n: int, counter: SkipCounter) -> Iterator:
-    """Drop the first n items undecoded, then start counting broken samples afresh (as the batch before did)."""
+def _skip(src: Iterable, n: int, counter: FaultCounter) -> Iterator:
+    """Drop the first n items undecoded, then start counting afresh (as the batch before did)."""
     it = iter(src)
     for _ in range(n):
         next(it)
@@ -205,35 +418,37 @@ def _decode_train(
     src: Iterable[dict],
     *,
     image_keys: list[str],
-    text_key: str,
     transform: TrainTransform,
     crop_seed: int,
     first_position: int,
-    counter: SkipCounter,
+    counter: FaultCounter,
 ) -> Iterator[tuple[torch.Tensor, str]]:
     """(image (3,S,S), caption) per good sample; the crop is seeded by the sample's position in the stream."""
     for position, sample in enumerate(src, start=first_position):
         try:
             image = transform.from_bytes(sample[_first_key(sample, image_keys)], mix_seed(crop_seed, position))
-            text = sample[text_key].decode("utf-8").strip()
-            if not text:
-                raise ValueError("empty caption")
-        except Exception as exn:  # noqa: BLE001 -- any decode failure is a broken sample
-            counter.add(f"{sample.get('__url__')}:{sample.get('__key__')}: {type(exn).__name__}: {exn}")
+        except (ImageTooLargeError, Image.DecompressionBombError) as exn:
+            counter.fault("oversized_image", sample["__url__"], f"{sample['__key__']}: {exn}")
             continue
-        counter.good()
-        yield image, text
+        except Exception as exn:  # noqa: BLE001 -- any other decode failure is a corrupt image
+            counter.fault("corrupt_image", sample["__url__"], f"{sample['__key__']}: {type(exn).__name__}: {exn}")
+            continue
+        counter.good(sample["__source__"])
+        yield image, sample["__caption__"]
 
 
-def _batch(src: Iterable, batch_size: int, collate: Callable[[list], Any]) -> Iterator:
-    """Full batches only. Unlike wds.batched, a batch is emitted as soon as it is full, so the skipped-sample
-    count it carries covers exactly the samples read since the previous batch."""
+def _batch(src: Iterable, batch_size: int, collate: Callable[[list], Any], last_partial: bool = False) -> Iterator:
+    """Full batches. Unlike wds.batched, a batch is emitted as soon as it is full, so the counts it carries
+    cover exactly the samples read since the previous batch. ``last_partial``: a finite stream ends with one
+    short (maybe empty) batch carrying the last counts."""
     batch = []
     for item in src:
         batch.append(item)
         if len(batch) == batch_size:
             yield collate(batch)
             batch = []
+    if last_partial:
+        yield collate(batch)
 
 
 # ---------------------------------------------------------------- train loader
@@ -248,8 +463,22 @@ def worker_skip_batches(start_batch: int, worker: int, num_workers: int) -> int:
     return max(0, -(-(start_batch - worker) // w))
 
 
+def _train_sources(cfg: TrainDataConfig, seed: int) -> tuple[list[_Source], list[float]]:
+    """The worker's streams and their sample weights: one per data.train.sources entry, or one for urls."""
+    if cfg.sources is not None:
+        names = source_names(cfg.sources)
+        streams = [
+            _Source([expand_shard_spec(s.urls)[0]], None, [name], mix_seed(seed, _SOURCE, i))
+            for i, (s, name) in enumerate(zip(cfg.sources, names))
+        ]
+        return streams, [float(s.weight) for s in cfg.sources]
+    groups = expand_shard_spec(cfg.urls)
+    # legacy spelling: one pool of shards (its "::" groups only weight resampled shards), the run's own seed
+    return [_Source(groups, cfg.source_weights, [f"source{i}" for i in range(len(groups))], seed)], [1.0]
+
+
 class TrainStream(IterableDataset):
-    """One rank's infinite stream of batches; each DataLoader worker builds its own seeded pipeline."""
+    """One rank's stream of batches; each DataLoader worker builds its own seeded pipeline."""
 
     def __init__(
         self,
@@ -262,48 +491,69 @@ class TrainStream(IterableDataset):
         world_size: int,
         seed: int,
         start_batch: int,
+        decode: str = "fast",
+        max_image_pixels: int | None = None,
+        num_epochs: int | None = None,
     ):
         super().__init__()
-        self.sources = expand_shard_spec(cfg.urls)
         self.cfg = cfg
+        self.streams, self.weights = _train_sources(cfg, seed)
+        self.source_names = [name for s in self.streams for name in s.names]
         self.tokenizer = tokenizer
-        self.transform = TrainTransform(image_size, scale=tuple(cfg.crop_scale))
+        self.transform = TrainTransform(
+            image_size, scale=tuple(cfg.crop_scale), fast=decode == "fast", max_pixels=max_image_pixels
+        )
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.start_batch = seed, start_batch
+        self.seed, self.start_batch, self.num_epochs = seed, start_batch, num_epochs
 
-    def _collate(self, batch: list[tuple[torch.Tensor, str]], counter: SkipCounter) -> dict[str, Any]:
-        images, texts = zip(*batch)
-        return {"image": torch.stack(images), "text": self.tokenizer(list(texts)), "num_skipped": counter.take()}
+    def _collate(self, batch: list[tuple[torch.Tensor, str]], counter: FaultCounter) -> dict[str, Any]:
+        stats = counter.take()
+        if batch:
+            images, texts = zip(*batch)
+            image, text = torch.stack(images), self.tokenizer(list(texts))
+        else:  # the end of a finite stream
+            size = self.transform.image_size
+            image, text = torch.empty(0, 3, size, size), torch.empty(0, self.tokenizer.context_length, dtype=torch.long)
+        return {"image": image, "text": text, "num_skipped": sum(stats["skipped"].values()), "data_stats": stats}
 
     def pipeline(self, worker: int, num_workers: int) -> wds.DataPipeline:
         """The pipeline of worker ``worker`` of ``num_workers`` (>= 1) on this rank."""
-        cfg = self.cfg
-        counter = SkipCounter(f"data rank {self.rank} worker {worker}")
+        counter = FaultCounter(f"data rank {self.rank} worker {worker}", self.source_names)
         num_skip = worker_skip_batches(self.start_batch, worker, num_workers) * self.batch_size
-        raw = partial(
-            _raw_samples,
-            cfg,
-            self.sources,
-            seed=self.seed,
-            rank=self.rank,
-            world_size=self.world_size,
-            worker=worker,
-            num_workers=num_workers,
-            counter=counter,
-        )
+        streams = [
+            _raw_samples(
+                self.cfg,
+                source,
+                rank=self.rank,
+                world_size=self.world_size,
+                worker=worker,
+                num_workers=num_workers,
+                counter=counter,
+                num_epochs=self.num_epochs,
+            )
+            for source in self.streams
+        ]
+        if len(streams) == 1:
+            samples = streams[0]
+        else:
+            samples = _mix(streams, self.weights, random.Random(mix_seed(self.seed, _MIX, self.rank, worker)))
         return wds.DataPipeline(
-            raw,
+            lambda: samples,
             partial(_skip, n=num_skip, counter=counter),
             partial(
                 _decode_train,
-                image_keys=cfg.image_key.split(";"),
-                text_key=cfg.text_key,
+                image_keys=self.cfg.image_key.split(";"),
                 transform=self.transform,
                 crop_seed=mix_seed(self.seed, _CROP, self.rank, worker),
                 first_position=num_skip,
                 counter=counter,
             ),
-            partial(_batch, batch_size=self.batch_size, collate=partial(self._collate, counter=counter)),
+            partial(
+                _batch,
+                batch_size=self.batch_size,
+                collate=partial(self._collate, counter=counter),
+                last_partial=self.num_epochs is not None,
+            ),
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -315,10 +565,11 @@ class TrainStream(IterableDataset):
 
 
 class TrainLoader:
-    """Infinite iterable of ``{"image": FloatTensor (B,3,S,S), "text": LongTensor (B,L), "num_skipped": int}``.
+    """Infinite iterable of ``{"image": (B,3,S,S), "text": LongTensor (B,L), "num_skipped": int, "data_stats": dict}``.
 
-    ``num_skipped`` counts broken samples the producing worker skipped since its previous batch.
-    Iterating again restarts the stream at ``start_batch``.
+    ``num_skipped`` counts broken samples the producing worker skipped since its previous batch;
+    ``data_stats`` breaks them down (see the module docstring). Iterating again restarts the stream at
+    ``start_batch``.
     """
 
     def __init__(self, stream: TrainStream, *, num_workers: int, pin_memory: bool):
@@ -326,7 +577,8 @@ class TrainLoader:
         self.batch_size = stream.batch_size
         self.start_batch = stream.start_batch
         self.samples_per_epoch = stream.cfg.samples_per_epoch
-        self.num_shards = sum(len(s) for s in stream.sources)
+        self.source_names = stream.source_names
+        self.num_shards = sum(len(group) for s in stream.streams for group in s.shards)
         self.dataloader = DataLoader(
             stream,
             batch_size=None,  # batches are built inside the workers
@@ -349,23 +601,37 @@ def build_train_loader(
     world_size: int,
     seed: int,
     start_batch: int = 0,
+    num_epochs: int | None = None,
 ) -> TrainLoader:
-    """The train loader of one rank; ``batch_size`` is per rank. See the module docstring."""
+    """The train loader of one rank; ``batch_size`` is per rank. See the module docstring.
+
+    ``num_epochs``: None (training) streams forever; N ends after N passes over the shards (epoch mode with
+    data.train.urls only; for scanning shards and tests), with a last short batch holding the last counts.
+    """
     train = cfg.train
-    if train.urls is None:
+    if train.urls is None and train.sources is None:
         raise ValueError("data.train.urls: not set (for synthetic data, resolve it with with_synthetic_data first)")
+    if train.urls is not None and train.sources is not None:
+        raise ValueError("data.train.sources: set either data.train.urls or data.train.sources, not both")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     if batch_size < 1 or start_batch < 0:
         raise ValueError(f"batch_size must be >= 1 and start_batch >= 0 (got {batch_size}, {start_batch})")
-    num_shards = sum(len(s) for s in expand_shard_spec(train.urls))
+    if num_epochs is not None and (num_epochs < 1 or train.resampled or train.sources is not None):
+        raise ValueError(f"num_epochs={num_epochs}: only >= 1, in epoch mode, with data.train.urls")
     num_streams = world_size * max(1, cfg.num_workers)
-    if not train.resampled and num_shards < num_streams:
-        raise ValueError(
-            f"data.train.urls: {num_shards} shards cannot feed {world_size} ranks x {max(1, cfg.num_workers)} "
-            "workers (every worker needs one shard an epoch); add shards, lower data.num_workers or set "
-            "data.train.resampled=true"
-        )
+    if train.sources is not None:
+        counted = [(f"data.train.sources[{i}].urls", expand_shard_spec(s.urls)) for i, s in enumerate(train.sources)]
+    else:
+        counted = [("data.train.urls", expand_shard_spec(train.urls))]
+    for key, groups in counted:
+        num_shards = sum(len(g) for g in groups)
+        if not train.resampled and num_shards < num_streams:
+            raise ValueError(
+                f"{key}: {num_shards} shards cannot feed {world_size} ranks x {max(1, cfg.num_workers)} "
+                "workers (every worker needs one shard an epoch); add shards, lower data.num_workers or set "
+                "data.train.resampled=true"
+            )
     stream = TrainStream(
         train,
         tokenizer=tokenizer,
@@ -375,6 +641,9 @@ def build_train_loader(
         world_size=world_size,
         seed=seed,
         start_batch=start_batch,
+        decode=cfg.decode,
+        max_image_pixels=cfg.max_image_pixels,
+        num_epochs=num_epochs,
     )
     return TrainLoader(stream, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
 
@@ -438,14 +707,15 @@ def load_retrieval_set(root: str, split: str = "test") -> RetrievalSet:
 
 
 def _eval_samples(
-    urls: list[str], *, label_key: str, slot: int, num_slots: int, counter: SkipCounter
+    urls: list[str], *, label_key: str, slot: int, num_slots: int, counter: FaultCounter
 ) -> Iterator[tuple[int, dict]]:
     """(global index, raw sample) for samples with index % num_slots == slot; all tars, in order."""
-    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=counter.handler))
     index = 0
-    for sample in pipeline:
+    for sample in (s for url in urls for s in read_tar_samples(url, counter)):
         if _first_key(sample, EVAL_IMAGE_KEYS) is None or label_key not in sample:
-            counter.add(f"{sample.get('__url__')}:{sample.get('__key__')}: missing image or {label_key!r}")
+            # the label stands where a train caption would: a missing one counts as no_caption
+            reason = "no_image" if _first_key(sample, EVAL_IMAGE_KEYS) is None else "no_caption"
+            counter.fault(reason, sample["__url__"], sample["__key__"])
             continue  # no index: what counts as a sample must not depend on decoding, so ranks agree
         if index % num_slots == slot:
             yield index, sample
@@ -461,11 +731,22 @@ class EvalStream(IterableDataset):
     batch may be short.
     """
 
-    def __init__(self, urls: list[str], *, task: str, image_size: int, batch_size: int, rank: int, world_size: int):
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        task: str,
+        image_size: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        decode: str = "fast",
+        max_image_pixels: int | None = None,
+    ):
         super().__init__()
         assert task in ("zeroshot", "retrieval")
         self.urls, self.task = list(urls), task
-        self.transform = EvalTransform(image_size)
+        self.transform = EvalTransform(image_size, fast=decode == "fast", max_pixels=max_image_pixels)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
     def _decode(self, sample: dict) -> tuple[torch.Tensor, Any]:
@@ -480,7 +761,7 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        counter = SkipCounter(f"eval rank {self.rank} worker {worker}")
+        counter = FaultCounter(f"eval rank {self.rank} worker {worker}")
         # slot s of world * W: rank s % world, worker s // world; a rank's slots cover index % world == rank
         samples = _eval_samples(
             self.urls,
@@ -493,8 +774,11 @@ class EvalStream(IterableDataset):
         for index, sample in samples:
             try:
                 image, target = self._decode(sample)
-            except Exception as exn:  # noqa: BLE001
-                counter.add(f"{sample.get('__url__')}:{sample.get('__key__')}: {type(exn).__name__}: {exn}")
+            except (ImageTooLargeError, Image.DecompressionBombError) as exn:
+                counter.fault("oversized_image", sample["__url__"], f"{sample['__key__']}: {exn}")
+                continue
+            except Exception as exn:  # noqa: BLE001 -- undecodable image, or a label / captions that do not parse
+                counter.fault("corrupt_image", sample["__url__"], f"{sample['__key__']}: {type(exn).__name__}: {exn}")
                 continue
             batch.append((index, image, target))
             if len(batch) == self.batch_size:
@@ -503,9 +787,10 @@ class EvalStream(IterableDataset):
         if batch:
             yield self._collate(batch, counter)
 
-    def _collate(self, batch: list, counter: SkipCounter) -> dict[str, Any]:
+    def _collate(self, batch: list, counter: FaultCounter) -> dict[str, Any]:
         indices, images, targets = zip(*batch)
-        out = {"image": torch.stack(images), "index": torch.tensor(indices), "num_skipped": counter.take()}
+        num_skipped = sum(counter.take()["skipped"].values())
+        out = {"image": torch.stack(images), "index": torch.tensor(indices), "num_skipped": num_skipped}
         if self.task == "zeroshot":
             out["label"] = torch.tensor(targets)
         else:
@@ -522,12 +807,24 @@ def build_eval_loader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
+    decode: str = "fast",
+    max_image_pixels: int | None = None,
 ) -> DataLoader:
     """A finite loader over this rank's share of an eval set (``task``: "zeroshot" or "retrieval").
 
     Over all ranks every good sample appears exactly once; gather ``index`` to line results up.
+    ``decode`` and ``max_image_pixels``: as data.decode and data.max_image_pixels (None: no limit).
     """
     if task not in ("zeroshot", "retrieval"):
         raise ValueError(f"task must be 'zeroshot' or 'retrieval' (got {task!r})")
-    stream = EvalStream(urls, task=task, image_size=image_size, batch_size=batch_size, rank=rank, world_size=world_size)
+    stream = EvalStream(
+        urls,
+        task=task,
+        image_size=image_size,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        decode=decode,
+        max_image_pixels=max_image_pixels,
+    )
     return DataLoader(stream, batch_size=None, num_workers=num_workers)
