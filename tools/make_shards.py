@@ -641,8 +641,11 @@ def check_args(args: argparse.Namespace) -> None:
         if args.image_root is not None and not os.path.isdir(args.image_root):
             raise UsageError(f"--image-root: {args.image_root}: no such folder")
     src = [os.path.abspath(p) for p in ([args.input] if args.command == "folder" else args.inputs)]
-    if os.path.abspath(args.out) in src:
+    out = os.path.abspath(args.out)
+    if out in src:
         raise UsageError(f"output: {args.out} is also the input")
+    if args.command == "folder" and out.startswith(src[0] + os.sep):
+        raise UsageError(f"output: {args.out} is inside the input folder (it would become a class)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -661,6 +664,11 @@ def run(args: argparse.Namespace) -> dict:
         if scan.ignored:
             extra["ignored_files"] = {"count": len(scan.ignored), "first": scan.ignored[:20]}
     elif args.command == "table":
+        for path in args.inputs:  # header / schema errors before the output folder is touched
+            next(
+                _table_rows(path, TABLE_FORMATS[os.path.splitext(path)[1].lower()], args.image_col, args.caption_col),
+                None,
+            )
         items, total = table_items(args.inputs, args.image_col, args.caption_col, args.image_root), None
     else:
         items, total = img2dataset_items(tar_urls(args.inputs), bad_tars), None

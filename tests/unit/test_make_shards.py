@@ -178,6 +178,8 @@ def test_templates_and_classnames_errors(photos, tmp_path, capsys):
     assert code == 2 and "--classnames" in err and "2 names for 3 class folders" in err
     code, _, err = run_tool(["folder", tmp_path / "nope", tmp_path / "c"], capsys)
     assert code == 2 and "no such folder" in err
+    code, _, err = run_tool(["folder", root, os.path.join(root, "shards")], capsys)
+    assert code == 2 and "inside the input folder" in err
 
 
 # ----------------------------------------------------------------------------- resize / quality / workers
@@ -320,6 +322,7 @@ def test_table_missing_column_and_bad_rows(table_dir, tmp_path, capsys):
     path = write_table(root, "csv", ROWS[:2])
     code, _, err = run_tool(["table", path, tmp_path / "a", "--image-col", "path"], capsys)
     assert code == 2 and "--image-col" in err and "no column 'path'" in err and "caption, file, other" in err
+    assert not os.path.exists(tmp_path / "a")  # checked before anything is written
     jsonl = root / "rows.jsonl"
     jsonl.write_text('{"file": "img/0.jpg", "caption": "ok"}\n{"caption": "no image"}\nnot json\n'
                      '{"file": "img/1.jpg", "text": "x"}\n')  # fmt: skip
