@@ -26,6 +26,8 @@ import torch
 
 from mmpretrain.distributed import barrier
 
+UNIVERSAL_CHECKPOINT_INFO = "universal_checkpoint_info"  # deepspeed.checkpoint.UNIVERSAL_CHECKPOINT_INFO
+
 TAG_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -100,7 +102,8 @@ def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: i
         if os.path.exists(stale):
             os.remove(stale)
     barrier()
-    engine.save_checkpoint(root, tag=tag, save_latest=False)
+    # the (empty) universal-checkpoint marker lets ds_to_universal convert this save for another world size
+    engine.save_checkpoint(root, tag=tag, save_latest=False, client_state={UNIVERSAL_CHECKPOINT_INFO: {}})
     torch.save(_rng_state(), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
     barrier()  # every rank has written its shards and RNG state
     if before_commit is not None:
@@ -118,11 +121,45 @@ def _prune(root: str, keep_last: int, keep: str) -> None:
     for s in steps[:-keep_last]:
         if f"step_{s}" != keep:
             shutil.rmtree(os.path.join(root, f"step_{s}"), ignore_errors=True)
+            shutil.rmtree(os.path.join(root, f"step_{s}_universal"), ignore_errors=True)
 
 
-def resume(engine, output_dir: str, rank: int) -> dict | None:
-    """Load ``latest`` into the engine and restore this rank's RNG; returns its meta or None."""
+def prepare_resume(output_dir: str, *, world_size: int, zero_stage: int, rank: int) -> tuple[str | None, bool]:
+    """(tag to load or None, whether it is a DeepSpeed universal checkpoint). Call before building the engine.
+
+    A checkpoint written by another number of ranks loads directly under ZeRO stage 0 (whole optimizer
+    state in one file). ZeRO 1-3 partition the optimizer state by rank: rank 0 converts the checkpoint
+    once with DeepSpeed's ds_to_universal into ``step_N_universal`` (weights and optimizer state per
+    parameter, independent of the world size), and the engine loads that with ``load_universal``.
+    """
     tag = latest_tag(output_dir)
+    if tag is None:
+        return None, False
+    meta = json.load(open(os.path.join(checkpoint_root(output_dir), tag, "meta.json")))
+    if meta["world_size"] == world_size or zero_stage == 0:
+        return tag, False
+    root = checkpoint_root(output_dir)
+    universal = f"{tag}_universal"
+    if rank == 0 and not os.path.isfile(os.path.join(root, universal, "done")):
+        import subprocess
+        import sys
+
+        shutil.rmtree(os.path.join(root, universal), ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               os.path.join(root, tag), "--output_folder", os.path.join(root, universal),
+               "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"converting {tag} for {world_size} ranks failed:\n{proc.stderr[-3000:]}")
+        shutil.copy(os.path.join(root, tag, "meta.json"), os.path.join(root, universal, "meta.json"))
+        write_atomic(os.path.join(root, universal, "done"), "ds_to_universal finished\n")
+    barrier()
+    return universal, True
+
+
+def resume(engine, output_dir: str, rank: int, tag: str | None = None) -> dict | None:
+    """Load ``tag`` (default: ``latest``) into the engine and restore this rank's RNG; returns its meta or None."""
+    tag = tag or latest_tag(output_dir)
     if tag is None:
         return None
     root = checkpoint_root(output_dir)

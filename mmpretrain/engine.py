@@ -106,7 +106,9 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return f
 
 
-def deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch_size: int) -> dict:
+def deepspeed_config(
+    engine: EngineConfig, optim: OptimConfig, micro_batch_size: int, load_universal: bool = False
+) -> dict:
     zero = {"stage": engine.zero_stage}
     if engine.zero_stage == 3:
         # Small test models would otherwise keep every parameter whole; keep sharding real.
@@ -121,10 +123,19 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch_size:
         "fp16": {"enabled": engine.precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
-def build_engine(model: torch.nn.Module, optim: OptimConfig, engine: EngineConfig, *, micro_batch_size, total_steps):
+def build_engine(
+    model: torch.nn.Module,
+    optim: OptimConfig,
+    engine: EngineConfig,
+    *,
+    micro_batch_size,
+    total_steps,
+    load_universal: bool = False,
+):
     """Wrap the model: returns the DeepSpeed engine (optimizer and LR scheduler inside it)."""
     import deepspeed
 
@@ -138,7 +149,7 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig, engine: EngineConfi
         model=model,
         optimizer=opt,
         lr_scheduler=sched,
-        config=deepspeed_config(engine, optim, micro_batch_size),
+        config=deepspeed_config(engine, optim, micro_batch_size, load_universal),
         dist_init_required=False,
     )
     return ds_engine

@@ -183,10 +183,14 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
     if cfg.model.init_from:
         init_weights(model, cfg.model.init_from)
     per_rank_batch = cfg.train.batch_size // world
-    engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=per_rank_batch, total_steps=cfg.train.steps)
+    load_tag, universal = checkpoint.prepare_resume(
+        cfg.output_dir, world_size=world, zero_stage=cfg.engine.zero_stage, rank=rank
+    )
+    engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=per_rank_batch, total_steps=cfg.train.steps,
+                          load_universal=universal)  # fmt: skip
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank stream for dropout / patch dropout
 
-    meta = checkpoint.resume(engine, cfg.output_dir, rank)
+    meta = checkpoint.resume(engine, cfg.output_dir, rank, tag=load_tag)
     step = meta["step"] if meta else 0
     samples_seen = meta["samples_seen"] if meta else 0
     skipped_total = meta.get("skipped_samples", 0) if meta else 0
