@@ -6,10 +6,12 @@
 
 Input: a brace spec, a glob, a folder (its *.tar, else <folder>/test/*.tar for a clip_benchmark set)
 or tar files. Every sample is read and its image fully decoded (``--no-decode``: headers only).
-A sample is broken when it has no image (.jpg/.jpeg/.png/.webp), no caption (.txt, or .cls in a
-zero-shot eval set), an image that does not decode, a caption that is not UTF-8 or is blank;
-a tar that cannot be read to its end is reported too. Broken samples are listed as
-``shard:key: reason`` -- the training loader skips exactly these.
+Samples are judged by the train loader's own code (mmpretrain.data.pipeline: read_tar_samples,
+sample_fault) and listed by ``shard:key`` with the loader's reason names: no_image (no
+.jpg/.jpeg/.png/.webp), no_caption (no .txt, or .cls in a zero-shot eval set), zero_byte,
+bad_utf8, empty_caption, corrupt_image (does not decode), oversized_image (PIL's decompression-bomb
+limit); a shard that cannot be opened (unreadable_shard) or breaks off (truncated_tar) is listed
+by its name. These are the samples the loader skips and counts in ``skipped_samples``.
 
 Caption length is in CLIP BPE tokens (``--length tokens``, the default: without start/end tokens,
 so more than 75 is cut at the usual context length of 77) or in characters (``--length chars``,
@@ -30,8 +32,6 @@ import os
 import re
 import statistics
 import sys
-import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -81,72 +81,57 @@ class ShardReport:
     has_cls: bool = False
 
 
-def _samples(url: str) -> Iterator[tuple[str, dict[str, bytes]] | tuple[None, str]]:
-    """(key, {ext: bytes}) per group of consecutive members with one key; (None, error) if the tar breaks."""
-    key, parts = None, {}
-    try:
-        with tarfile.open(url, "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                dirname, base = os.path.split(member.name)
-                stem, _, ext = base.partition(".")
-                member_key = os.path.join(dirname, stem)
-                if key is not None and member_key != key:
-                    yield key, parts
-                    parts = {}
-                key = member_key
-                parts[ext.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as exn:
-        if parts:  # the members of the cut sample that were read whole
-            yield key, parts
-        yield None, f"unreadable tar: {type(exn).__name__}: {exn}"
-        return
-    if key is not None:
-        yield key, parts
+class FaultLog:
+    """Collects the shard-level faults the loader's tar reader reports (it calls ``fault(reason, url, detail)``)."""
+
+    def __init__(self):
+        self.faults: list[tuple[str, str, str]] = []
+
+    def fault(self, reason: str, url: str | None, detail) -> None:
+        self.faults.append((reason, str(url), str(detail)))
 
 
-def check_sample(parts: dict[str, bytes], decode: bool) -> tuple[str | None, str | None, tuple[int, int] | None]:
-    """(reason it is broken or None, caption, (width, height))."""
-    ext = next((e for e in IMAGE_EXTS if e in parts), None)
-    if ext is None:
-        return f"missing image (members: {', '.join(sorted(parts)) or 'none'})", None, None
-    caption = None
-    if "txt" in parts:
-        try:
-            caption = parts["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError as exn:
-            return f"caption is not UTF-8 ({exn.reason} at byte {exn.start})", None, None
-        if not caption:
-            return "empty caption", None, None
-    elif "cls" not in parts:
-        return "missing caption (.txt) or class (.cls)", None, None
+def check_sample(sample: dict, decode: bool) -> tuple[str | None, str, str | None, tuple[int, int] | None]:
+    """(fault reason or None, detail, caption, (width, height)), judged as the loader does: its byte checks
+    (``sample_fault``), then the image decode (``--no-decode``: the header only)."""
+    from mmpretrain.data.pipeline import sample_fault
+
+    # a zero-shot eval sample carries its class (.cls) where a train sample has its caption (.txt)
+    text_key = "cls" if "cls" in sample and "txt" not in sample else "txt"
+    reason = sample_fault(sample, list(IMAGE_EXTS), text_key)
+    if reason is not None:
+        members = ", ".join(sorted(k for k in sample if not k.startswith("__")))
+        return reason, f"members: {members}", None, None
+    ext = next(e for e in IMAGE_EXTS if e in sample)
     try:
-        with Image.open(io.BytesIO(parts[ext])) as img:
+        with Image.open(io.BytesIO(sample[ext])) as img:
             size = img.size
             if decode:
                 img.load()
+    except Image.DecompressionBombError as exn:
+        return "oversized_image", str(exn), None, None
     except Exception as exn:  # noqa: BLE001 -- any decoder failure makes the sample unusable
-        return f"undecodable image .{ext}: {type(exn).__name__}: {exn}", None, None
-    return None, caption, size
+        return "corrupt_image", f".{ext}: {type(exn).__name__}: {exn}", None, None
+    return None, "", sample["__caption__"] if text_key == "txt" else None, size
 
 
 def inspect_shard(url: str, decode: bool = True) -> ShardReport:
+    from mmpretrain.data.pipeline import read_tar_samples
+
     report = ShardReport(url, num_bytes=os.path.getsize(url))
     shard = os.path.basename(url)
-    for key, parts in _samples(url):
-        if key is None:
-            report.broken.append({"where": shard, "reason": parts})
-            continue
+    faults = FaultLog()
+    for sample in read_tar_samples(url, faults):
         report.num_samples += 1
-        report.has_cls |= "cls" in parts
-        reason, caption, size = check_sample(parts, decode)
+        report.has_cls |= "cls" in sample
+        reason, detail, caption, size = check_sample(sample, decode)
         if reason is not None:
-            report.broken.append({"where": f"{shard}:{key}", "reason": reason})
+            report.broken.append({"where": f"{shard}:{sample['__key__']}", "reason": reason, "detail": detail})
             continue
         if caption is not None:
             report.captions.append(caption)
         report.sizes.append(size)
+    report.broken += [{"where": shard, "reason": reason, "detail": detail} for reason, _, detail in faults.faults]
     return report
 
 
@@ -241,8 +226,9 @@ def to_markdown(report: dict, max_broken: int = 50) -> str:
         "",
     ]
     if report["broken"]:
-        lines += ["## Broken samples", "", "| shard:key | reason |", "|---|---|"]
-        lines += [f"| {b['where']} | {b['reason'].replace('|', '/')} |" for b in report["broken"][:max_broken]]
+        lines += ["## Broken samples", "", "| shard:key | reason | detail |", "|---|---|---|"]
+        lines += [f"| {b['where']} | {b['reason']} | {b['detail'][:200].replace('|', '/')} |"
+                  for b in report["broken"][:max_broken]]  # fmt: skip
         if len(report["broken"]) > max_broken:
             lines.append(f"| ... | {len(report['broken']) - max_broken} more (all in inspect.json with --out) |")
         lines.append("")

@@ -40,7 +40,6 @@ import multiprocessing
 import os
 import re
 import sys
-import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -390,41 +389,27 @@ def tar_urls(inputs: list[str]) -> list[str]:
     return urls
 
 
-def read_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]] | tuple[None, str]]:
-    """(key, {ext: bytes}) of consecutive members sharing a key; (None, error) when the tar breaks off."""
-    key, parts = None, {}
-    try:
-        with tarfile.open(url, "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                dirname, base = os.path.split(member.name)
-                if "." not in base:
-                    continue
-                stem, ext = base.split(".", 1)
-                member_key = os.path.join(dirname, stem)
-                if member_key != key and key is not None:
-                    yield key, parts
-                    parts = {}
-                key = member_key
-                parts[ext.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as exn:
-        if parts:  # the members of the cut sample that were read whole
-            yield key, parts
-        yield None, f"{type(exn).__name__}: {exn}"
-        return
-    if key is not None:
-        yield key, parts
+class _TarFaults:
+    """Receives the shard-level faults of the loader's tar reader (``fault(reason, url, detail)``)."""
+
+    def __init__(self, bad_tars: list[tuple[str, str]]):
+        self.bad_tars = bad_tars
+
+    def fault(self, reason: str, url: str | None, detail) -> None:
+        self.bad_tars.append((str(url), f"{reason}: {detail}"))
 
 
 def img2dataset_items(urls: list[str], bad_tars: list[tuple[str, str]]) -> Iterator[Item]:
+    """Samples of the tars in order, read by the train loader's own reader (same grouping, same cut-tar rule:
+    samples before a break are kept, the one whose bytes are cut is lost with it)."""
+    from mmpretrain.data.pipeline import read_tar_samples
+
     index = 0
+    faults = _TarFaults(bad_tars)
     for url in urls:
         shard = os.path.basename(url)
-        for key, parts in read_tar_samples(url):
-            if key is None:
-                bad_tars.append((url, parts))
-                continue
+        for parts in read_tar_samples(url, faults):
+            key = parts["__key__"]
             where = f"{shard}:{key}"
             meta: dict[str, Any] = {"source_shard": shard, "source_key": key}
             item = Item(index, where, meta=meta)
@@ -436,7 +421,8 @@ def img2dataset_items(urls: list[str], bad_tars: list[tuple[str, str]]) -> Itera
                     meta["img2dataset"] = None
             ext = next((e for e in TAR_IMAGE_EXTS if e in parts), None)
             if ext is None:
-                item.skip = ("missing_image", f"members: {', '.join(sorted(parts))}")
+                members = ", ".join(sorted(k for k in parts if not k.startswith("__")))
+                item.skip = ("missing_image", f"members: {members}")
             elif "txt" not in parts:
                 item.skip = ("empty_caption", "no .txt member")
             else:
