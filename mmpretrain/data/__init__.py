@@ -4,7 +4,7 @@ Heavy imports (transformers, webdataset) happen on first use of the names below,
 ``import mmpretrain.data.config`` stays cheap for the config system.
 """
 
-from .config import DataConfig, EvalDataConfig, SyntheticConfig, TrainDataConfig
+from .config import DataConfig, EvalDataConfig, SourceConfig, SyntheticConfig, TrainDataConfig
 
 _LAZY = {
     "Tokenizer": "tokenizer",
@@ -14,6 +14,10 @@ _LAZY = {
     "CLIP_STD": "transforms",
     "build_train_loader": "pipeline",
     "TrainLoader": "pipeline",
+    "DATA_FAULT_REASONS": "pipeline",
+    "DataFaultError": "pipeline",
+    "merge_data_stats": "pipeline",
+    "check_bad_fraction": "pipeline",
     "build_eval_loader": "pipeline",
     "load_zeroshot_set": "pipeline",
     "load_retrieval_set": "pipeline",
@@ -26,7 +30,7 @@ _LAZY = {
     "SyntheticPaths": "synthetic",
 }
 
-__all__ = ["DataConfig", "EvalDataConfig", "SyntheticConfig", "TrainDataConfig", *_LAZY]
+__all__ = ["DataConfig", "EvalDataConfig", "SourceConfig", "SyntheticConfig", "TrainDataConfig", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -234,7 +234,7 @@ def test_check_bad_fraction_on_loader_stats(faulty, tokenizer):
 
 
 def test_uneven_shards_over_ranks_stream_forever(tmp_path, tokenizer):
-    """3 shards on 2 ranks: rank 0 holds 2 shards in some epochs, 1 in others; both streams go on forever."""
+    """3 shards on 2 ranks: rank 0 reads 2 shards an epoch, rank 1 one; both streams go on forever."""
     from mmpretrain.data.shards import ShardWriter, encode_image
 
     rng = np.random.default_rng(0)
