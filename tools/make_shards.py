@@ -19,8 +19,9 @@ pass as ``data.train.urls``. Output (--eval): ``<out>/<split>/{0..n-1}.tar`` wit
 Keys are the sample's zero-padded position in the input order (files sorted by path; table rows
 in order; tars in natural order), and every tar header field is fixed, so the same input gives
 the same tars byte for byte, whatever ``--workers``. JPEG inputs are copied byte for byte unless
-``--resize-shorter`` shrinks them or ``--quality`` asks for a re-encode; other formats are
-re-encoded to JPEG (quality 95 unless --quality; transparency composited on white). Every input
+``--resize-shorter`` shrinks them, ``--quality`` asks for a re-encode or an EXIF orientation must
+be applied (the loaders ignore EXIF); other formats are re-encoded to JPEG (quality 95 unless
+--quality; transparency composited on white). Every input
 that is skipped (missing or undecodable image, empty caption, missing column, bad row) is listed
 with its line/row/path in the summary and in ``_stats.json``: nothing is dropped silently.
 An output folder that is not empty is refused unless ``--overwrite``, which replaces only files
@@ -44,7 +45,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what webdataset samples (and our loaders) carry
@@ -103,34 +104,45 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+JPEG_FORMATS = ("JPEG", "MPO")  # MPO: phones' multi-picture JPEG; its bytes are a JPEG that every decoder reads
+EXIF_ORIENTATION = 0x0112  # 1 = upright; 5..8 swap width and height
+
+
 def convert_image(data: bytes, opts: ImageOptions) -> tuple[bytes, str, dict]:
     """Check that ``data`` decodes and apply the options: (stored bytes, tar extension, size info).
 
-    Raises on anything PIL cannot decode completely (truncated files included).
+    Raises on anything PIL cannot decode completely (truncated files included). An EXIF orientation
+    other than upright is applied (re-encoding the image): the loaders ignore EXIF, and a phone photo
+    stored sideways would otherwise be trained on sideways.
     """
     with Image.open(io.BytesIO(data)) as img:
         fmt, (w, h) = img.format, img.size
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+        upright = orientation not in (2, 3, 4, 5, 6, 7, 8)
+        swap = orientation in (5, 6, 7, 8)
+        shown_w, shown_h = (h, w) if swap else (w, h)
+        sizes = {"original_width": w, "original_height": h}
+        if not upright:
+            sizes["exif_orientation"] = orientation
         shrink = opts.resize_shorter is not None and min(w, h) > opts.resize_shorter
-        kept = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(fmt) if opts.keep_format else None
-        if fmt == "JPEG":
-            kept = "jpg"
-        if not shrink and opts.quality is None and kept is not None:
-            if fmt == "JPEG":  # a full check at 1/8 scale: every entropy-coded byte is still decoded
+        kept = "jpg" if fmt in JPEG_FORMATS else {"PNG": "png", "WEBP": "webp"}.get(fmt) if opts.keep_format else None
+        if kept is not None and upright and not shrink and opts.quality is None:
+            if fmt in JPEG_FORMATS:  # a full check at 1/8 scale: every entropy-coded byte is still decoded
                 img.draft(None, (max(1, w // 8), max(1, h // 8)))
             img.load()
-            return data, kept, {"original_width": w, "original_height": h, "width": w, "height": h}
+            return data, kept, {**sizes, "width": w, "height": h}
+        new_wh = (shown_w, shown_h)
         if shrink:
             n, scale = opts.resize_shorter, opts.resize_shorter / min(w, h)
-            new_wh = (n, max(1, round(h * scale))) if w <= h else (max(1, round(w * scale)), n)
-            if fmt == "JPEG":
-                img.draft("RGB", new_wh)  # decode at a power-of-2 scale >= the target: much faster, same look
-            rgb = _to_rgb(img).resize(new_wh, Image.Resampling.LANCZOS)
-        else:
-            rgb = _to_rgb(img)
+            new_wh = (n, max(1, round(shown_h * scale))) if shown_w <= shown_h else (max(1, round(shown_w * scale)), n)
+            if fmt in JPEG_FORMATS:  # decode at a power-of-2 scale >= the target: much faster, same look
+                img.draft("RGB", (new_wh[1], new_wh[0]) if swap else new_wh)
+        rgb = _to_rgb(img if upright else ImageOps.exif_transpose(img))
+        if rgb.size != new_wh:
+            rgb = rgb.resize(new_wh, Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         rgb.save(buf, format="JPEG", quality=opts.quality or DEFAULT_QUALITY)
-        sizes = {"original_width": w, "original_height": h, "width": rgb.width, "height": rgb.height}
-        return buf.getvalue(), "jpg", sizes
+        return buf.getvalue(), "jpg", {**sizes, "width": rgb.width, "height": rgb.height}
 
 
 def process(item: Item, opts: ImageOptions) -> Result:

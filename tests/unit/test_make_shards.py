@@ -200,6 +200,22 @@ def test_resize_shorter_only_shrinks_and_quality_reencodes(tmp_path, capsys):
     assert samples["a/small.jpg"]["jpg"] == small  # never enlarged: copied unchanged
     assert samples["a/wide.jpg"]["jpg"] != wide
 
+    # EXIF orientation 6 (stored 16x10, shown rotated 90 degrees clockwise as 10x16) is applied
+    stored = Image.open(io.BytesIO(save_image(src / "b/phone.jpg", 10, 16, seed=4)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(src / "b/phone.jpg", quality=95, exif=exif)
+    code, _, _ = run_tool(["folder", src, tmp_path / "e"], capsys)
+    phone = next(s for s in read_tars(shard_paths(tmp_path / "e")[0]) if b"phone" in s["json"])
+    meta = json.loads(phone["json"])
+    assert (meta["original_width"], meta["width"], meta["height"], meta["exif_orientation"]) == (16, 10, 16, 6)
+    # clockwise: close to the stored pixels turned that way (JPEG re-encode), far from the other way
+    err = [
+        np.abs(pixels(phone["jpg"]).astype(int) - np.rot90(np.asarray(stored.convert("RGB")), k)).mean()
+        for k in (-1, 1)
+    ]
+    assert err[0] < 10 < 30 < err[1], err
+
     code, _, _ = run_tool(["folder", src, tmp_path / "q", "--quality", 50], capsys)
     samples = {json.loads(s["json"])["source"]: s for s in read_tars(shard_paths(tmp_path / "q")[0])}
     assert samples["a/tall.jpg"]["jpg"] != tall and Image.open(io.BytesIO(samples["a/tall.jpg"]["jpg"])).size == (
