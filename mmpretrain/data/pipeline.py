@@ -69,7 +69,6 @@ import logging
 import os
 import random
 import re
-import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -81,6 +80,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig, TrainDataConfig, expand_shard_spec, source_names
+from .shards import read_tar_samples
 from .tokenizer import Tokenizer
 from .transforms import EvalTransform, ImageTooLargeError, TrainTransform
 
@@ -204,78 +204,6 @@ class FaultCounter:
         return stats
 
 
-# ---------------------------------------------------------------- reading tars
-
-
-class _BrokenTarStream(Exception):
-    """The tar stream ended or broke somewhere tarfile would silently call an end."""
-
-
-class _StrictTarInfo(tarfile.TarInfo):
-    """tarfile ends a stream quietly at an empty, cut or garbled header after the first one; a complete tar
-    ends with zero blocks (EOFHeaderError, passed on), so anything else there means the tar is truncated."""
-
-    @classmethod
-    def fromtarfile(cls, tar):
-        try:
-            return super().fromtarfile(tar)
-        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
-            if tar.offset == 0:
-                raise  # the first header: tarfile says "not a tar" itself
-            raise _BrokenTarStream(f"no valid header at byte {tar.offset} ({e}): the tar is cut or garbled") from None
-
-
-_MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "dir/key.ext.gz" -> ("dir/key", "ext.gz")
-
-
-def read_tar_samples(url: str, counter: FaultCounter) -> Iterator[dict[str, Any]]:
-    """Samples of one tar shard: ``{"__key__", "__url__", <ext>: bytes ...}``; members with one key in a row.
-
-    Shard-level faults are counted here (unreadable_shard, truncated_tar; see the module docstring).
-    Our own reader rather than wds.tarfile_to_samples: the fault must be classified where it happens,
-    and tarfile alone does not notice a tar cut at a header.
-    """
-    try:
-        stream = wds.gopen(url, "rb")  # local paths, file:, pipe: and http(s) alike
-    except Exception as exn:  # noqa: BLE001 -- missing file, permission denied, failing pipe ...
-        counter.fault("unreadable_shard", url, f"{type(exn).__name__}: {exn}")
-        return
-    try:
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo)  # reads the first header
-        except Exception as exn:  # noqa: BLE001 -- not a tar (or empty, or unreadable) from its first block
-            counter.fault("unreadable_shard", url, f"not a tar: {type(exn).__name__}: {exn}")
-            return
-        sample: dict[str, Any] | None = None
-        in_data = False  # reading a member's bytes: a failure there loses the sample that member belongs to
-        try:
-            for info in tar:
-                tar.members = []  # stream mode would keep every TarInfo of the shard
-                match = _MEMBER_NAME.match(info.name)
-                if not info.isreg() or match is None or os.path.basename(info.name).startswith("__"):
-                    continue  # directories, links, webdataset's __meta__ members
-                key, ext = match.group(1), match.group(2).lower()
-                if sample is None or key != sample["__key__"]:
-                    if sample is not None and len(sample) > 2:
-                        yield sample
-                    sample = {"__key__": key, "__url__": url}
-                in_data = True
-                data = tar.extractfile(info).read()
-                in_data = False
-                sample.setdefault(ext, data)  # a duplicated member keeps its first copy
-        except Exception as exn:  # noqa: BLE001 -- cut, garbled, or a read error inside the stream
-            counter.fault("truncated_tar", url, f"{type(exn).__name__}: {exn}")
-            if in_data:
-                sample = None
-        if sample is not None and len(sample) > 2:  # more than __key__ and __url__
-            yield sample
-    finally:
-        try:
-            stream.close()
-        except Exception as exn:  # noqa: BLE001 -- e.g. a pipe's exit status; its stream was judged above
-            log.debug("%s: closing: %s", url, exn)
-
-
 def _first_key(sample: dict, keys: list[str]) -> str | None:
     return next((k for k in keys if k in sample), None)
 
@@ -344,7 +272,7 @@ def _checked_samples(
     """Usable raw samples of a stream of shards, each tagged ``"__source__"``; every fault counted."""
     for shard in shards:
         url = shard["url"]
-        for sample in read_tar_samples(url, counter):
+        for sample in read_tar_samples(url, counter.fault):
             reason = sample_fault(sample, image_keys, text_key)
             if reason is not None:
                 counter.fault(reason, url, sample["__key__"])
@@ -711,7 +639,7 @@ def _eval_samples(
 ) -> Iterator[tuple[int, dict]]:
     """(global index, raw sample) for samples with index % num_slots == slot; all tars, in order."""
     index = 0
-    for sample in (s for url in urls for s in read_tar_samples(url, counter)):
+    for sample in (s for url in urls for s in read_tar_samples(url, counter.fault)):
         if _first_key(sample, EVAL_IMAGE_KEYS) is None or label_key not in sample:
             # the label stands where a train caption would: a missing one counts as no_caption
             reason = "no_image" if _first_key(sample, EVAL_IMAGE_KEYS) is None else "no_caption"

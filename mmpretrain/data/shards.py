@@ -1,19 +1,32 @@
-"""Write WebDataset tar shards: ``<key>.jpg`` (+ ``.txt``, ``.json``, ``.cls`` ...) grouped by key.
+"""Write and read WebDataset tar shards: ``<key>.jpg`` (+ ``.txt``, ``.json``, ``.cls`` ...) grouped by key.
 
-Used by the synthetic data generator and by tools/make_shards.py. Each shard is written under a
+Writing is used by the synthetic data generator and by tools/make_shards.py. Each shard is written under a
 temporary name and renamed when complete, so a crashed writer never leaves a truncated tar that
 looks finished; ``close()`` writes ``_stats.json`` (sample and shard counts) next to the shards.
+
+Reading (``read_tar_samples``, used by the loaders) tells the ways a shard can be broken apart:
+unreadable (cannot be opened, not a tar) or truncated (the stream breaks after its start). A truncated
+tar counts once: every sample whose members all lie before the cut is read normally; the sample whose
+member data is cut is lost with it; a cut between two members of one sample (at a header) leaves that
+sample with the members before the cut. A tar lacking its end-of-archive blocks is truncated: that is
+what a tar cut exactly at a member boundary looks like, and tarfile alone ends such a stream silently.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import re
+import tarfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import webdataset as wds
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 STATS_FILE = "_stats.json"
 
@@ -136,3 +149,76 @@ class ShardWriter:
             self._tar.close()
             os.remove(self._tmp_path)
             self._tar = None
+
+
+# ---------------------------------------------------------------- reading
+
+
+class _BrokenTarStream(Exception):
+    """The tar stream ended or broke somewhere tarfile would silently call an end."""
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile ends a stream quietly at an empty, cut or garbled header after the first one; a complete tar
+    ends with zero blocks (EOFHeaderError, passed on), so anything else there means the tar is truncated."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+            if tar.offset == 0:
+                raise  # the first header: tarfile says "not a tar" itself
+            raise _BrokenTarStream(f"no valid header at byte {tar.offset} ({e}): the tar is cut or garbled") from None
+
+
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "dir/key.ext.gz" -> ("dir/key", "ext.gz")
+
+
+def read_tar_samples(url: str, on_fault: Callable[[str, str, str], None]) -> Iterator[dict[str, Any]]:
+    """Samples of one tar shard: ``{"__key__", "__url__", <ext>: bytes ...}``; members with one key in a row.
+
+    Shard-level faults go to ``on_fault(reason, url, detail)``: "unreadable_shard" when the shard cannot be
+    opened or is not a tar from its first block on, "truncated_tar" once when the stream breaks later (the
+    counting rule is in the module docstring). Our own reader rather than wds.tarfile_to_samples: the fault
+    must be classified where it happens, and tarfile alone does not notice a tar cut at a header.
+    """
+    try:
+        stream = wds.gopen(url, "rb")  # local paths, file:, pipe: and http(s) alike
+    except Exception as exn:  # noqa: BLE001 -- missing file, permission denied, failing pipe ...
+        on_fault("unreadable_shard", url, f"{type(exn).__name__}: {exn}")
+        return
+    try:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo)  # reads the first header
+        except Exception as exn:  # noqa: BLE001 -- not a tar (or empty, or unreadable) from its first block
+            on_fault("unreadable_shard", url, f"not a tar: {type(exn).__name__}: {exn}")
+            return
+        sample: dict[str, Any] | None = None
+        in_data = False  # reading a member's bytes: a failure there loses the sample that member belongs to
+        try:
+            for info in tar:
+                tar.members = []  # stream mode would keep every TarInfo of the shard
+                match = _MEMBER_NAME.match(info.name)
+                if not info.isreg() or match is None or os.path.basename(info.name).startswith("__"):
+                    continue  # directories, links, webdataset's __meta__ members
+                key, ext = match.group(1), match.group(2).lower()
+                if sample is None or key != sample["__key__"]:
+                    if sample is not None and len(sample) > 2:
+                        yield sample
+                    sample = {"__key__": key, "__url__": url}
+                in_data = True
+                data = tar.extractfile(info).read()
+                in_data = False
+                sample.setdefault(ext, data)  # a duplicated member keeps its first copy
+        except Exception as exn:  # noqa: BLE001 -- cut, garbled, or a read error inside the stream
+            on_fault("truncated_tar", url, f"{type(exn).__name__}: {exn}")
+            if in_data:
+                sample = None
+        if sample is not None and len(sample) > 2:  # more than __key__ and __url__
+            yield sample
+    finally:
+        try:
+            stream.close()
+        except Exception as exn:  # noqa: BLE001 -- e.g. a pipe's exit status; its stream was judged above
+            log.debug("%s: closing: %s", url, exn)

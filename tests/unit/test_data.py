@@ -53,7 +53,7 @@ def assert_same_batches(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["text"], y["text"])
-        assert x["num_skipped"] == y["num_skipped"]
+        assert x["num_skipped"] == y["num_skipped"] and x["data_stats"] == y["data_stats"]
 
 
 def write_items(out_dir, num_shards, per_shard, start=0) -> str:

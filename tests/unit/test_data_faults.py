@@ -19,8 +19,8 @@ from mmpretrain.data.pipeline import (
     check_bad_fraction,
     empty_data_stats,
     merge_data_stats,
-    read_tar_samples,
 )
+from mmpretrain.data.shards import read_tar_samples
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def _tar_bytes(samples: list[tuple[str, bytes, bytes]]) -> tuple[bytes, dict[str
 
 def _read(path) -> tuple[list[dict], dict]:
     counter = FaultCounter("test")
-    samples = list(read_tar_samples(str(path), counter))
+    samples = list(read_tar_samples(str(path), counter.fault))
     stats = counter.take()
     return samples, {r: n for r, n in stats["skipped"].items() if n}
 
