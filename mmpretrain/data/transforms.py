@@ -26,7 +26,6 @@ does after ``torch.manual_seed(seed)``, on the original image size, so fast and 
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -36,7 +35,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .decode import EncodedImage, ImageTooLargeError, check_image_size, pil_to_uint8, reduction_for, resize_region
+from .decode import EncodedImage, ImageTooLargeError, open_image, pil_to_uint8, reduction_for, resize_region
 
 __all__ = [
     "CLIP_MEAN",
@@ -111,17 +110,12 @@ class TrainTransform:
     def from_bytes(self, data: bytes, seed: int) -> torch.Tensor:
         """Decode encoded image bytes and transform them: the entry point the train loader calls."""
         if not self.fast:
-            with Image.open(io.BytesIO(data)) as img:
-                check_image_size(img.width, img.height, self.max_pixels)
+            with open_image(data, self.max_pixels) as img:
                 return self(img, seed)
         enc = EncodedImage(data, self.max_pixels)  # header only; raises ImageTooLargeError
         i, j, h, w = self.crop_params(enc.height, enc.width, seed)
         pixels, sy, sx = enc.decode(reduction_for(min(h, w), self.image_size))
-        # the box on the decoded grid; at reduced scale its edges round to the nearest decoded pixel
-        rows, cols = pixels.shape[:2]
-        top, left = min(round(i * sy), rows - 1), min(round(j * sx), cols - 1)
-        bottom, right = max(min(round((i + h) * sy), rows), top + 1), max(min(round((j + w) * sx), cols), left + 1)
-        return resize_region(pixels, top, left, bottom - top, right - left, (self.image_size, self.image_size))
+        return resize_region(pixels, i * sy, j * sx, h * sy, w * sx, (self.image_size, self.image_size))
 
 
 class EvalTransform:
@@ -140,11 +134,14 @@ class EvalTransform:
             return int(size * height / width), size
         return size, int(size * width / height)
 
-    def _resize_and_crop(self, pixels: np.ndarray, height: int, width: int) -> torch.Tensor:
-        """pixels: the (possibly reduced) decode of an original height x width image -> uint8 (3, S, S)."""
+    def _resize_and_crop(
+        self, pixels: np.ndarray, height: int, width: int, sy: float = 1.0, sx: float = 1.0
+    ) -> torch.Tensor:
+        """pixels: the decode, at scales (sy, sx), of an original height x width image -> uint8 (3, S, S)."""
         size = self.image_size
         new_h, new_w = self.resized_size(height, width)
-        resized = resize_region(pixels, 0, 0, pixels.shape[0], pixels.shape[1], (new_h, new_w))  # (3, new_h, new_w)
+        # the whole image, whose extent in decoded pixels is fractional when a reduced decode ends in a part-pixel
+        resized = resize_region(pixels, 0, 0, height * sy, width * sx, (new_h, new_w))  # (3, new_h, new_w)
         top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))  # CenterCrop's rounding
         return resized[:, top : top + size, left : left + size].contiguous()
 
@@ -157,15 +154,14 @@ class EvalTransform:
     def from_bytes(self, data: bytes) -> torch.Tensor:
         """Decode encoded image bytes and transform them: the entry point the eval loaders call."""
         if not self.fast:
-            with Image.open(io.BytesIO(data)) as img:
-                check_image_size(img.width, img.height, self.max_pixels)
+            with open_image(data, self.max_pixels) as img:
                 return self(img)
         enc = EncodedImage(data, self.max_pixels)  # header only; raises ImageTooLargeError
         new_h, new_w = self.resized_size(enc.height, enc.width)
         # the largest reduction at which the decoded image is still >= the resized size on both sides
         crop_side = self.image_size * min(enc.height / new_h, enc.width / new_w)  # the crop in original pixels
-        pixels, _, _ = enc.decode(reduction_for(crop_side, self.image_size))
-        return self._resize_and_crop(pixels, enc.height, enc.width)
+        pixels, sy, sx = enc.decode(reduction_for(crop_side, self.image_size))
+        return self._resize_and_crop(pixels, enc.height, enc.width, sy, sx)
 
 
 def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

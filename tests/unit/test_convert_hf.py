@@ -156,14 +156,14 @@ def test_exported_tokenizer_gives_our_ids(tmp_path, name):
 def test_preprocessor_matches_our_eval_transform(tmp_path):
     from PIL import Image
 
-    from mmpretrain.data.transforms import EvalTransform
+    from mmpretrain.data.transforms import EvalTransform, normalize_images
 
     cfg = tiny_cfg("tiny")
     export_hf(our_model(cfg).state_dict(), cfg, str(tmp_path / "hf"))
     proc = AutoImageProcessor.from_pretrained(str(tmp_path / "hf"))
     img = Image.fromarray((torch.rand(45, 70, 3) * 255).to(torch.uint8).numpy())  # non-square: resize + crop
     ref = proc(images=img, return_tensors="pt").pixel_values[0]
-    ours = EvalTransform(cfg.vision.image_size)(img)
+    ours = normalize_images(EvalTransform(cfg.vision.image_size)(img)[None])[0]  # uint8 -> the model's input
     assert ref.shape == ours.shape == (3, 32, 32)
     # PIL vs tensor bicubic resampling may differ by a grey level; normalized, that is ~1/255/0.26
     torch.testing.assert_close(ref, ours, atol=0.05, rtol=0)

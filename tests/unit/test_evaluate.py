@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from mmpretrain.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
+from mmpretrain.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, normalize_images
 from mmpretrain.evaluate import (
     EvalConfig,
     build_zeroshot_classifier,
@@ -116,6 +116,7 @@ class RandomTwoTower(nn.Module):
 
     def encode_image(self, images_BCHW):
         self.calls.append(("image", len(images_BCHW), torch.is_grad_enabled(), self.training))
+        images_BCHW = normalize_images(images_BCHW)  # uint8 straight from the transform; floats pass through
         return F.normalize(images_BCHW.flatten(1).to(self.image_proj.dtype) @ self.image_proj, dim=-1).float()
 
     def encode_text(self, tokens_BL):
@@ -136,6 +137,7 @@ class ColorOracle(RandomTwoTower):
 
     def encode_image(self, images_BCHW):
         super().encode_image(images_BCHW)
+        images_BCHW = normalize_images(images_BCHW)  # uint8 straight from the transform; floats pass through
         pixels_BCHW = (
             images_BCHW.float() * torch.tensor(CLIP_STD)[:, None, None] + torch.tensor(CLIP_MEAN)[:, None, None]
         )
