@@ -5,6 +5,7 @@
 #
 # Environment:
 #   NPROC            processes on this node (default: number of GPUs, else 2)
+#   PYTHON           interpreter (default: python)
 #   SAVE_TIMEOUT     seconds torchrun waits for the workers to save after forwarding a stop signal,
 #                    before it kills them (default 300)
 # Stopping: send SIGTERM or SIGUSR1 to this script's torchrun (or `touch OUTPUT_DIR/STOP`): the workers
@@ -15,9 +16,9 @@ if [ $# -lt 1 ]; then
   exit 2
 fi
 if [ -z "${NPROC:-}" ]; then
-  NPROC=$(python -c "import torch; print(torch.cuda.device_count() or 2)")
+  NPROC=$("${PYTHON:-python}" -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
-exec python -m torch.distributed.run \
+exec "${PYTHON:-python}" -m torch.distributed.run \
   --standalone --nnodes=1 --nproc_per_node="$NPROC" \
   --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
   --shutdown-timeout="${SAVE_TIMEOUT:-300}" \

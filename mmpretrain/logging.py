@@ -29,6 +29,9 @@ class LoggingConfig:
     """Write a metrics line every N optimizer steps (and at the last step)."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    sample_keys: bool = False
+    """Audit the data order: every rank appends ``{"step", "keys"}`` per step to ``sample_keys_rank<R>.jsonl``
+    (keys are ``<shard url>:<sample key>``). A step replayed after a crash is written again."""
 
     def validate(self, prefix: str) -> None:
         if self.wandb not in WANDB_MODES:

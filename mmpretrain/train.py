@@ -224,6 +224,9 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
         rank=rank, world_size=world, seed=cfg.train.seed, start_batch=step,
     )  # fmt: skip
     batches = iter(loader)
+    key_log = None
+    if cfg.logging.sample_keys:
+        key_log = open(os.path.join(cfg.output_dir, f"sample_keys_rank{rank}.jsonl"), "a")
 
     def save(at_step: int) -> str:
         extra = {"samples_seen": samples_seen, "config": cfg_dict, "world_size": world, "wandb_run_id": run_id,
@@ -242,6 +245,9 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
         injector.begin_step(step + 1)
         res = train_step(engine, batch, cfg, device, guard, injector, stopper.requested())
         step += 1  # a batch consumed: skipped steps count too, so the data position stays step x batch
+        if key_log is not None:
+            key_log.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
+            key_log.flush()
         samples_seen += cfg.train.batch_size
         skipped_window += batch.get("num_skipped", 0)
         batches_in_window += 1
@@ -271,8 +277,8 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
             t_last, wait, loss_sum, steps_in_window, batches_in_window, skipped_window = (time.perf_counter(), 0.0,
                                                                                           0.0, 0, 0, 0)  # fmt: skip
 
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-            saved_at = save(step)
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not skips.in_a_row:
+            saved_at = save(step)  # never in a run of skipped steps: the last checkpoint stays a good one
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.steps and not stop:
             log.log(step, run_eval(engine, tokenizer, cfg, dist_info))
         if stop:
@@ -287,6 +293,8 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
         if is_main:
             stopper.acknowledge()
     stopper.uninstall()
+    if key_log is not None:
+        key_log.close()
     del batches  # shut the loader's workers down now, while signals are ours again
     results = {}
     if step >= cfg.train.steps:

@@ -1,0 +1,274 @@
+"""Fault tolerance end to end, with real processes and real signals (2 gloo ranks on CPU).
+
+Launches are the cost here, so they are shared: one uninterrupted reference run; the same run on two
+torchrun "nodes" (c10d rendezvous on localhost); and one chain of four launches of that run that is
+killed with SIGKILL (every process: launcher, ranks, data workers) at seeded random steps, stopped
+with SIGUSR1 through launch/torchrun.sh, and killed again in the middle of a checkpoint write. The
+chain must read as the reference: the same losses and the same sample keys in every step.
+A second chain injects non-finite steps under ZeRO-2 and changes the world size 2 -> 1 -> 2.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from mmpretrain.checkpoint import find_step_dir, load_state_dict
+from mmpretrain.distributed import free_port
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+TINY = os.path.join(REPO, "tests", "integration", "tiny.yaml")
+PROBE = os.path.join(HERE, "resume_probe.py")
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHON": sys.executable}  # fmt: skip
+ENV.pop("MMPRETRAIN_INJECT", None)
+STEPS = 10
+EXIT_STOPPED = 75
+
+
+def run_args(data, out, *extra):
+    return [TINY, f"output_dir={out}", f"data.train.urls={data.train_urls}", f"train.steps={STEPS}",
+            "checkpoint.every_steps=2", "checkpoint.keep_last=3", "data.num_workers=2", *extra]  # fmt: skip
+
+
+def keyed_args(data, out):
+    return run_args(data, out, "logging.sample_keys=true")
+
+
+def torchrun(*args, nproc=2, extra_launcher=()):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            *extra_launcher, "-m", "mmpretrain.train", *args]  # fmt: skip
+
+
+def run(cmd, env=ENV, timeout=300):
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return proc
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def metrics(out):
+    return [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in x]
+
+
+def last_step(out):
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    steps = [json.loads(x)["step"] for x in open(path) if '"step"' in x]
+    return max(steps, default=0)
+
+
+def keys_by_step(out, rank):
+    """{step: keys} of one rank; a step written twice (replayed after a crash) must have had the same keys."""
+    seen = {}
+    for line in open(os.path.join(out, f"sample_keys_rank{rank}.jsonl")):
+        rec = json.loads(line)
+        if rec["step"] in seen:
+            assert seen[rec["step"]] == rec["keys"], f"rank {rank} step {rec['step']} replayed other samples"
+        seen[rec["step"]] = rec["keys"]
+    return seen
+
+
+def start(cmd, env=ENV):
+    """A launch in its own session (process group), so a test can kill all of its processes at once."""
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def wait_until(cond, proc, timeout=240):
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            text = proc.stdout.read()[-4000:]
+            raise AssertionError(f"the run ended (rc={proc.returncode}) before the fault:\n{text}")
+        assert time.time() - t0 < timeout, "timed out waiting for the run"
+        time.sleep(0.05)
+
+
+def kill_all(proc):
+    os.killpg(proc.pid, signal.SIGKILL)  # launcher, ranks and data workers: as when a node dies
+    proc.wait()
+
+
+# ---------------------------------------------------------------- shared launches
+
+
+@pytest.fixture(scope="module")
+def reference(shapes_dataset, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("resilience") / "reference")
+    ok(run(torchrun(*keyed_args(shapes_dataset, out))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_nodes(shapes_dataset, tmp_path_factory):
+    """The reference run as 2 torchrun agents ("nodes") x 1 process, c10d rendezvous on localhost."""
+    out = str(tmp_path_factory.mktemp("resilience") / "two_nodes")
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes", "-m", "mmpretrain.train",
+           *run_args(shapes_dataset, out)]  # fmt: skip
+    procs = [subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, text in zip(procs, outs):
+        assert p.returncode == 0, text[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def chain(shapes_dataset, tmp_path_factory):
+    """The reference run, interrupted three ways at seeded random steps, and finished by a fourth launch."""
+    out = str(tmp_path_factory.mktemp("resilience") / "chain")
+    rng = random.Random(7)
+    k1 = rng.randint(2, 4)  # SIGKILL of everything once metrics reach step k1
+    k2 = rng.randint(k1 + 1, 6)  # SIGUSR1 to torchrun at step >= k2: graceful stop, checkpoint, exit 75
+    events = {"k1": k1, "k2": k2}
+
+    proc = start(torchrun(*keyed_args(shapes_dataset, out)))
+    wait_until(lambda: last_step(out) >= k1, proc)
+    kill_all(proc)
+    events["killed_at"] = last_step(out)
+
+    launcher = ["bash", os.path.join(REPO, "launch", "torchrun.sh")]
+    proc = start(launcher + keyed_args(shapes_dataset, out), env={**ENV, "NPROC": "2", "SAVE_TIMEOUT": "120"})
+    wait_until(lambda: last_step(out) >= k2, proc)
+    proc.send_signal(signal.SIGUSR1)  # torchrun (exec'd by the script) forwards it to both ranks
+    text = proc.communicate(timeout=240)[0]
+    events["usr1_rc"], events["usr1_text"] = proc.returncode, text
+    events["usr1_latest"] = open(os.path.join(out, "checkpoints", "latest")).read().strip()
+
+    # killed while writing the checkpoint of step 8: DeepSpeed's files are there, meta.json / latest not yet
+    proc = start(torchrun(*keyed_args(shapes_dataset, out)), env={**ENV, "MMPRETRAIN_INJECT": "slow_save@8"})
+    step8 = os.path.join(out, "checkpoints", "step_8")
+    wait_until(lambda: all(os.path.exists(os.path.join(step8, f"rng_rank{r}.pt")) for r in (0, 1)), proc)
+    time.sleep(0.5)
+    kill_all(proc)
+    events["latest_after_save_kill"] = open(os.path.join(out, "checkpoints", "latest")).read().strip()
+    events["step8_meta"] = os.path.exists(os.path.join(step8, "meta.json"))
+
+    events["final"] = ok(run(torchrun(*keyed_args(shapes_dataset, out))))
+    return out, events
+
+
+# ---------------------------------------------------------------- tests
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_take_the_same_steps_as_one_node(reference, two_nodes):
+    ref, got = metrics(reference), metrics(two_nodes)
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=0), f"step {a['step']}"
+    for r in (0, 1):
+        assert keys_by_step(two_nodes, r) == keys_by_step(reference, r)
+
+
+@pytest.mark.slow
+def test_killed_stopped_and_killed_mid_save_run_equals_uninterrupted(reference, chain):
+    out, ev = chain
+    assert ev["killed_at"] >= ev["k1"]
+    # SIGUSR1: both ranks stopped after the same step, saved it, exited 75 (torchrun reports it as a failure)
+    assert ev["usr1_rc"] != 0 and "stopped on request (SIGUSR1)" in ev["usr1_text"], ev["usr1_text"][-3000:]
+    assert "exitcode  : 75" in ev["usr1_text"] or "exitcode: 75" in ev["usr1_text"].replace(" ", ""), ev["usr1_text"][
+        -3000:
+    ]
+    stopped_step = int(ev["usr1_latest"].split("_")[1])
+    assert stopped_step >= ev["k2"]
+    # the kill during the save of step 8 left `latest` on the previous complete checkpoint
+    assert ev["latest_after_save_kill"] == "step_6" and not ev["step8_meta"]
+    assert "resumed from" in ev["final"].stdout and "step_6" in ev["final"].stdout
+
+    ref, got = metrics(reference), metrics(out)
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))  # metrics.jsonl reads as one run
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=0), f"step {a['step']}"
+    for r in (0, 1):
+        ref_keys, got_keys = keys_by_step(reference, r), keys_by_step(out, r)
+        assert sorted(got_keys) == list(range(1, STEPS + 1))
+        assert got_keys == ref_keys  # the same samples in the same order, step by step
+        assert Counter(k for ks in got_keys.values() for k in ks) == Counter(k for ks in ref_keys.values() for k in ks)
+    a, b = load_state_dict(find_step_dir(reference)), load_state_dict(find_step_dir(out))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_and_world_size_changes(shapes_dataset, tmp_path):
+    """ZeRO-2, 2 ranks: a NaN loss (step 2) and a NaN gradient on one rank only (step 3) are skipped and
+    counted; the run stops after step 4. Then 1 rank and 2 ranks load that checkpoint to the same weights
+    and AdamW moments; 1 rank finishes the run, and 2 ranks load its checkpoint like 1 rank does."""
+    out = str(tmp_path / "ws")
+    args = [*run_args(shapes_dataset, out), "engine.zero_stage=2", "train.steps=6", "data.num_workers=1"]
+    ok(run(torchrun(*args, "--stop-after-steps", "4"), env={**ENV, "MMPRETRAIN_INJECT": "nan_loss@2,nan_grad@3:1"}))
+    lines = {m["step"]: m for m in metrics(out)}
+    assert [lines[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 2, 2]
+    assert lines[2]["grad_norm"] is None and lines[3]["grad_norm"] is None and lines[4]["grad_norm"] is not None
+    assert all(torch.isfinite(torch.tensor(lines[s]["loss"])) for s in (1, 4))
+
+    def probe(nproc, name):
+        path = str(tmp_path / f"{name}.pt")
+        launcher = [sys.executable]
+        if nproc > 1:
+            launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+        ok(run([*launcher, PROBE, args[0], path, *args[1:]]))
+        return torch.load(path, weights_only=True)
+
+    def same(a, b):
+        assert a["step"] == b["step"] and a["state"].keys() == b["state"].keys()
+        for name, tensors in a["state"].items():
+            for x, y in zip(tensors, b["state"][name]):
+                torch.testing.assert_close(y, x, rtol=0, atol=0, msg=name)
+
+    two, one = probe(2, "two"), probe(1, "one")
+    assert two["step"] == 4 and not two["universal"] and one["universal"]
+    same(two, one)
+    assert all(float(t[1].abs().sum()) > 0 for t in two["state"].values() if t[0].numel() > 1)  # moments are real
+
+    text = ok(run([sys.executable, "-m", "mmpretrain.train", *args])).stdout  # 1 rank finishes steps 5-6
+    assert "written by 2 ranks, this launch has 1" in text
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    one, two = probe(1, "one6"), probe(2, "two6")
+    assert one["step"] == 6 and two["universal"]
+    same(one, two)
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_in_a_row_stop_with_the_checkpoint_intact(shapes_dataset, tmp_path):
+    out = str(tmp_path / "nan")
+    args = [*run_args(shapes_dataset, out), "train.max_skips_in_a_row=3", "data.num_workers=1"]
+    env = {**ENV, "MMPRETRAIN_INJECT": "nan_loss@5,nan_loss@6,nan_loss@7"}
+    proc = run([sys.executable, "-m", "mmpretrain.train", *args], env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("mmpretrain.train: error: 3 steps in a row had a non-finite") and "steps 5-7" in err
+    assert "checkpoints/step_4" in err
+    assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step_4"
+    assert sorted(os.listdir(os.path.join(out, "checkpoints", "step_4"))) >= ["meta.json"]
+    assert not os.path.exists(os.path.join(out, "checkpoints", "step_6")) and not os.path.exists(
+        os.path.join(out, "checkpoints", "step_7")
+    )
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_ends_every_rank_with_its_message(shapes_dataset, tmp_path):
+    out = str(tmp_path / "err")
+    t0 = time.time()
+    proc = run(torchrun(*run_args(shapes_dataset, out, "engine.dist_timeout_s=60", "data.num_workers=1")),
+               env={**ENV, "MMPRETRAIN_INJECT": "raise@3:1"}, timeout=200)  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "injected fault: rank 1 fails in step 3" in text  # torchrun names the failing rank's error
+    assert time.time() - t0 < 150  # ended by the failure, well before the launch timeout (not a speed test)
