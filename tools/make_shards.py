@@ -21,9 +21,9 @@ in order; tars in natural order), and every tar header field is fixed, so the sa
 the same tars byte for byte, whatever ``--workers``. JPEG inputs are copied byte for byte unless
 ``--resize-shorter`` shrinks them, ``--quality`` asks for a re-encode or an EXIF orientation must
 be applied (the loaders ignore EXIF); other formats are re-encoded to JPEG (quality 95 unless
---quality; transparency composited on white). Every input
-that is skipped (missing or undecodable image, empty caption, missing column, bad row) is listed
-with its line/row/path in the summary and in ``_stats.json``: nothing is dropped silently.
+--quality; transparency composited on white). Every input that is skipped (missing or
+undecodable image, empty caption, missing column, bad row) is listed with its line/row/path in
+the summary and in ``_stats.json``: nothing is dropped silently.
 An output folder that is not empty is refused unless ``--overwrite``, which replaces only files
 this tool writes (shard tars, stats, eval metadata) and leaves any other file alone.
 """
