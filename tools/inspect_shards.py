@@ -6,12 +6,12 @@
 
 Input: a brace spec, a glob, a folder (its *.tar, else <folder>/test/*.tar for a clip_benchmark set)
 or tar files. Every sample is read and its image fully decoded (``--no-decode``: headers only).
-Samples are judged by the train loader's own code (mmpretrain.data.pipeline: read_tar_samples,
-sample_fault) and listed by ``shard:key`` with the loader's reason names: no_image (no
-.jpg/.jpeg/.png/.webp), no_caption (no .txt, or .cls in a zero-shot eval set), zero_byte,
-bad_utf8, empty_caption, corrupt_image (does not decode), oversized_image (PIL's decompression-bomb
-limit); a shard that cannot be opened (unreadable_shard) or breaks off (truncated_tar) is listed
-by its name. These are the samples the loader skips and counts in ``skipped_samples``.
+Samples are judged by the train loader's own code (read_tar_samples in mmpretrain.data.shards,
+sample_fault in mmpretrain.data.pipeline) and listed by ``shard:key`` with the loader's reason
+names: no_image (no .jpg/.jpeg/.png/.webp), no_caption (no .txt, or .cls in a zero-shot eval set),
+zero_byte, bad_utf8, empty_caption, corrupt_image (does not decode), oversized_image (PIL's
+decompression-bomb limit); a shard that cannot be opened (unreadable_shard) or breaks off
+(truncated_tar) is listed by its name. These are the samples the loader skips and counts in ``skipped_samples``.
 
 Caption length is in CLIP BPE tokens (``--length tokens``, the default: without start/end tokens,
 so more than 75 is cut at the usual context length of 77) or in characters (``--length chars``,
@@ -81,16 +81,6 @@ class ShardReport:
     has_cls: bool = False
 
 
-class FaultLog:
-    """Collects the shard-level faults the loader's tar reader reports (it calls ``fault(reason, url, detail)``)."""
-
-    def __init__(self):
-        self.faults: list[tuple[str, str, str]] = []
-
-    def fault(self, reason: str, url: str | None, detail) -> None:
-        self.faults.append((reason, str(url), str(detail)))
-
-
 def check_sample(sample: dict, decode: bool) -> tuple[str | None, str, str | None, tuple[int, int] | None]:
     """(fault reason or None, detail, caption, (width, height)), judged as the loader does: its byte checks
     (``sample_fault``), then the image decode (``--no-decode``: the header only)."""
@@ -116,12 +106,12 @@ def check_sample(sample: dict, decode: bool) -> tuple[str | None, str, str | Non
 
 
 def inspect_shard(url: str, decode: bool = True) -> ShardReport:
-    from mmpretrain.data.pipeline import read_tar_samples
+    from mmpretrain.data.shards import read_tar_samples
 
     report = ShardReport(url, num_bytes=os.path.getsize(url))
     shard = os.path.basename(url)
-    faults = FaultLog()
-    for sample in read_tar_samples(url, faults):
+    faults: list[tuple[str, str]] = []  # (reason, detail) of the shard itself: unreadable_shard, truncated_tar
+    for sample in read_tar_samples(url, lambda reason, _url, detail: faults.append((reason, str(detail)))):
         report.num_samples += 1
         report.has_cls |= "cls" in sample
         reason, detail, caption, size = check_sample(sample, decode)
@@ -131,7 +121,7 @@ def inspect_shard(url: str, decode: bool = True) -> ShardReport:
         if caption is not None:
             report.captions.append(caption)
         report.sizes.append(size)
-    report.broken += [{"where": shard, "reason": reason, "detail": detail} for reason, _, detail in faults.faults]
+    report.broken += [{"where": shard, "reason": reason, "detail": detail} for reason, detail in faults]
     return report
 
 

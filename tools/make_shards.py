@@ -401,26 +401,18 @@ def tar_urls(inputs: list[str]) -> list[str]:
     return urls
 
 
-class _TarFaults:
-    """Receives the shard-level faults of the loader's tar reader (``fault(reason, url, detail)``)."""
-
-    def __init__(self, bad_tars: list[tuple[str, str]]):
-        self.bad_tars = bad_tars
-
-    def fault(self, reason: str, url: str | None, detail) -> None:
-        self.bad_tars.append((str(url), f"{reason}: {detail}"))
-
-
 def img2dataset_items(urls: list[str], bad_tars: list[tuple[str, str]]) -> Iterator[Item]:
     """Samples of the tars in order, read by the train loader's own reader (same grouping, same cut-tar rule:
     samples before a break are kept, the one whose bytes are cut is lost with it)."""
-    from mmpretrain.data.pipeline import read_tar_samples
+    from mmpretrain.data.shards import read_tar_samples
+
+    def on_fault(reason: str, url: str, detail: str) -> None:  # unreadable_shard / truncated_tar
+        bad_tars.append((str(url), f"{reason}: {detail}"))
 
     index = 0
-    faults = _TarFaults(bad_tars)
     for url in urls:
         shard = os.path.basename(url)
-        for parts in read_tar_samples(url, faults):
+        for parts in read_tar_samples(url, on_fault):
             key = parts["__key__"]
             where = f"{shard}:{key}"
             meta: dict[str, Any] = {"source_shard": shard, "source_key": key}
