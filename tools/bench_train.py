@@ -221,6 +221,7 @@ def synthetic_batch(model_cfg, batch_size: int, device: torch.device, seed: int)
 def build_ours(cfg, device: torch.device, per_rank_batch: int):
     """(step(batch), num_params): the trainer's own engine and train_step."""
     from mmpretrain.engine import build_engine
+    from mmpretrain.faults import Injector, StepGuard
     from mmpretrain.model import build_model
     from mmpretrain.train import train_step
 
@@ -228,9 +229,11 @@ def build_ours(cfg, device: torch.device, per_rank_batch: int):
     model = build_model(cfg.model)
     num_params = sum(p.numel() for p in model.parameters())
     engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=per_rank_batch, total_steps=cfg.train.steps)
+    injector = Injector(None, rank=0)  # no injected faults; the non-finite guard's hooks run as in training
+    guard = StepGuard(engine.module, device, injector)
 
     def step(batch):
-        return train_step(engine, batch, cfg, device)
+        return train_step(engine, batch, cfg, device, guard, injector, stop_requested=False)
 
     return step, num_params
 

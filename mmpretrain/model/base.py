@@ -44,11 +44,12 @@ class TwoTowerModel(nn.Module):
 
     def encode_image(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, E) float32 unit vectors."""
-        return F.normalize(self.vision_model(images_BCHW).embeds.float(), dim=-1)
+        # pooled_only: the last block skips the tokens the embedding never reads (same values, less work)
+        return F.normalize(self.vision_model(images_BCHW, pooled_only=True).embeds.float(), dim=-1)
 
     def encode_text(self, tokens_BL: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, E) float32 unit vectors."""
-        return F.normalize(self.text_model(tokens_BL).embeds.float(), dim=-1)
+        return F.normalize(self.text_model(tokens_BL, pooled_only=True).embeds.float(), dim=-1)
 
     def logit_params(self):
         """(exp'd scale, bias or None), both float32; only called from forward (see the ZeRO-3 note)."""

@@ -87,7 +87,11 @@ class SiglipVisionTower(nn.Module):
         self.post_layernorm = LayerNorm(v.width, eps=v.ln_eps)
         self.head = AttentionPoolingHead(v, cfg.attention)
 
-    def forward(self, images_BCHW: torch.Tensor, output_hidden_states: bool = False) -> TowerOutput:
+    def forward(
+        self, images_BCHW: torch.Tensor, output_hidden_states: bool = False, pooled_only: bool = False
+    ) -> TowerOutput:
+        """-> TowerOutput; `pooled_only` is accepted for the towers' common signature and changes nothing:
+        the attention-pooling head reads every token of the last block."""
         x_BND = self.embeddings(images_BCHW)
         if self.training and self.patch_dropout > 0:
             x_BND = patch_dropout(x_BND, keep_frac=1 - self.patch_dropout, num_prefix=0)
@@ -105,10 +109,16 @@ class SiglipTextTower(nn.Module):
         self.final_layer_norm = LayerNorm(t.width, eps=t.ln_eps)
         self.head = nn.Linear(t.width, cfg.embed_dim)
 
-    def forward(self, tokens_BL: torch.Tensor, output_hidden_states: bool = False) -> TowerOutput:
-        x_BLD, hidden_states = self.encoder(self.embeddings(tokens_BL), output_hidden_states)
-        x_BLD = self.final_layer_norm(x_BLD)
+    def forward(
+        self, tokens_BL: torch.Tensor, output_hidden_states: bool = False, pooled_only: bool = False
+    ) -> TowerOutput:
+        """-> TowerOutput; `pooled_only` (what encode_text uses): the last block's out-projection and MLP run
+        on the last position alone and last_hidden_state is (B, 1, D), that token (see Encoder.forward)."""
+        B, L = tokens_BL.shape
         # SigLIP pools at the last position, whatever token sits there (captions are padded to full length).
+        last_B = tokens_BL.new_full((B,), L - 1) if pooled_only and not output_hidden_states else None
+        x_BLD, hidden_states = self.encoder(self.embeddings(tokens_BL), output_hidden_states, last_B)
+        x_BLD = self.final_layer_norm(x_BLD)
         return TowerOutput(self.head(x_BLD[:, -1]), x_BLD, hidden_states)
 
 
