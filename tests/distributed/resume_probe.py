@@ -32,6 +32,9 @@ def main() -> None:
     meta = checkpoint.resume(engine, cfg.output_dir, info.rank, tag=tag)
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO 1/2 link the per-parameter views of the optimizer state at the first step; a probe takes none
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
     state = {}
     for name, p in engine.module.named_parameters():
         if engine.zero_optimization_stage() == 0:
