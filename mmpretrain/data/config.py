@@ -80,7 +80,9 @@ class TrainDataConfig:
     sources: Optional[list[SourceConfig]] = None
     """Several sources mixed by SAMPLE share: each DataLoader worker reads every source as its own stream
     (own shard order and shuffle buffer: memory is sources x shuffle_buffer samples) and a seeded RNG picks
-    the source of every next sample with probability weight / sum of weights. Exclusive with ``urls``."""
+    the source of every next sample with probability weight / sum of weights. Exclusive with ``urls``.
+    On the command line, quote brace specs inside the list:
+    ``data.train.sources=[{urls: '/laion/{0..99}.tar', weight: 3}, {urls: '/cc12m/{0..9}.tar', name: cc12m}]``."""
     resampled: bool = False
     """Draw shards with replacement (seeded per rank and worker) instead of seeded passes over the shard list.
     Use it when shards < ranks x workers or to weight sources."""
