@@ -14,7 +14,7 @@ Train stream of one DataLoader worker (``W = max(1, num_workers)`` workers per r
       -> [resume: drop the first k * batch_size samples undecoded]
       -> decode image, transform                 (oversized / undecodable: counted, skipped)
       -> batches of batch_size, tokenized        {"image": (B,3,S,S), "text": (B,L), "num_skipped": int,
-                                                  "data_stats": dict}
+                                                  "data_stats": dict, "keys": ["<url>:<key>", ...]}
 
 Every random choice is seeded from (seed, rank, worker, epoch or sample position), so the batch
 sequence is a pure function of (urls, seed, rank, world_size, num_workers, batch_size).
@@ -351,7 +351,7 @@ def _decode_train(
     first_position: int,
     counter: FaultCounter,
 ) -> Iterator[tuple[torch.Tensor, str]]:
-    """(image (3,S,S), caption) per good sample; the crop is seeded by the sample's position in the stream."""
+    """(image (3,S,S), caption, "<url>:<key>") per good sample; the crop is seeded by the sample's stream position."""
     for position, sample in enumerate(src, start=first_position):
         try:
             image = transform.from_bytes(sample[_first_key(sample, image_keys)], mix_seed(crop_seed, position))
@@ -362,7 +362,7 @@ def _decode_train(
             counter.fault("corrupt_image", sample["__url__"], f"{sample['__key__']}: {type(exn).__name__}: {exn}")
             continue
         counter.good(sample["__source__"])
-        yield image, sample["__caption__"]
+        yield image, sample["__caption__"], f"{sample['__url__']}:{sample['__key__']}"
 
 
 def _batch(src: Iterable, batch_size: int, collate: Callable[[list], Any], last_partial: bool = False) -> Iterator:
@@ -434,15 +434,16 @@ class TrainStream(IterableDataset):
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.start_batch, self.num_epochs = seed, start_batch, num_epochs
 
-    def _collate(self, batch: list[tuple[torch.Tensor, str]], counter: FaultCounter) -> dict[str, Any]:
+    def _collate(self, batch: list[tuple[torch.Tensor, str, str]], counter: FaultCounter) -> dict[str, Any]:
         stats = counter.take()
         if batch:
-            images, texts = zip(*batch)
+            images, texts, keys = zip(*batch)
             image, text = torch.stack(images), self.tokenizer(list(texts))
         else:  # the end of a finite stream
-            size = self.transform.image_size
+            size, keys = self.transform.image_size, ()
             image, text = torch.empty(0, 3, size, size), torch.empty(0, self.tokenizer.context_length, dtype=torch.long)
-        return {"image": image, "text": text, "num_skipped": sum(stats["skipped"].values()), "data_stats": stats}
+        return {"image": image, "text": text, "keys": list(keys), "num_skipped": sum(stats["skipped"].values()),
+                "data_stats": stats}  # fmt: skip
 
     def pipeline(self, worker: int, num_workers: int) -> wds.DataPipeline:
         """The pipeline of worker ``worker`` of ``num_workers`` (>= 1) on this rank."""
@@ -496,8 +497,8 @@ class TrainLoader:
     """Infinite iterable of ``{"image": (B,3,S,S), "text": LongTensor (B,L), "num_skipped": int, "data_stats": dict}``.
 
     ``num_skipped`` counts broken samples the producing worker skipped since its previous batch;
-    ``data_stats`` breaks them down (see the module docstring). Iterating again restarts the stream at
-    ``start_batch``.
+    ``data_stats`` breaks them down (see the module docstring); ``keys`` name the batch's samples.
+    Iterating again restarts the stream at ``start_batch``.
     """
 
     def __init__(self, stream: TrainStream, *, num_workers: int, pin_memory: bool):
