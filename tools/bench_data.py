@@ -25,8 +25,8 @@ other processes still slow both.
 
 Each round runs every pipeline once over every image (new seeds each round), interleaved, so load
 from other processes hits all of them alike; a cell is the median over rounds, and "x tv" is the
-median of the per-round ratios to torchvision (ratios taken side by side are what survive a noisy
-machine). A stage breakdown of the fast train path follows the table.
+median of the per-round ratios of img/s/core to torchvision's (ratios taken side by side are what
+survive a noisy machine). A stage breakdown (CPU ms per image) of the fast train path follows the table.
 """
 
 from __future__ import annotations
