@@ -50,6 +50,7 @@ missing from the table, MFU is n/a.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import gc
@@ -61,6 +62,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +91,7 @@ class PhaseResult:
     num_params: int
     step_s: list = field(default_factory=list)  # timed step durations, seconds
     peak_mem_bytes: int = 0
+    breakdown: Breakdown | None = None  # where the time of a step goes (--breakdown)
 
     def median_step_s(self) -> float:
         return statistics.median(self.step_s)
@@ -200,6 +203,108 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+# ----------------------------------------------------------------------------- where time goes
+
+
+class Breakdown:
+    """Wall time of each phase of a step (seconds, summed within the step), recorded only while `on`.
+
+    Phases are spans around calls (`wrap` patches a method or module function on one object); a span
+    inside another (e.g. DeepSpeed's all-reduce inside backward) is reported as a sub-phase of it.
+    Everything a step does outside the spans is "other".
+    """
+
+    def __init__(self, phases: list):
+        self.phases = phases  # [(key, parent key or None)], in report order
+        self.on = False
+        self.steps: list = []
+        self._cur = None
+
+    @contextlib.contextmanager
+    def step(self):
+        self._cur = defaultdict(float) if self.on else None
+        t0 = time.perf_counter()
+        yield
+        if self._cur is not None:
+            self._cur["total"] = time.perf_counter() - t0
+            self.steps.append(self._cur)
+        self._cur = None
+
+    @contextlib.contextmanager
+    def span(self, key: str):
+        if self._cur is None:
+            yield
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._cur[key] += time.perf_counter() - t0
+
+    def wrap(self, obj, attr: str, key: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed_fn(*args, **kwargs):
+            with self.span(key):
+                return fn(*args, **kwargs)
+
+        setattr(obj, attr, timed_fn)
+
+    def medians_ms(self) -> dict:
+        """{phase: median ms over the recorded steps}, with "other" = total - top-level phases."""
+        out = {}
+        for key in ["total"] + [k for k, _ in self.phases]:
+            out[key] = statistics.median(s.get(key, 0.0) for s in self.steps) * 1e3
+        top = [k for k, parent in self.phases if parent is None]
+        out["other"] = statistics.median(s["total"] - sum(s.get(k, 0.0) for k in top) for s in self.steps) * 1e3
+        return out
+
+
+def format_breakdown(results: list) -> str:
+    """One column per implementation; rows are the union of their phases (ms, median step)."""
+    rows, parents = [], {}
+    for r in results:
+        for key, parent in r.breakdown.phases:
+            if key not in parents:
+                rows.append(key)
+                parents[key] = parent
+    med = [r.breakdown.medians_ms() for r in results]
+    lines = ["| phase (ms per step, median) | " + " | ".join(r.impl for r in results) + " |",
+             "|---|" + "---:|" * len(results)]  # fmt: skip
+    for key in rows + ["other", "total"]:
+        label = f"&nbsp;&nbsp;of which {key}" if parents.get(key) else key
+        cells = [f"{m[key]:.1f}" if key in m and (key in ("other", "total") or any(k == key for k, _ in
+                 r.breakdown.phases)) else "-" for m, r in zip(med, results)]  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# Changes to files this tool does not own (engine.py, train.py), applied to our engine from outside so
+# that each one's gain is measured before it lands. `--ours-change a,b` adds a row "mmpretrain +a+b".
+OURS_CHANGES = {
+    "fused_adamw": "torch.optim.AdamW(fused=True) on CPU too (engine.build_engine sets fused only on CUDA; "
+    "the default on CPU is the per-parameter for-loop implementation)",
+    "no_allreduce_w1": "in a world of 1, engine.enable_backward_allreduce = False: DeepSpeed otherwise "
+    "flattens every gradient into its all-reduce bucket and copies it back, for an all-reduce over one rank",
+    "one_clip": "ZeRO 0: one torch.nn.utils.clip_grad_norm_ (its return value is the logged norm) instead of "
+    "grad_norm_before_step's norm + DeepSpeed's own norm and clipping (gradient_clipping 0 in the DS config)",
+    "guard_sum": "StepGuard's hook tests isfinite(grad.sum()) instead of isfinite(grad).all() (one reduction, no "
+    "bool tensor; a NaN/inf anywhere makes the sum non-finite; a false alarm needs finite gradients summing past "
+    "3e38)",
+    "no_guard": "no StepGuard gradient hooks (faults.py: isfinite over every gradient); measures their cost only",
+}
+
+
+@contextlib.contextmanager
+def _swapped(obj, attr: str, value):
+    old = getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, old)
+
+
 # ----------------------------------------------------------------------------- the two train steps
 
 
@@ -218,8 +323,23 @@ def synthetic_batch(model_cfg, batch_size: int, device: torch.device, seed: int)
     return {"image": images.to(device), "text": tokens.to(device)}
 
 
-def build_ours(cfg, device: torch.device, per_rank_batch: int):
-    """(step(batch), num_params): the trainer's own engine and train_step."""
+OURS_PHASES = [
+    ("forward", None),  # engine(images, tokens): both towers, normalized features
+    ("loss", None),  # mmpretrain.loss.compute_loss
+    ("backward", None),  # engine.backward: autograd (+ the StepGuard hooks) + DeepSpeed's gradient all-reduce
+    ("DeepSpeed gradient all-reduce", "backward"),
+    ("grad norm", None),  # mmpretrain.engine.grad_norm_before_step (logged)
+    ("optimizer step", None),  # engine.step: clipping, AdamW, LR schedule, zero_grad
+    ("clip (DeepSpeed)", "optimizer step"),
+    ("AdamW", "optimizer step"),
+]
+
+
+def build_ours(cfg, device: torch.device, per_rank_batch: int, changes: tuple = ()):
+    """(step(batch), num_params, Breakdown): the trainer's own engine and train_step, with `changes`
+    (keys of OURS_CHANGES) applied from outside."""
+    import mmpretrain.engine
+    import mmpretrain.loss
     from mmpretrain.engine import build_engine
     from mmpretrain.faults import Injector, StepGuard
     from mmpretrain.model import build_model
@@ -230,12 +350,56 @@ def build_ours(cfg, device: torch.device, per_rank_batch: int):
     num_params = sum(p.numel() for p in model.parameters())
     engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=per_rank_batch, total_steps=cfg.train.steps)
     injector = Injector(None, rank=0)  # no injected faults; the non-finite guard's hooks run as in training
-    guard = StepGuard(engine.module, device, injector)
+    if "no_guard" in changes:
+        no_guard = {"bad": torch.zeros((), dtype=torch.bool, device=device), "reset": lambda self: None}
+        guard = type("NoGuard", (), no_guard)()
+    elif "guard_sum" in changes:
+
+        class SumGuard(StepGuard):
+            def _hook(self, grad):
+                self.bad.logical_or_(~torch.isfinite(grad.sum()))
+
+        guard = SumGuard(engine.module, device, injector)
+    else:
+        guard = StepGuard(engine.module, device, injector)
+    if "fused_adamw" in changes:
+        assert isinstance(engine.optimizer, torch.optim.AdamW), type(engine.optimizer)  # ZeRO 0: the torch AdamW
+        for group in engine.optimizer.param_groups:
+            group.update(fused=True, foreach=False)  # what AdamW(..., fused=True) stores
+    if "no_allreduce_w1" in changes and engine.world_size == 1:
+        engine.enable_backward_allreduce = False
+    grad_norm_fn = mmpretrain.engine.grad_norm_before_step
+    if "one_clip" in changes and engine.zero_optimization_stage() == 0 and cfg.optim.grad_clip > 0:
+        engine._config.gradient_clipping = 0.0  # what deepspeed_config would write: DeepSpeed does not clip
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+
+        def grad_norm_fn(ds_engine):  # clips in place, returns the norm before clipping (as logged now)
+            return float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+
+    bd = Breakdown(OURS_PHASES)
+    bd.wrap(engine, "forward", "forward")
+    bd.wrap(engine, "backward", "backward")
+    bd.wrap(engine, "allreduce_gradients", "DeepSpeed gradient all-reduce")
+    bd.wrap(engine, "step", "optimizer step")
+    bd.wrap(engine, "clip_fp32_gradients", "clip (DeepSpeed)")
+    bd.wrap(engine.optimizer, "step", "AdamW")
+    compute_loss = mmpretrain.loss.compute_loss
+
+    def timed_loss(*args, **kwargs):
+        with bd.span("loss"):
+            return compute_loss(*args, **kwargs)
+
+    def timed_norm(ds_engine):
+        with bd.span("grad norm"):
+            return grad_norm_fn(ds_engine)
 
     def step(batch):
-        return train_step(engine, batch, cfg, device, guard, injector, stop_requested=False)
+        # train_step imports these two inside its body, so swapping the module attributes reaches it
+        with bd.step(), _swapped(mmpretrain.loss, "compute_loss", timed_loss), \
+                _swapped(mmpretrain.engine, "grad_norm_before_step", timed_norm):  # fmt: skip
+            return train_step(engine, batch, cfg, device, guard, injector, stop_requested=False)
 
-    return step, num_params
+    return step, num_params, bd
 
 
 def openclip_model_cfg(model_cfg) -> dict:
@@ -287,8 +451,14 @@ def create_openclip_model(model_cfg, device: torch.device):
         return open_clip.create_model(name, pretrained=None, precision="fp32", device=device)
 
 
-def build_openclip(cfg, device: torch.device):
-    """(step(batch), num_params): OpenCLIP's model and loss with a torch AdamW, as its trainer steps."""
+OPENCLIP_PHASES = [("forward", None), ("loss", None), ("backward", None), ("grad norm + clip", None),
+                   ("AdamW", None)]  # fmt: skip
+
+
+def build_openclip(cfg, device: torch.device, fused_adamw: bool = False):
+    """(step(batch), num_params, Breakdown): OpenCLIP's model and loss with a torch AdamW, as its trainer steps.
+
+    `fused_adamw`: AdamW(fused=True) on CPU too (OpenCLIP's trainer passes no such flag: the default)."""
     import math
 
     from open_clip.loss import ClipLoss
@@ -307,24 +477,32 @@ def build_openclip(cfg, device: torch.device):
         {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
         {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": o.weight_decay},
     ]
-    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
+    fused = device.type == "cuda" or fused_adamw
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
     loss_fn = ClipLoss()
     autocast_dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else None  # fp16 refused in bench()
+    bd = Breakdown(OPENCLIP_PHASES)
 
     def step(batch):
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            image_features, text_features, logit_scale = model(batch["image"], batch["text"])
-            loss = loss_fn(image_features, text_features, logit_scale)
-        loss.backward()
-        if o.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))  # as OpenCLIP's train loop, after every step
-        return loss.detach()
+        with bd.step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                with bd.span("forward"):
+                    image_features, text_features, logit_scale = model(batch["image"], batch["text"])
+                with bd.span("loss"):
+                    loss = loss_fn(image_features, text_features, logit_scale)
+            with bd.span("backward"):
+                loss.backward()
+            if o.grad_clip > 0:
+                with bd.span("grad norm + clip"):
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            with bd.span("AdamW"):
+                opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))  # as OpenCLIP's train loop, after every step
+            return loss.detach()
 
-    return step, num_params
+    return step, num_params, bd
 
 
 # ----------------------------------------------------------------------------- timing
@@ -346,11 +524,11 @@ def timed(step, batch, device: torch.device) -> float:
 def warm_up(name: str, build, meter: MemoryMeter, batch, device, warmup: int):
     """Build one implementation and run its warmup steps inside a memory phase."""
     meter.start()
-    step, num_params = build()
+    step, num_params, breakdown = build()
     for _ in range(max(1, warmup)):  # >= 1: the first AdamW step allocates its state (part of the peak)
         step(batch)
     _sync(device)
-    return step, PhaseResult(name, num_params, peak_mem_bytes=meter.peak())
+    return step, PhaseResult(name, num_params, peak_mem_bytes=meter.peak(), breakdown=breakdown)
 
 
 def format_table(results: list, global_batch: int, flops_per_sample: int, peak: float | None) -> str:
@@ -373,12 +551,96 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=20, help="timed steps per implementation (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5, at least 1)")
     p.add_argument("--openclip", action="store_true", help="also time the same model built with OpenCLIP")
+    p.add_argument("--openclip-fused", action="store_true",
+                   help="with --openclip: one more OpenCLIP row stepped with AdamW(fused=True)")  # fmt: skip
+    p.add_argument(
+        "--ours-change",
+        action="append",
+        default=[],
+        metavar="NAME[,NAME]",
+        help=f"one more row of ours with these changes applied (repeatable): {', '.join(OURS_CHANGES)}",
+    )
+    p.add_argument("--breakdown", action="store_true", help="time each phase of the step (forward, backward, ...)")
+    p.add_argument(
+        "--batch-sizes",
+        default="",
+        metavar="B1,B2,...",
+        help="repeat the whole comparison at these global batch sizes (default: train.batch_size)",
+    )
+    p.add_argument("--plot", default="", metavar="PNG", help="write samples/s vs batch size to this PNG")
+    p.add_argument("--json", default="", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's default)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.threads < 0:
         p.error("--steps must be >= 1, --warmup and --threads >= 0")
+    args.ours_change = [tuple(c for c in spec.split(",") if c) for spec in args.ours_change]
+    for changes in args.ours_change:
+        for c in changes:
+            if c not in OURS_CHANGES:
+                p.error(f"--ours-change: unknown change {c!r} (known: {', '.join(OURS_CHANGES)})")
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    except ValueError:
+        p.error(f"--batch-sizes: want integers like 16,32,64 (got {args.batch_sizes!r})")
+    if any(b < 1 for b in args.batch_sizes):
+        p.error("--batch-sizes must be >= 1")
     return args
+
+
+def compare(cfg, args, device, world: int, rank: int, meter: MemoryMeter) -> list:
+    """Build every implementation at cfg.train.batch_size, warm each up, then time interleaved steps."""
+    per_rank = cfg.train.batch_size // world
+    batch = synthetic_batch(cfg.model, per_rank, device, seed=cfg.train.seed + rank)
+    phases = [("mmpretrain (DeepSpeed)", lambda: build_ours(cfg, device, per_rank))]
+    if args.openclip:
+        phases.append(("open_clip", lambda: build_openclip(cfg, device)))
+    for changes in args.ours_change:
+        phases.append(("mmpretrain +" + "+".join(changes), lambda ch=changes: build_ours(cfg, device, per_rank, ch)))
+    if args.openclip and args.openclip_fused:
+        phases.append(("open_clip +fused_adamw", lambda: build_openclip(cfg, device, fused_adamw=True)))
+    steps, results = [], []
+    for name, build in phases:
+        step, result = warm_up(name, build, meter, batch, device, args.warmup)
+        steps.append(step)
+        results.append(result)
+    for _ in range(args.steps):  # interleaved: a change in load hits every implementation alike
+        for step, result in zip(steps, results):
+            result.step_s.append(timed(step, batch, device))
+    if args.breakdown:  # separate steps (the spans cost ~10 us each), interleaved the same way
+        for r in results:
+            r.breakdown.on = True
+        for _ in range(args.steps):
+            for step in steps:
+                step(batch)
+    del steps
+    gc.collect()
+    return results
+
+
+def write_plot(path: str, sweep: list, title: str) -> None:
+    """samples/s vs global batch size, one line per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for impl in dict.fromkeys(r["impl"] for point in sweep for r in point["results"]):
+        xs = [p["batch_size"] for p in sweep for r in p["results"] if r["impl"] == impl]
+        ys = [r["samples_per_s"] for p in sweep for r in p["results"] if r["impl"] == impl]
+        ax.plot(xs, ys, marker="o", label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([p["batch_size"] for p in sweep], [str(p["batch_size"]) for p in sweep])
+    ax.set_xlabel("global batch size")
+    ax.set_ylabel("samples/s (median step)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def bench(args) -> dict:
@@ -393,64 +655,75 @@ def bench(args) -> dict:
         torch.set_num_threads(args.threads)
     dist_info = init_distributed(cfg.engine.dist_timeout_s)
     device, world = dist_info.device, dist_info.world_size
-    per_rank = cfg.train.batch_size // world
-    batch = synthetic_batch(cfg.model, per_rank, device, seed=cfg.train.seed + dist_info.rank)
+    for b in args.batch_sizes:
+        if b % world:
+            raise ConfigError(f"--batch-sizes: {b} is not divisible by the world size {world}")
     meter = MemoryMeter(device)
-
-    phases = [("mmpretrain (DeepSpeed)", lambda: build_ours(cfg, device, per_rank))]
-    if args.openclip:
-        phases.append(("open_clip", lambda: build_openclip(cfg, device)))
-    steps, results = [], []
-    for name, build in phases:
-        step, result = warm_up(name, build, meter, batch, device, args.warmup)
-        steps.append(step)
-        results.append(result)
-    for _ in range(args.steps):  # interleaved: a change in load hits every implementation alike
-        for step, result in zip(steps, results):
-            result.step_s.append(timed(step, batch, device))
-
-    flops = train_flops_per_sample(cfg.model, cfg.train.batch_size)
-    peak = peak_tflops(device, cfg.engine.precision)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    peak = peak_tflops(device, cfg.engine.precision)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     header = [
         f"# bench_train {args.config} {' '.join(args.overrides)}".rstrip(),
         f"date {datetime.datetime.now().isoformat(timespec='seconds')}; device {device.type} ({device_name}); "
         f"world {world}; torch threads {torch.get_num_threads()}; precision {cfg.engine.precision}; "
-        f"ZeRO {cfg.engine.zero_stage}",
-        f"global batch {cfg.train.batch_size} ({per_rank} per rank); warmup {args.warmup}, timed {args.steps} "
-        f"steps each (median; interleaved); synthetic batches already on the device: data loader not measured",
-        f"model FLOPs per sample (train) {flops / 1e9:.3f} GFLOP; peak "
-        + (f"{peak:g} TFLOP/s" if peak else "n/a (MFU n/a)"),
+        f"ZeRO {cfg.engine.zero_stage}" + (f"; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}" if load else ""),
+        f"warmup {args.warmup}, timed {args.steps} steps each (median; interleaved); synthetic batches already "
+        f"on the device: data loader not measured",
         f"peak memory: {meter.kind}, above the phase start" + (", rank 0" if world > 1 else ""),
     ]
-    table = format_table(results, cfg.train.batch_size, flops, peak)
-    lines = header + ["", table]
-    if len(results) == 2:
-        ours, oc = results
-        lines.append(f"\nratio ours/openclip: samples/s {oc.median_step_s() / ours.median_step_s():.3f}, "
-                     f"peak memory {ours.peak_mem_bytes / max(1, oc.peak_mem_bytes):.3f}")  # fmt: skip
-        if ours.num_params == oc.num_params:
-            note = "equal; logit_scale is (1,) in ours (DeepSpeed cannot broadcast 0-dim) and () in open_clip"
-        else:
-            note = f"differ by {ours.num_params - oc.num_params:+,}: see openclip_model_cfg"
-        lines.append(f"params: ours {ours.num_params:,}, open_clip {oc.num_params:,} ({note})")
-    print0("\n".join(lines))
-    return {
-        "flops_per_sample": flops,
-        "peak_tflops": peak,
-        "memory_kind": meter.kind,
-        "table": table,
-        "results": [
-            {
-                "impl": r.impl,
-                "num_params": r.num_params,
-                "samples_per_s": cfg.train.batch_size / r.median_step_s(),
-                "step_ms": r.median_step_s() * 1e3,
-                "peak_mem_bytes": r.peak_mem_bytes,
-            }
-            for r in results
-        ],
-    }
+    print0("\n".join(header))
+    sweep = []
+    for batch_size in args.batch_sizes or [cfg.train.batch_size]:
+        cfg.train.batch_size = batch_size
+        results = compare(cfg, args, device, world, dist_info.rank, meter)
+        flops = train_flops_per_sample(cfg.model, batch_size)
+        table = format_table(results, batch_size, flops, peak)
+        peak_txt = f"{peak:g} TFLOP/s" if peak else "n/a (MFU n/a)"
+        lines = ["", f"global batch {batch_size} ({batch_size // world} per rank); model FLOPs per sample (train) "
+                 f"{flops / 1e9:.3f} GFLOP; peak {peak_txt}", "", table]  # fmt: skip
+        ours = results[0]
+        for r in results[1:]:
+            if r.impl.startswith("open_clip") and r.impl != "open_clip":
+                continue
+            ref = next((o for o in results if o.impl == "open_clip"), None)
+            if r.impl == "open_clip":
+                lines.append(f"\nratio ours/openclip: samples/s {r.median_step_s() / ours.median_step_s():.3f}, "
+                             f"peak memory {ours.peak_mem_bytes / max(1, r.peak_mem_bytes):.3f}")  # fmt: skip
+                if ours.num_params == r.num_params:
+                    note = "equal; logit_scale is (1,) in ours (DeepSpeed cannot broadcast 0-dim) and () in open_clip"
+                else:
+                    note = f"differ by {ours.num_params - r.num_params:+,}: see openclip_model_cfg"
+                lines.append(f"params: ours {ours.num_params:,}, open_clip {r.num_params:,} ({note})")
+            elif ref is not None:
+                lines.append(f"ratio {r.impl} / open_clip: samples/s {ref.median_step_s() / r.median_step_s():.3f}")
+        if args.breakdown:
+            lines += ["", format_breakdown(results)]
+        print0("\n".join(lines))
+        sweep.append({
+            "batch_size": batch_size,
+            "flops_per_sample": flops,
+            "table": table,
+            "results": [
+                {
+                    "impl": r.impl,
+                    "num_params": r.num_params,
+                    "samples_per_s": batch_size / r.median_step_s(),
+                    "step_ms": r.median_step_s() * 1e3,
+                    "peak_mem_bytes": r.peak_mem_bytes,
+                    **({"breakdown_ms": r.breakdown.medians_ms()} if args.breakdown else {}),
+                }
+                for r in results
+            ],
+        })  # fmt: skip
+    out = {**sweep[-1], "peak_tflops": peak, "memory_kind": meter.kind, "sweep": sweep, "header": header}
+    if args.plot and dist_info.is_main:
+        title = f"{args.config} {' '.join(args.overrides)}, {device_name}, {torch.get_num_threads()} threads"
+        write_plot(args.plot, sweep, title)
+        print0(f"wrote {args.plot}")
+    if args.json and dist_info.is_main:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
 
 
 def main(argv=None) -> dict:
