@@ -22,7 +22,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, diff_configs, from_yaml_file, load_config, to_dict, to_yaml
-from mmpretrain.distributed import all_reduce_sum, barrier, env_rank_world, init_distributed
+from mmpretrain.data.pipeline import DataFaultError
+from mmpretrain.distributed import barrier, env_rank_world, init_distributed
 from mmpretrain.faults import EXIT_STOPPED, Injector, NonFiniteError, SkipTracker, StepGuard, StopRequest
 
 # Keys that may change between a run and its restart: they do not touch weights or data order.
@@ -57,7 +58,7 @@ def resolve_data_paths(cfg: Config, is_main: bool) -> None:
     from mmpretrain.data import with_synthetic_data
 
     d = cfg.data
-    if d.synthetic.root and None in (d.train.urls, d.eval.zeroshot, d.eval.retrieval):
+    if d.synthetic.root and None in (d.train.urls if d.train.sources is None else 1, d.eval.zeroshot, d.eval.retrieval):
         if is_main:
             with_synthetic_data(cfg.data)
         barrier()
@@ -150,6 +151,30 @@ def train_step(engine, batch, cfg: Config, device, guard, injector, stop_request
     return StepResult(loss.detach(), norm, logit_scale, False, stop)
 
 
+def gather_data_stats(window: dict) -> dict:
+    """This log window's data stats summed over ranks (a collective)."""
+    from mmpretrain.data import merge_data_stats
+
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return window
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, window)
+    total: dict = {}
+    for part in parts:
+        total = merge_data_stats(total, part)
+    return total
+
+
+def data_metrics(total: dict, window: dict) -> dict:
+    """Flat metrics: samples read and skipped (run totals, by reason) and this window's share of each source."""
+    skipped = total.get("skipped", {})
+    out = {"skipped_samples": sum(skipped.values()), "data/read": total.get("read", 0)}
+    out.update({f"data/skipped/{reason}": n for reason, n in skipped.items()})
+    good = sum(window.get("sources", {}).values())
+    out.update({f"data/source/{name}": n / good for name, n in window.get("sources", {}).items() if good})
+    return out
+
+
 def run_eval(engine, tokenizer, cfg: Config, dist_info) -> dict:
     """Zero-shot / retrieval on every rank (ZeRO-3 holds the weights in parts), reduced; rank 0 logs."""
     from mmpretrain.evaluate import evaluate_all
@@ -162,7 +187,7 @@ def run_eval(engine, tokenizer, cfg: Config, dist_info) -> dict:
 
 def train(cfg: Config, stop_after_steps: int = 0) -> dict:
     """Run (or resume) training; returns the final metrics of this invocation."""
-    from mmpretrain.data import Tokenizer, build_train_loader
+    from mmpretrain.data import Tokenizer, build_train_loader, check_bad_fraction, merge_data_stats
     from mmpretrain.engine import build_engine, set_cpu_threads
     from mmpretrain.logging import MetricsLogger, new_run_id
     from mmpretrain.model import build_model
@@ -193,7 +218,7 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
     meta = checkpoint.resume(engine, cfg.output_dir, rank, tag=load_tag)
     step = meta["step"] if meta else 0
     samples_seen = meta["samples_seen"] if meta else 0
-    skipped_total = meta.get("skipped_samples", 0) if meta else 0
+    data_total = meta.get("data_stats", {}) if meta else {}  # broken samples by reason and shard, sources
     skips = SkipTracker(cfg.train.max_skips_in_a_row, total=meta.get("skipped_steps", 0) if meta else 0)
     run_id = meta["wandb_run_id"] if meta else new_run_id()
     cfg_dict = to_dict(cfg)
@@ -230,13 +255,14 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
 
     def save(at_step: int) -> str:
         extra = {"samples_seen": samples_seen, "config": cfg_dict, "world_size": world, "wandb_run_id": run_id,
-                 "skipped_samples": skipped_total, "skipped_steps": skips.total,
+                 "data_stats": data_total, "skipped_steps": skips.total,
                  "data": {"batches_consumed_per_rank": at_step}}  # fmt: skip
         return checkpoint.save(engine, cfg.output_dir, at_step, extra, rank, cfg.checkpoint.keep_last,
                                before_commit=injector.during_save)  # fmt: skip
 
     last: dict = {}
-    t_last, wait, loss_sum, steps_in_window, batches_in_window, skipped_window = time.perf_counter(), 0.0, 0.0, 0, 0, 0
+    t_last, wait, loss_sum, steps_in_window, batches_in_window = time.perf_counter(), 0.0, 0.0, 0, 0
+    data_window: dict = {}
     start_step, saved_at, stop = step, (f"step_{step}" if meta else None), False
     while step < cfg.train.steps:
         t0 = time.perf_counter()
@@ -249,7 +275,7 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
             key_log.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
             key_log.flush()
         samples_seen += cfg.train.batch_size
-        skipped_window += batch.get("num_skipped", 0)
+        data_window = merge_data_stats(data_window, batch["data_stats"])
         batches_in_window += 1
         if not res.skipped:
             loss_sum += res.loss.item()
@@ -259,8 +285,11 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
 
         stop = res.stop or bool(stop_after_steps and step - start_step >= stop_after_steps)
         if step % cfg.logging.log_every == 0 or step == cfg.train.steps or stop:
-            skipped = int(all_reduce_sum(skipped_window, device))  # collective: every rank logs at the same steps
-            skipped_total += skipped
+            window = gather_data_stats(data_window)  # collective: every rank logs at the same steps
+            data_total = merge_data_stats(data_total, window)
+            # every rank holds the same totals, so every rank stops alike (no rank left in a collective)
+            check_bad_fraction(data_total, max_bad_fraction=cfg.data.max_bad_fraction,
+                               min_samples=cfg.data.bad_min_samples)  # fmt: skip
             elapsed = time.perf_counter() - t_last
             last = {
                 "samples_seen": samples_seen,
@@ -270,12 +299,12 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
                 "samples_per_s": batches_in_window * cfg.train.batch_size / elapsed,
                 "data_wait_frac": wait / elapsed,
                 "grad_norm": res.grad_norm,
-                "skipped_samples": skipped_total,
+                **data_metrics(data_total, window),
                 "skipped_steps": skips.total,
             }
             log.log(step, last)
-            t_last, wait, loss_sum, steps_in_window, batches_in_window, skipped_window = (time.perf_counter(), 0.0,
-                                                                                          0.0, 0, 0, 0)  # fmt: skip
+            t_last, wait, loss_sum, steps_in_window, batches_in_window = time.perf_counter(), 0.0, 0.0, 0, 0
+            data_window = {}
 
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not skips.in_a_row:
             saved_at = save(step)  # never in a run of skipped steps: the last checkpoint stays a good one
@@ -326,7 +355,7 @@ def _print_summary(cfg: Config, step: int, tag: str | None, results: dict, stopp
 
 
 # Errors every rank raises alike (decided by a collective): one line from rank 0, exit 1, no traceback.
-AGREED_ERRORS = (NonFiniteError,)
+AGREED_ERRORS = (NonFiniteError, DataFaultError)
 
 
 @record  # under torchrun: an exception on any rank is written where the launcher reports it as the root cause

@@ -287,7 +287,7 @@ def with_synthetic_data(cfg: DataConfig) -> DataConfig:
         return cfg
     paths = ensure_synthetic(cfg.synthetic)
     out = copy.deepcopy(cfg)
-    if out.train.urls is None:
+    if out.train.urls is None and out.train.sources is None:
         out.train.urls = paths.train_urls
     if out.eval.zeroshot is None:
         out.eval.zeroshot = paths.zeroshot_root
