@@ -36,7 +36,9 @@ def slurm(tmp_path_factory):
     missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(b) is None
                and not os.path.exists(f"/usr/sbin/{b}")]  # fmt: skip
     if missing:
-        pytest.skip(f"SLURM test: {', '.join(missing)} not installed (apt-get install slurmctld slurmd slurm-client munge)")
+        pytest.skip(
+            f"SLURM test: {', '.join(missing)} not installed (apt-get install slurmctld slurmd slurm-client munge)"
+        )
     state = str(tmp_path_factory.mktemp("slurm"))
     up = sh("bash", os.path.join(HERE, "slurm_up.sh"), state, check=False)
     if up.returncode != 0:
@@ -69,8 +71,9 @@ def test_sbatch_preempted_requeues_and_finishes_from_its_checkpoint(slurm, shape
            "MASTER_PORT": str(free_port()), "SAVE_TIMEOUT": "120"}  # fmt: skip
     overrides = [f"data.train.urls={shapes_dataset.train_urls}", f"train.steps={STEPS}", "checkpoint.every_steps=100",
                  "data.num_workers=1"]  # fmt: skip
-    job = sh("sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--output={log}", "--chdir", REPO,
-             os.path.join(REPO, "launch", "slurm.sbatch"), *overrides, env=env).stdout.strip().split(";")[0]  # fmt: skip
+    sbatch = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--output={log}", "--chdir", REPO,
+              os.path.join(REPO, "launch", "slurm.sbatch"), *overrides]  # fmt: skip
+    job = sh(*sbatch, env=env).stdout.strip().split(";")[0]
 
     def wait(cond, what, timeout=240):
         t0 = time.time()
@@ -96,7 +99,9 @@ def test_sbatch_preempted_requeues_and_finishes_from_its_checkpoint(slurm, shape
     assert job_field(job, "JobState") == "COMPLETED", text[-5000:]
     assert "got USR1; asked the ranks to save and stop" in text
     assert "stopped on request (stop file" in text and "requeueing job" in text
-    stopped_at = int(text.split("requeueing job")[0].split("stopped on request")[1].split("after step ")[1].split(";")[0])
+    stopped_at = int(
+        text.split("requeueing job")[0].split("stopped on request")[1].split("after step ")[1].split(";")[0]
+    )
     assert "restart 1" in text and f"resumed from {out}/checkpoints/step_{stopped_at}" in text
     assert text.rstrip().endswith("srun exit 0")
     assert metrics_steps(out) == list(range(1, STEPS + 1))  # one run, read as one
