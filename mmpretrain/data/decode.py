@@ -1,11 +1,11 @@
 """Encoded image bytes -> RGB uint8 pixels, decoded at a reduced scale when the caller allows it.
 
-Baseline JPEGs (YCbCr or grayscale) go through libjpeg-turbo via simplejpeg, which can decode at 1/2, 1/4
-or 1/8 of the size in the DCT domain: each 8x8 block is inverse-transformed straight to a 4x4, 2x2 or 1x1
-block. That skips most of the IDCT, colour conversion and upsampling work (entropy decoding stays), and the
-result is a low-passed, not aliased, smaller image: pixel edges map exactly by the factor (reduced
-coordinate = original coordinate / f). Other scale factors (M/8) decode slower than full size here, so only
-powers of two are used.
+YCbCr and grayscale JPEGs (baseline or progressive) go through libjpeg-turbo via simplejpeg, which can
+decode at 1/2, 1/4 or 1/8 of the size in the DCT domain: each 8x8 block is inverse-transformed straight
+to a 4x4, 2x2 or 1x1 block. That skips most of the IDCT, colour conversion and upsampling work (entropy
+decoding stays), and the result is a low-passed, not aliased, smaller image: pixel edges map exactly by
+the factor (reduced coordinate = original coordinate / f). Other scale factors (M/8) decode slower than
+full size here, so only powers of two are used.
 
 Everything else (PNG, WebP, CMYK/YCCK JPEGs, whose Adobe inversion PIL handles, files simplejpeg refuses)
 goes through PIL at full size and is converted to RGB.

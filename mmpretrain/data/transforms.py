@@ -12,16 +12,18 @@ Two paths, picked by ``fast``:
   fast=True   (default) the same crop geometry from the same seed, but JPEGs are decoded at 1/2, 1/4 or 1/8
               scale in the DCT domain when the crop still has >= S pixels on both sides there (decode.py),
               and the crop is resized with torch's uint8 antialiased bicubic (within a grey level of PIL's).
-              At full scale the train crop box is the reference's exactly; at reduced scale its edges are
-              rounded to the reduced grid (<= half a reduced pixel). The eval path resizes the whole reduced
-              image to the reference's resized size and center-crops it, so its geometry is the reference's.
-              Images other than baseline JPEGs (PNG, WebP, CMYK) are decoded by PIL at full size.
+              At full scale the train crop box is the reference's exactly; at reduced scale it starts on
+              the reduced grid (<= half a reduced pixel off) and ends exactly. The eval path resizes the
+              whole reduced image to the reference's resized size and center-crops it: the reference's
+              geometry. Images other than YCbCr/grayscale JPEGs (PNG, WebP, CMYK) are decoded by PIL at
+              full size. ``__call__`` on an already decoded PIL image takes the full-size route.
 
-The train crop is seeded per sample (``from_bytes(data, seed)``): the torch RNG is forked around the
-crop draw, so a sample's crop depends only on its seed, never on how many samples a worker decoded
-before. That is what lets a resumed loader skip samples without decoding them and still produce the same
-crops as an uninterrupted run. Both paths draw (i, j, h, w) as torchvision's RandomResizedCrop.get_params
-does after ``torch.manual_seed(seed)``, on the original image size, so fast and plain crop the same region.
+The train crop is seeded per sample (``from_bytes(data, seed)``): it is drawn from a private generator
+seeded with ``seed`` (the global torch RNG is untouched), so a sample's crop depends only on its seed,
+never on how many samples a worker decoded before. That is what lets a resumed loader skip samples
+without decoding them and still produce the same crops as an uninterrupted run. Both paths draw
+(i, j, h, w) as torchvision's RandomResizedCrop.get_params does after ``torch.manual_seed(seed)``, on
+the original image size, so fast and plain crop the same region.
 """
 
 from __future__ import annotations
