@@ -3,6 +3,9 @@
     python tools/bench_train.py configs/bench-tiny.yaml --openclip          # ours vs OpenCLIP, same model
     python tools/bench_train.py configs/vit-b-16-laion.yaml train.batch_size=256 --steps 30
     torchrun --nproc_per_node=2 tools/bench_train.py configs/bench-tiny.yaml   # ours on 2 ranks
+    python tools/bench_train.py configs/bench-tiny.yaml --openclip --threads 1 --breakdown \
+        --ours-change fused_adamw,no_allreduce_w1,one_clip,guard_sum --openclip-fused      # where time goes
+    python tools/bench_train.py configs/bench-tiny.yaml --openclip --batch-sizes 16,32,64,128 --plot docs/x.png
 
 What is timed: one optimizer step exactly as the trainer runs it -- `mmpretrain.train.train_step`
 through the DeepSpeed engine `build_engine` returns (forward, loss, backward, gradient norm and
@@ -20,6 +23,19 @@ train step -- forward, `open_clip.loss.ClipLoss`, backward, gradient clipping at
 trainer does -- is timed in the same process, with the same batch and threads. After both warm up,
 the timed steps alternate (ours, OpenCLIP, ours, ...) so that a change in machine load hits both.
 bf16 configs run OpenCLIP under `torch.autocast(bfloat16)`, as its trainer's `amp_bf16` does.
+
+`--breakdown` times each phase of the step (after the timed steps, in as many extra interleaved steps):
+for ours, spans around the engine's forward, `compute_loss`, `engine.backward` (autograd, the StepGuard's
+gradient hooks, and DeepSpeed's gradient all-reduce, shown apart), `grad_norm_before_step` and `engine.step`
+(DeepSpeed's clipping and AdamW shown apart; the LR schedule and zero_grad are the rest of it); for OpenCLIP,
+the same phases of its step. "other" is what falls outside the spans (input normalization, the guard's flags).
+
+`--ours-change a,b` adds a row: ours with changes to files this tool does not own (engine.py, train.py,
+faults.py, kernels/) applied from outside the trainer, so a proposal is measured before it lands; the
+names and what each stands for are in `OURS_CHANGES`. `--openclip-fused` adds OpenCLIP stepped with
+`AdamW(fused=True)` (its trainer does not ask for it), so that a faster optimizer is credited to both.
+`--batch-sizes 16,32,...` repeats the whole comparison per global batch size and `--plot` draws samples/s
+against it.
 
 Peak memory, per implementation, measured while it is built and warmed up (its first AdamW step
 allocates the optimizer state), above what was in use just before:
@@ -55,6 +71,7 @@ import ctypes
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -291,6 +308,8 @@ OURS_CHANGES = {
     "guard_sum": "StepGuard's hook tests isfinite(grad.sum()) instead of isfinite(grad).all() (one reduction, no "
     "bool tensor; a NaN/inf anywhere makes the sum non-finite; a false alarm needs finite gradients summing past "
     "3e38)",
+    "attn_math": "kernels.attention on CPU without a mask: softmax(q k^T * scale) v in plain torch ops instead of "
+    "SDPA's CPU flash kernel (whose backward is slow at these head sizes)",
     "no_guard": "no StepGuard gradient hooks (faults.py: isfinite over every gradient); measures their cost only",
 }
 
@@ -376,6 +395,21 @@ def build_ours(cfg, device: torch.device, per_rank_batch: int, changes: tuple = 
         def grad_norm_fn(ds_engine):  # clips in place, returns the norm before clipping (as logged now)
             return float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
 
+    import mmpretrain.model.layers
+
+    attention_fn = kernel = mmpretrain.model.layers.attention
+    if "attn_math" in changes:
+
+        def attention_math(q, k, v, causal=False, key_padding_mask=None, scale=None, impl="auto"):
+            if q.is_cuda or key_padding_mask is not None:
+                return kernel(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, impl=impl)
+            s_BHMN = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+            if causal:  # top-left aligned, as SDPA's is_causal
+                M, N = s_BHMN.shape[-2:]
+                s_BHMN = s_BHMN.masked_fill(torch.ones(M, N, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+            return s_BHMN.softmax(-1) @ v
+
+        attention_fn = attention_math
     bd = Breakdown(OURS_PHASES)
     bd.wrap(engine, "forward", "forward")
     bd.wrap(engine, "backward", "backward")
@@ -396,7 +430,8 @@ def build_ours(cfg, device: torch.device, per_rank_batch: int, changes: tuple = 
     def step(batch):
         # train_step imports these two inside its body, so swapping the module attributes reaches it
         with bd.step(), _swapped(mmpretrain.loss, "compute_loss", timed_loss), \
-                _swapped(mmpretrain.engine, "grad_norm_before_step", timed_norm):  # fmt: skip
+                _swapped(mmpretrain.engine, "grad_norm_before_step", timed_norm), \
+                _swapped(mmpretrain.model.layers, "attention", attention_fn):  # fmt: skip
             return train_step(engine, batch, cfg, device, guard, injector, stop_requested=False)
 
     return step, num_params, bd
@@ -459,8 +494,6 @@ def build_openclip(cfg, device: torch.device, fused_adamw: bool = False):
     """(step(batch), num_params, Breakdown): OpenCLIP's model and loss with a torch AdamW, as its trainer steps.
 
     `fused_adamw`: AdamW(fused=True) on CPU too (OpenCLIP's trainer passes no such flag: the default)."""
-    import math
-
     from open_clip.loss import ClipLoss
 
     torch.manual_seed(cfg.train.seed)
