@@ -95,10 +95,14 @@ class StepResult:
     stop: bool  # some rank was asked to stop (signal or stop file)
 
 
-def train_step(engine, batch, cfg: Config, device, guard, injector, stop_requested: bool) -> StepResult:
+def train_step(
+    engine, batch, cfg: Config, device, guard=None, injector=None, stop_requested: bool = False
+) -> StepResult:
     """One optimizer step on this rank's batch, or none if any rank saw a non-finite loss or gradient.
 
     One collective per step decides, on every rank alike, whether to skip the update and whether to stop.
+    ``guard`` (a StepGuard on engine.module) adds the check of every gradient; without it only the loss
+    is checked. ``injector`` injects test faults (None: none).
     """
     from mmpretrain.data.transforms import normalize_images
     from mmpretrain.engine import grad_norm_after_step, grad_norm_before_step
@@ -109,7 +113,9 @@ def train_step(engine, batch, cfg: Config, device, guard, injector, stop_request
     tokens = batch["text"].to(device, non_blocking=True)  # (B, L)
     if cfg.engine.precision != "fp32":
         images = images.to(torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float16)
-    guard.reset()
+    injector = injector or Injector(None, rank=0)
+    if guard is not None:
+        guard.reset()
     if cfg.train.accum_steps > 1:
         from mmpretrain.loss import grad_cache_step
 
@@ -136,7 +142,9 @@ def train_step(engine, batch, cfg: Config, device, guard, injector, stop_request
         loss = injector.loss(compute_loss(cfg.loss, out))  # loss over the global batch, same value on every rank
         engine.backward(loss)
         logit_scale = out.logit_scale.detach()
-    bad = guard.bad | ~torch.isfinite(loss.detach()).all()
+    bad = ~torch.isfinite(loss.detach()).all()
+    if guard is not None:
+        bad = bad | guard.bad
     flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=bad.device)])
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(flags)  # the one collective of the step: every rank decides alike

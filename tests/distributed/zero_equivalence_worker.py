@@ -14,6 +14,7 @@ import torch
 from mmpretrain.config import load_config
 from mmpretrain.distributed import init_distributed
 from mmpretrain.engine import build_engine
+from mmpretrain.faults import StepGuard
 from mmpretrain.model import build_model
 from mmpretrain.train import train_step
 
@@ -29,6 +30,7 @@ def main(out_path, overrides):
     model = build_model(cfg.model)
     per_rank = cfg.train.batch_size // info.world_size
     engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=per_rank, total_steps=NUM_STEPS)
+    guard = StepGuard(engine.module, info.device)  # as the train loop runs it (gradient hooks on every parameter)
     size, ctx, vocab = cfg.model.vision.image_size, cfg.model.text.context_length, cfg.model.text.vocab_size
     losses, norms = [], []
     for step in range(NUM_STEPS):
@@ -40,9 +42,10 @@ def main(out_path, overrides):
         tokens[torch.arange(cfg.train.batch_size), lengths] = vocab - 1  # end of text
         tokens[torch.arange(ctx)[None, :] > lengths[:, None]] = 0
         mine = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
-        loss, norm, _ = train_step(engine, {"image": images[mine], "text": tokens[mine]}, cfg, info.device)
-        losses.append(loss.item())
-        norms.append(norm)
+        res = train_step(engine, {"image": images[mine], "text": tokens[mine]}, cfg, info.device, guard)
+        assert not res.skipped and not res.stop
+        losses.append(res.loss.item())
+        norms.append(res.grad_norm)
     if info.rank == 0:
         json.dump({"loss": losses, "grad_norm": norms}, open(out_path, "w"))
 
