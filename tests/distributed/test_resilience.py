@@ -297,3 +297,38 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_message(shapes_dataset, t
     assert proc.returncode != 0
     assert "injected fault: rank 1 fails in step 3" in text  # torchrun names the failing rank's error
     assert time.time() - t0 < 150  # ended by the failure, well before the launch timeout (not a speed test)
+
+
+@pytest.mark.slow
+def test_a_dead_peer_ends_the_run_in_bounded_time(shapes_dataset, tmp_path):
+    """SIGKILL of rank 1 alone (its process dies, as in an OOM kill): rank 0 must not wait out a timeout."""
+    out = str(tmp_path / "dead")
+    proc = start(torchrun(*run_args(shapes_dataset, out, "train.steps=400", "data.num_workers=1",
+                                    "engine.dist_timeout_s=60")))  # fmt: skip
+    wait_until(lambda: last_step(out) >= 2, proc)
+
+    def rank_of(pid):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            return None
+        return next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+
+    workers = [p for p in descendants(proc.pid) if rank_of(p) == 1]
+    rank1 = min(workers)  # the training process (its data worker, a child of it, has a larger pid)
+    t0 = time.time()
+    os.kill(rank1, signal.SIGKILL)
+    text = proc.communicate(timeout=200)[0]
+    assert proc.returncode != 0
+    assert "Signal 9 (SIGKILL)" in text or "SIGKILL" in text, text[-3000:]
+    assert time.time() - t0 < 120  # bounded: torchrun or gloo ends rank 0, not a 30-minute default timeout
+    assert last_step(out) < 400
+    time.sleep(1)
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):  # nothing of this run left behind (orphans included)
+        try:
+            if f"output_dir={out}".encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                left.append(pid)
+        except OSError:
+            pass
+    assert not left, f"processes of the run still alive: {left}"
