@@ -652,25 +652,38 @@ def compare(cfg, args, device, world: int, rank: int, meter: MemoryMeter) -> lis
 
 
 def write_plot(path: str, sweep: list, title: str) -> None:
-    """samples/s vs global batch size, one line per implementation."""
+    """Left: samples/s vs global batch size, one line per implementation. Right (with an open_clip row):
+    each implementation's samples/s over open_clip's, measured in the same interleaved rounds, which a
+    change in machine load between batch sizes moves far less than the absolute numbers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for impl in dict.fromkeys(r["impl"] for point in sweep for r in point["results"]):
-        xs = [p["batch_size"] for p in sweep for r in p["results"] if r["impl"] == impl]
-        ys = [r["samples_per_s"] for p in sweep for r in p["results"] if r["impl"] == impl]
-        ax.plot(xs, ys, marker="o", label=impl)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([p["batch_size"] for p in sweep], [str(p["batch_size"]) for p in sweep])
-    ax.set_xlabel("global batch size")
-    ax.set_ylabel("samples/s (median step)")
-    ax.set_ylim(bottom=0)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    impls = list(dict.fromkeys(r["impl"] for point in sweep for r in point["results"]))
+    has_ref = all(any(r["impl"] == "open_clip" for r in p["results"]) for p in sweep)
+    fig, axes = plt.subplots(1, 2 if has_ref else 1, figsize=(11 if has_ref else 6.4, 4.4), dpi=110, squeeze=False)
+    sizes = [p["batch_size"] for p in sweep]
+    for impl in impls:
+        pts = []  # (batch size, samples/s, open_clip's samples/s in the same rounds)
+        for p in sweep:
+            ref = next((o["samples_per_s"] for o in p["results"] if o["impl"] == "open_clip"), None)
+            pts += [(p["batch_size"], r["samples_per_s"], ref) for r in p["results"] if r["impl"] == impl]
+        axes[0][0].plot([b for b, _, _ in pts], [y for _, y, _ in pts], marker="o", label=impl)
+        if has_ref:
+            axes[0][1].plot([b for b, _, _ in pts], [y / ref for _, y, ref in pts], marker="o", label=impl)
+    axes[0][0].set_ylabel("samples/s (median step)")
+    axes[0][0].set_ylim(bottom=0)
+    if has_ref:
+        axes[0][1].axhline(1.3, color="gray", linestyle="--", linewidth=0.8)
+        axes[0][1].set_ylabel("samples/s / open_clip's (same rounds)")
+    for ax in axes[0]:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.set_xlabel("global batch size")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -750,7 +763,7 @@ def bench(args) -> dict:
         })  # fmt: skip
     out = {**sweep[-1], "peak_tflops": peak, "memory_kind": meter.kind, "sweep": sweep, "header": header}
     if args.plot and dist_info.is_main:
-        title = f"{args.config} {' '.join(args.overrides)}, {device_name}, {torch.get_num_threads()} threads"
+        title = f"{' '.join([args.config, *args.overrides])}, {device_name}, {torch.get_num_threads()} threads"
         write_plot(args.plot, sweep, title)
         print0(f"wrote {args.plot}")
     if args.json and dist_info.is_main:
