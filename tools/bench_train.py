@@ -51,6 +51,10 @@ multiply-add of a weight matmul, training = 3x forward)::
     per tower:  6 * N * (layers * (4 D^2 + 2 D F))       QKV + out projections, MLP; N tokens, F mlp_dim
               + 12 * layers * N^2 * D                     attention scores QK^T and AV (causal counted full)
               + 6 * D * E                                 output projection on the pooled token (CLIP)
+    executed:   the model runs the last block of a tower on the pooled token only (class / EOT / last
+                position): there 6 * (3 N D^2 + D^2 + 2 D F) + 12 * N * D (+ 12 * N^2 * D instead for the
+                causal CLIP text tower, whose attention runs for every query); SigLIP vision runs in full.
+                MFU counts the architecture's FLOPs above; the header also prints the executed count.
     vision:     + 6 * P * (3 p^2 D)                       patch embedding as a matmul; P patches of side p
                 N = P (+1 class token for CLIP); with patch dropout, the kept patches
                 SigLIP head: 6 * (2 D^2 N + 2 D^2 + 2 D F) + 12 * N * D   (one learned query)
@@ -117,17 +121,29 @@ class PhaseResult:
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def _tower_block_flops(num_tokens: int, width: int, mlp_dim: int, layers: int) -> int:
-    """Forward FLOPs of `layers` pre-LN blocks on one sequence: weight matmuls + attention."""
-    weights = layers * (4 * width * width + 2 * width * mlp_dim)  # qkv (3 D^2) + out (D^2) + fc1, fc2 (D F each)
-    attn = 4 * layers * num_tokens * num_tokens * width  # QK^T and AV: 2 N^2 D each
-    return 2 * num_tokens * weights + attn
+def _tower_block_flops(num_tokens: int, width: int, mlp_dim: int, layers: int, last: str = "full") -> int:
+    """Forward FLOPs of `layers` pre-LN blocks on one sequence: weight matmuls + attention.
+
+    last: "full" (every token through every block), "pooled" (the model's pooled_only path for a non-causal
+    tower: the last block's qkv on every token, attention for the one pooled query, out-projection and MLP on
+    that token) or "pooled_causal" (the same, but the causal attention runs for every query, see
+    mmpretrain.model.layers.Attention).
+    """
+    N, D, F = num_tokens, width, mlp_dim
+    block = 2 * N * (4 * D * D + 2 * D * F) + 4 * N * N * D  # qkv 3D^2 + out D^2 + fc1, fc2 DF each; QK^T, AV
+    if last == "full":
+        return layers * block
+    attn = 4 * N * N * D if last == "pooled_causal" else 4 * N * D
+    return (layers - 1) * block + 2 * N * 3 * D * D + attn + 2 * (D * D + 2 * D * F)
 
 
-def forward_flops_per_sample(model_cfg, batch_size: int, training: bool = True) -> dict:
+def forward_flops_per_sample(model_cfg, batch_size: int, training: bool = True, pooled: bool = False) -> dict:
     """Forward FLOPs of one sample: {"vision", "text", "loss"} for a resolved ModelConfig.
 
-    `batch_size` is the global batch (the similarity matrix is B x B); `training` applies patch dropout.
+    `batch_size` is the global batch (the similarity matrix is B x B); `training` applies patch dropout;
+    `pooled=False` (the default, what MFU uses): the architecture's FLOPs, every token through every block,
+    as PaLM-style model FLOPs count them whatever the implementation skips; True: what encode_image /
+    encode_text actually run (the last block on the pooled token only, see mmpretrain.model.layers.Encoder).
     """
     m, v, t = model_cfg, model_cfg.vision, model_cfg.text
     grid = v.image_size // v.patch_size
@@ -136,18 +152,20 @@ def forward_flops_per_sample(model_cfg, batch_size: int, training: bool = True) 
     kept = max(1, int(num_patches * (1 - v.patch_dropout))) if training and v.patch_dropout > 0 else num_patches
     if m.family == "clip":
         n_v = 1 + kept  # class token
-        vision = patch_embed + _tower_block_flops(n_v, v.width, v.mlp_dim, v.layers) + 2 * v.width * m.embed_dim
-    else:
+        last = "pooled" if pooled else "full"
+        vision = patch_embed + _tower_block_flops(n_v, v.width, v.mlp_dim, v.layers, last) + 2 * v.width * m.embed_dim
+    else:  # the attention-pooling head reads every token: no pooled shortcut
         n_v = kept
         head = 2 * (2 * v.width * v.width * n_v + 2 * v.width * v.width + 2 * v.width * v.mlp_dim) + 4 * n_v * v.width
         vision = patch_embed + _tower_block_flops(n_v, v.width, v.mlp_dim, v.layers) + head
-    text = _tower_block_flops(t.context_length, t.width, t.mlp_dim, t.layers) + 2 * t.width * m.embed_dim
+    text_last = ("pooled_causal" if m.family == "clip" else "pooled") if pooled else "full"
+    text = _tower_block_flops(t.context_length, t.width, t.mlp_dim, t.layers, text_last) + 2 * t.width * m.embed_dim
     return {"vision": vision, "text": text, "loss": 2 * batch_size * m.embed_dim}
 
 
-def train_flops_per_sample(model_cfg, batch_size: int) -> int:
-    """Training FLOPs of one sample: 3x the forward (backward = 2x forward)."""
-    return 3 * sum(forward_flops_per_sample(model_cfg, batch_size, training=True).values())
+def train_flops_per_sample(model_cfg, batch_size: int, pooled: bool = False) -> int:
+    """Training FLOPs of one sample: 3x the forward (backward = 2x forward); `pooled` as in forward_flops_per_sample."""
+    return 3 * sum(forward_flops_per_sample(model_cfg, batch_size, training=True, pooled=pooled).values())
 
 
 def peak_tflops(device: torch.device, precision: str) -> float | None:
@@ -725,8 +743,10 @@ def bench(args) -> dict:
         flops = train_flops_per_sample(cfg.model, batch_size)
         table = format_table(results, batch_size, flops, peak)
         peak_txt = f"{peak:g} TFLOP/s" if peak else "n/a (MFU n/a)"
+        executed = train_flops_per_sample(cfg.model, batch_size, pooled=True)
         lines = ["", f"global batch {batch_size} ({batch_size // world} per rank); model FLOPs per sample (train) "
-                 f"{flops / 1e9:.3f} GFLOP; peak {peak_txt}", "", table]  # fmt: skip
+                 f"{flops / 1e9:.3f} GFLOP (our model executes {executed / 1e9:.3f}: pooled last block); "
+                 f"peak {peak_txt}", "", table]  # fmt: skip
         ours = results[0]
         for r in results[1:]:
             if r.impl.startswith("open_clip") and r.impl != "open_clip":
