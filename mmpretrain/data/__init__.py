@@ -12,6 +12,8 @@ _LAZY = {
     "EvalTransform": "transforms",
     "CLIP_MEAN": "transforms",
     "CLIP_STD": "transforms",
+    "normalize_images": "transforms",
+    "ImageTooLargeError": "transforms",
     "build_train_loader": "pipeline",
     "TrainLoader": "pipeline",
     "DATA_FAULT_REASONS": "pipeline",
