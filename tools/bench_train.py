@@ -328,6 +328,8 @@ OURS_CHANGES = {
     "3e38)",
     "attn_math": "kernels.attention on CPU without a mask: softmax(q k^T * scale) v in plain torch ops instead of "
     "SDPA's CPU flash kernel (whose backward is slow at these head sizes)",
+    "full_last_block": "undo a change to our model (for attribution): encode_image / encode_text run the last "
+    "block on every token, as before the pooled-token shortcut",
     "no_guard": "no StepGuard gradient hooks (faults.py: isfinite over every gradient); measures their cost only",
 }
 
@@ -385,6 +387,10 @@ def build_ours(cfg, device: torch.device, per_rank_batch: int, changes: tuple = 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     num_params = sum(p.numel() for p in model.parameters())
+    if "full_last_block" in changes:
+        normalize = torch.nn.functional.normalize
+        model.encode_image = lambda images: normalize(model.vision_model(images).embeds.float(), dim=-1)
+        model.encode_text = lambda tokens: normalize(model.text_model(tokens).embeds.float(), dim=-1)
     engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=per_rank_batch, total_steps=cfg.train.steps)
     injector = Injector(None, rank=0)  # no injected faults; the non-finite guard's hooks run as in training
     if "no_guard" in changes:
