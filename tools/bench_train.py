@@ -10,12 +10,12 @@
 What is timed: one optimizer step exactly as the trainer runs it -- `mmpretrain.train.train_step`
 through the DeepSpeed engine `build_engine` returns (forward, loss, backward with the StepGuard's
 non-finite-gradient hooks, gradient norm and clipping, AdamW step, LR schedule). The batches are
-synthetic and already on the device (random images, random token ids ending in an EOT token), so
-neither the data loader nor the host-to-device copy is measured. `--warmup` steps run first (allocations,
-AdamW state creation); then `--steps`
-steps are timed one by one and reported by their median (samples/s = global batch / median step time;
-robust to a loaded machine). Runs in a world of 1, or under torchrun on N ranks (each rank gets
-`train.batch_size / N` samples; the table reports the global batch and rank 0's memory).
+synthetic and already on the device (random images, random token ids ending in an EOT token), so neither
+the data loader nor the host-to-device copy is measured. `--warmup` steps run first (allocations, AdamW
+state creation); then `--steps` steps are timed one by one and reported by their median (samples/s =
+global batch / median step time; robust to a loaded machine). Runs in a world of 1, or under torchrun on
+N ranks (each rank gets `train.batch_size / N` samples; the table reports the global batch and rank 0's
+memory).
 
 With `--openclip` (world of 1 only) the SAME model is built as an OpenCLIP custom config
 (`open_clip.create_model` of a registered `model_cfg`: embed_dim, vision_cfg, text_cfg) and its
