@@ -57,7 +57,8 @@ class StepGuard:
             p.register_hook(self._hook)
 
     def _hook(self, grad: torch.Tensor) -> None:
-        self.bad.logical_or_(~torch.isfinite(grad).all())
+        # one reduction: a NaN or inf anywhere makes the fp32 sum non-finite (cheaper than isfinite(grad).all())
+        self.bad.logical_or_(~torch.isfinite(grad.sum(dtype=torch.float32)))
 
     def reset(self) -> None:
         self.bad.zero_()

@@ -152,7 +152,7 @@ def train_step(
     if skipped:
         discard_gradients(engine)
         return StepResult(loss.detach(), None, logit_scale, True, stop)
-    norm = grad_norm_before_step(engine)
+    norm = grad_norm_before_step(engine, cfg.optim.grad_clip)
     engine.step()
     if norm is None:
         norm = grad_norm_after_step(engine)

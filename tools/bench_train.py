@@ -417,7 +417,7 @@ def build_ours(cfg, device: torch.device, per_rank_batch: int, changes: tuple = 
         engine._config.gradient_clipping = 0.0  # what deepspeed_config would write: DeepSpeed does not clip
         params = [p for p in engine.module.parameters() if p.requires_grad]
 
-        def grad_norm_fn(ds_engine):  # clips in place, returns the norm before clipping (as logged now)
+        def grad_norm_fn(ds_engine, *_):  # clips in place, returns the norm before clipping (as logged now)
             return float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
 
     import mmpretrain.model.layers
@@ -448,9 +448,9 @@ def build_ours(cfg, device: torch.device, per_rank_batch: int, changes: tuple = 
         with bd.span("loss"):
             return compute_loss(*args, **kwargs)
 
-    def timed_norm(ds_engine):
+    def timed_norm(ds_engine, *args):
         with bd.span("grad norm"):
-            return grad_norm_fn(ds_engine)
+            return grad_norm_fn(ds_engine, *args)
 
     def step(batch):
         # train_step imports these two inside its body, so swapping the module attributes reaches it

@@ -134,7 +134,7 @@ def test_flops_match_torch_flop_counter(monkeypatch, name):
     with counter:
         model.encode_image(images)
         model.encode_text(tokens)
-    expected = bench_train.forward_flops_per_sample(cfg, batch_size=B, training=False)
+    expected = bench_train.forward_flops_per_sample(cfg, batch_size=B, training=False, pooled=True)
     assert counter.get_total_flops() == B * (expected["vision"] + expected["text"])
 
 
