@@ -24,12 +24,10 @@ numbers, every broken sample) and ``inspect.png`` (the two histograms). Exit cod
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import json
 import multiprocessing
 import os
-import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -44,30 +42,12 @@ TOKEN_BINS = [0, 5, 10, 20, 40, 76]
 CHAR_BINS = [0, 20, 50, 100, 200, 500, 1000]
 
 
-def _natural_key(path: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
-
-
 def resolve_urls(specs: list[str]) -> list[str]:
-    """Tar paths of brace specs / globs / folders / files, in order; ValueError naming what matched nothing."""
-    import braceexpand
+    """Tar paths of brace specs / globs / folders (or their test/ subfolder), in order; ValueError naming
+    what matched nothing."""
+    from mmpretrain.data.shards import local_tar_urls
 
-    urls: list[str] = []
-    for spec in specs:
-        if os.path.isdir(spec):
-            found = sorted(glob.glob(os.path.join(spec, "*.tar")), key=_natural_key)
-            found = found or sorted(glob.glob(os.path.join(spec, "test", "*.tar")), key=_natural_key)
-            if not found:
-                raise ValueError(f"{spec}: no *.tar in this folder (nor in {os.path.join(spec, 'test')})")
-            urls += found
-            continue
-        for part in braceexpand.braceexpand(spec):
-            found = sorted(glob.glob(part), key=_natural_key) if glob.has_magic(part) else [part]
-            missing = [u for u in found if not os.path.isfile(u)]
-            if not found or missing:
-                raise ValueError(f"{spec}: no such file {missing[0] if missing else part!r}")
-            urls += found
-    return urls
+    return local_tar_urls(specs, subfolders=("", "test"))
 
 
 @dataclass

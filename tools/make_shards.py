@@ -197,10 +197,6 @@ def ordered_map(items: Iterable[Item], opts: ImageOptions, workers: int, chunk: 
 # ----------------------------------------------------------------------------- inputs
 
 
-def _natural_key(path: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
-
-
 def read_templates(values: list[str] | None) -> list[str]:
     """--templates: each value is a template with {c} or a file of them (one a line, # comments)."""
     templates: list[str] = []
@@ -228,6 +224,8 @@ class FolderInput:
 
 
 def scan_folder(root: str, classnames_file: str | None) -> FolderInput:
+    from mmpretrain.data.shards import natural_key
+
     if not os.path.isdir(root):
         raise UsageError(f"input: {root}: no such folder")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
@@ -252,7 +250,7 @@ def scan_folder(root: str, classnames_file: str | None) -> FolderInput:
                 if name.startswith("."):
                     continue
                 (found if name.lower().endswith(IMAGE_EXTS) else ignored).append(rel)
-        files += [(label, rel) for rel in sorted(found, key=_natural_key)]
+        files += [(label, rel) for rel in sorted(found, key=natural_key)]
     return FolderInput(classes, classnames, files, sorted(ignored))
 
 
@@ -382,23 +380,12 @@ def table_items(paths: list[str], image_col: str, caption_col: str, image_root: 
 
 def tar_urls(inputs: list[str]) -> list[str]:
     """Tars of folders (*.tar in natural order), brace specs and globs, in the order given."""
-    import braceexpand
+    from mmpretrain.data.shards import local_tar_urls
 
-    urls: list[str] = []
-    for spec in inputs:
-        if os.path.isdir(spec):
-            found = sorted(glob.glob(os.path.join(spec, "*.tar")), key=_natural_key)
-            if not found:
-                raise UsageError(f"input: {spec}: no *.tar in this folder")
-            urls += found
-            continue
-        for part in braceexpand.braceexpand(spec):
-            found = sorted(glob.glob(part), key=_natural_key) if glob.has_magic(part) else [part]
-            missing = [u for u in found if not os.path.isfile(u)]
-            if not found or missing:
-                raise UsageError(f"input: no such file {missing[0] if missing else part!r}")
-            urls += found
-    return urls
+    try:
+        return local_tar_urls(inputs)
+    except ValueError as e:
+        raise UsageError(f"input: {e}") from None
 
 
 def img2dataset_items(urls: list[str], bad_tars: list[tuple[str, str]]) -> Iterator[Item]:

@@ -31,6 +31,42 @@ log = logging.getLogger(__name__)
 STATS_FILE = "_stats.json"
 
 
+def natural_key(path: str) -> list:
+    """Sort key that puts shard-2 before shard-10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def local_tar_urls(specs: list[str], subfolders: tuple[str, ...] = ("",)) -> list[str]:
+    """Tar paths of folders, brace specs and globs, in the order given (the tools' shard arguments).
+
+    A folder gives its ``*.tar`` in natural order, from the first of ``subfolders`` that has any
+    (e.g. ``("", "test")`` also finds a clip_benchmark eval set). ValueError names what matched nothing.
+    """
+    import glob
+
+    import braceexpand
+
+    urls: list[str] = []
+    for spec in specs:
+        if os.path.isdir(spec):
+            for sub in subfolders:
+                found = sorted(glob.glob(os.path.join(spec, sub, "*.tar")), key=natural_key)
+                if found:
+                    break
+            if not found:
+                where = " nor in ".join(os.path.join(spec, sub) for sub in subfolders[1:])
+                raise ValueError(f"{spec}: no *.tar in this folder" + (f" (nor in {where})" if where else ""))
+            urls += found
+            continue
+        for part in braceexpand.braceexpand(spec):
+            found = sorted(glob.glob(part), key=natural_key) if glob.has_magic(part) else [part]
+            missing = [u for u in found if not os.path.isfile(u)]
+            if not found or missing:
+                raise ValueError(f"{spec}: no such file {missing[0] if missing else part!r}")
+            urls += found
+    return urls
+
+
 def encode_image(img: Image.Image, fmt: str = "jpg", quality: int = 90) -> bytes:
     """PIL image -> encoded bytes (JPEG at ``quality``, or PNG/WEBP)."""
     buf = io.BytesIO()
