@@ -319,3 +319,27 @@ def test_clip_sizes_have_open_clip_parameter_counts(name):
     with torch.device("meta"):  # nothing allocated, even for ViT-g
         model = build_model(ModelConfig(name=name))
     assert sum(p.numel() for p in model.parameters()) == OPEN_CLIP_PARAMS[name]
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_pooled_last_block_equals_the_full_towers(name, ckpt):
+    """encode_* run the last block on the pooled token only; the full towers (every token through every
+    block, pooled afterwards) must give the same features and parameter gradients (float64)."""
+    images, tokens = batch()
+    model = build(name, grad_checkpointing=ckpt).double().train()
+    images = images.double()
+    results = []
+    for pooled in (True, False):
+        model.zero_grad()
+        img_BE = model.vision_model(images, pooled_only=pooled).embeds
+        txt_BE = model.text_model(tokens, pooled_only=pooled).embeds
+        (img_BE.pow(2).sum() + (img_BE @ txt_BE.T).sin().sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((img_BE.detach(), txt_BE.detach(), grads))
+    (i1, t1, g1), (i0, t0, g0) = results
+    torch.testing.assert_close(i1, i0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(t1, t0, rtol=1e-10, atol=1e-12)
+    assert g1.keys() == g0.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-8, atol=1e-10, msg=n)
