@@ -30,7 +30,7 @@ PROBE = os.path.join(HERE, "resume_probe.py")
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
        "PYTHON": sys.executable}  # fmt: skip
 ENV.pop("MMPRETRAIN_INJECT", None)
-STEPS = 16
+STEPS = 24
 EXIT_STOPPED = 75
 
 
@@ -153,7 +153,8 @@ def two_nodes(shapes_dataset, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chain(shapes_dataset, tmp_path_factory):
-    """The reference run, interrupted three ways at seeded random steps, and finished by a fourth launch."""
+    """The reference run, interrupted four times at seeded random steps (SIGKILL, SIGUSR1, SIGKILL, SIGKILL
+    during a checkpoint write), and finished by a fifth launch."""
     out = str(tmp_path_factory.mktemp("resilience") / "chain")
     rng = random.Random(7)
     k1 = rng.randint(2, 4)  # SIGKILL of everything once metrics reach step k1
@@ -175,13 +176,27 @@ def chain(shapes_dataset, tmp_path_factory):
     events["usr1_rc"], events["usr1_text"], events["usr1_target"] = proc.returncode, text, target
     events["usr1_latest"] = stopped = open(os.path.join(out, "checkpoints", "latest")).read().strip()
 
+    # SIGKILL of everything again, at a random step after the stop
+    k3 = int(stopped.split("_")[1]) + rng.randint(1, 3)
+    events["k3"] = k3
+    proc = start(torchrun(*keyed_args(shapes_dataset, out)))
+    wait_until(lambda: last_step(out) >= k3, proc)
+    kill_all(proc)
+    events["killed_again_at"] = last_step(out)
+    stopped = open(os.path.join(out, "checkpoints", "latest")).read().strip()  # the periodic save before k3
+
     # killed while writing the next checkpoint: DeepSpeed's files are there, meta.json / latest not yet
     stopped_step = int(stopped.split("_")[1])
     slow = stopped_step + 2 - stopped_step % 2
-    events["slow_save"] = slow
+    events["slow_save"], events["before_slow_save"] = slow, stopped
+    t_start = time.time()
     proc = start(torchrun(*keyed_args(shapes_dataset, out)), env={**ENV, "MMPRETRAIN_INJECT": f"slow_save@{slow}"})
     slow_dir = os.path.join(out, "checkpoints", f"step_{slow}")
-    wait_until(lambda: all(os.path.exists(os.path.join(slow_dir, f"rng_rank{r}.pt")) for r in (0, 1)), proc)
+
+    def written_by_this_launch(path):
+        return os.path.exists(path) and os.path.getmtime(path) >= t_start
+
+    wait_until(lambda: all(written_by_this_launch(os.path.join(slow_dir, f"rng_rank{r}.pt")) for r in (0, 1)), proc)
     time.sleep(0.5)
     kill_all(proc)
     events["latest_after_save_kill"] = open(os.path.join(out, "checkpoints", "latest")).read().strip()
@@ -212,9 +227,10 @@ def test_killed_stopped_and_killed_mid_save_run_equals_uninterrupted(reference, 
     assert ev["usr1_rc"] != 0 and "stopped on request (SIGUSR1)" in ev["usr1_text"], ev["usr1_text"][-3000:]
     stopped_step = int(ev["usr1_latest"].split("_")[1])
     assert stopped_step >= ev["usr1_target"] and ev["slow_save"] < STEPS + 2
+    assert ev["killed_again_at"] >= ev["k3"]
     # the kill during the next checkpoint write left `latest` on the previous complete checkpoint
-    assert ev["latest_after_save_kill"] == ev["usr1_latest"] and not ev["slow_meta"]
-    assert f"checkpoints/{ev['usr1_latest']}" in ev["final"].stdout  # "resumed from .../step_N"
+    assert ev["latest_after_save_kill"] == ev["before_slow_save"] and not ev["slow_meta"]
+    assert f"checkpoints/{ev['before_slow_save']}" in ev["final"].stdout  # "resumed from .../step_N"
 
     ref, got = metrics(reference), metrics(out)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))  # metrics.jsonl reads as one run
