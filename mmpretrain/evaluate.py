@@ -247,6 +247,20 @@ def _dummy_images(image_size: int, dtype, device) -> torch.Tensor:
     return torch.zeros(1, 3, image_size, image_size, dtype=dtype, device=device)
 
 
+def _encoded_batches(model, loader, ranks: _Ranks, image_size: int, dtype) -> Iterator[tuple[dict, torch.Tensor]]:
+    """(batch, image features (B, E) float32) for this rank's batches, in lockstep with every rank.
+
+    A rank that has run out still encodes a dummy image while others go on (ZeRO-3 gathers weights in
+    collectives inside the forward); loader images (uint8) are normalized on the device here.
+    """
+    for batch in _lockstep(loader, ranks):
+        if batch is None:
+            model.encode_image(_dummy_images(image_size, dtype, ranks.device))
+            continue
+        images = normalize_images(batch["image"].to(ranks.device), dtype)
+        yield batch, model.encode_image(images).float()
+
+
 # ----------------------------------------------------------------------------- zero-shot classification
 
 
@@ -328,12 +342,8 @@ def zeroshot_classification(
     )  # fmt: skip
     counts_K2 = torch.zeros(len(top_k) + 2, dtype=torch.long, device=ranks.device)  # correct@k..., seen, bad label
     with _inference(model, ranks.device) as dtype:
-        for batch in _lockstep(loader, ranks):
-            if batch is None:
-                model.encode_image(_dummy_images(image_size, dtype, ranks.device))
-                continue
-            images = normalize_images(batch["image"].to(ranks.device), dtype)
-            logits_BC = model.encode_image(images).float() @ classifier_CE.T
+        for batch, img_BE in _encoded_batches(model, loader, ranks, image_size, dtype):
+            logits_BC = img_BE @ classifier_CE.T
             labels_B = batch["label"].to(ranks.device)
             ok_B = (labels_B >= 0) & (labels_B < len(zs.classnames))  # a bad label fails below, on every rank
             counts_K2[:-2] += topk_correct(logits_BC[ok_B], labels_B[ok_B], top_k)
@@ -386,12 +396,8 @@ def _image_features(model, root: str, split: str, *, image_size: int, batch_size
     )  # fmt: skip
     feats, labels, index = [], [], []
     with _inference(model, ranks.device) as dtype:
-        for batch in _lockstep(loader, ranks):
-            if batch is None:
-                model.encode_image(_dummy_images(image_size, dtype, ranks.device))
-                continue
-            images = normalize_images(batch["image"].to(ranks.device), dtype)
-            feats.append(F.normalize(model.encode_image(images).float(), dim=-1))
+        for batch, img_BE in _encoded_batches(model, loader, ranks, image_size, dtype):
+            feats.append(F.normalize(img_BE, dim=-1))
             labels.append(batch["label"])
             index.append(batch["index"])
     embed_dim = ranks.max(feats[0].shape[-1] if feats else 0)
@@ -511,11 +517,8 @@ def retrieval(
     )  # fmt: skip
     img_feats, img_index, captions, caption_img_index = [], [], [], []
     with _inference(model, ranks.device) as dtype:
-        for batch in _lockstep(loader, ranks):
-            if batch is None:
-                model.encode_image(_dummy_images(image_size, dtype, ranks.device))
-                continue
-            img_feats.append(model.encode_image(normalize_images(batch["image"].to(ranks.device), dtype)).float())
+        for batch, img_BE in _encoded_batches(model, loader, ranks, image_size, dtype):
+            img_feats.append(img_BE)
             img_index.append(batch["index"])
             for index, caps in zip(batch["index"].tolist(), batch["captions"]):
                 captions += caps
