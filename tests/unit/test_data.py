@@ -9,9 +9,10 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from loader_helpers import assert_same_batches, captions, take
 from PIL import Image
 
-from mmpretrain.data import DataConfig, Tokenizer, build_train_loader
+from mmpretrain.data import DataConfig, Tokenizer
 from mmpretrain.data.config import EvalDataConfig, TrainDataConfig
 from mmpretrain.data.pipeline import build_eval_loader, load_retrieval_set, load_zeroshot_set, worker_skip_batches
 from mmpretrain.data.shards import ShardWriter, encode_image
@@ -27,33 +28,6 @@ def make_cfg(urls: str, num_workers: int = 0, **train) -> DataConfig:
     cfg = DataConfig(num_workers=num_workers)
     cfg.train = TrainDataConfig(urls=urls, **train)
     return cfg
-
-
-def take(cfg, tokenizer, n, *, batch_size=8, rank=0, world_size=1, seed=0, start_batch=0, image_size=16):
-    loader = build_train_loader(
-        cfg,
-        tokenizer=tokenizer,
-        image_size=image_size,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        start_batch=start_batch,
-    )
-    it = iter(loader)
-    return [next(it) for _ in range(n)]
-
-
-def captions(batches, tokenizer) -> list[str]:
-    # CLIP's BPE splits numbers into digits and decode() puts spaces between tokens: compare without spaces
-    return ["".join(tokenizer.decode(row).split()) for b in batches for row in b["text"]]
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert torch.equal(x["image"], y["image"]) and torch.equal(x["text"], y["text"])
-        assert x["num_skipped"] == y["num_skipped"] and x["data_stats"] == y["data_stats"]
 
 
 def write_items(out_dir, num_shards, per_shard, start=0) -> str:

@@ -4,12 +4,13 @@ resumes exactly, is reported per batch, and bad settings fail naming the key."""
 import math
 import os
 
+import loader_helpers
 import numpy as np
 import pytest
-import torch
+from loader_helpers import assert_same_batches, captions
 from PIL import Image
 
-from mmpretrain.data import DataConfig, SourceConfig, Tokenizer, TrainDataConfig, build_train_loader
+from mmpretrain.data import DataConfig, SourceConfig, Tokenizer, TrainDataConfig
 from mmpretrain.data.shards import ShardWriter, encode_image
 
 
@@ -41,24 +42,8 @@ def mix_cfg(sources, num_workers=0, **train) -> DataConfig:
     return cfg
 
 
-def take(cfg, tokenizer, n, *, batch_size, seed=0, start_batch=0, rank=0, world_size=1):
-    loader = build_train_loader(
-        cfg, tokenizer=tokenizer, image_size=8, batch_size=batch_size, rank=rank, world_size=world_size,
-        seed=seed, start_batch=start_batch,
-    )  # fmt: skip
-    it = iter(loader)
-    return [next(it) for _ in range(n)]
-
-
-def captions(batches, tokenizer) -> list[str]:
-    return ["".join(tokenizer.decode(row).split()) for b in batches for row in b["text"]]
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert torch.equal(x["image"], y["image"]) and torch.equal(x["text"], y["text"])
-        assert x["data_stats"] == y["data_stats"]
+def take(cfg, tokenizer, n, **kw):
+    return loader_helpers.take(cfg, tokenizer, n, image_size=8, **kw)
 
 
 def test_weights_are_sample_shares(two_sources, tokenizer):
