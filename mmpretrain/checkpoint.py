@@ -95,13 +95,10 @@ def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: i
     root = checkpoint_root(output_dir)
     tag = f"step_{step}"
     tag_dir = os.path.join(root, tag)
-    if rank == 0 and os.path.isdir(tag_dir):
-        # left by a save that was killed: DeepSpeed would write over it, but a stale meta.json
-        # must not make a half-written folder look complete
-        stale = os.path.join(tag_dir, "meta.json")
-        if os.path.exists(stale):
-            os.remove(stale)
-    barrier()
+    if rank == 0 and os.path.exists(os.path.join(tag_dir, "meta.json")):
+        # left by a save that was killed: DeepSpeed writes over the folder, but a stale meta.json must not
+        # make it look complete (only rank 0 writes meta.json, after the barrier below)
+        os.remove(os.path.join(tag_dir, "meta.json"))
     # the (empty) universal-checkpoint marker lets ds_to_universal convert this save for another world size
     engine.save_checkpoint(root, tag=tag, save_latest=False, client_state={UNIVERSAL_CHECKPOINT_INFO: {}})
     torch.save(_rng_state(), os.path.join(tag_dir, f"rng_rank{rank}.pt"))

@@ -241,13 +241,11 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
             )
 
     # before the loader forks its workers (they inherit the handlers and so survive a job-wide signal)
-    stopper = StopRequest(os.environ.get("MMPRETRAIN_STOP_FILE") or os.path.join(cfg.output_dir, "STOP"))
-    stopper.install()
-    if is_main and stopper.clear_stale_file():
-        log.write(f"removed a stale stop file {stopper.stop_file} (its run ended before acting on it)")
-    barrier()
-    if not is_main:
-        stopper.stop_file = None  # rank 0 looks at the file; the step's collective tells the others
+    # rank 0 looks at the stop file; the step's collective tells the others
+    stop_file = os.environ.get("MMPRETRAIN_STOP_FILE") or os.path.join(cfg.output_dir, "STOP")
+    stopper = StopRequest(stop_file if is_main else None).install()
+    if stopper.clear_stale_file():
+        log.write(f"removed a stale stop file {stop_file} (its run ended before acting on it)")
     injector = Injector.from_env(rank)
     guard = StepGuard(engine.module, device, injector)
 
@@ -327,8 +325,7 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
     if stopped_on_request:
         log.write(f"stopped on request ({stopper.reason() if stopper.requested() else 'another rank'}) after "
                   f"step {step}; checkpoint {saved_at} saved; rerun the same command to resume")  # fmt: skip
-        if is_main:
-            stopper.acknowledge()
+        stopper.acknowledge()
     stopper.uninstall()
     if key_log is not None:
         key_log.close()

@@ -68,7 +68,6 @@ import itertools
 import logging
 import os
 import random
-import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -80,7 +79,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig, TrainDataConfig, expand_shard_spec, source_names
-from .shards import read_tar_samples
+from .shards import natural_key, read_tar_samples
 from .tokenizer import Tokenizer
 from .transforms import EvalTransform, ImageTooLargeError, TrainTransform
 
@@ -587,10 +586,6 @@ def _read_text(path: str) -> str:
         return f.read().decode("utf-8")
 
 
-def _natural_key(path: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", os.path.basename(path))]
-
-
 def eval_tar_urls(root: str, split: str = "test") -> list[str]:
     """Tars of ``<root>/<split>``: ``{0..n-1}.tar`` from nshards.txt (clip_benchmark), else a sorted glob."""
     split_dir = os.path.join(root, split)
@@ -598,7 +593,7 @@ def eval_tar_urls(root: str, split: str = "test") -> list[str]:
     if os.path.isfile(nshards_path) or "://" in root or root.startswith("pipe:"):
         n = int(_read_text(nshards_path).strip())
         return [os.path.join(split_dir, f"{i}.tar") for i in range(n)]
-    urls = sorted(glob.glob(os.path.join(split_dir, "*.tar")), key=_natural_key)
+    urls = sorted(glob.glob(os.path.join(split_dir, "*.tar")), key=lambda u: natural_key(os.path.basename(u)))
     if not urls:
         raise ValueError(f"{root}: no file matches {os.path.join(split_dir, '*.tar')!r}")
     return urls
