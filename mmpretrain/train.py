@@ -109,10 +109,9 @@ def train_step(
     from mmpretrain.faults import discard_gradients
     from mmpretrain.loss import compute_loss
 
-    images = normalize_images(batch["image"].to(device, non_blocking=True))  # (B, 3, H, W), B = per-rank batch
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.engine.precision]
+    images = normalize_images(batch["image"].to(device, non_blocking=True), dtype)  # (B, 3, H, W), B per rank
     tokens = batch["text"].to(device, non_blocking=True)  # (B, L)
-    if cfg.engine.precision != "fp32":
-        images = images.to(torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float16)
     injector = injector or Injector(None, rank=0)
     if guard is not None:
         guard.reset()
