@@ -16,6 +16,14 @@ class ModelOutput:
     text_features: torch.Tensor  # (B, E) float32, L2-normalized
     logit_scale: torch.Tensor  # () float32, already exp'd (and clamped at 100 for CLIP)
     logit_bias: Optional[torch.Tensor]  # () float32 for SigLIP, None for CLIP
+    # Asked for with `need` (objectives beyond the contrastive loss read them; None otherwise):
+    image_tokens: Optional[torch.Tensor] = None  # (B, N', D_v) the vision tower's last_hidden_state (all tokens;
+    # under patch dropout / MIM masking the prefix tokens then the kept patches)
+    image_keep: Optional[torch.Tensor] = None  # (B, K) indices of the kept patches, or None when none was dropped
+    text_tokens: Optional[torch.Tensor] = None  # (B, L, D_t) the text tower's last_hidden_state (all positions)
+
+
+NEEDS = ("image_tokens", "text_tokens")  # what `forward(..., need=...)` can add to the output
 
 
 class TwoTowerModel(nn.Module):
@@ -29,6 +37,9 @@ class TwoTowerModel(nn.Module):
     def __init__(self, lock_image: bool):
         super().__init__()
         self.lock_image = lock_image
+        # Trainable parts of objectives beyond the contrastive loss (ITM fusion encoder, MIM decoder, ...), keyed
+        # by term name; attached by mmpretrain.objectives before the engine is built. Empty: no state dict keys.
+        self.heads = nn.ModuleDict()
 
     def lock_image_tower(self) -> None:
         """LiT: freeze the whole image tower (projection / pooling head included) and keep it in eval mode."""
@@ -55,8 +66,40 @@ class TwoTowerModel(nn.Module):
         """(exp'd scale, bias or None), both float32; only called from forward (see the ZeRO-3 note)."""
         raise NotImplementedError
 
-    def forward(self, images_BCHW: torch.Tensor, tokens_BL: torch.Tensor) -> ModelOutput:
-        image_features = self.encode_image(images_BCHW)
-        text_features = self.encode_text(tokens_BL)
+    def forward(
+        self,
+        images_BCHW: Optional[torch.Tensor] = None,
+        tokens_BL: Optional[torch.Tensor] = None,
+        need: tuple = (),
+        patch_drop: Optional[float] = None,
+        head: Optional[str] = None,
+        **head_inputs,
+    ):
+        """`model(images, tokens)` -> ModelOutput; `need` adds token states (names in NEEDS); `patch_drop`
+        overrides the training patch-dropout fraction for this call (MIM's mask ratio).
+
+        `model(head=name, **inputs)` runs `self.heads[name](**inputs)` instead: objectives call their heads
+        through the engine this way, so DeepSpeed (ZeRO-3 gathering, precision) treats them like the towers.
+        """
+        if head is not None:
+            if head not in self.heads:
+                raise KeyError(f"no head {head!r} (have {sorted(self.heads)})")
+            return self.heads[head](**head_inputs)
+        unknown = set(need) - set(NEEDS)
+        if unknown:
+            raise ValueError(f"need: unknown {sorted(unknown)} (known {NEEDS})")
+        if "image_tokens" in need or patch_drop is not None:
+            v = self.vision_model(images_BCHW, pooled_only="image_tokens" not in need, patch_drop=patch_drop)
+            image_features, image_keep = F.normalize(v.embeds.float(), dim=-1), v.keep_BK
+            image_tokens = v.last_hidden_state if "image_tokens" in need else None
+        else:
+            image_features, image_tokens, image_keep = self.encode_image(images_BCHW), None, None
+        if "text_tokens" in need:
+            t = self.text_model(tokens_BL)
+            text_features, text_tokens = F.normalize(t.embeds.float(), dim=-1), t.last_hidden_state
+        else:
+            text_features, text_tokens = self.encode_text(tokens_BL), None
         logit_scale, logit_bias = self.logit_params()
-        return ModelOutput(image_features, text_features, logit_scale, logit_bias)
+        return ModelOutput(
+            image_features, text_features, logit_scale, logit_bias, image_tokens, image_keep, text_tokens
+        )

@@ -13,6 +13,8 @@ ZeRO-3 gathers it with the tower), and logit_scale's shape: (1,) here, () in HF.
 Shapes: B batch, C channels, N tokens, P patches, D width, E embed_dim, L text length.
 """
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -53,19 +55,25 @@ class CLIPVisionTower(nn.Module):
         self.projection = nn.Linear(v.width, cfg.embed_dim, bias=False)
 
     def forward(
-        self, images_BCHW: torch.Tensor, output_hidden_states: bool = False, pooled_only: bool = False
+        self,
+        images_BCHW: torch.Tensor,
+        output_hidden_states: bool = False,
+        pooled_only: bool = False,
+        patch_drop: Optional[float] = None,
     ) -> TowerOutput:
         """-> TowerOutput; `pooled_only` (what encode_image uses): the last block runs on the class token
         alone and last_hidden_state is (B, 1, D), that token (see Encoder.forward)."""
         x_BND = self.embeddings(images_BCHW)
-        if self.training and self.patch_dropout > 0:
-            x_BND = patch_dropout(x_BND, keep_frac=1 - self.patch_dropout, num_prefix=1)
+        drop = self.patch_dropout if patch_drop is None else patch_drop  # patch_drop: MIM's mask ratio
+        keep_BK = None
+        if self.training and drop > 0:
+            x_BND, keep_BK = patch_dropout(x_BND, keep_frac=1 - drop, num_prefix=1)
         x_BND = self.pre_layrnorm(x_BND)
         pool_B = x_BND.new_zeros(x_BND.shape[0], dtype=torch.long) if pooled_only else None  # the class token
         x_BND, hidden_states = self.encoder(x_BND, output_hidden_states, pool_B)
         embeds_BE = self.projection(self.post_layernorm(x_BND[:, 0]))
         # HF's CLIP vision last_hidden_state is the encoder output before post_layernorm.
-        return TowerOutput(embeds_BE, x_BND, hidden_states)
+        return TowerOutput(embeds_BE, x_BND, hidden_states, keep_BK)
 
 
 class CLIPTextTower(nn.Module):
@@ -78,14 +86,19 @@ class CLIPTextTower(nn.Module):
         self.projection = nn.Linear(t.width, cfg.embed_dim, bias=False)
 
     def forward(
-        self, tokens_BL: torch.Tensor, output_hidden_states: bool = False, pooled_only: bool = False
+        self,
+        tokens_BL: torch.Tensor,
+        output_hidden_states: bool = False,
+        pooled_only: bool = False,
+        token_embeds_BLD: Optional[torch.Tensor] = None,
     ) -> TowerOutput:
         """-> TowerOutput; `pooled_only` (what encode_text uses): the last block's out-projection and MLP run
         on the EOT token alone and last_hidden_state is (B, 1, D), that token (see Encoder.forward)."""
         # Pool at the EOT token: the tokenizer gives it the largest id, so argmax finds it (first one on ties).
         eot_B = tokens_BL.argmax(dim=-1)
         pooled = pooled_only and not output_hidden_states
-        x_BLD, hidden_states = self.encoder(self.embeddings(tokens_BL), output_hidden_states, eot_B if pooled else None)
+        x_BLD = self.embeddings(tokens_BL, token_embeds_BLD)
+        x_BLD, hidden_states = self.encoder(x_BLD, output_hidden_states, eot_B if pooled else None)
         x_BLD = self.final_layer_norm(x_BLD)
         pooled_BD = x_BLD[:, 0] if pooled else x_BLD[torch.arange(x_BLD.shape[0], device=x_BLD.device), eot_B]
         return TowerOutput(self.projection(pooled_BD), x_BLD, hidden_states)

@@ -26,6 +26,8 @@ class TowerOutput:
     embeds: torch.Tensor  # (B, E) pooled and projected, NOT normalized
     last_hidden_state: torch.Tensor  # (B, N, D) as HF defines it for this tower
     hidden_states: Optional[tuple] = None  # L + 1 tensors (B, N, D): encoder input, then each block's output
+    keep_BK: Optional[torch.Tensor] = None  # vision, patch dropout / MIM masking on: indices (0..P-1) of the K kept
+    # patches per sample, ascending; last_hidden_state then holds the prefix tokens and those patches in that order
 
 
 class LayerNorm(nn.LayerNorm):
@@ -147,7 +149,9 @@ class TextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.position_embedding = nn.Embedding(context_length, width)
 
-    def forward(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens_BL: torch.Tensor, token_embeds_BLD: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """token_embeds_BLD: use these instead of the token embedding's rows (CoOp's learned context
+        vectors sit in some positions); position embeddings are added either way."""
         L = tokens_BL.shape[1]
         if L > self.position_embedding.num_embeddings:
             raise ValueError(
@@ -156,21 +160,22 @@ class TextEmbeddings(nn.Module):
             )
         # Call the embedding modules (never read .weight here) so ZeRO-3 gathers their parameters.
         positions = torch.arange(L, device=tokens_BL.device)
-        return self.token_embedding(tokens_BL) + self.position_embedding(positions)
+        tok_BLD = self.token_embedding(tokens_BL) if token_embeds_BLD is None else token_embeds_BLD
+        return tok_BLD + self.position_embedding(positions)
 
 
-def patch_dropout(x_BND: torch.Tensor, keep_frac: float, num_prefix: int) -> torch.Tensor:
+def patch_dropout(x_BND: torch.Tensor, keep_frac: float, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
     """FLIP: keep a random subset of the patch tokens per sample; the first num_prefix (class) tokens always stay.
 
-    Returns (B, num_prefix + K, D) with K = max(1, int(num_patches * keep_frac)); the kept
-    patches stay in their original order.
+    Returns ((B, num_prefix + K, D), keep_BK) with K = max(1, int(num_patches * keep_frac)): the kept
+    patches in their original order and their indices among the patches (MAE-style masking reads them).
     """
     prefix, patches = x_BND[:, :num_prefix], x_BND[:, num_prefix:]
     B, P, D = patches.shape
     K = max(1, int(P * keep_frac))
     keep_BK = torch.rand(B, P, device=x_BND.device).topk(K, dim=1).indices.sort(dim=1).values
     patches = patches.gather(1, keep_BK[:, :, None].expand(B, K, D))
-    return torch.cat([prefix, patches], dim=1)
+    return torch.cat([prefix, patches], dim=1), keep_BK
 
 
 def init_linear_(linear: nn.Linear, std: float) -> None:

@@ -13,6 +13,8 @@ head keeps nn.MultiheadAttention's names (in_proj_weight, in_proj_bias, out_proj
 Shapes: B batch, C channels, N tokens, D width, H heads, Dh head width, E embed_dim (= D here), L text length.
 """
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -88,16 +90,22 @@ class SiglipVisionTower(nn.Module):
         self.head = AttentionPoolingHead(v, cfg.attention)
 
     def forward(
-        self, images_BCHW: torch.Tensor, output_hidden_states: bool = False, pooled_only: bool = False
+        self,
+        images_BCHW: torch.Tensor,
+        output_hidden_states: bool = False,
+        pooled_only: bool = False,
+        patch_drop: Optional[float] = None,
     ) -> TowerOutput:
         """-> TowerOutput; `pooled_only` is accepted for the towers' common signature and changes nothing:
         the attention-pooling head reads every token of the last block."""
         x_BND = self.embeddings(images_BCHW)
-        if self.training and self.patch_dropout > 0:
-            x_BND = patch_dropout(x_BND, keep_frac=1 - self.patch_dropout, num_prefix=0)
+        drop = self.patch_dropout if patch_drop is None else patch_drop  # patch_drop: MIM's mask ratio
+        keep_BK = None
+        if self.training and drop > 0:
+            x_BND, keep_BK = patch_dropout(x_BND, keep_frac=1 - drop, num_prefix=0)
         x_BND, hidden_states = self.encoder(x_BND, output_hidden_states)
         x_BND = self.post_layernorm(x_BND)  # HF's SigLIP last_hidden_state is after post_layernorm
-        return TowerOutput(self.head(x_BND), x_BND, hidden_states)
+        return TowerOutput(self.head(x_BND), x_BND, hidden_states, keep_BK)
 
 
 class SiglipTextTower(nn.Module):
@@ -110,14 +118,18 @@ class SiglipTextTower(nn.Module):
         self.head = nn.Linear(t.width, cfg.embed_dim)
 
     def forward(
-        self, tokens_BL: torch.Tensor, output_hidden_states: bool = False, pooled_only: bool = False
+        self,
+        tokens_BL: torch.Tensor,
+        output_hidden_states: bool = False,
+        pooled_only: bool = False,
+        token_embeds_BLD: Optional[torch.Tensor] = None,
     ) -> TowerOutput:
         """-> TowerOutput; `pooled_only` (what encode_text uses): the last block's out-projection and MLP run
         on the last position alone and last_hidden_state is (B, 1, D), that token (see Encoder.forward)."""
         B, L = tokens_BL.shape
         # SigLIP pools at the last position, whatever token sits there (captions are padded to full length).
         last_B = tokens_BL.new_full((B,), L - 1) if pooled_only and not output_hidden_states else None
-        x_BLD, hidden_states = self.encoder(self.embeddings(tokens_BL), output_hidden_states, last_B)
+        x_BLD, hidden_states = self.encoder(self.embeddings(tokens_BL, token_embeds_BLD), output_hidden_states, last_B)
         x_BLD = self.final_layer_norm(x_BLD)
         return TowerOutput(self.head(x_BLD[:, -1]), x_BLD, hidden_states)
 
