@@ -26,8 +26,8 @@ from mmpretrain.data.config import DataConfig
 from mmpretrain.engine import EngineConfig, OptimConfig
 from mmpretrain.evaluate import EvalConfig
 from mmpretrain.logging import LoggingConfig
-from mmpretrain.loss import LossConfig
 from mmpretrain.model import ModelConfig, resolve_model_config
+from mmpretrain.objectives import LossConfig, check_run
 
 
 class ConfigError(ValueError):
@@ -84,11 +84,10 @@ class Config:
                 "train.accum_steps > 1 with engine.zero_stage=2 aborts intermittently inside DeepSpeed on CPU; "
                 "use engine.zero_stage=1 or 3 (same result: every negative is kept either way)"
             )
-        if self.loss.name != self.model.family:
-            raise ConfigError(
-                f"loss.name: {self.loss.name!r} does not match the model family {self.model.family!r} "
-                f"of model.name={self.model.name!r}"
-            )
+        try:
+            check_run(self)  # each objective term's checks across sections (family, GradCache, ...)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
 

@@ -18,26 +18,16 @@ import torch
 import torch.distributed as dist
 
 from mmpretrain.kernels.contrastive_loss import tiled_clip_loss, tiled_siglip_loss
-
-LOSS_NAMES = ("clip", "siglip")
-LOSS_IMPLS = ("auto", "triton", "chunked", "naive")
+from mmpretrain.objectives import LOSS_IMPLS
 
 
-@dataclass
-class LossConfig:
-    """Contrastive loss; the root config composes it as ``loss``."""
+def __getattr__(name):
+    # LossConfig lives with the objective terms (mmpretrain.objectives); kept importable from here.
+    if name == "LossConfig":
+        from mmpretrain.objectives import LossConfig
 
-    name: str = "clip"  # clip | siglip; must match the model family (the root config checks)
-    impl: str = "auto"  # auto | triton | chunked | naive; auto = triton on CUDA, chunked elsewhere
-    chunk_size: int = 1024  # rows of the similarity matrix per chunk on the chunked path (memory ~ 8 * chunk * B bytes)
-
-    def validate(self, prefix: str) -> None:
-        if self.name not in LOSS_NAMES:
-            raise ValueError(f"{prefix}.name must be one of {LOSS_NAMES} (got {self.name!r})")
-        if self.impl not in LOSS_IMPLS:
-            raise ValueError(f"{prefix}.impl must be one of {LOSS_IMPLS} (got {self.impl!r})")
-        if self.chunk_size < 1:
-            raise ValueError(f"{prefix}.chunk_size must be >= 1 (got {self.chunk_size})")
+        return LossConfig
+    raise AttributeError(name)
 
 
 def _resolve(img_bD, group, impl):
@@ -66,8 +56,9 @@ def siglip_loss(img_BD, txt_BD, logit_scale, logit_bias, *, group=None, impl="au
     return tiled_siglip_loss(img_BD, txt_BD, logit_scale, logit_bias, group=group, impl=impl, chunk_size=chunk_size)
 
 
-def compute_loss(cfg: LossConfig, out, group=None) -> torch.Tensor:
-    """Loss of a model output (``.image_features``, ``.text_features``, ``.logit_scale``, ``.logit_bias``)."""
+def compute_loss(cfg, out, group=None) -> torch.Tensor:
+    """Loss of a model output (``.image_features``, ``.text_features``, ``.logit_scale``, ``.logit_bias``) for
+    ``cfg.name`` (cfg: a LossConfig)."""
     kw = dict(group=group, impl=cfg.impl, chunk_size=cfg.chunk_size)
     if cfg.name == "clip":
         return clip_loss(out.image_features, out.text_features, out.logit_scale, **kw)

@@ -73,7 +73,10 @@ def init_weights(model, path: str) -> None:
         sd, _ = read_any(path)
     except ValueError as e:
         raise ConfigError(f"model.init_from: {e}") from None
-    own = model.state_dict()
+    # Objective heads (model.heads.*) are training-only: a run without them may start from weights with them, and
+    # a run with new heads starts them fresh.
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.")}
+    sd = {k: v for k, v in sd.items() if not k.startswith("heads.") or k in model.state_dict()}
     missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
              if k in sd and sd[k].shape != v.shape]  # fmt: skip
@@ -83,7 +86,8 @@ def init_weights(model, path: str) -> None:
             f"{len(missing)} missing e.g. {missing[:2]}, {len(unexpected)} unexpected e.g. {unexpected[:2]}, "
             f"{len(wrong)} of other shape e.g. {wrong[:2]}"
         )
-    model.load_state_dict(sd, strict=True)
+    result = model.load_state_dict(sd, strict=False)
+    assert not result.unexpected_keys and all(k.startswith("heads.") for k in result.missing_keys), result
 
 
 @dataclass
@@ -93,22 +97,27 @@ class StepResult:
     logit_scale: torch.Tensor
     skipped: bool  # the loss or a gradient was non-finite on some rank: no optimizer step
     stop: bool  # some rank was asked to stop (signal or stop file)
+    terms: dict  # {term name: unweighted value, mean over ranks} (floats)
 
 
 def train_step(
-    engine, batch, cfg: Config, device, guard=None, injector=None, stop_requested: bool = False
-) -> StepResult:
+    engine, batch, cfg: Config, device, guard=None, injector=None, stop_requested: bool = False, objective=None,
+    step: int = 0,
+) -> StepResult:  # fmt: skip
     """One optimizer step on this rank's batch, or none if any rank saw a non-finite loss or gradient.
 
-    One collective per step decides, on every rank alike, whether to skip the update and whether to stop.
+    One collective per step decides, on every rank alike, whether to skip the update and whether to stop
+    (it also averages the terms' values over ranks, for the log).
     ``guard`` (a StepGuard on engine.module) adds the check of every gradient; without it only the loss
-    is checked. ``injector`` injects test faults (None: none).
+    is checked. ``injector`` injects test faults (None: none). ``objective``: the run's
+    mmpretrain.objectives.Objective (heads attached, set up); None builds one from cfg (terms without heads).
     """
     from mmpretrain.data.transforms import normalize_images
     from mmpretrain.engine import grad_norm_after_step, grad_norm_before_step
     from mmpretrain.faults import discard_gradients
-    from mmpretrain.loss import compute_loss
+    from mmpretrain.objectives import Objective, StepContext
 
+    objective = objective or Objective(cfg)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.engine.precision]
     images = normalize_images(batch["image"].to(device, non_blocking=True), dtype)  # (B, 3, H, W), B per rank
     tokens = batch["text"].to(device, non_blocking=True)  # (B, L)
@@ -131,31 +140,43 @@ def train_step(
             scales.append(out.logit_scale.detach())
             return out
 
-        def loss_fn(*features):
-            return injector.loss(compute_loss(cfg.loss, *features))
+        gc_values = {}
+
+        def loss_fn(features):  # the concatenated features of all micro-batches (one contrastive term)
+            total, vals = objective(StepContext(features, None, None, batch, engine, None, cfg.loss, step))
+            gc_values.update(vals)
+            return injector.loss(total)
 
         loss = grad_cache_step(forward, micro, loss_fn, backward)
         logit_scale = scales[-1]
+        values = {n: v.detach() for n, v in gc_values.items()}
     else:
-        out = engine(images, tokens)
-        loss = injector.loss(compute_loss(cfg.loss, out))  # loss over the global batch, same value on every rank
+        out = engine(images, tokens, **objective.forward_kwargs())
+        group = None  # mmpretrain.loss resolves the world group
+        ctx = StepContext(out, images, tokens, batch, engine, group, cfg.loss, step)
+        loss, values = objective(ctx)  # loss over the global batch, same value on every rank
+        loss = injector.loss(loss)
         engine.backward(loss)
         logit_scale = out.logit_scale.detach()
     bad = ~torch.isfinite(loss.detach()).all()
     if guard is not None:
         bad = bad | guard.bad
-    flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=bad.device)])
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    names = list(values)
+    term_values = [values[n].detach().float().reshape(()).to(bad.device) / world for n in names]
+    flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=bad.device), *term_values])
+    if world > 1:
         torch.distributed.all_reduce(flags)  # the one collective of the step: every rank decides alike
     skipped, stop = bool(flags[0] > 0), bool(flags[1] > 0)
+    terms = {n: float(v) for n, v in zip(names, flags[2:].tolist())}
     if skipped:
         discard_gradients(engine)
-        return StepResult(loss.detach(), None, logit_scale, True, stop)
+        return StepResult(loss.detach(), None, logit_scale, True, stop, terms)
     norm = grad_norm_before_step(engine, cfg.optim.grad_clip)
     engine.step()
     if norm is None:
         norm = grad_norm_after_step(engine)
-    return StepResult(loss.detach(), norm, logit_scale, False, stop)
+    return StepResult(loss.detach(), norm, logit_scale, False, stop, terms)
 
 
 def gather_data_stats(window: dict) -> dict:
@@ -198,6 +219,7 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
     from mmpretrain.engine import build_engine, set_cpu_threads
     from mmpretrain.logging import MetricsLogger, new_run_id
     from mmpretrain.model import build_model
+    from mmpretrain.objectives import Objective
 
     check_restart(cfg)
     dist_info = init_distributed(cfg.engine.dist_timeout_s)
@@ -212,6 +234,8 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
+    objective = Objective(cfg)
+    objective.attach_heads(model)  # before the engine: ZeRO shards the heads and the optimizer steps them
     if cfg.model.init_from:
         init_weights(model, cfg.model.init_from)
     per_rank_batch = cfg.train.batch_size // world
@@ -221,6 +245,7 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
     engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=per_rank_batch, total_steps=cfg.train.steps,
                           load_universal=universal)  # fmt: skip
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank stream for dropout / patch dropout
+    objective.setup(device)  # e.g. load a distillation teacher
 
     meta = checkpoint.resume(engine, cfg.output_dir, rank, tag=load_tag)
     step = meta["step"] if meta else 0
@@ -268,13 +293,14 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
     last: dict = {}
     t_last, wait, loss_sum, steps_in_window, batches_in_window = time.perf_counter(), 0.0, 0.0, 0, 0
     data_window: dict = {}
+    term_sums: dict = {}  # {term: sum of its unweighted values over this window's good steps}
     start_step, saved_at, stop = step, (f"step_{step}" if meta else None), False
     while step < cfg.train.steps:
         t0 = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t0
         injector.begin_step(step + 1)
-        res = train_step(engine, batch, cfg, device, guard, injector, stopper.requested())
+        res = train_step(engine, batch, cfg, device, guard, injector, stopper.requested(), objective, step + 1)
         step += 1  # a batch consumed: skipped steps count too, so the data position stays step x batch
         if key_log is not None:
             key_log.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
@@ -285,6 +311,8 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
         if not res.skipped:
             loss_sum += res.loss.item()
             steps_in_window += 1
+            for name, value in res.terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + value
         skips.update(step, res.skipped, "loss or gradient", saved_at)
         log.advance()
 
@@ -299,6 +327,7 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
             last = {
                 "samples_seen": samples_seen,
                 "loss": loss_sum / steps_in_window if steps_in_window else float("nan"),
+                **{f"loss/{n}": v / steps_in_window for n, v in term_sums.items()},
                 "lr": engine.get_lr()[0],
                 "logit_scale": res.logit_scale.float().item(),
                 "samples_per_s": batches_in_window * cfg.train.batch_size / elapsed,
@@ -309,7 +338,7 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
             }
             log.log(step, last)
             t_last, wait, loss_sum, steps_in_window, batches_in_window = time.perf_counter(), 0.0, 0.0, 0, 0
-            data_window = {}
+            data_window, term_sums = {}, {}
 
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not skips.in_a_row:
             saved_at = save(step)  # never in a run of skipped steps: the last checkpoint stays a good one

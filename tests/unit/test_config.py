@@ -33,7 +33,7 @@ def test_merge_order_and_resolution(tmp_path):
         (["optim.lr=-1"], "optim.lr must be > 0"),
         (["model.name=ViT-Q-99"], "model.name: unknown size 'ViT-Q-99'"),
         (["engine.zero_stage=4"], "engine.zero_stage must be 0, 1, 2 or 3"),
-        (["loss.name=siglip"], "loss.name: 'siglip' does not match the model family 'clip'"),
+        (["loss.name=siglip"], "loss.name: the 'siglip' term needs a siglip model; model.name='tiny' is clip"),
         (["data.synthetic.root=null"], "data.train.urls: required"),
         (["data.train.urls=/nonexistent/shard-{000..003}.tar"], "data.train.urls"),
         (["train.steps"], "must look like key=value"),

@@ -1,0 +1,120 @@
+"""The objective layer's contract: a term's config, the term, what a step hands it, and the registry.
+
+A recipe is a set of terms, each one small module::
+
+    @register
+    class MyTerm(Term):
+        name = "my"                    # the key under loss.terms
+        config_cls = MyTermConfig      # a TermConfig subclass: weight + this term's options
+        needs = ("image_tokens",)      # model outputs beyond the features (see mmpretrain.model.base.NEEDS)
+
+        def build_head(self, model):   # optional: trainable parameters, attached as model.heads[name]
+            return nn.Linear(...)
+
+        def loss(self, ctx: StepContext) -> torch.Tensor:
+            h = ctx.model(head=self.name, x=ctx.out.image_tokens)   # heads run through the engine
+            return ...
+
+and one import line in ``mmpretrain/objectives/__init__.py``. The trainer sums ``weight * loss`` over the
+terms and logs each term's (unweighted) value as ``loss/<name>``.
+
+Gradient contract (the same as mmpretrain.loss): the tensor ``loss()`` returns is what this rank back-propagates,
+and DeepSpeed then averages gradients over the N ranks. So a term over the global batch (contrastive, UniCL,
+distillation) returns a value whose gradient is N x this rank's share of the global loss's gradient (the
+kernels in mmpretrain.loss do this); a term over this rank's samples alone (MIM) returns their mean. The value
+logged is the mean over ranks of the returned values (the same on every rank for global terms).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TermConfig:
+    """What every term has; a term's own config subclasses this and adds its options (with defaults)."""
+
+    weight: float = 1.0  # multiplies this term in the summed loss (its unweighted value is logged as loss/<name>)
+
+    def validate(self, prefix: str) -> None:
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"{prefix}.weight must be a finite number >= 0 (got {self.weight})")
+
+
+@dataclass
+class StepContext:
+    """What a term sees in one step (this rank's share of the global batch; b samples)."""
+
+    out: Any  # mmpretrain.model.ModelOutput: normalized features, logit scale/bias, token states asked for
+    images: torch.Tensor  # (b, 3, H, W) normalized, in the engine's dtype
+    tokens: torch.Tensor  # (b, L) token ids
+    batch: dict  # the loader's batch as it came (uint8 "image", "text", "keys", "label" when the data has it)
+    model: Any  # the engine (or module): call model(head=name, **inputs) to run this term's head
+    group: Any  # process group of the global batch (None: world, or no torch.distributed)
+    loss_cfg: Any  # the LossConfig (impl, chunk_size) for the contrastive kernels
+    step: int = 0  # the optimizer step being computed (1-based), for schedules inside a term
+
+
+class Term:
+    """One objective; see the module docstring for the contract. Instances are built once per run."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type] = TermConfig
+    needs: ClassVar[tuple] = ()  # model outputs beyond the features: names in mmpretrain.model.base.NEEDS
+    family: ClassVar[str | None] = None  # model family this term requires ("clip" | "siglip"), None = any
+    grad_cache: ClassVar[bool] = False  # works under train.accum_steps > 1 (GradCache): the plain contrastive ones
+
+    def __init__(self, cfg: TermConfig, run_cfg: Any):
+        self.cfg = cfg
+        self.run_cfg = run_cfg
+
+    @classmethod
+    def check_run(cls, cfg: TermConfig, run_cfg: Any, prefix: str) -> None:
+        """Checks across config sections (raise ValueError naming the key); called while the config loads."""
+
+    def patch_drop(self) -> float | None:
+        """Patch-dropout fraction this term needs the vision tower to apply in training (MIM), else None."""
+        return None
+
+    def build_head(self, model: nn.Module) -> nn.Module | None:
+        """Trainable parameters of this term, attached as ``model.heads[name]`` before the engine exists."""
+        return None
+
+    def setup(self, device: torch.device) -> None:
+        """Once, after the engine exists: load what the term needs that is not trained (a teacher)."""
+
+    def loss(self, ctx: StepContext) -> torch.Tensor:
+        """0-dim float32 tensor (see the gradient contract)."""
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Term]] = {}
+
+
+def register(cls: type[Term]) -> type[Term]:
+    """Class decorator: make a term known under ``loss.terms.<cls.name>``."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"objective term {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def global_mean(x_local: torch.Tensor, group=None) -> torch.Tensor:
+    """Mean over ranks of a per-rank mean (equal per-rank batches), with the gradient contract.
+
+    Value: the global mean, the same on every rank. Gradient: flows into x_local as N x its share
+    (d global / d x_local = 1/N, times N), so DeepSpeed's average over ranks is exact.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return x_local
+    total = x_local.detach().clone()
+    dist.all_reduce(total, group=group)
+    total = total / dist.get_world_size(group)
+    return total + (x_local - x_local.detach())
