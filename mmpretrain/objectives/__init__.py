@@ -14,14 +14,20 @@ The contract a term implements is in ``mmpretrain.objectives.base``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-# Term modules: importing one registers its terms (keep this list in the order terms are logged).
-from mmpretrain.objectives import contrastive  # noqa: F401  clip, siglip
 from mmpretrain.objectives.base import REGISTRY, StepContext, Term, TermConfig, global_mean, register
+
+# Every module of this package registers its terms on import (a new term = a new file here); modules whose
+# name starts with "_" are skipped. Alphabetical: the order terms are summed and logged.
+for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if not _m.name.startswith("_") and _m.name != "base":
+        importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = ["REGISTRY", "LossConfig", "Objective", "StepContext", "Term", "TermConfig", "global_mean", "register"]
 

@@ -1,0 +1,55 @@
+"""Every recipe's tiny twin (configs/recipes/*-tiny.yaml) trains through the CLI and lowers its loss.
+
+One short run per recipe on the session's shapes shards: every objective term it sums is logged as
+loss/<term>, the total and each term fall from the first steps to the last, and the final evaluation is
+written. The recipes' full-length numbers on the demo data are in docs/recipes.md.
+"""
+
+import glob
+import json
+import os
+
+import pytest
+
+from tests.integration.test_train import ENV, REPO, read_metrics, train_cli
+
+RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "recipes", "*-tiny.yaml")))
+STEPS = 40
+WINDOW = 8  # steps averaged at each end of the run
+
+
+def recipe_overrides(ds, out):
+    return [
+        f"output_dir={out}",
+        f"data.train.urls={ds.train_urls}",
+        f"data.eval.zeroshot={ds.zeroshot_root}",
+        f"data.eval.retrieval={ds.retrieval_root}",
+        f"train.steps={STEPS}",
+        "train.batch_size=32",
+        "optim.warmup_steps=4",
+        "checkpoint.every_steps=0",
+        "eval.every_steps=0",
+        "logging.wandb=disabled",
+        "logging.log_every=1",
+        "logging.progress=false",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", RECIPES, ids=[os.path.basename(p)[: -len("-tiny.yaml")] for p in RECIPES])
+def test_recipe_tiny_twin_lowers_its_loss(config, shapes_dataset, tmp_path):
+    full = config.replace("-tiny.yaml", ".yaml")
+    assert os.path.isfile(full), f"{config} is the tiny twin of a recipe, but {full} is missing"
+    out = str(tmp_path / "run")
+    proc = train_cli([config, *recipe_overrides(shapes_dataset, out)], env=ENV)
+    lines = read_metrics(out)
+    assert [m["step"] for m in lines] == list(range(1, STEPS + 1)), proc.stdout[-2000:]
+    terms = sorted(k for k in lines[0] if k.startswith("loss/"))
+    assert terms, "a recipe logs each of its terms as loss/<term>"
+    for key in ["loss", *terms]:
+        first = sum(m[key] for m in lines[:WINDOW]) / WINDOW
+        last = sum(m[key] for m in lines[-WINDOW:]) / WINDOW
+        assert last < first, f"{key}: mean of the first {WINDOW} steps {first:.4f}, of the last {last:.4f}"
+    evals = json.load(open(os.path.join(out, "eval.json")))
+    assert 0 <= evals["zeroshot/eval/top1"] <= 1
+    assert any(k.startswith("retrieval/") for k in evals), sorted(evals)
