@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mmpretrain.model.base import TwoTowerModel
+from mmpretrain.model.hf_text import HFTextTower
 from mmpretrain.model.layers import Encoder, LayerNorm, TextEmbeddings, TowerOutput, init_linear_, patch_dropout
 
 LOGIT_SCALE_MAX = 100.0  # exp(logit_scale) is clamped here, as OpenAI/OpenCLIP do
@@ -109,7 +110,7 @@ class CLIP(TwoTowerModel):
         """cfg: a resolved ModelConfig (see build_model)."""
         super().__init__(cfg.lock_image)
         self.vision_model = CLIPVisionTower(cfg)
-        self.text_model = CLIPTextTower(cfg)
+        self.text_model = HFTextTower(cfg) if cfg.text.kind == "hf" else CLIPTextTower(cfg)  # hf: ALIGN's BERT
         # Shape (1,), not () as in HF CLIP: DeepSpeed's parameter broadcast views each parameter as bytes,
         # which fails on 0-dim tensors. Converters reshape.
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))  # log of the scale
@@ -123,7 +124,8 @@ class CLIP(TwoTowerModel):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """OpenAI CLIP's init (as OpenCLIP), applied to both towers; deterministic under torch.manual_seed."""
+        """OpenAI CLIP's init (as OpenCLIP), applied to both towers; deterministic under torch.manual_seed.
+        An HF text tower (kind=hf) keeps the init transformers gave it (and the folder's weights, if any)."""
         v, t = self.vision_model, self.text_model
         width_v = v.post_layernorm.normalized_shape[0]
         emb = v.embeddings
@@ -132,9 +134,12 @@ class CLIP(TwoTowerModel):
         nn.init.normal_(patch.weight, std=fan_in**-0.5)
         nn.init.normal_(emb.class_embedding, std=width_v**-0.5)
         nn.init.normal_(emb.position_embedding.weight, std=width_v**-0.5)
-        nn.init.normal_(t.embeddings.token_embedding.weight, std=0.02)
-        nn.init.normal_(t.embeddings.position_embedding.weight, std=0.01)
-        for tower in (v, t):
+        towers = (v,)
+        if isinstance(t, CLIPTextTower):
+            nn.init.normal_(t.embeddings.token_embedding.weight, std=0.02)
+            nn.init.normal_(t.embeddings.position_embedding.weight, std=0.01)
+            towers = (v, t)
+        for tower in towers:
             init_clip_encoder_(tower.encoder)
             nn.init.normal_(tower.projection.weight, std=tower.projection.in_features**-0.5)
 

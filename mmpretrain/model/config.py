@@ -13,6 +13,7 @@ from mmpretrain.kernels import ATTENTION_IMPLS
 from mmpretrain.model.sizes import SIZES
 
 FAMILIES = ("clip", "siglip")
+TEXT_KINDS = ("clip", "hf")
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
 
 
@@ -40,10 +41,17 @@ class VisionConfig:
             raise ValueError(f"{prefix}.patch_dropout must be in [0, 1) (got {self.patch_dropout})")
 
 
+# With model.text.kind=hf these come from model.text.hf_config and must stay unset (None).
+HF_OWNED_FIELDS = ("width", "layers", "heads", "mlp_dim", "act", "ln_eps")
+
+
 @dataclass
 class TextConfig:
+    kind: str = "clip"  # clip: the family's own text tower | hf: a transformers encoder (ALIGN's BERT), [CLS] pooled
+    hf_config: Optional[str] = None  # kind=hf: a size in HF_TEXT_SIZES (bert-tiny ... bert-large) or a local folder
+    # holding a transformers config.json (and optionally model.safetensors: initial weights); see model/hf_text.py
     vocab_size: Optional[int] = None  # token embedding rows; must cover the tokenizer's ids
-    context_length: Optional[int] = None  # max tokens per caption (position embedding rows)
+    context_length: Optional[int] = None  # max tokens per caption (position embedding rows; the tokenizer's length)
     width: Optional[int] = None  # transformer hidden size
     layers: Optional[int] = None  # number of transformer blocks
     heads: Optional[int] = None  # attention heads; width must be a multiple
@@ -52,7 +60,25 @@ class TextConfig:
     ln_eps: Optional[float] = None  # LayerNorm epsilon
 
     def validate(self, prefix: str) -> None:
-        _check_tower(self, prefix)
+        if self.kind not in TEXT_KINDS:
+            raise ValueError(f"{prefix}.kind must be one of {TEXT_KINDS} (got {self.kind!r})")
+        if self.kind == "clip":
+            if self.hf_config is not None:
+                raise ValueError(f"{prefix}.hf_config is only used with {prefix}.kind=hf (kind is clip)")
+            _check_tower(self, prefix)
+            return
+        for key in ("vocab_size", "context_length"):
+            if getattr(self, key) is None or getattr(self, key) <= 0:
+                raise ValueError(f"{prefix}.{key} must be positive (got {getattr(self, key)})")
+        for key in HF_OWNED_FIELDS:
+            if getattr(self, key) is not None:
+                raise ValueError(
+                    f"{prefix}.{key}: with {prefix}.kind=hf the text tower's sizes come from {prefix}.hf_config; "
+                    f"unset {prefix}.{key} (got {getattr(self, key)!r})"
+                )
+        from mmpretrain.model.hf_text import hf_text_config
+
+        hf_text_config(self, prefix)  # reads the size table or the folder; raises ValueError naming the key
 
 
 @dataclass
@@ -106,6 +132,9 @@ def resolve_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfig
         )
 
     family = cfg.family if cfg.family is not None else entry["family"]
+    text_defaults = entry["text"]
+    if cfg.text.kind == "hf":  # the tower's sizes come from text.hf_config; the tokenizer's fields from the table
+        text_defaults = {k: v for k, v in text_defaults.items() if k in ("vocab_size", "context_length")}
     # Family defaults: CLIP 1/0.07 and no bias (OpenAI); SigLIP 10 and -10 (the SigLIP paper).
     default_scale, default_bias = (math.log(10.0), -10.0) if family == "siglip" else (math.log(1 / 0.07), None)
     return dataclasses.replace(
@@ -113,7 +142,7 @@ def resolve_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfig
         family=family,
         embed_dim=cfg.embed_dim if cfg.embed_dim is not None else entry["embed_dim"],
         vision=fill(cfg.vision, entry["vision"]),
-        text=fill(cfg.text, entry["text"]),
+        text=fill(cfg.text, text_defaults),
         init_logit_scale=cfg.init_logit_scale if cfg.init_logit_scale is not None else default_scale,
         init_logit_bias=cfg.init_logit_bias if cfg.init_logit_bias is not None else default_bias,
     )
@@ -122,7 +151,7 @@ def resolve_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfig
 def _check_tower(tower, prefix: str) -> None:
     for f in dataclasses.fields(tower):
         value = getattr(tower, f.name)
-        if f.name in ("act", "patch_dropout"):
+        if f.name in ("act", "patch_dropout", "kind", "hf_config"):
             continue
         if value is None or value <= 0:
             raise ValueError(f"{prefix}.{f.name} must be positive (got {value})")

@@ -20,6 +20,7 @@ from torch import nn
 
 from mmpretrain.kernels import attention
 from mmpretrain.model.base import TwoTowerModel
+from mmpretrain.model.hf_text import HFTextTower
 from mmpretrain.model.layers import MLP, Encoder, LayerNorm, TextEmbeddings, TowerOutput, patch_dropout
 
 
@@ -139,7 +140,7 @@ class SigLIP(TwoTowerModel):
         """cfg: a resolved ModelConfig (see build_model)."""
         super().__init__(cfg.lock_image)
         self.vision_model = SiglipVisionTower(cfg)
-        self.text_model = SiglipTextTower(cfg)
+        self.text_model = HFTextTower(cfg) if cfg.text.kind == "hf" else SiglipTextTower(cfg)
         # Shape (1,) like HF (and DeepSpeed's parameter broadcast cannot handle 0-dim tensors).
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))  # log of the scale
         self.logit_bias = nn.Parameter(torch.full((1,), float(cfg.init_logit_bias)))
@@ -153,14 +154,17 @@ class SigLIP(TwoTowerModel):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """big_vision's SigLIP init (as HF's SiglipPreTrainedModel); deterministic under torch.manual_seed."""
+        """big_vision's SigLIP init (as HF's SiglipPreTrainedModel); deterministic under torch.manual_seed.
+        An HF text tower (kind=hf) keeps the init transformers gave it (and the folder's weights, if any)."""
         v, t = self.vision_model, self.text_model
+        own_text = isinstance(t, SiglipTextTower)
         width_v = v.post_layernorm.normalized_shape[0]
         _lecun_normal_(v.embeddings.patch_embedding)
         nn.init.normal_(v.embeddings.position_embedding.weight, std=width_v**-0.5)
-        for emb in (t.embeddings.token_embedding, t.embeddings.position_embedding):
-            nn.init.normal_(emb.weight, std=emb.embedding_dim**-0.5)  # flax default embed init
-        for layer in [*v.encoder.layers, *t.encoder.layers]:
+        if own_text:
+            for emb in (t.embeddings.token_embedding, t.embeddings.position_embedding):
+                nn.init.normal_(emb.weight, std=emb.embedding_dim**-0.5)  # flax default embed init
+        for layer in [*v.encoder.layers, *(t.encoder.layers if own_text else ())]:
             for w in layer.self_attn.qkv_proj.weight.chunk(3):  # HF inits q, k, v as separate matrices
                 nn.init.xavier_uniform_(w)
             nn.init.zeros_(layer.self_attn.qkv_proj.bias)
@@ -173,7 +177,8 @@ class SigLIP(TwoTowerModel):
         nn.init.zeros_(head.attention.in_proj_bias)
         _lecun_normal_(head.attention.out_proj)
         _init_mlp_(head.mlp)
-        _lecun_normal_(t.head)
+        if own_text:
+            _lecun_normal_(t.head)
 
 
 def _init_mlp_(mlp: MLP) -> None:

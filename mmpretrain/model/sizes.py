@@ -18,6 +18,11 @@ Sources (checked against the files shipped with the installed packages):
   SigLIP has no image projection: the attention-pool output is the embedding, so embed_dim equals
   the vision width.
 - `tiny` / `siglip-tiny`: CPU-sized twins for tests and the demo (seconds on 2 cores).
+
+`HF_TEXT_SIZES`: BERT encoders for `model.text.kind=hf` (ALIGN), by `model.text.hf_config` name; the fields
+are transformers `BertConfig` arguments. Sizes from the BERT paper (base, large) and Google's compact
+BERTs (Turc et al. 2019: tiny 2x128, mini 4x256, small 4x512, medium 8x512). Dropout is off, as in our
+own towers (a config folder keeps its own); vocab_size and max position come from `model.text`.
 """
 
 CLIP_VOCAB_SIZE = 49408  # our CLIP BPE tokenizer; the EOT token is the largest id (49407)
@@ -85,4 +90,20 @@ SIZES = {
     "siglip-L-16": _siglip(256, 16, 1024, 24, 16, 4096),  # google/siglip-large-patch16-256
     # google/siglip-so400m-patch14-384 (open_clip's ViT-SO400M-14-SigLIP is the 224px, 16-token twin)
     "siglip-So400m-14": _siglip(384, 14, 1152, 27, 16, 4304),
+}
+
+
+def _bert(layers, width, heads):
+    return dict(model_type="bert", num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads,
+                intermediate_size=4 * width, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+
+
+HF_TEXT_SIZES = {
+    # name: layers, width, heads (MLP 4 x width, GELU, post-LayerNorm, eps 1e-12: BertConfig's defaults)
+    "bert-tiny": _bert(2, 128, 2),
+    "bert-mini": _bert(4, 256, 4),
+    "bert-small": _bert(4, 512, 8),
+    "bert-medium": _bert(8, 512, 8),
+    "bert-base": _bert(12, 768, 12),
+    "bert-large": _bert(24, 1024, 16),
 }
