@@ -364,3 +364,112 @@ def tiled_siglip_loss(img_bD, txt_bD, logit_scale, logit_bias, group=None, impl=
         img_BD, txt_BD = (_GatherWithGrad.apply(x, group) if group is not None else x for x in (img_bD, txt_bD))
         return siglip_loss_reference(img_BD.float(), txt_BD.float(), logit_scale.float(), logit_bias.float())
     return _SiglipLoss.apply(img_bD, txt_bD, logit_scale, logit_bias, group, impl, chunk_size)
+
+
+# ----------------------------------------------------------------------------- UniCL: CLIP with label targets
+# UniCL (Yang et al. 2022, "Unified Contrastive Learning in Image-Text-Label Space"): samples sharing a label
+# are all positives, in both directions. With c_i the label of pair i, n_c the number of pairs labelled c in the
+# global batch and T_ij = [c_i = c_j] / n_{c_i} (each row and column of T sums to 1; T is symmetric):
+#
+#     L = 1/(2B) * sum_i [ lse_j(l_ij) - sum_j T_ij l_ij ]  +  1/(2B) * sum_j [ lse_i(l_ij) - sum_i T_ij l_ij ]
+#     dL/dl_ij = (P_ij + Q_ij - 2 T_ij) / (2B)
+#
+# The log-sum-exps are CLIP's (same tiled kernels). T never exists as a matrix: with per-label sums
+# Ysum_c = sum_{j: c_j = c} y_j and Xsum_c (index_add, U <= B rows),
+#     sum_j T_ij l_ij = s x_i . Ysum_{c_i} / n_{c_i}        (row i's positive term; summed over rows
+#     sum_i T_ij l_ij = s y_j . Xsum_{c_j} / n_{c_j}         both equal s sum_c Xsum_c . Ysum_c / n_c)
+# so the loss needs one (b, D) "mean positive text" per local image, and the T part of the gradient is
+# dx_i = s Ysum_{c_i} / n_{c_i}, dy_j = s Xsum_{c_j} / n_{c_j}. All-distinct labels give T = I, Ysum_{c_i} = y_i
+# exactly (one addend into zeros), and this is CLIP's loss bit for bit.
+# Labels are int64 keys (any values; equal = same label). They are all-gathered (B int64) and mapped to slots
+# without a host sync: slot of key k = its position in the sorted keys' first occurrence (searchsorted), in [0, B).
+# Distributed: rank r sums its own images per label into a (B, D) buffer; each text j gets that partial
+# Xsum_{c_j} / n_{c_j} added to its strip gradient, and the existing reduce-scatter sums the ranks' parts.
+# Memory: O(B*D) (the per-label sums), like the gathered texts.
+
+
+def unicl_loss_reference(img_BD, txt_BD, logit_scale, labels_B):
+    """Full-matrix UniCL loss (soft targets T = same-label mask / row count); plain autograd, O(B^2) memory."""
+    logits_BB = logit_scale * img_BD @ txt_BD.T
+    same_BB = (labels_B[:, None] == labels_B[None, :]).to(logits_BB.dtype)
+    target_BB = same_BB / same_BB.sum(1, keepdim=True)  # symmetric: same-label rows have the same count
+    return 0.5 * (F.cross_entropy(logits_BB, target_BB) + F.cross_entropy(logits_BB.T, target_BB))
+
+
+def label_slots(labels_B):
+    """(B,) int64 keys -> (slots (B,) in [0, B), count_B fp32: pairs per slot); no host sync.
+
+    A label's slot is the sorted position of its first occurrence, so equal keys share a slot; slots that
+    no label uses have count 0 (never read)."""
+    sorted_B, _ = labels_B.sort()
+    slots_B = torch.searchsorted(sorted_B, labels_B)
+    count_B = torch.zeros(labels_B.shape[0], device=labels_B.device).index_add_(
+        0, slots_B, torch.ones(labels_B.shape[0], device=labels_B.device)
+    )
+    return slots_B, count_B
+
+
+def _label_mean(x_ND, slots_N, count_B, B):
+    """(B, D) fp32: per slot, the sum of the rows x_ND with that slot divided by the slot's global count."""
+    sum_BD = torch.zeros(B, x_ND.shape[1], device=x_ND.device).index_add_(0, slots_N, x_ND.float())
+    return sum_BD.div_(count_B.clamp(min=1)[:, None])
+
+
+class _UniclLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, img_bD, txt_bD, scale, labels_b, group, impl, chunk_size):
+        world, rank = _world(group)
+        b = img_bD.shape[0]
+        B, off = b * world, rank * b
+        ops = _ops(impl)
+        txt_BD = _all_gather(txt_bD, group)  # collective: all-gather the texts (B, D)
+        labels_B = _all_gather(labels_b.to(device=img_bD.device, dtype=torch.int64), group)  # collective: (B,)
+        slots_B, count_B = label_slots(labels_B)
+        _check_logit_range(img_bD, txt_BD, scale)
+        s = scale.detach().float()
+        row_lse_b, col_sumexp_B = ops.clip_forward(img_bD, txt_BD, s, chunk_size)
+        # Mean of the positive texts of each local image: Ysum_{c_i} / n_{c_i} (b, D).
+        pos_txt_bD = _label_mean(txt_BD, slots_B, count_B, B)[slots_B[off : off + b]]
+        pos_b = s * _rowdot(img_bD, pos_txt_bD)  # sum_j T_ij l_ij of the local rows (= the columns' total)
+        stats = torch.cat([col_sumexp_B, (row_lse_b.double() - 2 * pos_b.double()).sum()[None]])
+        _all_reduce_sum(stats, group)  # collective: complete column sums + loss (B + 1 fp64 numbers)
+        col_lse_B = stats[:B].log()
+        loss = (stats[B] + col_lse_B.sum()) / (2 * B)
+        ctx.save_for_backward(img_bD, txt_BD, scale, row_lse_b, col_lse_B.float(), pos_txt_bD, slots_B, count_B)
+        ctx.group, ctx.impl, ctx.chunk_size = group, impl, chunk_size
+        return loss.float()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        img_bD, txt_BD, scale, row_lse_b, col_lse_B, pos_txt_bD, slots_B, count_B = ctx.saved_tensors
+        world, rank = _world(ctx.group)
+        b = img_bD.shape[0]
+        B, off = b * world, rank * b
+        s = scale.detach().float()
+        dimg_bD, dtxt_BD = _ops(ctx.impl).clip_backward(img_bD, txt_BD, s, row_lse_b, col_lse_B, ctx.chunk_size)
+        # Targets: -2 T_ij in (P + Q - 2 T) / (2B); texts get this rank's images' share (summed by the scatter).
+        dimg_bD.addcmul_(pos_txt_bD, -2 * s)
+        pos_img_BD = _label_mean(img_bD, slots_B[off : off + b], count_B, B)[slots_B]  # (B, D), 0 off this rank
+        dtxt_BD.addcmul_(pos_img_BD, -2 * s)
+        del pos_img_BD
+        coef = grad_loss.float() * world / (2 * B)  # x world: the engine averages over ranks (docstring)
+        dscale = torch.dot(img_bD.float().flatten(), dimg_bD.flatten()) / s * coef
+        dimg_bD.mul_(coef)
+        dtxt_bD = _reduce_scatter_sum(dtxt_BD.mul_(coef), ctx.group)  # collective: sum text grads onto owners
+        return dimg_bD.to(img_bD.dtype), dtxt_bD.to(txt_BD.dtype), dscale.to(scale.dtype), None, None, None, None
+
+
+def tiled_unicl_loss(img_bD, txt_bD, logit_scale, labels_b, group=None, impl="chunked", chunk_size=1024):
+    """UniCL loss over the global batch: pairs with equal labels are all positives (see the section comment).
+
+    labels_b: (b,) int64 label keys of this rank's pairs (equal keys = same label; any values). All-distinct
+    labels give exactly tiled_clip_loss. Same conventions (group, impl, gradient contract) as tiled_clip_loss.
+    """
+    logit_scale = _as_tensor(logit_scale, img_bD)
+    if labels_b.shape != (img_bD.shape[0],):
+        raise ValueError(f"unicl: labels must have shape ({img_bD.shape[0]},) (got {tuple(labels_b.shape)})")
+    if impl == "naive":
+        img_BD, txt_BD = (_GatherWithGrad.apply(x, group) if group is not None else x for x in (img_bD, txt_bD))
+        labels_B = _all_gather(labels_b.to(device=img_bD.device, dtype=torch.int64), group)
+        return unicl_loss_reference(img_BD.float(), txt_BD.float(), logit_scale.float(), labels_B)
+    return _UniclLoss.apply(img_bD, txt_bD, logit_scale, labels_b, group, impl, chunk_size)

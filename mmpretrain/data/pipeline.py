@@ -7,14 +7,19 @@ Train stream of one DataLoader worker (``W = max(1, num_workers)`` workers per r
                  Resampled mode: shards drawn with replacement (optionally weighted by source) from
                  an RNG seeded with (seed, rank, w). Epochs never end the stream: it runs forever.
       -> tar members grouped into samples        (unreadable shard / truncated tar: counted, skipped)
-      -> check members: image and caption present, non-empty, caption UTF-8 and not blank (else counted)
+      -> check members: image and caption present, non-empty, caption UTF-8 and not blank, ``.cls`` (if
+         any) a class index (else counted)
       -> shuffle buffer, RNG seeded with (seed, rank, w, epoch)
       [-> data.train.sources: one such stream per source; an RNG seeded with (seed, rank, w) picks the
           source of every next sample with probability weight / sum of weights]
       -> [resume: drop the first k * batch_size samples undecoded]
       -> decode image, transform                 (oversized / undecodable: counted, skipped)
-      -> batches of batch_size, tokenized        {"image": (B,3,S,S), "text": (B,L), "num_skipped": int,
-                                                  "data_stats": dict, "keys": ["<url>:<key>", ...]}
+      -> batches of batch_size, tokenized        {"image": (B,3,S,S), "text": (B,L), "label": (B,) int64,
+                                                  "num_skipped": int, "data_stats": dict,
+                                                  "keys": ["<url>:<key>", ...]}
+
+``label`` is each sample's ``<key>.cls`` (its class index, e.g. ImageNet-21k shards; UniCL uses it),
+-1 for a sample without one.
 
 Every random choice is seeded from (seed, rank, worker, epoch or sample position), so the batch
 sequence is a pure function of (urls, seed, rank, world_size, num_workers, batch_size).
@@ -41,7 +46,8 @@ Bad data never stops a run. Every fault is skipped and counted under one of DATA
     bad_utf8          the caption is not UTF-8
     empty_caption     the caption is only whitespace
     oversized_image   the header declares more than data.max_image_pixels pixels (nothing decoded)
-    corrupt_image     anything else that fails to decode
+    corrupt_image     anything else that fails to decode, a ``<key>.cls`` that is not a class index (decimal
+                      integer >= 0) included (as in the eval sets)
 Truncated tar, the counting rule: it counts exactly one ``truncated_tar``. Every sample whose members
 all lie before the cut is read normally; the sample whose member data is cut is lost with the tar (no
 second count). A cut between two members of one sample (at a header) leaves that sample with the
@@ -110,6 +116,8 @@ def mix_seed(*parts: int) -> int:
     digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
+
+LABEL_KEY = "cls"  # tar member extension of a sample's class index (optional in train shards)
 
 # the seed streams a worker draws from
 _SHARD_ORDER, _RESAMPLE, _SHUFFLE, _CROP, _SOURCE, _MIX = 0, 1, 2, 3, 4, 5
@@ -207,9 +215,19 @@ def _first_key(sample: dict, keys: list[str]) -> str | None:
     return next((k for k in keys if k in sample), None)
 
 
+def parse_label(data: bytes) -> int | None:
+    """A ``.cls`` member's class index (clip_benchmark: decimal text), or None if it is not an integer >= 0."""
+    try:
+        text = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 def sample_fault(sample: dict, image_keys: list[str], text_key: str) -> str | None:
     """The reason a raw sample is unusable, judged from its bytes without decoding the image; None if usable.
-    A usable sample gets ``"__caption__"``: the stripped caption."""
+    A usable sample gets ``"__caption__"``: the stripped caption, and ``"__label__"``: its ``LABEL_KEY``
+    member's class index, -1 without one."""
     image_key = _first_key(sample, image_keys)
     if image_key is None:
         return "no_image"
@@ -223,7 +241,10 @@ def sample_fault(sample: dict, image_keys: list[str], text_key: str) -> str | No
         return "bad_utf8"
     if not caption:
         return "empty_caption"
-    sample["__caption__"] = caption
+    label = parse_label(sample[LABEL_KEY]) if LABEL_KEY in sample else -1
+    if label is None:  # the eval loader counts a label that does not parse the same way
+        return "corrupt_image"
+    sample["__caption__"], sample["__label__"] = caption, label
     return None
 
 
@@ -349,8 +370,9 @@ def _decode_train(
     crop_seed: int,
     first_position: int,
     counter: FaultCounter,
-) -> Iterator[tuple[torch.Tensor, str]]:
-    """(image (3,S,S), caption, "<url>:<key>") per good sample; the crop is seeded by the sample's stream position."""
+) -> Iterator[tuple[torch.Tensor, str, str, int]]:
+    """(image (3,S,S), caption, "<url>:<key>", label) per good sample; the crop is seeded by the sample's stream
+    position."""
     for position, sample in enumerate(src, start=first_position):
         try:
             image = transform.from_bytes(sample[_first_key(sample, image_keys)], mix_seed(crop_seed, position))
@@ -361,7 +383,7 @@ def _decode_train(
             counter.fault("corrupt_image", sample["__url__"], f"{sample['__key__']}: {type(exn).__name__}: {exn}")
             continue
         counter.good(sample["__source__"])
-        yield image, sample["__caption__"], f"{sample['__url__']}:{sample['__key__']}"
+        yield image, sample["__caption__"], f"{sample['__url__']}:{sample['__key__']}", sample["__label__"]
 
 
 def _batch(src: Iterable, batch_size: int, collate: Callable[[list], Any], last_partial: bool = False) -> Iterator:
@@ -433,16 +455,16 @@ class TrainStream(IterableDataset):
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.start_batch, self.num_epochs = seed, start_batch, num_epochs
 
-    def _collate(self, batch: list[tuple[torch.Tensor, str, str]], counter: FaultCounter) -> dict[str, Any]:
+    def _collate(self, batch: list[tuple[torch.Tensor, str, str, int]], counter: FaultCounter) -> dict[str, Any]:
         stats = counter.take()
         if batch:
-            images, texts, keys = zip(*batch)
+            images, texts, keys, labels = zip(*batch)
             image, text = torch.stack(images), self.tokenizer(list(texts))
         else:  # the end of a finite stream
-            size, keys = self.transform.image_size, ()
+            size, keys, labels = self.transform.image_size, (), ()
             image, text = torch.empty(0, 3, size, size), torch.empty(0, self.tokenizer.context_length, dtype=torch.long)
-        return {"image": image, "text": text, "keys": list(keys), "num_skipped": sum(stats["skipped"].values()),
-                "data_stats": stats}  # fmt: skip
+        return {"image": image, "text": text, "label": torch.tensor(labels, dtype=torch.long), "keys": list(keys),
+                "num_skipped": sum(stats["skipped"].values()), "data_stats": stats}  # fmt: skip
 
     def pipeline(self, worker: int, num_workers: int) -> wds.DataPipeline:
         """The pipeline of worker ``worker`` of ``num_workers`` (>= 1) on this rank."""
@@ -493,7 +515,8 @@ class TrainStream(IterableDataset):
 
 
 class TrainLoader:
-    """Infinite iterable of ``{"image": (B,3,S,S), "text": LongTensor (B,L), "num_skipped": int, "data_stats": dict}``.
+    """Infinite iterable of ``{"image": (B,3,S,S), "text": LongTensor (B,L), "label": LongTensor (B,),
+    "num_skipped": int, "data_stats": dict}``.
 
     ``num_skipped`` counts broken samples the producing worker skipped since its previous batch;
     ``data_stats`` breaks them down (see the module docstring); ``keys`` name the batch's samples.

@@ -1,0 +1,94 @@
+"""Florence/UniCL (Yang et al. 2022, "Unified Contrastive Learning in Image-Text-Label Space").
+
+Image-label data (ImageNet-21k: ``<key>.cls`` + a class-name prompt as ``<key>.txt``) and image-text data
+(web captions) train one contrastive space: pairs that share a label are all positives, in both directions.
+Row i's target spreads evenly over its positives P_i (the pairs with its label):
+
+    L = 1/2 [ mean_i ( lse_j l_ij - 1/|P_i| sum_{j in P_i} l_ij ) + the same over columns ]
+
+With all-distinct labels this is CLIP's loss, bit for bit. The math runs in the tiled kernel
+(``mmpretrain.kernels.contrastive_loss.tiled_unicl_loss``): labels travel as B int64 keys, never a B x B mask.
+
+Labels (``loss.terms.unicl.label_source``):
+    auto     ``<key>.cls`` where the sample has one (batch["label"] >= 0), else its caption's label
+    cls      ``<key>.cls``; a sample without one is its own class (a plain CLIP pair, UniCL's image-text pairs)
+    caption  identical normalized captions share a label (``.cls`` ignored)
+A caption's label is its token row: our CLIP tokenizer already normalizes (ftfy, HTML unescape, lower case,
+whitespace collapsed and stripped), so "A  red circle" and "a red circle" match, and punctuation still tells
+captions apart; captions cut at the context length compare by what the model sees. Each row is hashed to
+62 bits (blake2b: the same in every process; a false match between two distinct captions of a 32k batch has
+probability ~2^-33). Class ids (>= 0) and caption keys (< 0) never collide: a labelled sample and a web
+caption that happen to read alike stay apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mmpretrain.objectives.base import StepContext, Term, TermConfig, register
+
+LABEL_SOURCES = ("auto", "cls", "caption")
+
+
+@dataclass
+class UniclTermConfig(TermConfig):
+    label_source: str = "auto"  # auto | cls | caption: where a sample's label comes from (module docstring)
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.label_source not in LABEL_SOURCES:
+            raise ValueError(f"{prefix}.label_source must be one of {LABEL_SOURCES} (got {self.label_source!r})")
+
+
+def caption_keys(tokens_bL: torch.Tensor) -> torch.Tensor:
+    """(b,) int64 keys in [-2^62, -1], equal for equal token rows (a 62-bit blake2b hash of each row)."""
+    rows = tokens_bL.detach().to("cpu", torch.int64).numpy()
+    h = [int.from_bytes(hashlib.blake2b(np.ascontiguousarray(r).tobytes(), digest_size=8).digest(), "little") >> 2
+         for r in rows]  # fmt: skip
+    return -1 - torch.tensor(h, dtype=torch.int64)
+
+
+def label_keys(source: str, tokens_bL: torch.Tensor, cls_b: torch.Tensor | None, first_index: int) -> torch.Tensor:
+    """(b,) int64 label keys of this rank's pairs (CPU); equal key = same label across the global batch.
+
+    cls_b: the batch's "label" (-1 where a sample has no .cls) or None; first_index: global index of row 0
+    (rank x b), for the singleton labels of the "cls" source.
+    """
+    if source == "caption":
+        return caption_keys(tokens_bL)
+    b = tokens_bL.shape[0]
+    cls_b = torch.full((b,), -1, dtype=torch.int64) if cls_b is None else cls_b.cpu().to(torch.int64)
+    has_cls_b = cls_b >= 0
+    if has_cls_b.all():
+        return cls_b
+    if source == "auto":
+        fallback_b = caption_keys(tokens_bL)
+    else:  # "cls": a sample without .cls is its own label (a plain CLIP pair)
+        fallback_b = -1 - torch.arange(first_index, first_index + b, dtype=torch.int64)
+    return torch.where(has_cls_b, cls_b, fallback_b)
+
+
+@register
+class UniclTerm(Term):
+    """CLIP over the global batch with label targets: same-label pairs are all positives (UniCL)."""
+
+    name = "unicl"
+    config_cls = UniclTermConfig
+    family = "clip"
+    grad_cache = True  # labels come from the whole batch, in the order GradCache concatenates its features
+
+    def loss(self, ctx: StepContext) -> torch.Tensor:
+        from mmpretrain.kernels.contrastive_loss import tiled_unicl_loss
+        from mmpretrain.loss import _resolve
+
+        o, lc = ctx.out, ctx.loss_cfg
+        group, impl = _resolve(o.image_features, ctx.group, lc.impl)
+        tokens_bL = ctx.batch["text"] if "text" in ctx.batch else ctx.tokens  # the CPU copy: hashing needs no sync
+        rank = torch.distributed.get_rank(group) if group is not None else 0
+        keys_b = label_keys(self.cfg.label_source, tokens_bL, ctx.batch.get("label"), rank * tokens_bL.shape[0])
+        return tiled_unicl_loss(o.image_features, o.text_features, o.logit_scale, keys_b.to(o.image_features.device),
+                                group=group, impl=impl, chunk_size=lc.chunk_size)  # fmt: skip
