@@ -1,0 +1,326 @@
+"""Image-text matching (ALBEF / BLIP): a fusion encoder scores (image, text) pairs as match / no match.
+
+    loss:
+      terms:
+        clip: {weight: 1.0}
+        itm: {weight: 1.0, layers: 2}
+
+The head (``model.heads["itm"]``, ITMHead): ``layers`` pre-LN blocks over the text token states, each
+self-attention over the caption's tokens (bidirectional, padding masked), cross-attention to the image tokens
+(LayerNorm'd and projected to the text width when the widths differ), and an MLP; then a final LayerNorm and a
+2-way linear head on the FIRST text position (SOT: in the causal CLIP tower it has seen nothing, here its
+bidirectional self-attention reads the whole caption, as ALBEF's [CLS]). Match score = logit[1] - logit[0].
+
+Per step, each rank scores 3b pairs of its b samples: (image i, text i) match; (image i, a hard negative text)
+and (a hard negative image, text i) no match; loss = mean 2-way cross-entropy over the 3b pairs.
+
+Hard negatives: from the contrastive similarities of the GLOBAL batch (features all-gathered without
+gradient), one negative text per image with P(j) = softmax_j(scale * img_i . txt_j) over the texts that are
+not a caption of i (j = i and every j whose caption is identical to i's), likewise one image per text. The
+draw is inverse-CDF with uniforms u (2, G) drawn from a generator seeded by (train.seed, step), the same on
+every rank; each rank draws its own rows. So the chosen negatives depend only on the global features, the seed
+and the step: N ranks choose what one rank holding the whole batch chooses.
+
+Exchange: each rank then fetches ONLY the chosen rows' token states from the ranks owning them (all_to_all of
+the requested rows; every rank's token states are never gathered); the backward sends the gradients of those
+rows back to their owners, who add them to their own. Gradient contract: each rank returns the mean over its
+3b pairs (a local term); the fetched rows carry the other ranks' gradients home, so a rank's token states get
+N x their share of the global mean's gradient, and DeepSpeed's average over ranks is exact.
+
+Legend: b samples on this rank, G global batch (N ranks x b), E embedding width, L text length, N' image
+tokens, Dv / Dt vision / text widths, F a flattened row, m rows fetched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mmpretrain.kernels import attention
+from mmpretrain.model.layers import MLP, LayerNorm
+from mmpretrain.objectives.base import StepContext, Term, TermConfig, register
+
+
+@dataclass
+class ITMTermConfig(TermConfig):
+    layers: int = 2  # fusion blocks (self-attention, cross-attention to the image, MLP), at the text tower's width
+    heads: int = 0  # attention heads of the fusion blocks; 0 = the text tower's model.text.heads
+    mlp_ratio: float = 4.0  # MLP hidden size / text width in the fusion blocks
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.layers < 1:
+            raise ValueError(f"{prefix}.layers must be >= 1 (got {self.layers})")
+        if self.heads < 0:
+            raise ValueError(f"{prefix}.heads must be >= 0 (got {self.heads})")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"{prefix}.mlp_ratio must be > 0 (got {self.mlp_ratio})")
+
+
+# ----------------------------------------------------------------------------- the fusion head
+
+
+def text_valid_mask(tokens_BL: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: True up to the last non-padding token (padding = trailing 0s, tokenizer PAD_ID)."""
+    L = tokens_BL.shape[1]
+    pos_L = torch.arange(L, device=tokens_BL.device)
+    last_B = ((tokens_BL != 0) * pos_L).amax(1)  # SOT at 0 is never padding
+    return pos_L[None, :] <= last_B[:, None]
+
+
+def text_lengths(tokens_BL: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 number of valid positions (see text_valid_mask)."""
+    return text_valid_mask(tokens_BL).sum(1)
+
+
+def caption_hash(tokens_BL: torch.Tensor) -> torch.Tensor:
+    """(B,) int64: equal for identical token rows (a fixed random linear hash; a collision is ~2^-40 rare)."""
+    g = torch.Generator().manual_seed(1234567)
+    coef_L = torch.randint(1, 2**31 - 1, (tokens_BL.shape[1],), generator=g).to(tokens_BL.device)
+    return (tokens_BL.long() * coef_L).sum(1)  # ids < 2^17, coef < 2^31, L <= 2^15: no int64 overflow
+
+
+class FusionBlock(nn.Module):
+    """x + self_attn(ln(x)) (padding masked), x + cross_attn(ln(x), image), x + mlp(ln(x)): (B, L, D)."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, impl: str):
+        super().__init__()
+        self.heads, self.impl = heads, impl
+        self.ln_self = LayerNorm(width)
+        self.self_qkv = nn.Linear(width, 3 * width)
+        self.self_out = nn.Linear(width, width)
+        self.ln_cross = LayerNorm(width)
+        self.cross_q = nn.Linear(width, width)
+        self.cross_kv = nn.Linear(width, 2 * width)
+        self.cross_out = nn.Linear(width, width)
+        self.ln_mlp = LayerNorm(width)
+        self.mlp = MLP(width, mlp_dim, "gelu")
+
+    def _split(self, x_BND: torch.Tensor) -> torch.Tensor:
+        B, N, D = x_BND.shape
+        return x_BND.view(B, N, self.heads, D // self.heads).transpose(1, 2)  # (B, H, N, Dh)
+
+    def _merge(self, x_BHND: torch.Tensor) -> torch.Tensor:
+        B, H, N, Dh = x_BHND.shape
+        return x_BHND.transpose(1, 2).reshape(B, N, H * Dh)
+
+    def forward(self, x_BLD, valid_BL, img_BND):
+        q, k, v = self.self_qkv(self.ln_self(x_BLD)).chunk(3, dim=-1)
+        a = attention(self._split(q), self._split(k), self._split(v), key_padding_mask=valid_BL, impl=self.impl)
+        x_BLD = x_BLD + self.self_out(self._merge(a))
+        q = self.cross_q(self.ln_cross(x_BLD))
+        k, v = self.cross_kv(img_BND).chunk(2, dim=-1)
+        a = attention(self._split(q), self._split(k), self._split(v), impl=self.impl)
+        x_BLD = x_BLD + self.cross_out(self._merge(a))
+        return x_BLD + self.mlp(self.ln_mlp(x_BLD))
+
+
+class ITMHead(nn.Module):
+    """Fusion encoder + match head: (image tokens (B, N', Dv), text tokens (B, L, Dt), valid (B, L)) -> (B, 2)."""
+
+    def __init__(self, image_width: int, text_width: int, layers: int, heads: int, mlp_dim: int, impl: str = "auto"):
+        super().__init__()
+        self.image_width, self.text_width = image_width, text_width
+        # CLIP's image tokens are the encoder output before post_layernorm: normalize them here (for SigLIP's,
+        # already normalized, it is one more affine LayerNorm)
+        self.image_ln = LayerNorm(image_width)
+        self.image_proj = nn.Linear(image_width, text_width) if image_width != text_width else nn.Identity()
+        self.blocks = nn.ModuleList(FusionBlock(text_width, heads, mlp_dim, impl) for _ in range(layers))
+        self.ln = LayerNorm(text_width)
+        self.match = nn.Linear(text_width, 2)  # logits (no match, match)
+
+    def forward(self, image_tokens, text_tokens, text_valid):
+        img_BND = self.image_proj(self.image_ln(image_tokens))
+        x_BLD = text_tokens
+        for block in self.blocks:
+            x_BLD = block(x_BLD, text_valid, img_BND)
+        return self.match(self.ln(x_BLD[:, 0]))  # first text position (see the module docstring)
+
+
+def match_score(logits_B2: torch.Tensor) -> torch.Tensor:
+    """(B,) float32 log-odds of a match, the re-ranking score."""
+    logits_B2 = logits_B2.float()
+    return logits_B2[:, 1] - logits_B2[:, 0]
+
+
+# ----------------------------------------------------------------------------- hard negative sampling
+
+
+def step_uniforms(seed: int, step: int, num_global: int) -> torch.Tensor:
+    """(2, G) float64 uniforms in [0, 1), the same on every rank: row 0 draws texts for images, row 1 images."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+    return torch.rand(2, num_global, generator=g, dtype=torch.float64)
+
+
+@torch.no_grad()
+def sample_hard_negatives(
+    img_GE: torch.Tensor,
+    txt_GE: torch.Tensor,
+    scale: float,
+    hash_G: torch.Tensor,
+    rows_b: torch.Tensor,
+    u_2b: torch.Tensor,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global indices (b,), (b,): a negative text for each image of `rows_b`, a negative image for each text.
+
+    Row i's candidates are the columns whose caption differs from i's (hash_G; this excludes i itself); their
+    probabilities are softmax(scale * similarity); inverse CDF at the row's uniform (u_2b[0] for the image->text
+    draw, u_2b[1] for text->image) picks one. A row whose every other caption is the same falls back to
+    uniform over j != i. Only (chunk, G) scores exist at a time.
+    """
+    out = []
+    for direction, (query_GE, cand_GE) in enumerate(((img_GE, txt_GE), (txt_GE, img_GE))):
+        picks = []
+        for start in range(0, len(rows_b), chunk):
+            r_c = rows_b[start : start + chunk]
+            logits_cG = (query_GE[r_c].double() @ cand_GE.double().T) * scale
+            cand_cG = hash_G[r_c, None] != hash_G[None, :]  # same caption (and i itself): a positive
+            lonely_c1 = ~cand_cG.any(1, keepdim=True)
+            not_self_cG = torch.arange(len(hash_G), device=r_c.device)[None, :] != r_c[:, None]
+            cand_cG = torch.where(lonely_c1, not_self_cG, cand_cG)
+            p_cG = torch.softmax(logits_cG.masked_fill(~cand_cG, -torch.inf), dim=1)
+            cdf_cG = p_cG.cumsum(1)
+            u_c1 = u_2b[direction, start : start + chunk].to(cdf_cG.device)[:, None]
+            v_c1 = u_c1 * cdf_cG[:, -1:]  # < the total: u < 1 in float64
+            # first column whose cdf exceeds v: its probability is > 0, so never a positive
+            picks.append(torch.searchsorted(cdf_cG, v_c1, right=True)[:, 0].clamp(max=len(hash_G) - 1))
+        out.append(torch.cat(picks))
+    return out[0], out[1]
+
+
+# ----------------------------------------------------------------------------- exchanging chosen rows
+
+
+def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list, in_splits: list, group) -> None:
+    """One all_to_all_single (a collective); a function of its own so tests can see what crosses ranks."""
+    dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+
+
+def _plan(want_m: torch.Tensor, b: int, group):
+    """Who serves what: (my requests per owner, my served local rows, served rows per requester) (collectives)."""
+    world = dist.get_world_size(group)
+    send_req = torch.bincount(want_m // b, minlength=world)  # want_m is sorted: grouped by owner
+    recv_req = torch.empty_like(send_req)
+    dist.all_to_all_single(recv_req, send_req, group=group)  # how many of my rows each rank wants
+    send_req, recv_req = send_req.tolist(), recv_req.tolist()
+    serve = torch.empty(sum(recv_req), dtype=torch.long, device=want_m.device)
+    dist.all_to_all_single(serve, (want_m % b).contiguous(), recv_req, send_req, group=group)
+    return send_req, serve, recv_req
+
+
+class _FetchRows(torch.autograd.Function):
+    """Rows `want` (sorted global indices) of tensors split over ranks in blocks of b rows; backward returns the
+    gradients of the fetched rows to their owners. Forward: xs..., then wants..., then the group."""
+
+    @staticmethod
+    def forward(ctx, group, n, *args):
+        xs, wants = args[:n], args[n:]
+        ctx.group, ctx.n, ctx.plans, ctx.shapes = group, n, [], []
+        outs = []
+        for x_bF, want_m in zip(xs, wants):
+            send_req, serve, recv_req = _plan(want_m, x_bF.shape[0], group)
+            out_mF = x_bF.new_empty(len(want_m), x_bF.shape[1])
+            _all_to_all(out_mF, x_bF[serve].contiguous(), send_req, recv_req, group)  # only the chosen rows
+            ctx.plans.append((send_req, serve, recv_req))
+            ctx.shapes.append(x_bF.shape)
+            outs.append(out_mF)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        out = []
+        for g_mF, (send_req, serve, recv_req), shape in zip(grads, ctx.plans, ctx.shapes):
+            g_sF = g_mF.new_empty(len(serve), shape[1])
+            _all_to_all(g_sF, g_mF.contiguous(), recv_req, send_req, ctx.group)  # gradients go home
+            out.append(g_mF.new_zeros(shape).index_add_(0, serve, g_sF))
+        return (None, None, *out, *([None] * ctx.n))
+
+
+def fetch_rows(xs: list, wants: list, group=None) -> list:
+    """[x[want] of the global (G, ...) tensors] where this rank holds rows rank*b ... (rank+1)*b - 1 of each x.
+
+    Each want is any (m,) global indices; only their distinct rows are exchanged. Differentiable.
+    """
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    if not distributed:
+        return [x[w] for x, w in zip(xs, wants)]
+    uniq, inverse = zip(*[torch.unique(w, sorted=True, return_inverse=True) for w in wants])
+    flat = [x.reshape(x.shape[0], -1) for x in xs]
+    fetched = _FetchRows.apply(group, len(xs), *flat, *uniq)
+    return [f.view(len(u), *x.shape[1:])[i] for f, u, x, i in zip(fetched, uniq, xs, inverse)]
+
+
+def _gather_no_grad(x_bF: torch.Tensor, group) -> torch.Tensor:
+    """(G, F): every rank's rows in rank order (a collective), no gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return x_bF.detach()
+    parts = [torch.empty_like(x_bF) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x_bF.detach().contiguous(), group=group)
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def itm_loss(model, img_tok_bND, txt_tok_bLD, valid_bL, neg_img_tok_bND, neg_txt_tok_bLD, neg_valid_bL, name="itm"):
+    """Mean 2-way cross-entropy over [(i, t_i) match, (i, negative text) and (negative image, t_i) no match]."""
+    b = img_tok_bND.shape[0]
+    logits = model(
+        head=name,
+        image_tokens=torch.cat([img_tok_bND, img_tok_bND, neg_img_tok_bND]),
+        text_tokens=torch.cat([txt_tok_bLD, neg_txt_tok_bLD, txt_tok_bLD]),
+        text_valid=torch.cat([valid_bL, neg_valid_bL, valid_bL]),
+    )  # (3b, 2)
+    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+    return F.cross_entropy(logits.float(), labels)
+
+
+@register
+class ITMTerm(Term):
+    """ALBEF/BLIP image-text matching with hard negatives from the global batch (see the module docstring)."""
+
+    name = "itm"
+    config_cls = ITMTermConfig
+    needs = ("image_tokens", "text_tokens")
+
+    @classmethod
+    def check_run(cls, cfg, run_cfg, prefix):
+        heads = cfg.heads or run_cfg.model.text.heads
+        width = run_cfg.model.text.width
+        if width is not None and heads and width % heads:
+            raise ValueError(f"{prefix}.heads must divide model.text.width (got {heads} and {width})")
+        if run_cfg.train.batch_size < 2:
+            raise ValueError(f"{prefix}: needs train.batch_size >= 2 for negatives (got {run_cfg.train.batch_size})")
+
+    def build_head(self, model: nn.Module) -> nn.Module:
+        m = self.run_cfg.model
+        heads = self.cfg.heads or m.text.heads
+        mlp_dim = int(round(self.cfg.mlp_ratio * m.text.width))
+        return ITMHead(m.vision.width, m.text.width, self.cfg.layers, heads, mlp_dim, m.attention)
+
+    def loss(self, ctx: StepContext) -> torch.Tensor:
+        o, group = ctx.out, ctx.group
+        b = o.image_features.shape[0]
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+        rank = dist.get_rank(group) if distributed else 0
+        tokens_bL = ctx.tokens.to(o.text_tokens.device)
+        valid_bL = text_valid_mask(tokens_bL)
+        with torch.no_grad():
+            feats_GE2 = _gather_no_grad(torch.cat([o.image_features, o.text_features], 1).float(), group)  # collective
+            ints_G2 = _gather_no_grad(torch.stack([caption_hash(tokens_bL), valid_bL.sum(1)], 1), group)  # collective
+            img_GE, txt_GE = feats_GE2.chunk(2, dim=1)
+            G = feats_GE2.shape[0]
+            u_2G = step_uniforms(self.run_cfg.train.seed, ctx.step, G)
+            rows_b = torch.arange(rank * b, (rank + 1) * b, device=img_GE.device)
+            neg_txt_b, neg_img_b = sample_hard_negatives(
+                img_GE, txt_GE, float(o.logit_scale), ints_G2[:, 0], rows_b, u_2G[:, rank * b : (rank + 1) * b]
+            )
+        neg_txt_bLD, neg_img_bND = fetch_rows([o.text_tokens, o.image_tokens], [neg_txt_b, neg_img_b], group)
+        L = valid_bL.shape[1]
+        neg_valid_bL = torch.arange(L, device=valid_bL.device)[None, :] < ints_G2[neg_txt_b, 1, None]
+        return itm_loss(ctx.model, o.image_tokens, o.text_tokens, valid_bL, neg_img_bND, neg_txt_bLD, neg_valid_bL)
