@@ -8,6 +8,7 @@ under a temporary sibling and renamed into place, so a failure never leaves a ha
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -16,6 +17,32 @@ from collections.abc import Iterator
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HEADS = "heads."  # training-only objective heads (ITM fusion encoder, MIM decoder ...): not part of the two towers
+
+log = logging.getLogger(__name__)
+
+
+def drop_heads(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The state dict without the objective heads' keys (heads.<term>.*), logging (a warning) what was dropped."""
+    dropped = sorted(k for k in sd if k.startswith(HEADS))
+    if not dropped:
+        return sd
+    terms = sorted({k.split(".")[1] for k in dropped})
+    log.warning("%s: dropped %d keys of training-only objective heads (%s); the two-tower model does not use them",
+                source, len(dropped), ", ".join(f"heads.{t}.*" for t in terms))  # fmt: skip
+    return {k: v for k, v in sd.items() if not k.startswith(HEADS)}
+
+
+def check_exportable(model_cfg, target: str) -> None:
+    """Refuse, naming the reason, a model the `target` format (HF CLIPModel/SiglipModel, OpenCLIP) cannot hold."""
+    t = model_cfg.text
+    if t.kind != "clip":
+        raise ValueError(
+            f"model.text.kind={t.kind}: the {target} export needs our {model_cfg.family.upper()} text tower; this "
+            f"model's text tower is a transformers encoder (model.text.hf_config={t.hf_config}, [CLS]-pooled), "
+            f"which {target} has no place for. Evaluate it with `python -m mmpretrain.evaluate RUN`, or keep our "
+            "format with `tools/convert_checkpoint.py consolidate`"
+        )
 
 
 def parse_dtype(name: str) -> torch.dtype:

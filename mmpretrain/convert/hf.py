@@ -25,7 +25,15 @@ import os
 
 import torch
 
-from mmpretrain.convert.common import atomic_folder, cast, check_state_dict, load_safetensors, load_torch_weights
+from mmpretrain.convert.common import (
+    atomic_folder,
+    cast,
+    check_exportable,
+    check_state_dict,
+    drop_heads,
+    load_safetensors,
+    load_torch_weights,
+)
 
 HF_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 OUR_ACT = {v: k for k, v in HF_ACT.items()} | {"gelu_new": "gelu_tanh"}  # gelu_new is the same tanh formula
@@ -39,9 +47,10 @@ PAD_TOKEN = "!"  # id 0 of the CLIP BPE vocabulary: our tokenizer pads with 0
 
 
 def hf_config(model_cfg, dtype: torch.dtype = torch.float32):
-    """A transformers CLIPConfig / SiglipConfig for a resolved ModelConfig."""
+    """A transformers CLIPConfig / SiglipConfig for a resolved ModelConfig (kind=hf text towers raise)."""
     from transformers import CLIPConfig, SiglipConfig
 
+    check_exportable(model_cfg, "Hugging Face CLIPModel" if model_cfg.family == "clip" else "Hugging Face SiglipModel")
     v, t = model_cfg.vision, model_cfg.text
 
     def tower(c):
@@ -197,10 +206,11 @@ def write_preprocessor(out_dir: str, image_size: int) -> None:
 
 def export_hf(sd: dict[str, torch.Tensor], model_cfg, out_dir: str, dtype: torch.dtype = torch.float32,
               force: bool = False) -> str:  # fmt: skip
-    """Our (checked) state dict + resolved ModelConfig -> an HF folder at out_dir."""
+    """Our (checked) state dict + resolved ModelConfig -> an HF folder at out_dir (objective heads dropped)."""
     from mmpretrain.convert.common import save_safetensors
 
-    hf_cfg = hf_config(model_cfg, dtype)
+    hf_cfg = hf_config(model_cfg, dtype)  # refuses what HF CLIPModel / SiglipModel cannot hold
+    sd = drop_heads(sd, "HF export")
     hf_sd = cast(to_hf_state_dict(sd, model_cfg.family), dtype)
     check_state_dict(hf_sd, hf_expected_shapes(hf_cfg), "HF export")
     with atomic_folder(out_dir, force) as tmp:

@@ -47,10 +47,13 @@ def read_any(path: str, dtype: torch.dtype = torch.float32):
 
 
 def load_any(path: str):
-    """(fp32 model in eval mode, Config) from any supported source; the weights load strictly."""
+    """(fp32 model in eval mode, Config) from any supported source; the weights load strictly (objective heads,
+    training-only, are dropped with a warning)."""
+    from mmpretrain.convert.common import drop_heads
     from mmpretrain.model import build_model
 
     sd, cfg = read_any(path, torch.float32)
+    sd = drop_heads(sd, path)
     model = build_model(cfg.model)
     model.load_state_dict(sd, strict=True)
     return model.eval(), cfg

@@ -38,7 +38,15 @@ import re
 
 import torch
 
-from mmpretrain.convert.common import atomic_folder, cast, check_state_dict, load_weights, save_safetensors
+from mmpretrain.convert.common import (
+    atomic_folder,
+    cast,
+    check_exportable,
+    check_state_dict,
+    drop_heads,
+    load_weights,
+    save_safetensors,
+)
 
 WEIGHTS = "open_clip_model.safetensors"
 TOWERS = {"vision_model.": "visual.", "text_model.": ""}
@@ -119,6 +127,7 @@ def openclip_config(model_cfg) -> dict:
     v, t = model_cfg.vision, model_cfg.text
     if model_cfg.family != "clip":
         raise ValueError("model.family: OpenCLIP export supports clip only (use the Hugging Face export for siglip)")
+    check_exportable(model_cfg, "OpenCLIP")
     if v.act != t.act or v.act not in ("gelu", "quick_gelu"):
         raise ValueError(
             f"model.vision.act / model.text.act: OpenCLIP needs one activation, gelu or quick_gelu, for both towers "
@@ -194,10 +203,11 @@ def model_config_from_openclip(raw: dict, source: str):
 
 def export_openclip(sd: dict[str, torch.Tensor], model_cfg, out_dir: str, name: str = "mmpretrain",
                     dtype: torch.dtype = torch.float32, force: bool = False) -> str:  # fmt: skip
-    """Our (checked) CLIP state dict -> out_dir/{name}.json + open_clip_model.safetensors."""
+    """Our (checked) CLIP state dict -> out_dir/{name}.json + open_clip_model.safetensors (objective heads dropped)."""
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
         raise ValueError(f"--name must be letters, digits, '-', '_' or '.' (got {name!r})")
-    oc_cfg = openclip_config(model_cfg)
+    oc_cfg = openclip_config(model_cfg)  # refuses what OpenCLIP cannot hold
+    sd = drop_heads(sd, "OpenCLIP export")
     oc_sd = cast(to_openclip_state_dict(sd), dtype)
     with atomic_folder(out_dir, force) as tmp:
         save_safetensors(oc_sd, os.path.join(tmp, WEIGHTS))

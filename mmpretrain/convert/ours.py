@@ -21,7 +21,15 @@ import os
 import torch
 from omegaconf import OmegaConf
 
-from mmpretrain.convert.common import atomic_folder, cast, check_state_dict, load_safetensors, save_safetensors
+from mmpretrain.convert.common import (
+    HEADS,
+    atomic_folder,
+    cast,
+    check_state_dict,
+    drop_heads,
+    load_safetensors,
+    save_safetensors,
+)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -76,7 +84,10 @@ def _run_state_dict(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
 
 
 def read_run(path: str, dtype: torch.dtype = torch.float32):
-    """(state dict in dtype, Config) from a run folder or a step folder; keys and shapes checked against the config."""
+    """(state dict in dtype, Config) from a run folder or a step folder; keys and shapes checked against the config.
+
+    The objective heads' keys (heads.<term>.*, training-only) are passed through unchecked (model.init_from
+    may load them); every writer of another format and `load_any` drop them."""
     from mmpretrain.checkpoint import find_step_dir
 
     step_dir = find_step_dir(path)
@@ -89,7 +100,7 @@ def read_run(path: str, dtype: torch.dtype = torch.float32):
         if not isinstance(v, torch.Tensor):  # DeepSpeed's lazy tensor: contiguous() assembles it from the shards
             v = v.contiguous()
         out[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
-    check_state_dict(out, expected_shapes(cfg.model), step_dir)
+    check_state_dict({k: v for k, v in out.items() if not k.startswith(HEADS)}, expected_shapes(cfg.model), step_dir)
     return out, cfg
 
 
@@ -101,7 +112,8 @@ def consolidate(path: str, out_dir: str, dtype: torch.dtype = torch.float32, for
 
 
 def write_folder(sd: dict[str, torch.Tensor], cfg, out_dir: str, force: bool = False) -> None:
-    """Our consolidated layout: model.safetensors + config.yaml (cfg: a Config)."""
+    """Our consolidated layout: model.safetensors + config.yaml (cfg: a Config); objective heads are dropped."""
+    sd = drop_heads(sd, "consolidate")
     with atomic_folder(out_dir, force) as tmp:
         save_safetensors(sd, os.path.join(tmp, WEIGHTS))
         OmegaConf.save(OmegaConf.structured(cfg), os.path.join(tmp, CONFIG))
@@ -121,7 +133,7 @@ def read_consolidated(path: str, dtype: torch.dtype | None = None):
     except Exception as e:
         raise ValueError(f"{cfg_path}: unreadable YAML ({str(e).splitlines()[0]})") from None
     cfg = config_from_dict(raw, cfg_path)
-    sd = load_safetensors(os.path.join(path, WEIGHTS))
+    sd = drop_heads(load_safetensors(os.path.join(path, WEIGHTS)), path)
     check_state_dict(sd, expected_shapes(cfg.model), os.path.join(path, WEIGHTS))
     return (cast(sd, dtype) if dtype is not None else sd), cfg
 
