@@ -277,7 +277,7 @@ def itm_loss(model, img_tok_bND, txt_tok_bLD, valid_bL, neg_img_tok_bND, neg_txt
         text_valid=torch.cat([valid_bL, neg_valid_bL, valid_bL]),
     )  # (3b, 2)
     labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
-    return F.cross_entropy(logits.float(), labels)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)  # fp32 at least
 
 
 @register

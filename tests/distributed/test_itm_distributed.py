@@ -1,0 +1,128 @@
+"""ITM over 2 gloo ranks equals one process holding the whole batch, and only the chosen token rows travel.
+
+The parent runs the itm term on the whole batch (no process group): the hard negatives it samples, its loss,
+the head's parameter gradients and the token-state gradients are the reference. Each rank then runs the same
+term on its half (float64 inputs and head; its LayerNorms compute in float32, hence the 1e-5 tolerances): the
+mean of the ranks' losses must equal the reference, the ranks' parameter gradients averaged (as DeepSpeed does)
+must equal the reference's, and each rank's token-state gradients must be world x the reference rows (the
+gradient contract). The exchange function is wrapped: the rows each rank sends in the forward are exactly its
+rows that some rank chose as negatives (each once per requester), never its whole token states.
+"""
+
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from mmpretrain.distributed import free_port
+from mmpretrain.objectives import StepContext
+from mmpretrain.objectives import itm as itm_mod
+from mmpretrain.objectives.itm import ITMHead, ITMTerm, ITMTermConfig, caption_hash, step_uniforms
+
+WORLD, B_LOCAL, N, L, DV, DT, E, SEED, STEP = 2, 6, 5, 7, 12, 8, 8, 3, 5
+G = WORLD * B_LOCAL
+
+
+class Holder(torch.nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({"itm": head})
+
+    def forward(self, head=None, **kw):
+        return self.heads[head](**kw)
+
+
+def make_case():
+    g = torch.Generator().manual_seed(0)
+    img_f = F.normalize(torch.randn(G, E, generator=g, dtype=torch.float64), dim=-1)
+    txt_f = F.normalize(img_f + 0.5 * torch.randn(G, E, generator=g, dtype=torch.float64), dim=-1)
+    tokens = torch.zeros(G, L, dtype=torch.long)
+    for i in range(G):
+        n = 2 + i % (L - 2)
+        tokens[i, :n] = torch.randint(1, 100, (n,), generator=g)
+    tokens[7] = tokens[2]  # the same caption on both ranks: never each other's negative
+    torch.manual_seed(1)
+    head = ITMHead(DV, DT, 2, 2, 16, impl="sdpa").double()
+    img_tok = torch.randn(G, N, DV, generator=g, dtype=torch.float64)
+    txt_tok = torch.randn(G, L, DT, generator=g, dtype=torch.float64)
+    return dict(img_f=img_f, txt_f=txt_f, tokens=tokens, state=head.state_dict(), img_tok=img_tok, txt_tok=txt_tok)
+
+
+def run_term(case, rows):
+    """The itm term on rows of the case: (loss, {param: grad}, image token grad, text token grad)."""
+    head = ITMHead(DV, DT, 2, 2, 16, impl="sdpa").double()
+    head.load_state_dict(case["state"])
+    img_tok = case["img_tok"][rows].clone().requires_grad_()
+    txt_tok = case["txt_tok"][rows].clone().requires_grad_()
+    out = SimpleNamespace(
+        image_features=case["img_f"][rows], text_features=case["txt_f"][rows],
+        logit_scale=torch.tensor(10.0, dtype=torch.float64), image_tokens=img_tok, text_tokens=txt_tok,
+    )  # fmt: skip
+    run_cfg = SimpleNamespace(train=SimpleNamespace(seed=SEED))
+    term = ITMTerm(ITMTermConfig(), run_cfg)
+    loss = term.loss(StepContext(out, None, case["tokens"][rows], {}, Holder(head), None, None, step=STEP))
+    sent = list(SENT)
+    loss.backward()
+    return loss.detach(), {k: p.grad for k, p in head.named_parameters()}, img_tok.grad, txt_tok.grad, sent
+
+
+SENT = []  # (input rows, input splits) of each forward exchange on this process
+
+
+def chosen_negatives(case):
+    """The reference's picks: (negative text per image, negative image per text), global indices (G,)."""
+    u = step_uniforms(SEED, STEP, G)
+    feats = torch.cat([case["img_f"], case["txt_f"]], 1).float()  # as gathered by the term
+    img, txt = feats.chunk(2, dim=1)
+    return itm_mod.sample_hard_negatives(img, txt, 10.0, caption_hash(case["tokens"]), torch.arange(G), u)
+
+
+def worker(rank, port, case, ref):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    real = itm_mod._all_to_all
+
+    def recording(out, inp, out_splits, in_splits, group):
+        SENT.append((inp.clone(), list(in_splits)))  # run_term keeps those made before backward
+        real(out, inp, out_splits, in_splits, group)
+
+    itm_mod._all_to_all = recording
+    rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+    loss, grads, g_img, g_txt, sent = run_term(case, rows)
+    want_loss, want_grads, want_img, want_txt = ref
+
+    losses = [torch.zeros((), dtype=torch.float64) for _ in range(WORLD)]
+    dist.all_gather(losses, loss)
+    torch.testing.assert_close(torch.stack(losses).mean(), want_loss, rtol=1e-7, atol=1e-9)
+    for k, g in grads.items():
+        dist.all_reduce(g)
+        torch.testing.assert_close(g / WORLD, want_grads[k], rtol=1e-5, atol=1e-8, msg=k)
+    torch.testing.assert_close(g_img, WORLD * want_img[rows], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(g_txt, WORLD * want_txt[rows], rtol=1e-5, atol=1e-8)
+
+    # only the chosen rows left this rank: for each requester s, my rows among s's distinct picks
+    neg_txt, neg_img = chosen_negatives(case)
+    assert len(sent) == 2, len(sent)  # one exchange of text rows, one of image rows
+    for (inp, splits), picks, local in zip(sent, (neg_txt, neg_img), (case["txt_tok"], case["img_tok"])):
+        want_rows, want_splits = [], []
+        for s in range(WORLD):
+            mine = [j for j in sorted(set(picks[s * B_LOCAL : (s + 1) * B_LOCAL].tolist())) if j // B_LOCAL == rank]
+            want_rows += mine
+            want_splits.append(len(mine))
+        assert splits == want_splits, (rank, splits, want_splits)
+        assert torch.equal(inp, local[want_rows].reshape(len(want_rows), -1)), rank
+    dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_rank_and_only_chosen_rows_travel():
+    case = make_case()
+    loss, grads, g_img, g_txt, _ = run_term(case, slice(0, G))
+    neg_txt, neg_img = chosen_negatives(case)
+    assert neg_txt[2] != 7 and neg_txt[7] != 2 and neg_img[2] != 7 and neg_img[7] != 2
+    crossing = sum(int(neg_txt[i] // B_LOCAL != i // B_LOCAL) for i in range(G))
+    assert 0 < crossing < G  # the case exercises both local and remote negatives
+    mp.spawn(worker, args=(free_port(), case, (loss, grads, g_img, g_txt)), nprocs=WORLD, join=True)
