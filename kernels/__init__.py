@@ -3,8 +3,10 @@
 ``attention(q, k, v, causal=..., key_padding_mask=None, scale=None, impl="auto")`` is the one
 entry point the model uses for attention (``model.attention`` picks ``impl``):
 
-- "auto": the Triton kernel (kernels/attention.py) on CUDA, PyTorch SDPA elsewhere. On CUDA,
-  inputs the kernel does not take (head dim > 128, float64) go to SDPA, logged once.
+- "auto": the Triton kernel (kernels/attention.py) on CUDA for non-causal attention, PyTorch SDPA
+  elsewhere. On CUDA, inputs the kernel does not take (head dim > 128, float64) go to SDPA, logged
+  once; causal attention (the CLIP text tower) goes to SDPA too: on an H100 the kernel's causal
+  forward+backward at N = 77 took 2.46x flash-SDPA's time (docs/benchmarks.md), non-causal 0.80-0.95x.
 - "triton": always the Triton kernel; on CPU only under the Triton interpreter, i.e. with
   ``TRITON_INTERPRET=1`` set before this package is imported (slow: for tests).
 - "sdpa": always ``torch.nn.functional.scaled_dot_product_attention``.
@@ -46,7 +48,7 @@ def attention(q, k, v, causal=False, key_padding_mask=None, scale=None, impl="au
                 "interpreter on CPU, set TRITON_INTERPRET=1 before mmpretrain.kernels is imported"
             )
         return flash_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
-    if impl == "auto" and q.is_cuda:
+    if impl == "auto" and q.is_cuda and not causal:
         reason = triton_unsupported_reason(q)
         if reason is None:
             return flash_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
