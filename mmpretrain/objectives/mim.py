@@ -65,7 +65,7 @@ def sincos_2d(width: int, grid: int) -> torch.Tensor:
     ang_GQ = pos[:, None] * omega_Q[None, :]
     emb_GH = torch.cat([ang_GQ.sin(), ang_GQ.cos()], dim=1)  # (grid, width/2): one axis
     rows, cols = emb_GH[:, None, :].expand(grid, grid, -1), emb_GH[None, :, :].expand(grid, grid, -1)
-    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, width).float()
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, width)  # float64
 
 
 def patchify(images_BCHW: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -98,6 +98,7 @@ class MimDecoder(nn.Module):
         self.embed = nn.Linear(enc_width, width)
         self.mask_token = nn.Parameter(torch.zeros(width))
         # Fixed, so not in the state dict (rebuilt from the config); prefix tokens get no position (MAE's zeros).
+        # Kept in float64 (P x D, small) and cast where used, so a float64 model is exact (the tests).
         self.register_buffer("pos_PD", sincos_2d(width, grid), persistent=False)
         self.blocks = nn.ModuleList(
             EncoderLayer(width, heads, 4 * width, "gelu", 1e-6, causal=False, impl=impl) for _ in range(layers)
@@ -189,8 +190,10 @@ class MimTerm(Term):
         o = ctx.out
         if o.image_keep is None:
             raise RuntimeError("the mim term needs the masked view: the model must be in training mode")
-        pred_BPX = ctx.model(head=self.name, tokens_BND=o.image_tokens, keep_BK=o.image_keep).float()
-        images_BCHW = normalize_images(ctx.batch["image"].to(pred_BPX.device), torch.float32)
+        pred_BPX = ctx.model(head=self.name, tokens_BND=o.image_tokens, keep_BK=o.image_keep)
+        dtype = torch.promote_types(pred_BPX.dtype, torch.float32)  # the loss in fp32 (fp64 in the tests)
+        pred_BPX = pred_BPX.to(dtype)
+        images_BCHW = normalize_images(ctx.batch["image"].to(pred_BPX.device), dtype)
         target_BPX = pixel_target(images_BCHW, self.patch_size, self.cfg.norm_pix)
         masked_BP = masked_patches(o.image_keep, self.num_patches)
         err_BP = (pred_BPX - target_BPX).square().mean(-1)  # per-patch MSE
