@@ -45,11 +45,14 @@ class UniclTermConfig(TermConfig):
 
 
 def caption_keys(tokens_bL: torch.Tensor) -> torch.Tensor:
-    """(b,) int64 keys in [-2^62, -1], equal for equal token rows (a 62-bit blake2b hash of each row)."""
-    rows = tokens_bL.detach().to("cpu", torch.int64).numpy()
-    h = [int.from_bytes(hashlib.blake2b(np.ascontiguousarray(r).tobytes(), digest_size=8).digest(), "little") >> 2
-         for r in rows]  # fmt: skip
-    return -1 - torch.tensor(h, dtype=torch.int64)
+    """(b,) int64 keys in [-2^62, -1], equal for equal token rows (a 62-bit blake2b hash of each row).
+
+    CPU, ~5 us a row: it runs while the device computes the towers' forward (nothing here waits for it)."""
+    rows_bL = np.ascontiguousarray(tokens_bL.detach().to("cpu", torch.int32).numpy())
+    data, n = memoryview(rows_bL.tobytes()), rows_bL.shape[1] * 4
+    digests = b"".join(hashlib.blake2b(data[i * n : (i + 1) * n], digest_size=8).digest() for i in range(len(rows_bL)))
+    h_b = np.frombuffer(digests, dtype="<u8") >> np.uint64(2)
+    return -1 - torch.from_numpy(h_b.astype(np.int64))
 
 
 def label_keys(source: str, tokens_bL: torch.Tensor, cls_b: torch.Tensor | None, first_index: int) -> torch.Tensor:
