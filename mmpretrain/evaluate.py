@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -68,12 +69,17 @@ class EvalConfig:
     """Retrieval recalls reported, as `image_to_text_R@<k>` and `text_to_image_R@<k>`."""
     num_workers: int = 2
     """Image decoding worker processes per rank during eval (0 = decode in the main process)."""
+    itm_rerank_k: int = 16
+    """Models with an ITM head (loss.terms.itm): its match score re-ranks the top this many retrieval candidates of
+    each query, reported as `retrieval/<set>/itm_rerank/...` beside plain retrieval; 0 = off."""
 
     def validate(self, prefix: str) -> None:
         if self.every_steps < 0:
             raise ValueError(f"{prefix}.every_steps must be >= 0 (got {self.every_steps})")
         if self.num_workers < 0:
             raise ValueError(f"{prefix}.num_workers must be >= 0 (got {self.num_workers})")
+        if self.itm_rerank_k < 0:
+            raise ValueError(f"{prefix}.itm_rerank_k must be >= 0 (got {self.itm_rerank_k})")
         for name in ("top_k", "recall_k"):
             ks = getattr(self, name)
             if not ks or any(k <= 0 for k in ks):
@@ -96,6 +102,35 @@ def topk_accuracy(logits_NC: torch.Tensor, labels_N: torch.Tensor, ks: Sequence[
     return {k: c.item() / len(labels_N) for k, c in zip(ks, correct_K)}
 
 
+def retrieval_ranks(
+    img_NE: torch.Tensor, txt_TE: torch.Tensor, txt_to_img_T: torch.Tensor, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's rank: ((N,) image->text, (T,) text->image), the number of candidates scoring strictly higher
+    than the query's best correct candidate (see the metric convention). Chunks of `chunk` queries."""
+    num_img, num_txt = len(img_NE), len(txt_TE)
+    i2t, t2i = [], []
+    for start in range(0, num_img, chunk):
+        scores_nT = img_NE[start : start + chunk] @ txt_TE.T
+        own_nT = txt_to_img_T[None, :] == torch.arange(start, start + len(scores_nT), device=img_NE.device)[:, None]
+        best_own_n1 = scores_nT.masked_fill(~own_nT, -math.inf).amax(1, keepdim=True)
+        i2t.append((scores_nT > best_own_n1).sum(1))
+    for start in range(0, num_txt, chunk):
+        scores_tN = txt_TE[start : start + chunk] @ img_NE.T
+        own_t1 = scores_tN.gather(1, txt_to_img_T[start : start + chunk, None])
+        t2i.append((scores_tN > own_t1).sum(1))
+    empty = torch.zeros(0, dtype=torch.long, device=img_NE.device)
+    return torch.cat(i2t) if i2t else empty, torch.cat(t2i) if t2i else empty
+
+
+def recall_from_ranks(rank_i2t_N: torch.Tensor, rank_t2i_T: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+    """{"image_to_text_R@k": fraction of image queries with rank < k, ..., "text_to_image_R@k": ...}."""
+    out = {}
+    for direction, rank_Q in (("image_to_text", rank_i2t_N), ("text_to_image", rank_t2i_T)):
+        for k in ks:
+            out[f"{direction}_R@{k}"] = (rank_Q < k).sum().item() / len(rank_Q)
+    return out
+
+
 def retrieval_recall(
     img_NE: torch.Tensor,
     txt_TE: torch.Tensor,
@@ -110,27 +145,26 @@ def retrieval_recall(
     Scores are computed in chunks of `chunk` queries, never a full N x T matrix at once.
     Returns {"image_to_text_R@k": ..., "text_to_image_R@k": ...}.
     """
-    num_img, num_txt = len(img_NE), len(txt_TE)
-    ks_K = torch.tensor(list(ks), device=img_NE.device)
-    i2t_hits_K = torch.zeros(len(ks), dtype=torch.long, device=img_NE.device)
-    t2i_hits_K = torch.zeros_like(i2t_hits_K)
-    for start in range(0, num_img, chunk):
-        scores_nT = img_NE[start : start + chunk] @ txt_TE.T
-        own_nT = txt_to_img_T[None, :] == torch.arange(start, start + len(scores_nT), device=img_NE.device)[:, None]
-        best_own_n1 = scores_nT.masked_fill(~own_nT, -math.inf).amax(1, keepdim=True)
-        rank_n = (scores_nT > best_own_n1).sum(1)
-        i2t_hits_K += (rank_n[None, :] < ks_K[:, None]).sum(1)
-    for start in range(0, num_txt, chunk):
-        scores_tN = txt_TE[start : start + chunk] @ img_NE.T
-        own_t1 = scores_tN.gather(1, txt_to_img_T[start : start + chunk, None])
-        rank_t = (scores_tN > own_t1).sum(1)
-        t2i_hits_K += (rank_t[None, :] < ks_K[:, None]).sum(1)
-    out = {}
-    for k, hits in zip(ks, i2t_hits_K):
-        out[f"image_to_text_R@{k}"] = hits.item() / num_img
-    for k, hits in zip(ks, t2i_hits_K):
-        out[f"text_to_image_R@{k}"] = hits.item() / num_txt
-    return out
+    return recall_from_ranks(*retrieval_ranks(img_NE, txt_TE, txt_to_img_T, chunk), ks)
+
+
+def top_candidates(query_QE: torch.Tensor, cand_CE: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """(Q, min(k, C)) indices of each query's most similar candidates, best first."""
+    k = min(k, len(cand_CE))
+    parts = [(query_QE[s : s + chunk] @ cand_CE.T).topk(k, dim=1).indices for s in range(0, len(query_QE), chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, k, dtype=torch.long, device=query_QE.device)
+
+
+def reranked_ranks(score_QK: torch.Tensor, correct_QK: torch.Tensor, plain_rank_Q: torch.Tensor) -> torch.Tensor:
+    """(Q,) ranks after re-ranking each query's top-K candidates by score_QK (the rest keep their order after them).
+
+    A query with a correct candidate among its K: the number of its K candidates scoring strictly higher than
+    its best-scoring correct one (< K). Otherwise its plain rank, at least K (it comes after the K re-ranked).
+    """
+    K = score_QK.shape[1]
+    best_Q1 = score_QK.masked_fill(~correct_QK, -math.inf).amax(1, keepdim=True)
+    rank_Q = (score_QK > best_Q1).sum(1)
+    return torch.where(correct_QK.any(1), rank_Q, plain_rank_Q.clamp(min=K))
 
 
 # ----------------------------------------------------------------------------- distributed plumbing
@@ -247,18 +281,27 @@ def _dummy_images(image_size: int, dtype, device) -> torch.Tensor:
     return torch.zeros(1, 3, image_size, image_size, dtype=dtype, device=device)
 
 
-def _encoded_batches(model, loader, ranks: _Ranks, image_size: int, dtype) -> Iterator[tuple[dict, torch.Tensor]]:
-    """(batch, image features (B, E) float32) for this rank's batches, in lockstep with every rank.
+def _encoded_batches(
+    model, loader, ranks: _Ranks, image_size: int, dtype, tokens: bool = False
+) -> Iterator[tuple[dict, torch.Tensor, Optional[torch.Tensor]]]:
+    """(batch, image features (B, E) float32, image token states (B, N', Dv) or None) for this rank's batches,
+    in lockstep with every rank; the token states (the vision tower's last_hidden_state) only with `tokens`.
 
     A rank that has run out still encodes a dummy image while others go on (ZeRO-3 gathers weights in
     collectives inside the forward); loader images (uint8) are normalized on the device here.
     """
+
+    def encode(images):
+        if not tokens:
+            return model.encode_image(images).float(), None
+        v = model.vision_model(images)
+        return F.normalize(v.embeds.float(), dim=-1), v.last_hidden_state
+
     for batch in _lockstep(loader, ranks):
         if batch is None:
-            model.encode_image(_dummy_images(image_size, dtype, ranks.device))
+            encode(_dummy_images(image_size, dtype, ranks.device))
             continue
-        images = normalize_images(batch["image"].to(ranks.device), dtype)
-        yield batch, model.encode_image(images).float()
+        yield batch, *encode(normalize_images(batch["image"].to(ranks.device), dtype))
 
 
 # ----------------------------------------------------------------------------- zero-shot classification
@@ -342,7 +385,7 @@ def zeroshot_classification(
     )  # fmt: skip
     counts_K2 = torch.zeros(len(top_k) + 2, dtype=torch.long, device=ranks.device)  # correct@k..., seen, bad label
     with _inference(model, ranks.device) as dtype:
-        for batch, img_BE in _encoded_batches(model, loader, ranks, image_size, dtype):
+        for batch, img_BE, _ in _encoded_batches(model, loader, ranks, image_size, dtype):
             logits_BC = img_BE @ classifier_CE.T
             labels_B = batch["label"].to(ranks.device)
             ok_B = (labels_B >= 0) & (labels_B < len(zs.classnames))  # a bad label fails below, on every rank
@@ -396,7 +439,7 @@ def _image_features(model, root: str, split: str, *, image_size: int, batch_size
     )  # fmt: skip
     feats, labels, index = [], [], []
     with _inference(model, ranks.device) as dtype:
-        for batch, img_BE in _encoded_batches(model, loader, ranks, image_size, dtype):
+        for batch, img_BE, _ in _encoded_batches(model, loader, ranks, image_size, dtype):
             feats.append(F.normalize(img_BE, dim=-1))
             labels.append(batch["label"])
             index.append(batch["index"])
@@ -495,6 +538,7 @@ def retrieval(
     batch_size: int = 64,
     recall_k: Sequence[int] = (1, 5, 10),
     num_workers: int = 0,
+    itm_rerank_k: int = 0,
     device=None,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
@@ -505,21 +549,29 @@ def retrieval(
     Returns {"image_to_text_R@k": .., "text_to_image_R@k": .., "num_images": N, "num_texts": T}.
     Each rank encodes its share of the images and of their captions; the features are all-gathered,
     so every rank returns the same numbers.
+
+    With `itm_rerank_k` > 0 and an ITM head on the model (`model.heads["itm"]`, loss.terms.itm), the head's
+    match score re-ranks each query's top `itm_rerank_k` candidates (ALBEF's protocol), added as
+    "itm_rerank/image_to_text_R@k", ...: a query whose correct answer is among them gets its rank among them by
+    match score, the others keep their plain rank. Each rank keeps its images' token states for this.
     """
     from mmpretrain.data import build_eval_loader, load_retrieval_set
 
     urls = load_retrieval_set(root, split).urls
     model = _unwrap(model)
     ranks = _ranks(model, rank, world_size, group, device)
+    rerank = itm_rerank_k > 0 and "itm" in getattr(model, "heads", {})
     loader = build_eval_loader(
         urls, task="retrieval", image_size=image_size, batch_size=batch_size, rank=ranks.rank,
         world_size=ranks.world_size, num_workers=num_workers,
     )  # fmt: skip
-    img_feats, img_index, captions, caption_img_index = [], [], [], []
+    img_feats, img_index, captions, caption_img_index, img_tokens = [], [], [], [], []
     with _inference(model, ranks.device) as dtype:
-        for batch, img_BE in _encoded_batches(model, loader, ranks, image_size, dtype):
+        for batch, img_BE, tokens_BND in _encoded_batches(model, loader, ranks, image_size, dtype, rerank):
             img_feats.append(img_BE)
             img_index.append(batch["index"])
+            if rerank:
+                img_tokens.append(tokens_BND)
             for index, caps in zip(batch["index"].tolist(), batch["captions"]):
                 captions += caps
                 caption_img_index += [index] * len(caps)
@@ -530,13 +582,77 @@ def retrieval(
     img_nE = torch.cat(img_feats) if img_feats else torch.zeros(0, embed_dim, device=ranks.device)
     txt_tE = txt_tE if len(txt_tE) else torch.zeros(0, embed_dim, device=ranks.device)
     img_index_n = torch.cat(img_index) if img_index else torch.zeros(0, dtype=torch.long)
+    cap_tokens_tL = tokenizer(captions) if captions else tokenizer([""])[:0]  # (t, L) ids, for re-ranking
 
     img_NE, img_index_N = ranks.gather_rows(img_nE, img_index_n)
     txt_TE, txt_img_index_T = ranks.gather_rows(txt_tE, torch.tensor(caption_img_index, dtype=torch.long))
     txt_to_img_T = torch.searchsorted(img_index_N, txt_img_index_T)  # global image index -> row of img_NE
-    out = retrieval_recall(img_NE, txt_TE, txt_to_img_T, recall_k)
+    rank_i2t_N, rank_t2i_T = retrieval_ranks(img_NE, txt_TE, txt_to_img_T)
+    out = recall_from_ranks(rank_i2t_N, rank_t2i_T, recall_k)
+    if rerank:
+        own_rows_n = torch.searchsorted(img_index_N.to(ranks.device), img_index_n.to(ranks.device))
+        # caption ids in txt_TE's row order (the same index, the same stable sort)
+        cap_tokens_TL, _ = ranks.gather_rows(cap_tokens_tL.to(ranks.device), torch.tensor(caption_img_index))
+        with _inference(model, ranks.device):
+            i2t_NK, t2i_TK = _itm_rerank(model, img_NE, txt_TE, txt_to_img_T, own_rows_n, img_tokens, cap_tokens_TL,
+                                         itm_rerank_k, batch_size, ranks)  # fmt: skip
+        ranks_i2t = reranked_ranks(i2t_NK.score, i2t_NK.correct, rank_i2t_N)
+        ranks_t2i = reranked_ranks(t2i_TK.score, t2i_TK.correct, rank_t2i_T)
+        out.update({f"itm_rerank/{k}": v for k, v in recall_from_ranks(ranks_i2t, ranks_t2i, recall_k).items()})
     out["num_images"], out["num_texts"] = len(img_NE), len(txt_TE)
     return out
+
+
+@dataclass
+class _Candidates:
+    index: torch.Tensor  # (Q, K) candidate rows, most similar first
+    correct: torch.Tensor  # (Q, K) bool: the candidate is a correct answer of the query
+    score: torch.Tensor  # (Q, K) float32 ITM match log-odds
+
+
+def _itm_rerank(model, img_NE, txt_TE, txt_to_img_T, own_rows_n, img_tokens, cap_tokens_TL, k, batch_size, ranks):
+    """ITM scores of each query's top-k candidates, both directions: (image->text, text->image) _Candidates.
+
+    A pair is scored on the rank that holds its image's token states (the query's for image->text, the
+    candidate's for text->image); the caption's token states are recomputed from its ids (the text tower is
+    cheap; image token states never travel). Ranks make the same number of forward calls (dummy pairs when
+    out: ZeRO-3), and the score matrices, each entry computed on one rank, are all-reduced.
+    """
+    from mmpretrain.objectives.itm import match_score, text_valid_mask
+
+    i2t = top_candidates(img_NE, txt_TE, k)  # (N, K)
+    t2i = top_candidates(txt_TE, img_NE, k)  # (T, K')
+    dev = ranks.device
+    local_of_row = torch.full((len(img_NE),), -1, dtype=torch.long, device=dev)
+    local_of_row[own_rows_n] = torch.arange(len(own_rows_n), device=dev)
+    # pairs on this rank: (local image slot, caption row, flat slot in [i2t scores | t2i scores])
+    q_n = own_rows_n[:, None].expand(-1, i2t.shape[1])
+    pairs = [(local_of_row[q_n].reshape(-1), i2t[own_rows_n].reshape(-1), (q_n * i2t.shape[1] + torch.arange(
+        i2t.shape[1], device=dev)).reshape(-1))]  # fmt: skip
+    own_t2i = local_of_row[t2i] >= 0  # (T, K') candidate image held here
+    t_p, j_p = own_t2i.nonzero(as_tuple=True)
+    pairs.append((local_of_row[t2i[t_p, j_p]], t_p, i2t.numel() + t_p * t2i.shape[1] + j_p))
+    slot_p, cap_p, out_p = (torch.cat(x) for x in zip(*pairs))
+    tokens_nND = torch.cat(img_tokens) if img_tokens else None
+    scores = torch.zeros(i2t.numel() + t2i.numel(), device=dev)
+    for c in range(ranks.max(-(-len(slot_p) // batch_size))):  # same number of head calls on every rank
+        sl = slice(c * batch_size, (c + 1) * batch_size)
+        if c * batch_size < len(slot_p):
+            image_tokens, caps = tokens_nND[slot_p[sl]], cap_tokens_TL[cap_p[sl]]
+        else:  # a dummy pair keeps ZeRO-3's collectives in step
+            head = model.heads["itm"]
+            image_tokens = torch.zeros(1, 1, head.image_width, dtype=next(head.parameters()).dtype, device=dev)
+            caps = cap_tokens_TL[:1]
+        text_tokens = model.text_model(caps).last_hidden_state
+        logits = model(head="itm", image_tokens=image_tokens, text_tokens=text_tokens,
+                       text_valid=text_valid_mask(caps))  # fmt: skip
+        if c * batch_size < len(slot_p):
+            scores[out_p[sl]] = match_score(logits)
+    scores = ranks.all_reduce(scores)  # each pair was scored by exactly one rank
+    i2t_score, t2i_score = scores[: i2t.numel()].view(i2t.shape), scores[i2t.numel() :].view(t2i.shape)
+    i2t_correct = txt_to_img_T[i2t] == torch.arange(len(img_NE), device=dev)[:, None]
+    t2i_correct = t2i == txt_to_img_T[:, None]
+    return _Candidates(i2t, i2t_correct, i2t_score), _Candidates(t2i, t2i_correct, t2i_score)
 
 
 # ----------------------------------------------------------------------------- all configured sets
@@ -573,7 +689,8 @@ def evaluate_all(
         r = zeroshot_classification(model, tokenizer, data_cfg.zeroshot, top_k=eval_cfg.top_k, **common)
         results.update({f"zeroshot/{set_name(data_cfg.zeroshot)}/{k}": v for k, v in r.items()})
     if data_cfg.retrieval is not None:
-        r = retrieval(model, tokenizer, data_cfg.retrieval, recall_k=eval_cfg.recall_k, **common)
+        r = retrieval(model, tokenizer, data_cfg.retrieval, recall_k=eval_cfg.recall_k,
+                      itm_rerank_k=eval_cfg.itm_rerank_k, **common)  # fmt: skip
         results.update({f"retrieval/{set_name(data_cfg.retrieval)}/{k}": v for k, v in r.items()})
     return results
 
@@ -619,15 +736,44 @@ def _parse_args(argv):
     return p.parse_args(argv)
 
 
+def load_model(path: str):
+    """(fp32 model in eval mode, Config) from any source `mmpretrain.convert.load_any` reads; a run folder's
+    model also gets its objective heads (`model.heads`, e.g. the ITM head that re-ranks retrieval), built from
+    the run's config by mmpretrain.objectives and loaded strictly with the rest."""
+    import mmpretrain.convert
+    from mmpretrain.convert.load import _is_run
+
+    if not _is_run(path):
+        return mmpretrain.convert.load_any(path)  # HF / OpenCLIP / consolidated folders hold the towers alone
+    from mmpretrain.checkpoint import find_step_dir
+    from mmpretrain.convert.common import check_state_dict
+    from mmpretrain.convert.ours import _read_meta, _run_state_dict, config_from_dict
+    from mmpretrain.model import build_model
+    from mmpretrain.objectives import Objective
+
+    # read_run without its towers-only key check (it would refuse heads.*): the same steps, checked against
+    # the model with the run's heads attached
+    step_dir = find_step_dir(path)
+    cfg = config_from_dict(_read_meta(step_dir).get("config", {}), os.path.join(step_dir, "meta.json"))
+    model = build_model(cfg.model)
+    Objective(cfg).attach_heads(model)
+    sd = {}
+    for k, v in _run_state_dict(step_dir, cfg.engine.zero_stage).items():
+        v = v if isinstance(v, torch.Tensor) else v.contiguous()  # DeepSpeed's lazy tensors assemble here
+        sd[k] = v.float() if v.is_floating_point() else v
+    check_state_dict(sd, {k: v.shape for k, v in model.state_dict().items()}, step_dir)
+    model.load_state_dict(sd, strict=True)
+    return model.eval(), cfg
+
+
 def _run(args) -> dict[str, float]:
     """Load, evaluate, return the results (on every rank); user errors raise ValueError."""
     if not Path(args.checkpoint).is_dir():
         raise ValueError(f"checkpoint: no such folder '{args.checkpoint}'")
-    from mmpretrain.convert import load_any
     from mmpretrain.data import Tokenizer
     from mmpretrain.distributed import env_rank_world, init_distributed
 
-    model, cfg = load_any(args.checkpoint)
+    model, cfg = load_model(args.checkpoint)
     data_cfg, eval_cfg = cfg.data.eval, cfg.eval
     named = (args.zeroshot, args.retrieval, args.imagenet, args.linear_probe)
     if any(r is not None for r in named):  # sets named here replace the run's
