@@ -568,3 +568,124 @@ def test_imagenet_without_open_clip_is_one_line_error(tiny_run, tmp_path, monkey
     assert main([str(tmp_path), "--imagenet", str(tmp_path / "imagenet")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "open_clip_torch" in err, err
+
+
+# ----------------------------------------------------------------------------- ITM re-ranking
+
+
+def test_reranked_ranks_match_brute_force_reordering():
+    from mmpretrain.evaluate import reranked_ranks
+
+    g = torch.Generator().manual_seed(0)
+    Q, C, K = 40, 12, 4
+    sim_QC, itm_QC = torch.randn(Q, C, generator=g), torch.randn(Q, C, generator=g)
+    correct_QC = torch.rand(Q, C, generator=g) < 0.15
+    correct_QC[torch.arange(Q), torch.randint(0, C, (Q,), generator=g)] = True  # every query has an answer
+    want = []
+    for q in range(Q):
+        order = sim_QC[q].argsort(descending=True).tolist()
+        top = sorted(order[:K], key=lambda c: -itm_QC[q, c].item())  # top K by match score, then the rest
+        want.append(next(i for i, c in enumerate(top + order[K:]) if correct_QC[q, c]))
+    plain_Q = torch.tensor([(sim_QC[q] > sim_QC[q][correct_QC[q]].max()).sum() for q in range(Q)])
+    cand_QK = sim_QC.topk(K, dim=1).indices
+    got = reranked_ranks(itm_QC.gather(1, cand_QK), correct_QC.gather(1, cand_QK), plain_Q)
+    assert got.tolist() == want
+
+
+def _tiny_itm_model(seed: int = 0):
+    from mmpretrain.config import load_config
+    from mmpretrain.model import build_model
+    from mmpretrain.objectives import Objective
+
+    cfg = load_config(None, ["data.synthetic.root=/tmp/unused", "model.name=tiny", "loss.terms.clip.weight=1",
+                             "loss.terms.itm.layers=1"])  # fmt: skip
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    Objective(cfg).attach_heads(model)
+    return model.eval(), cfg
+
+
+def _rerank_worker(rank, world_size, init_file, rt, out_dir):
+    import torch.distributed as dist
+
+    from mmpretrain.data import Tokenizer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model, cfg = _tiny_itm_model()
+        r = retrieval(model, Tokenizer(cfg.model.text.context_length), rt, image_size=cfg.model.vision.image_size,
+                      batch_size=3, recall_k=[1, 2, 4], itm_rerank_k=3)  # fmt: skip
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(r, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_itm_rerank_matches_direct_scoring_and_two_ranks(sets, tmp_path):
+    """Re-ranked recall equals scoring every (image, caption) pair with the head directly and reordering each
+    query's top K by that score; plain retrieval is reported beside it, unchanged; 2 ranks give the same."""
+    from mmpretrain.data import Tokenizer, build_eval_loader, load_retrieval_set
+    from mmpretrain.objectives.itm import match_score, text_valid_mask
+
+    _, rt, _ = sets
+    model, cfg = _tiny_itm_model()
+    tok, size, K = Tokenizer(cfg.model.text.context_length), cfg.model.vision.image_size, 3
+    got = retrieval(model, tok, rt, image_size=size, batch_size=4, recall_k=[1, 2, 4], itm_rerank_k=K)
+    plain = retrieval(model, tok, rt, image_size=size, batch_size=4, recall_k=[1, 2, 4])
+    assert {k: v for k, v in got.items() if not k.startswith("itm_rerank/")} == pytest.approx(plain)
+
+    loader = build_eval_loader(load_retrieval_set(rt, "test").urls, task="retrieval", image_size=size, batch_size=64,
+                               rank=0, world_size=1, num_workers=0)  # fmt: skip
+    batch = next(iter(loader))
+    captions = [c for caps in batch["captions"] for c in caps]
+    owner_T = torch.tensor([i for i, caps in enumerate(batch["captions"]) for _ in caps])
+    with torch.no_grad():
+        v = model.vision_model(normalize_images(batch["image"], torch.float32))
+        img_NE, img_tok = F.normalize(v.embeds, dim=-1), v.last_hidden_state
+        tokens = tok(captions)
+        t = model.text_model(tokens)
+        txt_TE, txt_tok = F.normalize(t.embeds, dim=-1), t.last_hidden_state
+        N, T = len(img_NE), len(txt_TE)
+        itm_NT = torch.stack([
+            match_score(model.heads["itm"](img_tok[i].expand(T, -1, -1), txt_tok, text_valid_mask(tokens)))
+            for i in range(N)
+        ])  # fmt: skip
+    sim_NT = img_NE @ txt_TE.T
+    correct_NT = owner_T[None, :] == torch.arange(N)[:, None]
+
+    def brute(sim_QC, itm_QC, correct_QC, ks):
+        ranks = []
+        for q in range(len(sim_QC)):
+            order = sim_QC[q].argsort(descending=True).tolist()
+            top = sorted(order[:K], key=lambda c: -itm_QC[q, c].item())
+            ranks.append(next(i for i, c in enumerate(top + order[K:]) if correct_QC[q, c]))
+        return {k: sum(r < k for r in ranks) / len(ranks) for k in ks}
+
+    i2t, t2i = brute(sim_NT, itm_NT, correct_NT, [1, 2, 4]), brute(sim_NT.T, itm_NT.T, correct_NT.T, [1, 2, 4])
+    for k in (1, 2, 4):
+        assert got[f"itm_rerank/image_to_text_R@{k}"] == pytest.approx(i2t[k])
+        assert got[f"itm_rerank/text_to_image_R@{k}"] == pytest.approx(t2i[k])
+    assert got["itm_rerank/image_to_text_R@4"] == got["image_to_text_R@4"]  # K <= 4: only the top K move
+    top_NK = sim_NT.topk(K, dim=1).indices
+    assert (itm_NT.gather(1, top_NK).argsort(1, descending=True) != torch.arange(K)).any(), "the head reorders"
+
+    torch.multiprocessing.spawn(_rerank_worker, args=(2, str(tmp_path / "init"), rt, str(tmp_path)), nprocs=2)
+    for r in range(2):
+        assert json.load(open(tmp_path / f"rank{r}.json")) == pytest.approx(got)
+
+
+def test_evaluate_all_reports_rerank_beside_plain_and_zero_turns_it_off(sets):
+    from mmpretrain.data import Tokenizer
+
+    _, rt, _ = sets
+    model, cfg = _tiny_itm_model()
+    cfg.data.eval.zeroshot, cfg.data.eval.retrieval, cfg.data.eval.batch_size = None, rt, 4
+    tok, size = Tokenizer(cfg.model.text.context_length), cfg.model.vision.image_size
+    on = evaluate_all(model, tok, cfg.data.eval, EvalConfig(num_workers=0, itm_rerank_k=2), image_size=size)
+    off = evaluate_all(model, tok, cfg.data.eval, EvalConfig(num_workers=0, itm_rerank_k=0), image_size=size)
+    name = set_name(rt)
+    assert f"retrieval/{name}/itm_rerank/image_to_text_R@1" in on and f"retrieval/{name}/image_to_text_R@1" in on
+    assert not any("itm_rerank" in k for k in off)
+    assert {k: v for k, v in on.items() if "itm_rerank" not in k} == pytest.approx(off)
+    with pytest.raises(ValueError, match=r"eval.itm_rerank_k"):
+        EvalConfig(itm_rerank_k=-1).validate("eval")
