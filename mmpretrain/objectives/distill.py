@@ -35,7 +35,10 @@ owner; all of it times N (the engine averages over ranks: see mmpretrain.objecti
 
 The teacher: built once in ``setup`` from any folder ``mmpretrain.evaluate`` can load (run, step, consolidated,
 HF CLIP/SigLIP, OpenCLIP; mmpretrain.convert.read_any), outside the DeepSpeed engine (never sharded, never in the
-optimizer), in eval mode with requires_grad off, run under no_grad in ``precision`` (bf16 by default).
+optimizer), in eval mode with requires_grad off, run under no_grad in ``precision`` (bf16 by default; its logit
+scale and bias stay fp32). bf16 measured 1.2x faster than fp32 for the teacher's forward on this project's CPUs
+(avx512_bf16; tiny at batch 128 and ViT-B-32 at batch 16, features within cosine 0.9999), and ~2x less memory.
+Every rank loads the whole teacher: prefer a consolidated or HF folder over a DeepSpeed run for a big teacher.
 - Images: the student's normalized batch, resized to the teacher's image_size (bicubic, antialiased) when the
   sizes differ. Resizing is linear, so it commutes with the per-channel normalization; every model here takes
   CLIP-normalized images (mmpretrain.data.transforms.normalize_images, as in evaluate), so no re-normalization.
@@ -253,13 +256,13 @@ class DistillTerm(Term):
         return f"loss.terms.{self.name}"
 
     def _read_teacher(self):
-        """(state dict in the teacher's precision, Config), read once (build_head may need the width first)."""
+        """(fp32 state dict, Config), read once (build_head may need the teacher's width before setup)."""
         if self._source is None:
             from mmpretrain.convert import read_any
             from mmpretrain.model import resolve_model_config
 
             try:
-                sd, cfg = read_any(self.cfg.teacher, PRECISIONS[self.cfg.precision])
+                sd, cfg = read_any(self.cfg.teacher, torch.float32)  # cast in setup (the logit scale stays fp32)
             except ValueError as e:
                 raise ValueError(f"{self._prefix()}.teacher: {e}") from None
             self._source = sd
@@ -302,6 +305,9 @@ class DistillTerm(Term):
         except RuntimeError as e:
             raise ValueError(f"{self._prefix()}.teacher: {str(e).splitlines()[0]}") from None
         teacher = teacher.to(device=device, dtype=PRECISIONS[self.cfg.precision]).eval().requires_grad_(False)
+        for name in ("logit_scale", "logit_bias"):  # stay fp32: bf16 would move a scale of 100 by ~1%
+            if isinstance(getattr(teacher, name, None), nn.Parameter):
+                getattr(teacher, name).data = sd[name].to(device=device, dtype=torch.float32)
         self.teacher, self._source = teacher, None
 
     @torch.no_grad()

@@ -177,10 +177,12 @@ def test_consolidated_teacher_is_frozen_and_runs_like_the_loaded_model(consolida
     # bf16 teacher (the default): the same features up to bf16 rounding
     term16, _ = build_term(consolidated_teacher)
     term16.setup(torch.device("cpu"))
-    assert next(term16.teacher.parameters()).dtype == torch.bfloat16
+    assert term16.teacher.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    assert term16.teacher.logit_scale.dtype == torch.float32  # the scale keeps full precision
     got16 = term16.teacher_forward(images, tokens)
     assert F.cosine_similarity(got16.image_features, want.image_features).min() > 0.99
     assert F.cosine_similarity(got16.text_features, want.text_features).min() > 0.99
+    assert got16.logit_scale.item() == want.logit_scale.item()
 
 
 @pytest.mark.parametrize("feature_weight, feature_loss", [(0.0, "cosine"), (0.5, "cosine"), (0.5, "mse")])
