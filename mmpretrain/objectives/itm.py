@@ -299,9 +299,14 @@ class ITMTerm(Term):
 
     def build_head(self, model: nn.Module) -> nn.Module:
         m = self.run_cfg.model
-        heads = self.cfg.heads or m.text.heads
-        mlp_dim = int(round(self.cfg.mlp_ratio * m.text.width))
-        return ITMHead(m.vision.width, m.text.width, self.cfg.layers, heads, mlp_dim, m.attention)
+        width, heads = m.text.width, m.text.heads
+        if width is None:  # model.text.kind=hf: the sizes live in the transformers config
+            width, heads = model.text_model.hf.config.hidden_size, model.text_model.hf.config.num_attention_heads
+        heads = self.cfg.heads or heads
+        if width % heads:
+            raise ValueError(f"loss.terms.itm.heads must divide the text width (got {heads} and {width})")
+        mlp_dim = int(round(self.cfg.mlp_ratio * width))
+        return ITMHead(m.vision.width, width, self.cfg.layers, heads, mlp_dim, m.attention)
 
     def loss(self, ctx: StepContext) -> torch.Tensor:
         o, group = ctx.out, ctx.group
