@@ -19,6 +19,10 @@ captions apart; captions cut at the context length compare by what the model see
 62 bits (blake2b: the same in every process; a false match between two distinct captions of a 32k batch has
 probability ~2^-33). Class ids (>= 0) and caption keys (< 0) never collide: a labelled sample and a web
 caption that happen to read alike stay apart.
+
+Across ranks the kernel all-gathers the keys (b int64 per rank); the gradient contract is CLIP's. Under GradCache
+(train.accum_steps > 1) the term sees the whole per-rank batch, in the order its micro-batches' features are
+concatenated, so the labels line up.
 """
 
 from __future__ import annotations
