@@ -111,11 +111,11 @@ def data_overrides(ds, out):
 
 @pytest.fixture(scope="module")
 def teacher_run(shapes_dataset, tmp_path_factory):
-    """A tiny CLIP teacher unlike the student (48-wide embedding, 48 px images, 12-token context), trained 6 steps."""
+    """A tiny CLIP teacher unlike the student (48-wide embedding, 48 px images, 12-token context), trained 2 steps."""
     out = str(tmp_path_factory.mktemp("distill") / "teacher")
     cmd = [sys.executable, "-m", "mmpretrain.train", TINY, *data_overrides(shapes_dataset, out), "model.embed_dim=48",
            "model.vision.image_size=48", "model.vision.patch_size=16", "model.text.context_length=12",
-           "checkpoint.every_steps=0"]  # fmt: skip
+           "train.steps=2", "checkpoint.every_steps=0"]  # fmt: skip
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return out
