@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -156,14 +157,14 @@ class _DistillKL(torch.autograd.Function):
         img_BD, txt_BD, t_img_BE, t_txt_BE, a, c, lse_si, lse_ti, lse_st, lse_tt = ctx.saved_tensors
         world, rank = _world(ctx.group)
         b, chunk = ctx.b, ctx.chunk_size
-        own = slice(rank * b, (rank + 1) * b)
+        B, own = b * world, slice(rank * b, (rank + 1) * b)
         dimg_bD, dtxt_BD, da_i = _rows_backward(img_BD[own], txt_BD, a, t_img_BE[own], t_txt_BE, c, lse_si, lse_ti,
                                                 chunk)  # fmt: skip
         dtxt_bD, dimg_BD, da_t = _rows_backward(txt_BD[own], img_BD, a, t_txt_BE[own], t_img_BE, c, lse_st, lse_tt,
                                                 chunk)  # fmt: skip
         dimg_BD[own] += dimg_bD
         dtxt_BD[own] += dtxt_bD
-        coef = grad_loss.float() * world / (2 * b * world)  # x world: the engine averages over ranks
+        coef = grad_loss.float() * world / (2 * B)  # x world: the engine averages over ranks
         dimg_bD = _reduce_scatter_sum(dimg_BD.mul_(coef), ctx.group)  # collective: sum key grads onto owners
         dtxt_bD = _reduce_scatter_sum(dtxt_BD.mul_(coef), ctx.group)  # collective
         dscale = ((da_i + da_t).float() * coef) if ctx.needs_input_grad[2] else None
@@ -326,8 +327,6 @@ class DistillTerm(Term):
         else:
             scale, t_scale = o.logit_scale, t.logit_scale
         group = ctx.group
-        import torch.distributed as dist
-
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
         chunk = self.cfg.chunk_size or ctx.loss_cfg.chunk_size
