@@ -260,13 +260,14 @@ class DistillTerm(Term):
         """(fp32 state dict, Config), read once (build_head may need the teacher's width before setup)."""
         if self._source is None:
             from mmpretrain.convert import read_any
+            from mmpretrain.convert.common import drop_heads
             from mmpretrain.model import resolve_model_config
 
             try:
                 sd, cfg = read_any(self.cfg.teacher, torch.float32)  # cast in setup (the logit scale stays fp32)
             except ValueError as e:
                 raise ValueError(f"{self._prefix()}.teacher: {e}") from None
-            self._source = sd
+            self._source = drop_heads(sd, self.cfg.teacher)  # a run's training-only objective heads (heads.<term>.*)
             self.teacher_cfg = resolve_model_config(cfg.model)
             self._check_text(self.teacher_cfg)
         return self._source

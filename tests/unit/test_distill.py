@@ -267,3 +267,19 @@ def test_teacher_with_another_vocabulary_is_refused(hf_teacher):
     term, _ = build_term(hf_teacher["other_vocab"][0])
     with pytest.raises(ValueError, match=r"loss.terms.distill.teacher: its text tower has vocab_size 1000"):
         term.setup(torch.device("cpu"))
+
+
+def test_teacher_run_objective_heads_are_dropped(consolidated_teacher, monkeypatch):
+    """A run folder trained with head-bearing terms (ITM, MIM, distill's projection) keeps heads.<term>.* keys."""
+    import mmpretrain.convert as convert
+
+    read_any = convert.read_any
+
+    def with_heads(path, dtype):
+        sd, cfg = read_any(path, dtype)
+        return {**sd, "heads.mim.proj.weight": torch.zeros(3, 3)}, cfg
+
+    monkeypatch.setattr(convert, "read_any", with_heads)
+    term, _ = build_term(consolidated_teacher, "loss.terms.distill.precision=fp32")
+    term.setup(torch.device("cpu"))
+    assert len(term.teacher.heads) == 0
