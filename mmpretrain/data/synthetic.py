@@ -7,7 +7,8 @@ CLIP learns zero-shot classification of these classes within minutes on a CPU.
 
 ``write_shapes_dataset(root)`` writes:
 
-    <root>/train/shard-000000.tar ...      <key>.jpg + <key>.txt + <key>.json, and _stats.json
+    <root>/train/shard-000000.tar ...      <key>.jpg + <key>.txt + <key>.json (+ <key>.cls with train_labels),
+                                           and _stats.json
     <root>/eval/test/0.tar ...             clip_benchmark zero-shot layout: <key>.jpg + <key>.cls,
     <root>/eval/classnames.txt             with nshards.txt in test/
     <root>/eval/zeroshot_classification_templates.txt
@@ -135,14 +136,17 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="img", disable=total < 5000, mininterval=1.0)
 
 
-def _write_train(out_dir: str, num: int, samples_per_shard: int, image_size: int, seed: int) -> dict:
+def _write_train(out_dir: str, num: int, samples_per_shard: int, image_size: int, seed: int, labels: bool) -> dict:
     rng = np.random.default_rng([seed, _TRAIN])
     with ShardWriter(out_dir, samples_per_shard=samples_per_shard) as writer, _progress(num, "train") as bar:
         for i in range(num):
             s = make_shape_sample(rng, image_size)
             text = caption(s, int(rng.integers(len(CAPTION_FORMATS))))
             meta = {"label": s.label, "classname": CLASSNAMES[s.label], "background": s.bg}
-            writer.write({"__key__": f"{i:08d}", "jpg": encode_image(s.image), "txt": text, "json": meta})
+            sample = {"__key__": f"{i:08d}", "jpg": encode_image(s.image), "txt": text, "json": meta}
+            if labels:  # the class index as an ImageNet-style labelled shard carries it (UniCL)
+                sample["cls"] = s.label
+            writer.write(sample)
             bar.update()
     return {"num_samples": num, "num_shards": len(writer.shards)}
 
@@ -201,6 +205,7 @@ def write_shapes_dataset(
     num_eval: int = 1024,
     image_size: int = 32,
     seed: int = 0,
+    train_labels: bool = False,
 ) -> SyntheticPaths:
     """Write the dataset at ``root`` unless the same one is already there; returns its paths.
 
@@ -208,6 +213,8 @@ def write_shapes_dataset(
     parameters (ours, by the marker) is regenerated. A non-empty folder without the marker is
     never touched (ValueError). The data is written into a sibling temp folder and renamed into
     place, so several ranks calling this at once all end up with one complete dataset.
+    ``train_labels``: the train samples also carry ``<key>.cls`` (their class index, as in the eval set);
+    the images, captions and order are the same either way.
     """
     root = os.path.abspath(os.fspath(root))
     params = {
@@ -219,6 +226,8 @@ def write_shapes_dataset(
         "seed": seed,
         "num_train_shards": math.ceil(num_train / samples_per_shard),
     }
+    if train_labels:  # only then: the marker of a dataset written without the option stays the same
+        params["train_labels"] = True
     existing = _read_marker(root)
     if existing == params:
         return _paths(root, params)
@@ -228,7 +237,7 @@ def write_shapes_dataset(
         )
     tmp = f"{root}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _write_train(os.path.join(tmp, "train"), num_train, samples_per_shard, image_size, seed)
+        _write_train(os.path.join(tmp, "train"), num_train, samples_per_shard, image_size, seed, train_labels)
         _write_eval(os.path.join(tmp, "eval"), num_eval, image_size, seed, retrieval=False)
         _write_eval(os.path.join(tmp, "retrieval"), num_eval, image_size, seed, retrieval=True)
         with open(os.path.join(tmp, MARKER), "w") as f:

@@ -204,3 +204,31 @@ def test_train_batches_carry_cls_labels(tmp_path):
         for reason, n in b["data_stats"]["skipped"].items():
             total[reason] = total.get(reason, 0) + n
     assert total["corrupt_image"] == 2 and sum(total.values()) == 2, json.dumps(total)
+
+
+def test_synthetic_train_labels_option_adds_cls_and_changes_nothing_else(tmp_path):
+    import tarfile
+
+    from mmpretrain.data.synthetic import write_shapes_dataset
+
+    kw = dict(num_train=12, samples_per_shard=6, num_eval=2, image_size=16)
+    write_shapes_dataset(tmp_path / "plain", **kw)
+    labelled = write_shapes_dataset(tmp_path / "labelled", train_labels=True, **kw)
+
+    def members(root):
+        out = {}
+        for shard in ("shard-000000.tar", "shard-000001.tar"):
+            with tarfile.open(tmp_path / root / "train" / shard) as tar:
+                out.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+        return out
+
+    a, b = members("plain"), members("labelled")
+    assert not any(k.endswith(".cls") for k in a) and all(b[k] == v for k, v in a.items())  # same samples
+    want = {k[: -len(".json")]: json.loads(v)["label"] for k, v in a.items() if k.endswith(".json")}
+    assert {k[: -len(".cls")]: int(v) for k, v in b.items() if k.endswith(".cls")} == want
+    cfg = DataConfig()
+    cfg.train.urls, cfg.num_workers = labelled.train_urls, 0
+    loader = build_train_loader(cfg, tokenizer=tokenizer(), image_size=16, batch_size=4, rank=0, world_size=1,
+                                seed=0, num_epochs=1)  # fmt: skip
+    got = {k.split(":")[-1]: int(x) for batch in loader for k, x in zip(batch["keys"], batch["label"])}
+    assert got == want
