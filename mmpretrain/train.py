@@ -92,7 +92,7 @@ def init_weights(model, path: str) -> None:
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # global-batch loss (same on every rank)
+    loss: torch.Tensor  # global-batch loss: the summed terms, mean over ranks (the same on every rank)
     grad_norm: float | None  # before clipping; None for a skipped step
     logit_scale: torch.Tensor
     skipped: bool  # the loss or a gradient was non-finite on some rank: no optimizer step
@@ -163,20 +163,22 @@ def train_step(
         bad = bad | guard.bad
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     names = list(values)
-    term_values = [values[n].detach().float().reshape(()).to(bad.device) / world for n in names]
-    flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=bad.device), *term_values])
+    # values / world, summed over ranks: the mean over ranks (a per-rank term such as MIM differs between ranks)
+    means = [t.detach().float().reshape(()).to(bad.device) / world for t in (loss, *(values[n] for n in names))]
+    flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=bad.device), *means])
     if world > 1:
         torch.distributed.all_reduce(flags)  # the one collective of the step: every rank decides alike
     skipped, stop = bool(flags[0] > 0), bool(flags[1] > 0)
-    terms = {n: float(v) for n, v in zip(names, flags[2:].tolist())}
+    mean_loss = flags[2].clone()
+    terms = {n: float(v) for n, v in zip(names, flags[3:].tolist())}
     if skipped:
         discard_gradients(engine)
-        return StepResult(loss.detach(), None, logit_scale, True, stop, terms)
+        return StepResult(mean_loss, None, logit_scale, True, stop, terms)
     norm = grad_norm_before_step(engine, cfg.optim.grad_clip)
     engine.step()
     if norm is None:
         norm = grad_norm_after_step(engine)
-    return StepResult(loss.detach(), norm, logit_scale, False, stop, terms)
+    return StepResult(mean_loss, norm, logit_scale, False, stop, terms)
 
 
 def gather_data_stats(window: dict) -> dict:
