@@ -135,7 +135,7 @@ class HFTextTower(nn.Module):
             self.hf.pooler = None  # unused: no parameter without a gradient (ZeRO would wait for it)
         _fp32_layernorms_(self.hf)
         if cfg.grad_checkpointing:
-            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         width = hf_cfg.hidden_size
         self.projection = nn.Linear(width, cfg.embed_dim)
         with torch.no_grad():

@@ -163,6 +163,21 @@ def test_gradients_reach_every_parameter_and_init_is_seeded():
     assert not any(k.startswith("text_model.hf.pooler") for k in model.state_dict())
 
 
+def test_grad_checkpointing_same_loss_and_grads():
+    tokens_BL, images = Tokenizer(32)(CAPTIONS), torch.randn(4, 3, 32, 32)
+    grads = []
+    for ckpt in (False, True):
+        cfg = align_cfg()
+        cfg.grad_checkpointing = ckpt
+        model = build(cfg).train()
+        assert model.text_model.hf.is_activation_checkpointing == ckpt
+        out = model(images, tokens_BL)
+        (out.image_features @ out.text_features.T).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.text_model.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, msg=n)
+
+
 def test_bf16_layernorms_compute_in_fp32():
     model = build()
     assert any(isinstance(m, LayerNorm) for m in model.text_model.hf.modules())
