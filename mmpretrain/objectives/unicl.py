@@ -13,12 +13,18 @@ Labels (``loss.terms.unicl.label_source``):
     auto     ``<key>.cls`` where the sample has one (batch["label"] >= 0), else its caption's label
     cls      ``<key>.cls``; a sample without one is its own class (a plain CLIP pair, UniCL's image-text pairs)
     caption  identical normalized captions share a label (``.cls`` ignored)
-A caption's label is its token row: our CLIP tokenizer already normalizes (ftfy, HTML unescape, lower case,
-whitespace collapsed and stripped), so "A  red circle" and "a red circle" match, and punctuation still tells
-captions apart; captions cut at the context length compare by what the model sees. Each row is hashed to
-62 bits (blake2b: the same in every process; a false match between two distinct captions of a 32k batch has
-probability ~2^-33). Class ids (>= 0) and caption keys (< 0) never collide: a labelled sample and a web
-caption that happen to read alike stay apart.
+A caption's label is its token row without punctuation tokens. Our CLIP tokenizer already normalizes (ftfy, HTML
+unescape, lower case, whitespace collapsed and stripped) and splits punctuation into tokens of its own, so
+"A  Red circle.", "a red circle" and "a red-circle!" share a label while "a red circles" does not; captions cut
+at the context length compare by what the model sees. Why drop punctuation: captions whose token rows are
+identical get identical text features from a deterministic text tower, and then averaging over them changes
+nothing (sum_c Xsum_c . Ysum_c / n_c = sum_i x_i . y_i when every y of label c is the same y_c): such labels
+give CLIP's loss and gradients again (measured: configs/recipes/unicl-tiny.yaml on the shapes data, whose
+captions differ by words when they differ, trains exactly like clip-tiny). Labels only act where they group
+different texts: class prompts of one .cls, or captions that differ in punctuation alone.
+Each row is hashed to 62 bits (blake2b: the same in every process; a false match between two distinct captions
+of a 32k batch has probability ~2^-33). Class ids (>= 0) and caption keys (< 0) never collide: a labelled sample
+and a web caption that happen to read alike stay apart.
 
 Across ranks the kernel all-gathers the keys (b int64 per rank); the gradient contract is CLIP's. Under GradCache
 (train.accum_steps > 1) the term sees the whole per-rank batch, in the order its micro-batches' features are
@@ -27,7 +33,9 @@ concatenated, so the labels line up.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import string
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,13 +56,32 @@ class UniclTermConfig(TermConfig):
             raise ValueError(f"{prefix}.label_source must be one of {LABEL_SOURCES} (got {self.label_source!r})")
 
 
+@functools.cache
+def punctuation_ids() -> np.ndarray:
+    """(V,) bool over CLIP's BPE ids: True where the token is ASCII punctuation only (".", ",", "!", "...").
+
+    Id 0 is "!", also the padding after the end token: dropping it drops the padding too."""
+    from mmpretrain.data.tokenizer import clip_vocab_and_merges
+
+    vocab, _ = clip_vocab_and_merges()
+    table_V = np.zeros(len(vocab), dtype=bool)
+    for token, i in vocab.items():
+        text = token.removesuffix("</w>")
+        table_V[i] = bool(text) and all(c in string.punctuation for c in text)
+    return table_V
+
+
 def caption_keys(tokens_bL: torch.Tensor) -> torch.Tensor:
-    """(b,) int64 keys in [-2^62, -1], equal for equal token rows (a 62-bit blake2b hash of each row).
+    """(b,) int64 keys in [-2^62, -1], equal for token rows equal but for punctuation (62-bit blake2b hash).
 
     CPU, ~5 us a row: it runs while the device computes the towers' forward (nothing here waits for it)."""
-    rows_bL = np.ascontiguousarray(tokens_bL.detach().to("cpu", torch.int32).numpy())
-    data, n = memoryview(rows_bL.tobytes()), rows_bL.shape[1] * 4
-    digests = b"".join(hashlib.blake2b(data[i * n : (i + 1) * n], digest_size=8).digest() for i in range(len(rows_bL)))
+    rows_bL = tokens_bL.detach().to("cpu", torch.int32).numpy()
+    table_V = punctuation_ids()
+    keep_bL = ~table_V[np.clip(rows_bL, 0, len(table_V) - 1)] | (rows_bL >= len(table_V))
+    digests = b"".join(
+        hashlib.blake2b(np.ascontiguousarray(row[keep]).tobytes(), digest_size=8).digest()
+        for row, keep in zip(rows_bL, keep_bL)
+    )
     h_b = np.frombuffer(digests, dtype="<u8") >> np.uint64(2)
     return -1 - torch.from_numpy(h_b.astype(np.int64))
 

@@ -104,14 +104,26 @@ def tokenize(captions):
     return tokenizer()(captions)
 
 
-def test_caption_labels_are_normalized_token_rows():
-    tokens = tokenize(["A  Red circle ", "a red circle", "a red circle.", "a blue circle", "a red circle"])
-    keys = label_keys("caption", tokens, None, 0).tolist()
-    assert keys[0] == keys[1] == keys[4]  # case and whitespace do not matter
-    assert len({keys[0], keys[2], keys[3]}) == 3  # punctuation and words do
+def test_caption_labels_ignore_case_whitespace_and_punctuation():
+    captions = ["A  Red circle.", "a red circle", "a red-circle!", "a red circles", "a blue circle", "red circle"]
+    keys = label_keys("caption", tokenize(captions), None, 0).tolist()
+    assert keys[0] == keys[1] == keys[2]  # case, whitespace and punctuation do not matter
+    assert len({keys[0], *keys[3:]}) == 4  # words do
     assert all(k < 0 for k in keys)  # never a class id
-    # the same in another process (blake2b, not Python's salted hash): pinned
-    assert keys[3] == label_keys("caption", tokenize(["A BLUE circle"]), None, 0).item()
+    # the same in another process (blake2b, not Python's salted hash)
+    assert keys[4] == label_keys("caption", tokenize(["A BLUE circle..."]), None, 0).item()
+
+
+def test_identical_token_rows_give_clip_and_punctuation_variants_do_not():
+    """Why captions are compared without punctuation (see mmpretrain.objectives.unicl): pairs whose texts are
+    identical have identical text features, and grouping them leaves CLIP's loss unchanged."""
+    img, txt, scale = make_inputs(6, 16, 30.0)
+    txt = txt.clone()
+    txt[3] = txt[0]  # pairs 0 and 3: the same caption, so the same text feature
+    labels = torch.tensor([0, 1, 2, 0, 4, 5])
+    assert tiled_unicl_loss(img, txt, scale, labels).item() == pytest.approx(tiled_clip_loss(img, txt, scale).item())
+    txt[3] = make_inputs(6, 16, 30.0, seed=1)[1][3]  # "a red circle." vs "a red circle": different features
+    assert abs(tiled_unicl_loss(img, txt, scale, labels).item() - tiled_clip_loss(img, txt, scale).item()) > 0.01
 
 
 def test_label_sources():
