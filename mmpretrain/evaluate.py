@@ -614,9 +614,10 @@ def _itm_rerank(model, img_NE, txt_TE, txt_to_img_T, own_rows_n, img_tokens, cap
     """ITM scores of each query's top-k candidates, both directions: (image->text, text->image) _Candidates.
 
     A pair is scored on the rank that holds its image's token states (the query's for image->text, the
-    candidate's for text->image); the caption's token states are recomputed from its ids (the text tower is
-    cheap; image token states never travel). Ranks make the same number of forward calls (dummy pairs when
-    out: ZeRO-3), and the score matrices, each entry computed on one rank, are all-reduced.
+    candidate's for text->image), once even when it is a candidate in both directions; the token states of the
+    captions a rank pairs are recomputed from their ids, once each (the text tower is cheap; image token states
+    never travel). Cost: up to (N + T) x k fusion-head pairs. Ranks make the same number of forward calls
+    (dummy ones when out: ZeRO-3), and the score matrices, each entry computed on one rank, are all-reduced.
     """
     from mmpretrain.objectives.itm import match_score, text_valid_mask
 
@@ -633,21 +634,39 @@ def _itm_rerank(model, img_NE, txt_TE, txt_to_img_T, own_rows_n, img_tokens, cap
     t_p, j_p = own_t2i.nonzero(as_tuple=True)
     pairs.append((local_of_row[t2i[t_p, j_p]], t_p, i2t.numel() + t_p * t2i.shape[1] + j_p))
     slot_p, cap_p, out_p = (torch.cat(x) for x in zip(*pairs))
+    # a pair among both an image's and a caption's candidates is scored once; each caption's states once
+    num_txt = len(txt_TE)
+    pair_u, pair_of_p = torch.unique(slot_p * num_txt + cap_p, return_inverse=True)
+    slot_u, cap_u = pair_u // num_txt, pair_u % num_txt
+    caps_c, cap_of_u = torch.unique(cap_u, return_inverse=True)
+    head = model.heads["itm"]
+    head_dtype = next(head.parameters()).dtype
+
+    def chunks(n):  # (slice, real) over this rank's n items, as many as the rank with the most: ZeRO-3
+        for c in range(ranks.max(-(-n // batch_size))):
+            yield slice(c * batch_size, (c + 1) * batch_size), c * batch_size < n
+
+    states = []  # text token states (c, L, Dt) of the captions this rank pairs, computed once each
+    for sl, real in chunks(len(caps_c)):
+        out = model.text_model(cap_tokens_TL[caps_c[sl]] if real else cap_tokens_TL[:1]).last_hidden_state
+        if real:
+            states.append(out)
+    states_cLD = torch.cat(states) if states else None
     tokens_nND = torch.cat(img_tokens) if img_tokens else None
-    scores = torch.zeros(i2t.numel() + t2i.numel(), device=dev)
-    for c in range(ranks.max(-(-len(slot_p) // batch_size))):  # same number of head calls on every rank
-        sl = slice(c * batch_size, (c + 1) * batch_size)
-        if c * batch_size < len(slot_p):
-            image_tokens, caps = tokens_nND[slot_p[sl]], cap_tokens_TL[cap_p[sl]]
+    scores_u = torch.zeros(len(pair_u), device=dev)
+    for sl, real in chunks(len(pair_u)):
+        if real:
+            inputs = dict(image_tokens=tokens_nND[slot_u[sl]], text_tokens=states_cLD[cap_of_u[sl]],
+                          text_valid=text_valid_mask(cap_tokens_TL[cap_u[sl]]))  # fmt: skip
         else:  # a dummy pair keeps ZeRO-3's collectives in step
-            head = model.heads["itm"]
-            image_tokens = torch.zeros(1, 1, head.image_width, dtype=next(head.parameters()).dtype, device=dev)
-            caps = cap_tokens_TL[:1]
-        text_tokens = model.text_model(caps).last_hidden_state
-        logits = model(head="itm", image_tokens=image_tokens, text_tokens=text_tokens,
-                       text_valid=text_valid_mask(caps))  # fmt: skip
-        if c * batch_size < len(slot_p):
-            scores[out_p[sl]] = match_score(logits)
+            inputs = dict(image_tokens=torch.zeros(1, 1, head.image_width, dtype=head_dtype, device=dev),
+                          text_tokens=torch.zeros(1, 1, head.text_width, dtype=head_dtype, device=dev),
+                          text_valid=torch.ones(1, 1, dtype=torch.bool, device=dev))  # fmt: skip
+        logits = model(head="itm", **inputs)
+        if real:
+            scores_u[sl] = match_score(logits)
+    scores = torch.zeros(i2t.numel() + t2i.numel(), device=dev)
+    scores[out_p] = scores_u[pair_of_p]
     scores = ranks.all_reduce(scores)  # each pair was scored by exactly one rank
     i2t_score, t2i_score = scores[: i2t.numel()].view(i2t.shape), scores[i2t.numel() :].view(t2i.shape)
     i2t_correct = txt_to_img_T[i2t] == torch.arange(len(img_NE), device=dev)[:, None]
