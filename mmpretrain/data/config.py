@@ -194,6 +194,9 @@ class SyntheticConfig:
     """Side of the generated square images in pixels."""
     seed: int = 0
     """Generator seed (the eval sets use seeds derived from it, distinct from train)."""
+    train_labels: bool = False
+    """Also write each train sample's class (color x shape index) as ``<key>.cls`` (UniCL's labels); images,
+    captions and order are the same either way."""
 
     def validate(self, prefix: str) -> None:
         for name in ("num_train", "samples_per_shard", "num_eval"):

@@ -281,6 +281,7 @@ def ensure_synthetic(cfg: SyntheticConfig) -> SyntheticPaths:
         num_eval=cfg.num_eval,
         image_size=cfg.image_size,
         seed=cfg.seed,
+        train_labels=cfg.train_labels,
     )
 
 
