@@ -192,8 +192,10 @@ def encode_images(model, images_NCHW: torch.Tensor, batch_size: int, device) -> 
 
 
 @torch.no_grad()
-def split_features(model, root: str, split: str, *, image_size: int, batch_size: int, device):
+def split_features(model, root: str, split: str, *, image_size: int, batch_size: int, device, progress: bool = False):
     """((N, E) unit image features, (N,) labels) of a whole split, in sample order."""
+    from tqdm import tqdm
+
     from mmpretrain.data import build_eval_loader
     from mmpretrain.data.pipeline import eval_tar_urls
     from mmpretrain.data.transforms import normalize_images
@@ -202,7 +204,7 @@ def split_features(model, root: str, split: str, *, image_size: int, batch_size:
                                batch_size=batch_size)  # fmt: skip
     dtype = next(model.parameters()).dtype
     feats, labels = [], []
-    for batch in loader:
+    for batch in tqdm(loader, desc="test features", unit="batch", disable=not progress):
         feats.append(model.encode_image(normalize_images(batch["image"].to(device), dtype)).float())
         labels.append(batch["label"])
     if not feats:
@@ -363,7 +365,13 @@ def adapt(
         train_x_NE = encode_images(model, images, cfg.eval_batch_size, device)
         train_y_N = train_y_N.to(device)
         test_x_ME, test_y_M = split_features(
-            model, test_root, cfg.test_split, image_size=image_size, batch_size=cfg.eval_batch_size, device=device
+            model,
+            test_root,
+            cfg.test_split,
+            image_size=image_size,
+            batch_size=cfg.eval_batch_size,
+            device=device,
+            progress=progress,
         )
         if test_y_M.min() < 0 or test_y_M.max() >= len(zs.classnames):
             raise ValueError(f"--test: '{test_root}/{cfg.test_split}': a .cls is outside [0, {len(zs.classnames)})")
@@ -422,6 +430,25 @@ def adapt(
 
 # ----------------------------------------------------------------------------- CLI
 
+_HELP = {  # short forms of AdaptConfig's field docs
+    "method": "coop | adapter",
+    "shots": "training images per class (K)",
+    "seed": "seeds the K-shot draw, the initialization and the batch order",
+    "train_split": "shard folder under --train",
+    "test_split": "shard folder under --test",
+    "n_ctx": "CoOp: learned context vectors",
+    "ctx_init": "CoOp: initialize the context from these words (e.g. 'a photo of a'); empty: random",
+    "csc": "CoOp: class-specific context instead of one shared by all classes",
+    "ratio": "adapter: weight of the adapter output in the residual mix (alpha)",
+    "reduction": "adapter: bottleneck width is E / reduction",
+    "optimizer": "adamw | sgd",
+    "lr": "peak learning rate (cosine decay)",
+    "weight_decay": "weight decay on the learned parameters",
+    "epochs": "passes over the K-shot set",
+    "batch_size": "images per optimizer step",
+    "eval_batch_size": "images per forward pass when computing features",
+}
+
 
 def _parse_args(argv):
     p = argparse.ArgumentParser(
@@ -432,14 +459,12 @@ def _parse_args(argv):
     p.add_argument("--train", required=True, help="clip_benchmark-layout set the K shots are drawn from")
     p.add_argument("--test", required=True, help="clip_benchmark-layout set (with classnames and templates)")
     p.add_argument("--output", required=True, help="folder for results.json and adapted.safetensors")
-    defaults = AdaptConfig()
-    for name, value in asdict(defaults).items():
-        # one flag per AdaptConfig field (its docstring says what it means): --n-ctx sets n_ctx
-        flag = f"--{name.replace('_', '-')}"
+    for name, value in asdict(AdaptConfig()).items():  # one flag per AdaptConfig field: --n-ctx sets n_ctx
+        flag, doc = f"--{name.replace('_', '-')}", _HELP[name]
         if isinstance(value, bool):
-            p.add_argument(flag, action="store_true", help="off by default")
+            p.add_argument(flag, action="store_true", help=doc)
         else:
-            p.add_argument(flag, type=type(value), default=value, help=f"default: {value!r}")
+            p.add_argument(flag, type=type(value), default=value, help=f"{doc} (default: {value!r})")
     return p.parse_args(argv)
 
 
