@@ -45,12 +45,25 @@ setup(
         "pyarrow>=14",  # parquet caption files in tools/make_shards.py
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6", "open_clip_torch>=2.24", "matplotlib>=3.7", "scikit-image>=0.22"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "open_clip_torch>=2.24",
+            "matplotlib>=3.7",
+            "scikit-image>=0.22",
+            "onnx>=1.17",
+            "onnxscript>=0.2",
+            "onnxruntime>=1.20",
+        ],
+        # python -m mmpretrain.export: ONNX files checked with onnxruntime
+        "export": ["onnx>=1.17", "onnxscript>=0.2", "onnxruntime>=1.20"],
     },
     entry_points={
         "console_scripts": [
             "mmpretrain-train=mmpretrain.train:main",
             "mmpretrain-eval=mmpretrain.evaluate:main",
+            "mmpretrain-adapt=mmpretrain.adapt:main",
+            "mmpretrain-export=mmpretrain.export:main",
         ],
     },
 )
