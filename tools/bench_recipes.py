@@ -47,6 +47,8 @@ def plain_key(results: dict, suffix: str):
 
 def run_recipe(name: str, workdir: str, overrides: list[str]) -> dict:
     out = os.path.join(workdir, name)
+    if name == "distill":  # its teacher: the clip twin's run of this bench (main runs clip first)
+        overrides = [f"loss.terms.distill.teacher={os.path.join(workdir, 'clip')}", *overrides]
     eval_path = os.path.join(out, "eval.json")
     if not os.path.isfile(eval_path):
         cmd = [sys.executable, "-m", "mmpretrain.train", os.path.join(RECIPES_DIR, f"{name}-tiny.yaml"),
@@ -95,6 +97,9 @@ def main(argv=None) -> None:
     unknown = sorted(set(names) - set(available()))
     if unknown:
         p.error(f"--recipes: no configs/recipes/<name>-tiny.yaml for {unknown} (have {available()})")
+    if "distill" in names and "clip" not in names:
+        names = ["clip", *names]
+    names = sorted(names, key=lambda n: n != "clip")  # clip first: the baseline, and distill's teacher
     rows = {name: run_recipe(name, args.workdir, args.overrides) for name in names}
     md = table(rows)
     print(md)

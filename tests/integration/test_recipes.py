@@ -10,6 +10,7 @@ import json
 import os
 
 import pytest
+from omegaconf import OmegaConf
 
 from tests.integration.test_train import ENV, REPO, read_metrics, train_cli
 
@@ -35,13 +36,24 @@ def recipe_overrides(ds, out):
     ]
 
 
+@pytest.fixture(scope="module")
+def teacher_run(shapes_dataset, tmp_path_factory):
+    """The CLIP twin trained STEPS steps on the session's shards: the teacher of recipes with a distill term."""
+    out = str(tmp_path_factory.mktemp("teacher") / "run")
+    train_cli([os.path.join(REPO, "configs", "recipes", "clip-tiny.yaml"), *recipe_overrides(shapes_dataset, out)])
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", RECIPES, ids=[os.path.basename(p)[: -len("-tiny.yaml")] for p in RECIPES])
-def test_recipe_tiny_twin_lowers_its_loss(config, shapes_dataset, tmp_path):
+def test_recipe_tiny_twin_lowers_its_loss(config, shapes_dataset, tmp_path, request):
     full = config.replace("-tiny.yaml", ".yaml")
     assert os.path.isfile(full), f"{config} is the tiny twin of a recipe, but {full} is missing"
     out = str(tmp_path / "run")
-    proc = train_cli([config, *recipe_overrides(shapes_dataset, out)], env=ENV)
+    extra = []
+    if OmegaConf.select(OmegaConf.load(config), "loss.terms.distill") is not None:
+        extra = [f"loss.terms.distill.teacher={request.getfixturevalue('teacher_run')}"]
+    proc = train_cli([config, *recipe_overrides(shapes_dataset, out), *extra], env=ENV)
     lines = read_metrics(out)
     assert [m["step"] for m in lines] == list(range(1, STEPS + 1)), proc.stdout[-2000:]
     terms = sorted(k for k in lines[0] if k.startswith("loss/"))
