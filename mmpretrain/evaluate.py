@@ -17,6 +17,11 @@ open_clip, so the root needs only tars; keys `zeroshot/imagenet1k/top1`) and a l
 (`linear_probe`: L-BFGS logistic regression on frozen image features of `<root>/train`, top-1 on
 `<root>/test`; keys `linear_probe/<name>/top1`).
 
+ITM re-ranking (ALBEF): a model with an image-text matching head (`model.heads["itm"]`, trained by
+`loss.terms.itm`) re-ranks each retrieval query's top `eval.itm_rerank_k` candidates by its match score;
+keys `retrieval/<name>/itm_rerank/image_to_text_R@1` ... beside the plain ones. A run folder loads with its
+objective heads (`load_model`).
+
 Distributed. The train loop calls `evaluate_all` on every rank. Under ZeRO-3 each rank holds a
 slice of the weights and every forward gathers them (a collective), so every rank must make the
 same sequence of forward calls. The loader gives rank r the samples r, r + W, ... (broken ones

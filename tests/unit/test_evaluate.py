@@ -689,3 +689,25 @@ def test_evaluate_all_reports_rerank_beside_plain_and_zero_turns_it_off(sets):
     assert {k: v for k, v in on.items() if "itm_rerank" not in k} == pytest.approx(off)
     with pytest.raises(ValueError, match=r"eval.itm_rerank_k"):
         EvalConfig(itm_rerank_k=-1).validate("eval")
+
+
+def test_cli_loads_a_runs_itm_head_and_reranks(shapes_dataset, tmp_path):
+    """A run trained with loss.terms.itm: `python -m mmpretrain.evaluate RUN` builds the head from the run's config,
+    loads it strictly with the towers and reports the re-ranked recalls, equal to the trainer's final eval."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ds, out = shapes_dataset, tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmpretrain.train", os.path.join(repo, "configs", "recipes", "itm-tiny.yaml"),
+         f"output_dir={out}", f"data.train.urls={ds.train_urls}", f"data.eval.zeroshot={ds.zeroshot_root}",
+         f"data.eval.retrieval={ds.retrieval_root}", "train.steps=2", "train.batch_size=8", "data.num_workers=0",
+         "checkpoint.every_steps=0", "logging.wandb=disabled", "logging.progress=false", "eval.num_workers=0"],
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    trained = json.load(open(out / "eval.json"))
+    assert main([str(out), "--num-workers", "0", "--output", str(tmp_path / "r.json")]) == 0
+    got = json.load(open(tmp_path / "r.json"))
+    name = set_name(ds.retrieval_root)
+    assert f"retrieval/{name}/itm_rerank/image_to_text_R@1" in got
+    assert {k: v for k, v in got.items()} == pytest.approx({k: v for k, v in trained.items() if k != "step"})
