@@ -16,7 +16,8 @@ and (a hard negative image, text i) no match; loss = mean 2-way cross-entropy ov
 
 Hard negatives: from the contrastive similarities of the GLOBAL batch (features all-gathered without
 gradient), one negative text per image with P(j) = softmax_j(scale * img_i . txt_j) over the texts that are
-not a caption of i (j = i and every j whose caption is identical to i's), likewise one image per text. The
+not a caption of i (j = i, every j whose caption is identical to i's and, when the data has class labels,
+every j of i's class: exclude_same_label), likewise one image per text. The
 draw is inverse-CDF with uniforms u (2, G) drawn from a generator seeded by (train.seed, step), the same on
 every rank; each rank draws its own rows. So the chosen negatives depend only on the global features, the seed
 and the step: N ranks choose what one rank holding the whole batch chooses.
@@ -50,6 +51,8 @@ class ITMTermConfig(TermConfig):
     layers: int = 2  # fusion blocks (self-attention, cross-attention to the image, MLP), at the text tower's width
     heads: int = 0  # attention heads of the fusion blocks; 0 = the text tower's model.text.heads
     mlp_ratio: float = 4.0  # MLP hidden size / text width in the fusion blocks
+    exclude_same_label: bool = True  # samples with the same class label (<key>.cls, as UniCL's) are never each
+    # other's negatives (paraphrased captions of one class would be false negatives); unlabeled (-1): by caption
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -165,10 +168,12 @@ def sample_hard_negatives(
     rows_b: torch.Tensor,
     u_2b: torch.Tensor,
     chunk: int = 256,
+    label_G: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Global indices (b,), (b,): a negative text for each image of `rows_b`, a negative image for each text.
 
-    Row i's candidates are the columns whose caption differs from i's (hash_G; this excludes i itself); their
+    Row i's candidates are the columns whose caption differs from i's (hash_G; this excludes i itself) and, with
+    label_G, whose class label differs where both are labeled (>= 0); their
     probabilities are softmax(scale * similarity); inverse CDF at the row's uniform (u_2b[0] for the image->text
     draw, u_2b[1] for text->image) picks one. A row whose every other caption is the same falls back to
     uniform over j != i. Only (chunk, G) scores exist at a time.
@@ -180,6 +185,9 @@ def sample_hard_negatives(
             r_c = rows_b[start : start + chunk]
             logits_cG = (query_GE[r_c].double() @ cand_GE.double().T) * scale
             cand_cG = hash_G[r_c, None] != hash_G[None, :]  # same caption (and i itself): a positive
+            if label_G is not None:
+                same_label_cG = (label_G[r_c, None] == label_G[None, :]) & (label_G[None, :] >= 0)
+                cand_cG &= ~same_label_cG
             lonely_c1 = ~cand_cG.any(1, keepdim=True)
             not_self_cG = torch.arange(len(hash_G), device=r_c.device)[None, :] != r_c[:, None]
             cand_cG = torch.where(lonely_c1, not_self_cG, cand_cG)
@@ -317,15 +325,25 @@ class ITMTerm(Term):
         valid_bL = text_valid_mask(tokens_bL)
         with torch.no_grad():
             feats_GE2 = _gather_no_grad(torch.cat([o.image_features, o.text_features], 1).float(), group)  # collective
-            ints_G2 = _gather_no_grad(torch.stack([caption_hash(tokens_bL), valid_bL.sum(1)], 1), group)  # collective
+            label_b = ctx.batch.get("label") if isinstance(ctx.batch, dict) else None
+            if label_b is None or len(label_b) != b or not self.cfg.exclude_same_label:
+                label_b = torch.full((b,), -1, dtype=torch.long)
+            ints_b3 = torch.stack([caption_hash(tokens_bL), valid_bL.sum(1), label_b.to(tokens_bL.device)], 1)
+            ints_G3 = _gather_no_grad(ints_b3, group)  # collective
             img_GE, txt_GE = feats_GE2.chunk(2, dim=1)
             G = feats_GE2.shape[0]
             u_2G = step_uniforms(self.run_cfg.train.seed, ctx.step, G)
             rows_b = torch.arange(rank * b, (rank + 1) * b, device=img_GE.device)
             neg_txt_b, neg_img_b = sample_hard_negatives(
-                img_GE, txt_GE, float(o.logit_scale), ints_G2[:, 0], rows_b, u_2G[:, rank * b : (rank + 1) * b]
+                img_GE,
+                txt_GE,
+                float(o.logit_scale),
+                ints_G3[:, 0],
+                rows_b,
+                u_2G[:, rank * b : (rank + 1) * b],
+                label_G=ints_G3[:, 2],
             )
         neg_txt_bLD, neg_img_bND = fetch_rows([o.text_tokens, o.image_tokens], [neg_txt_b, neg_img_b], group)
         L = valid_bL.shape[1]
-        neg_valid_bL = torch.arange(L, device=valid_bL.device)[None, :] < ints_G2[neg_txt_b, 1, None]
+        neg_valid_bL = torch.arange(L, device=valid_bL.device)[None, :] < ints_G3[neg_txt_b, 1, None]
         return itm_loss(ctx.model, o.image_tokens, o.text_tokens, valid_bL, neg_img_bND, neg_txt_bLD, neg_valid_bL)

@@ -135,6 +135,16 @@ def test_sampling_never_picks_a_positive_nor_a_same_caption():
     for step in range(100):
         neg_txt, neg_img = sample_hard_negatives(img, txt, 20.0, hash_G, rows, step_uniforms(0, step, G))
         assert (hash_G[neg_txt] != hash_G).all() and (hash_G[neg_img] != hash_G).all()
+    # class labels (-1: none): a labeled sample never draws one of its class; the unlabeled ones draw by caption
+    label_G = torch.tensor([0, 0, 1, 1, 0, -1, 2, 2, -1, 0])
+    seen = set()
+    for step in range(100):
+        picks = sample_hard_negatives(img, txt, 20.0, hash_G, rows, step_uniforms(0, step, G), label_G=label_G)
+        for p in picks:
+            same = (label_G[p] == label_G) & (label_G >= 0)
+            assert not same.any() and (hash_G[p] != hash_G).all()
+            seen |= {(r, c) for r, c in zip(rows.tolist(), p.tolist()) if label_G[r] < 0 and label_G[c] < 0}
+    assert seen, "unlabeled samples may draw each other (their captions differ)"
     # every caption identical: uniform over the others, never itself
     same = torch.zeros(4, dtype=torch.long)
     neg_txt, neg_img = sample_hard_negatives(img[:4], txt[:4], 20.0, same, torch.arange(4), step_uniforms(0, 1, 4))
