@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mmpretrain.distributed import free_port
+from tests.distributed.gloo import assert_close, init_gloo
 
 WORLD, B_LOCAL, D_IN, D = 2, 7, 12, 16
 EPS = 0.1
@@ -57,18 +58,11 @@ def reference(state, x_img, x_txt):
     return loss.item(), feats[0].grad, feats[1].grad, {n: p.grad for n, p in towers.named_parameters()}
 
 
-def assert_close(got, want, what, rtol=2e-5):
-    err, size = (got.double() - want).abs().max().item(), want.abs().max().item()
-    assert err <= rtol * max(size, 1e-3), f"{what}: max error {err:.3g} vs max |ref| {size:.3g}"
-
-
 def worker(rank, port, cases):
     from mmpretrain.objectives import LossConfig, StepContext
     from mmpretrain.objectives.contrastive import ClipTerm, ClipTermConfig
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+    init_gloo(rank, WORLD, port)
     rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     term = ClipTerm(ClipTermConfig(label_smoothing=EPS), run_cfg=None)
     for impl, state, x_img, x_txt, (want_loss, want_dimg, want_dtxt, want_grads) in cases:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from mmpretrain.distributed import free_port
 from mmpretrain.objectives.distill import distill_kl
+from tests.distributed.gloo import assert_close, init_gloo
 
 WORLD, B_LOCAL, D_IN, D, E = 2, 7, 12, 16, 10
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,15 +56,8 @@ def reference(state, x_img, x_txt, u, v, c):
     return loss.item(), x.grad, y.grad, {n: p.grad for n, p in towers.named_parameters()}
 
 
-def assert_close(got, want, what, rtol=2e-5):
-    err, size = (got.double() - want).abs().max().item(), want.abs().max().item()
-    assert err <= rtol * max(size, 1e-3), f"{what}: max error {err:.3g} vs max |ref| {size:.3g}"
-
-
 def worker(rank, port, state, inputs, ref):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+    init_gloo(rank, WORLD, port)
     x_img, x_txt, u, v, c = inputs
     want_loss, want_dx, want_dy, want_grads = ref
     rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)

@@ -9,7 +9,6 @@ gradient contract). The exchange function is wrapped: the rows each rank sends i
 rows that some rank chose as negatives (each once per requester), never its whole token states.
 """
 
-import os
 from types import SimpleNamespace
 
 import torch
@@ -21,6 +20,7 @@ from mmpretrain.distributed import free_port
 from mmpretrain.objectives import StepContext
 from mmpretrain.objectives import itm as itm_mod
 from mmpretrain.objectives.itm import ITMHead, ITMTerm, ITMTermConfig, caption_hash, step_uniforms
+from tests.distributed.gloo import init_gloo
 
 WORLD, B_LOCAL, N, L, DV, DT, E, SEED, STEP = 2, 6, 5, 7, 12, 8, 8, 3, 5
 G = WORLD * B_LOCAL
@@ -81,9 +81,7 @@ def chosen_negatives(case):
 
 
 def worker(rank, port, case, ref):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+    init_gloo(rank, WORLD, port)
     real = itm_mod._all_to_all
 
     def recording(out, inp, out_splits, in_splits, group):

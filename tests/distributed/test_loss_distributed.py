@@ -8,7 +8,6 @@ must be world x the one-process gradient of its rows (what makes the averaging r
 averaged parameter gradients must equal the one-process ones. GradCache across ranks likewise.
 """
 
-import os
 from functools import partial
 
 import pytest
@@ -20,6 +19,7 @@ from mmpretrain.kernels.contrastive_loss import clip_loss_reference, siglip_loss
 
 from mmpretrain.distributed import free_port
 from mmpretrain.loss import LossConfig, compute_loss, grad_cache_step
+from tests.distributed.gloo import assert_close, init_gloo
 
 WORLD, B_LOCAL, D_IN, D = 2, 7, 12, 16
 
@@ -57,15 +57,8 @@ def reference(name, state, x_img, x_txt):
     return loss.item(), feats[0].grad, feats[1].grad, grads
 
 
-def assert_close(got, want, what, rtol=2e-5):
-    err, size = (got.double() - want).abs().max().item(), want.abs().max().item()
-    assert err <= rtol * max(size, 1e-3), f"{what}: max error {err:.3g} vs max |ref| {size:.3g}"
-
-
 def worker(rank, port, cases):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+    init_gloo(rank, WORLD, port)
     rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     for name, impl, state, x_img, x_txt, ref in cases:
         want_loss, want_dimg, want_dtxt, want_grads = ref

@@ -7,7 +7,6 @@ through Objective (chunked and naive kernels), then averages parameter gradients
 with 2 micro-batches per rank must give the same.
 """
 
-import os
 from functools import partial
 
 import pytest
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from mmpretrain.distributed import free_port
 from mmpretrain.loss import grad_cache_step
+from tests.distributed.gloo import assert_close, init_gloo
 
 WORLD, B_LOCAL, D_IN, D, L = 2, 7, 12, 16, 8
 
@@ -67,15 +67,8 @@ def reference(source, state, x_img, x_txt, tokens, cls):
     return loss.item(), feats[0].grad, feats[1].grad, {n: p.grad for n, p in towers.named_parameters()}
 
 
-def assert_close(got, want, what, rtol=2e-5):
-    err, size = (got.double() - want).abs().max().item(), want.abs().max().item()
-    assert err <= rtol * max(size, 1e-3), f"{what}: max error {err:.3g} vs max |ref| {size:.3g}"
-
-
 def worker(rank, port, cases):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+    init_gloo(rank, WORLD, port)
     rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     for source, impl, state, x_img, x_txt, tokens, cls, ref in cases:
         want_loss, want_dimg, want_dtxt, want_grads = ref
