@@ -45,7 +45,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -765,27 +764,17 @@ def load_model(path: str):
     model also gets its objective heads (`model.heads`, e.g. the ITM head that re-ranks retrieval), built from
     the run's config by mmpretrain.objectives and loaded strictly with the rest."""
     import mmpretrain.convert
-    from mmpretrain.convert.load import _is_run
-
-    if not _is_run(path):
-        return mmpretrain.convert.load_any(path)  # HF / OpenCLIP / consolidated folders hold the towers alone
-    from mmpretrain.checkpoint import find_step_dir
     from mmpretrain.convert.common import check_state_dict
-    from mmpretrain.convert.ours import _read_meta, _run_state_dict, config_from_dict
+    from mmpretrain.convert.load import _is_run
     from mmpretrain.model import build_model
     from mmpretrain.objectives import Objective
 
-    # read_run without its towers-only key check (it would refuse heads.*): the same steps, checked against
-    # the model with the run's heads attached
-    step_dir = find_step_dir(path)
-    cfg = config_from_dict(_read_meta(step_dir).get("config", {}), os.path.join(step_dir, "meta.json"))
+    if not _is_run(path):
+        return mmpretrain.convert.load_any(path)  # HF / OpenCLIP / consolidated folders hold the towers alone
+    sd, cfg = mmpretrain.convert.read_run(path)  # towers checked there; heads.* passed through
     model = build_model(cfg.model)
     Objective(cfg).attach_heads(model)
-    sd = {}
-    for k, v in _run_state_dict(step_dir, cfg.engine.zero_stage).items():
-        v = v if isinstance(v, torch.Tensor) else v.contiguous()  # DeepSpeed's lazy tensors assemble here
-        sd[k] = v.float() if v.is_floating_point() else v
-    check_state_dict(sd, {k: v.shape for k, v in model.state_dict().items()}, step_dir)
+    check_state_dict(sd, {k: v.shape for k, v in model.state_dict().items()}, path)  # the heads too
     model.load_state_dict(sd, strict=True)
     return model.eval(), cfg
 
