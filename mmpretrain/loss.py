@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mmpretrain.kernels.contrastive_loss import tiled_clip_loss, tiled_siglip_loss
+from mmpretrain.kernels.contrastive_loss import tiled_clip_loss, tiled_siglip_loss, tiled_unicl_loss
 from mmpretrain.objectives import LOSS_IMPLS
 
 
@@ -54,6 +54,12 @@ def siglip_loss(img_BD, txt_BD, logit_scale, logit_bias, *, group=None, impl="au
     """SigLIP loss: -sum over all global pairs of log sigmoid(z_ij (s x_i.y_j + b)), divided by B."""
     group, impl = _resolve(img_BD, group, impl)
     return tiled_siglip_loss(img_BD, txt_BD, logit_scale, logit_bias, group=group, impl=impl, chunk_size=chunk_size)
+
+
+def unicl_loss(img_BD, txt_BD, logit_scale, labels_B, *, group=None, impl="auto", chunk_size=1024) -> torch.Tensor:
+    """UniCL: CLIP's loss with every same-label pair a positive; labels_B (b,) int64 keys of this rank's pairs."""
+    group, impl = _resolve(img_BD, group, impl)
+    return tiled_unicl_loss(img_BD, txt_BD, logit_scale, labels_B, group=group, impl=impl, chunk_size=chunk_size)
 
 
 def compute_loss(cfg, out, group=None) -> torch.Tensor:

@@ -116,13 +116,13 @@ class UniclTerm(Term):
     grad_cache = True  # labels come from the whole batch, in the order GradCache concatenates its features
 
     def loss(self, ctx: StepContext) -> torch.Tensor:
-        from mmpretrain.kernels.contrastive_loss import tiled_unicl_loss
-        from mmpretrain.loss import _resolve
+        import torch.distributed as dist
+
+        from mmpretrain.loss import unicl_loss
 
         o, lc = ctx.out, ctx.loss_cfg
-        group, impl = _resolve(o.image_features, ctx.group, lc.impl)
         tokens_bL = ctx.batch["text"] if "text" in ctx.batch else ctx.tokens  # the CPU copy: hashing needs no sync
-        rank = torch.distributed.get_rank(group) if group is not None else 0
+        rank = dist.get_rank(ctx.group) if dist.is_available() and dist.is_initialized() else 0
         keys_b = label_keys(self.cfg.label_source, tokens_bL, ctx.batch.get("label"), rank * tokens_bL.shape[0])
-        return tiled_unicl_loss(o.image_features, o.text_features, o.logit_scale, keys_b.to(o.image_features.device),
-                                group=group, impl=impl, chunk_size=lc.chunk_size)  # fmt: skip
+        return unicl_loss(o.image_features, o.text_features, o.logit_scale, keys_b.to(o.image_features.device),
+                          group=ctx.group, impl=lc.impl, chunk_size=lc.chunk_size)  # fmt: skip
