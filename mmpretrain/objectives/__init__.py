@@ -81,9 +81,9 @@ def check_run(run_cfg) -> None:
         if run_cfg.train.accum_steps > 1 and not cls.grad_cache:
             raise ValueError(f"{prefix}: the {name!r} term does not run under train.accum_steps > 1 (GradCache)")
         cls.check_run(tcfg, run_cfg, prefix)
-    drops = [n for n in run_cfg.loss.active() if REGISTRY[n](run_cfg.loss.active()[n], run_cfg).patch_drop()]
-    if len(drops) > 1:
-        raise ValueError(f"loss.terms: {drops} each set the patch masking; at most one term may")
+    masking = [t.name for t in Objective(run_cfg).terms if t.patch_drop() is not None]
+    if len(masking) > 1:
+        raise ValueError(f"loss.terms: {masking} each set the patch masking; at most one term may")
 
 
 class Objective:
@@ -103,7 +103,7 @@ class Objective:
         need = tuple(sorted({n for t in self.terms for n in t.needs}))
         if need:
             kw["need"] = need
-        drops = [t.patch_drop() for t in self.terms if t.patch_drop() is not None]
+        drops = [d for d in (t.patch_drop() for t in self.terms) if d is not None]
         if drops:
             kw["patch_drop"] = drops[0]
         return kw
