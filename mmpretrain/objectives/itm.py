@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpretrain.kernels import attention
+from mmpretrain.kernels.contrastive_loss import _all_gather
 from mmpretrain.model.layers import MLP, LayerNorm
 from mmpretrain.objectives.base import StepContext, Term, TermConfig, register
 
@@ -265,11 +266,9 @@ def fetch_rows(xs: list, wants: list, group=None) -> list:
 
 def _gather_no_grad(x_bF: torch.Tensor, group) -> torch.Tensor:
     """(G, F): every rank's rows in rank order (a collective), no gradient."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return x_bF.detach()
-    parts = [torch.empty_like(x_bF) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x_bF.detach().contiguous(), group=group)
-    return torch.cat(parts)
+    if group is None and dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD  # the kernels' collectives read None as "no torch.distributed"
+    return _all_gather(x_bF.detach(), group)  # one all_gather_into_tensor
 
 
 # ----------------------------------------------------------------------------- the loss
