@@ -152,8 +152,7 @@ def train_step(
         values = {n: v.detach() for n, v in gc_values.items()}
     else:
         out = engine(images, tokens, **objective.forward_kwargs())
-        group = None  # mmpretrain.loss resolves the world group
-        ctx = StepContext(out, images, tokens, batch, engine, group, cfg.loss, step)
+        ctx = StepContext(out, images, tokens, batch, engine, None, cfg.loss, step)  # group None: the world
         loss, values = objective(ctx)  # loss over the global batch, same value on every rank
         loss = injector.loss(loss)
         engine.backward(loss)
@@ -168,9 +167,10 @@ def train_step(
     flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=bad.device), *means])
     if world > 1:
         torch.distributed.all_reduce(flags)  # the one collective of the step: every rank decides alike
-    skipped, stop = bool(flags[0] > 0), bool(flags[1] > 0)
-    mean_loss = flags[2].clone()
-    terms = {n: float(v) for n, v in zip(names, flags[3:].tolist())}
+    flags = flags.tolist()  # one device-to-host copy for every decision and logged value of the step
+    skipped, stop = flags[0] > 0, flags[1] > 0
+    mean_loss = torch.tensor(flags[2])  # on the host: the loop's .item() costs no further sync
+    terms = dict(zip(names, flags[3:]))
     if skipped:
         discard_gradients(engine)
         return StepResult(mean_loss, None, logit_scale, True, stop, terms)
