@@ -113,13 +113,13 @@ def train_step(
     mmpretrain.objectives.Objective (heads attached, set up); None builds one from cfg (terms without heads).
     """
     from mmpretrain.data.transforms import normalize_images
-    from mmpretrain.engine import grad_norm_after_step, grad_norm_before_step
+    from mmpretrain.engine import grad_norm_after_step, grad_norm_before_step, input_dtype
     from mmpretrain.faults import discard_gradients
     from mmpretrain.objectives import Objective, StepContext
 
     objective = objective or Objective(cfg)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.engine.precision]
-    images = normalize_images(batch["image"].to(device, non_blocking=True), dtype)  # (B, 3, H, W), B per rank
+    # (B, 3, H, W), B per rank, in the weights' dtype
+    images = normalize_images(batch["image"].to(device, non_blocking=True), input_dtype(cfg.engine))
     tokens = batch["text"].to(device, non_blocking=True)  # (B, L)
     injector = injector or Injector(None, rank=0)
     if guard is not None:

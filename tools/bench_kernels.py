@@ -186,7 +186,7 @@ def _row_line(row, rows):
     if row["impl"] == "open_clip":
         ratio_t, ratio_m = "1.00x", ""
     return (
-        f"| {row['B']} | {row['D']} | {row['impl']} | {row['seconds']:.2f} | {row['peak_extra_bytes'] / GB:.3f} "
+        f"| {row['B']} | {row['D']} | {row['impl']} | {row['seconds'] * 1e3:.2f} | {row['peak_extra_bytes'] / GB:.3f} "
         f"| {ratio_t} | {ratio_m} | {row['loss']:.6f} | {', '.join(map(str, row.get('load', [])))} |"
     )
 
@@ -228,7 +228,7 @@ def markdown(rows, args, fits):
         f"dtype {args.dtype}, chunk_size {args.chunk_size}. `python tools/bench_kernels.py loss` "
         "(each row in its own process).",
         "",
-        "| B | D | impl | fwd+bwd s | peak extra GB | time vs open_clip | memory vs open_clip | loss | load |",
+        "| B | D | impl | fwd+bwd ms | peak extra GB | time vs open_clip | memory vs open_clip | loss | load |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     lines += [_row_line(r, rows[:i]) for i, r in enumerate(rows)]
@@ -330,7 +330,7 @@ def loss_main(argv):
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     print(f"{machine_line(args.device)}; dtype {args.dtype}\n")
-    print("| B | D | impl | fwd+bwd s | peak extra GB | time vs open_clip | memory vs open_clip | loss | load |")
+    print("| B | D | impl | fwd+bwd ms | peak extra GB | time vs open_clip | memory vs open_clip | loss | load |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|---|", flush=True)
     rows = run_table(args)
     fits = {impl: fit_memory(rows, impl, args.predict) for impl in ("ours", "open_clip")}

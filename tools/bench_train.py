@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import datetime
 import gc
@@ -176,7 +177,7 @@ def peak_tflops(device: torch.device, precision: str) -> float | None:
     name = torch.cuda.get_device_name(device)
     for keys, half, tf32, fp32 in PEAK_TFLOPS:
         if all(k in name for k in keys):
-            if precision in ("bf16", "fp16"):
+            if precision in ("bf16", "fp16", "amp_bf16"):
                 return half
             return fp32 if torch.get_float32_matmul_precision() == "highest" else tf32
     return None
@@ -462,6 +463,87 @@ def build_ours(cfg, device: torch.device, per_rank_batch: int, changes: tuple = 
     return step, num_params, bd
 
 
+class TorchEngine:
+    """The DeepSpeed engine's interface as `train_step` uses it, in plain PyTorch: fp32 weights, the forward
+    under torch.autocast (bf16 for engine.precision bf16 / amp_bf16), fused AdamW, the same LR schedule and
+    clipping. Prices DeepSpeed's wrapper: the same train_step, model and objective run through both."""
+
+    world_size = 1
+
+    def __init__(self, model, optimizer, scheduler, autocast_dtype, device: torch.device):
+        self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.autocast_dtype, self.device = autocast_dtype, device
+
+    def __call__(self, *args, **kwargs):
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.module(*args, **kwargs)
+
+    forward = __call__
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def gradient_clipping(self):
+        return 0.0  # grad_norm_before_step clips (torch.nn.utils.clip_grad_norm_), as for ours at fp32 ZeRO 0
+
+    def get_global_grad_norm(self):
+        return None
+
+    def get_lr(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def set_gradient_accumulation_boundary(self, last: bool):
+        pass
+
+
+def build_torch(cfg, device: torch.device):
+    """(step(batch), num_params, Breakdown): our model, objective and train_step without DeepSpeed (TorchEngine)."""
+    from mmpretrain.engine import compile_enabled, lr_lambda
+    from mmpretrain.faults import Injector, StepGuard
+    from mmpretrain.model import build_model, compile_blocks, param_groups
+    from mmpretrain.objectives import Objective
+    from mmpretrain.train import train_step
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    objective = Objective(cfg)
+    objective.attach_heads(model)
+    num_params = sum(p.numel() for p in model.parameters())
+    model.to(device)
+    if compile_enabled(cfg.engine, device):
+        compile_blocks(model)
+    o = cfg.optim
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            fused=True)  # fmt: skip
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, cfg.train.steps))
+    autocast = torch.bfloat16 if cfg.engine.precision in ("bf16", "amp_bf16") else None
+    engine = TorchEngine(model, opt, sched, autocast, device)
+    objective.setup(device)
+    injector = Injector(None, rank=0)
+    guard = StepGuard(model, device, injector)
+    # train_step normalizes images to the weights' dtype: fp32 weights here whatever the precision
+    step_cfg = copy.deepcopy(cfg)
+    step_cfg.engine.precision = "amp_bf16" if autocast is not None else "fp32"
+    bd = Breakdown([("step", None)])
+
+    def step(batch):
+        with bd.step():
+            return train_step(engine, batch, step_cfg, device, guard, injector, False, objective)
+
+    return step, num_params, bd
+
+
 def openclip_model_cfg(model_cfg) -> dict:
     """Our resolved CLIP ModelConfig as an OpenCLIP custom config (model_cfg dict); ValueError where it cannot."""
     m, v, t = model_cfg, model_cfg.vision, model_cfg.text
@@ -515,10 +597,11 @@ OPENCLIP_PHASES = [("forward", None), ("loss", None), ("backward", None), ("grad
                    ("AdamW", None)]  # fmt: skip
 
 
-def build_openclip(cfg, device: torch.device, fused_adamw: bool = False):
+def build_openclip(cfg, device: torch.device, fused_adamw: bool = False, compile: bool = False):
     """(step(batch), num_params, Breakdown): OpenCLIP's model and loss with a torch AdamW, as its trainer steps.
 
-    `fused_adamw`: AdamW(fused=True) on CPU too (OpenCLIP's trainer passes no such flag: the default)."""
+    `fused_adamw`: AdamW(fused=True) on CPU too (OpenCLIP's trainer passes no such flag: the default).
+    `compile`: torch.compile(model), what OpenCLIP's trainer does with --torchcompile."""
     from open_clip.loss import ClipLoss
 
     torch.manual_seed(cfg.train.seed)
@@ -537,8 +620,9 @@ def build_openclip(cfg, device: torch.device, fused_adamw: bool = False):
     ]
     fused = device.type == "cuda" or fused_adamw
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+    forward = torch.compile(model) if compile else model
     loss_fn = ClipLoss()
-    autocast_dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else None  # fp16 refused in bench()
+    autocast_dtype = torch.bfloat16 if cfg.engine.precision in ("bf16", "amp_bf16") else None  # fp16 refused
     bd = Breakdown(OPENCLIP_PHASES)
 
     def step(batch):
@@ -546,7 +630,7 @@ def build_openclip(cfg, device: torch.device, fused_adamw: bool = False):
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 with bd.span("forward"):
-                    image_features, text_features, logit_scale = model(batch["image"], batch["text"])
+                    image_features, text_features, logit_scale = forward(batch["image"], batch["text"])
                 with bd.span("loss"):
                     loss = loss_fn(image_features, text_features, logit_scale)
             with bd.span("backward"):
@@ -618,6 +702,30 @@ def parse_args(argv):
         metavar="NAME[,NAME]",
         help=f"one more row of ours with these changes applied (repeatable): {', '.join(OURS_CHANGES)}",
     )
+    p.add_argument(
+        "--torch",
+        action="store_true",
+        help="one more row: our model and train_step in plain PyTorch (no DeepSpeed; autocast for bf16)",
+    )
+    p.add_argument(
+        "--ours-config",
+        action="append",
+        default=[],
+        metavar="'KEY=VALUE ...'",
+        help="one more row of ours with these config overrides (repeatable), e.g. engine.compile=false",
+    )
+    p.add_argument(
+        "--openclip-compile",
+        action="store_true",
+        help="with --openclip: one more OpenCLIP row with torch.compile(model) (its --torchcompile)",
+    )
+    p.add_argument(
+        "--profile",
+        default="",
+        metavar="JSON",
+        help="after timing, profile 3 steps of the first row (torch.profiler): top kernels, GPU idle "
+        "fraction, host-device syncs per step, written to this JSON",
+    )
     p.add_argument("--breakdown", action="store_true", help="time each phase of the step (forward, backward, ...)")
     p.add_argument(
         "--batch-sizes",
@@ -655,8 +763,16 @@ def compare(cfg, args, device, world: int, rank: int, meter: MemoryMeter) -> lis
         phases.append(("open_clip", lambda: build_openclip(cfg, device)))
     for changes in args.ours_change:
         phases.append(("mmpretrain +" + "+".join(changes), lambda ch=changes: build_ours(cfg, device, per_rank, ch)))
+    for extra in args.ours_config:
+        other = load_config(args.config, [*args.overrides, *extra.split()])
+        other.train.batch_size = cfg.train.batch_size
+        phases.append((f"mmpretrain {extra}", lambda c=other: build_ours(c, device, per_rank)))
+    if args.torch:
+        phases.append(("torch (no DeepSpeed)", lambda: build_torch(cfg, device)))
     if args.openclip and args.openclip_fused:
         phases.append(("open_clip +fused_adamw", lambda: build_openclip(cfg, device, fused_adamw=True)))
+    if args.openclip and args.openclip_compile:
+        phases.append(("open_clip +compile", lambda: build_openclip(cfg, device, compile=True)))
     steps, results = [], []
     for name, build in phases:
         step, result = warm_up(name, build, meter, batch, device, args.warmup)
@@ -665,6 +781,8 @@ def compare(cfg, args, device, world: int, rank: int, meter: MemoryMeter) -> lis
     for _ in range(args.steps):  # interleaved: a change in load hits every implementation alike
         for step, result in zip(steps, results):
             result.step_s.append(timed(step, batch, device))
+    if args.profile:
+        profile_steps(steps[0], batch, device, args.profile, results[0].impl)
     if args.breakdown:  # separate steps (the spans cost ~10 us each), interleaved the same way
         for r in results:
             r.breakdown.on = True
@@ -674,6 +792,66 @@ def compare(cfg, args, device, world: int, rank: int, meter: MemoryMeter) -> lis
     del steps
     gc.collect()
     return results
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def profile_steps(step, batch, device: torch.device, path: str, impl: str, n: int = 3) -> dict:
+    """torch.profiler over n steps: top kernels by device time, the fraction of the steps' wall time in which no
+    kernel runs on the GPU, and host-device synchronizations per step; written to `path` as JSON."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step(batch)
+        _sync(device)
+        wall_s = time.perf_counter() - t0
+    events = prof.events()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    busy_us, end = 0.0, -math.inf
+    for a, b in kernels:  # length of the union of the kernels' intervals
+        if b > end:
+            busy_us += b - max(a, end)
+            end = b
+    span_us = (kernels[-1][1] - kernels[0][0]) if kernels else 0.0
+    dev_time = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)  # noqa: E731
+    averages = prof.key_averages()
+    top = sorted((e for e in averages if dev_time(e) > 0), key=dev_time, reverse=True)[:30]
+    total_dev = sum(dev_time(e) for e in averages if e.device_type == DeviceType.CUDA) or 1.0
+    syncs = {e.key: e.count / n for e in averages if e.key in SYNC_CALLS or e.key == "aten::_local_scalar_dense"}
+    out = {
+        "impl": impl,
+        "steps": n,
+        "wall_ms_per_step": wall_s * 1e3 / n,
+        "gpu_busy_ms_per_step": busy_us / 1e3 / n,
+        "gpu_idle_frac_of_wall": (1 - busy_us / 1e6 / wall_s) if kernels else None,
+        "gpu_idle_frac_of_kernel_span": (1 - busy_us / span_us) if span_us else None,
+        "kernels_per_step": len(kernels) / n,
+        "syncs_per_step": syncs,
+        "top_kernels": [
+            {
+                "name": e.key[:160],
+                "ms_per_step": dev_time(e) / 1e3 / n,
+                "calls_per_step": e.count / n,
+                "frac_of_device_time": dev_time(e) / total_dev,
+            }
+            for e in top
+        ],  # fmt: skip
+        "top_cpu_ops": [
+            {"name": e.key[:160], "cpu_ms_per_step": e.self_cpu_time_total / 1e3 / n, "calls_per_step": e.count / n}
+            for e in sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
+        ],
+    }
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print0(f"profile of {impl}: {out['wall_ms_per_step']:.1f} ms/step wall, GPU busy {out['gpu_busy_ms_per_step']:.1f} "
+           f"ms/step, {out['kernels_per_step']:.0f} kernels/step, syncs/step {syncs}; wrote {path}")  # fmt: skip
+    return out
 
 
 def write_plot(path: str, sweep: list, title: str) -> None:

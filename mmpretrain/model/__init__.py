@@ -15,7 +15,7 @@ from torch import nn
 from mmpretrain.model.base import ModelOutput, TwoTowerModel
 from mmpretrain.model.clip import CLIP
 from mmpretrain.model.config import ModelConfig, TextConfig, VisionConfig, resolve_model_config
-from mmpretrain.model.layers import TowerOutput
+from mmpretrain.model.layers import EncoderLayer, TowerOutput
 from mmpretrain.model.siglip import SigLIP
 from mmpretrain.model.sizes import SIZES
 
@@ -30,6 +30,7 @@ __all__ = [
     "TwoTowerModel",
     "VisionConfig",
     "build_model",
+    "compile_blocks",
     "no_weight_decay",
     "param_groups",
     "resolve_model_config",
@@ -51,6 +52,26 @@ def no_weight_decay(name: str, param: torch.Tensor, module: nn.Module) -> bool:
     """True for biases, norm weights, logit scale/bias (all < 2-D), embeddings (token, position, class) and
     SigLIP's pooling probe. `module` is the module that owns the parameter directly."""
     return param.ndim < 2 or isinstance(module, nn.Embedding) or name.endswith("probe")
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
+    """torch.compile every transformer block (EncoderLayer) in place; returns how many.
+
+    Per block, not per model (torchtitan's choice): the blocks of a tower share one code object, so one graph
+    per input shape serves them all (compile time of one block, not of the model), and the Triton attention
+    and loss kernels stay custom ops inside the graph. ``nn.Module.compile`` keeps parameter names unchanged.
+    """
+    # dynamic=False: one graph specialised per shape (vision, text, each tower's pooled last block: 4 for training)
+    # rather than a shape-generic graph after the second shape; eval's other batch sizes add a few more, hence the
+    # higher recompile limit (past it, dynamo runs that shape eagerly).
+    compile_kwargs.setdefault("dynamic", False)
+    dynamo = torch._dynamo.config
+    key = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # torch < 2.6: the latter
+    setattr(dynamo, key, max(getattr(dynamo, key), 64))
+    blocks = [m for m in model.modules() if isinstance(m, EncoderLayer)]
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list:
