@@ -15,8 +15,8 @@ measured. `python tools/gpu_report.py OUT/results.json` turns the results into t
 Stages, in the order they run (the issue's letters), each inside its own limit (`--help` lists them):
   env             (a) GPU, driver, torch/triton/deepspeed/transformers/open_clip versions; the two ceilings
                   measured: bf16 matmul TFLOP/s on random data and device-to-device copy GB/s
-  train_compiled  (c, e) ViT-B/16 CLIP, batch 256, ZeRO 0, compiled blocks: DeepSpeed bf16, DeepSpeed amp_bf16,
-                  bf16 without the non-finite guard's hooks, and the same step in plain PyTorch; then a
+  train_compiled  (c, e) ViT-B/16 CLIP, batch 256, ZeRO 0, compiled blocks: DeepSpeed amp_bf16, DeepSpeed bf16,
+                  amp_bf16 without the non-finite guard's hooks, and the same step in plain PyTorch; then a
                   torch.profiler summary of the first (top kernels, GPU idle fraction, host-device syncs per step)
   train_openclip  (d) OpenCLIP's own train step, eager and torch.compile'd, beside ours compiled, same card,
                   model, batch and precision, by the same timer (tools/bench_train.py)
@@ -27,7 +27,7 @@ Stages, in the order they run (the issue's letters), each inside its own limit (
   tests           (b) the CUDA kernel tests (tests/kernels, not the interpreter ones), 8 in parallel, each
                   with its own timeout: a hang or slow compile is that test's failure
   vit_l14         (c) ViT-L/14, batch 256, compiled (activation checkpointing only if it does not fit)
-  train_eager     (c) ours (DeepSpeed bf16, amp_bf16, SDPA attention, plain torch) and OpenCLIP, not compiled
+  train_eager     (c) ours (DeepSpeed amp_bf16, bf16, SDPA attention, plain torch) and OpenCLIP, not compiled
   batch512        (c) ViT-B/16 at batch 512, compiled, both precisions
 
 The device image has its own torch and Triton; what it lacks travels as wheels (see docs/benchmarks.md).
@@ -62,13 +62,13 @@ class Stage:
 
 STAGES = [
     Stage("env", 25, 60, "versions, GPU, matmul and copy ceilings"),
-    Stage("train_compiled", 170, 400, "ViT-B/16 compiled: DeepSpeed bf16 / amp_bf16 / no guard / plain torch; profile"),
-    Stage("train_openclip", 85, 300, "OpenCLIP eager and compiled beside ours compiled"),
-    Stage("kernels", 80, 200, "attention and loss kernel tables"),
-    Stage("data", 85, 300, "real JPEG shards: loader throughput, data_wait_frac of a training run"),
+    Stage("train_compiled", 160, 400, "ViT-B/16 compiled: DeepSpeed amp_bf16 / bf16 / no guard / plain torch; profile"),
+    Stage("train_openclip", 130, 300, "OpenCLIP eager and compiled beside ours compiled"),
+    Stage("kernels", 120, 200, "attention and loss kernel tables"),
+    Stage("data", 130, 300, "real JPEG shards: loader throughput, data_wait_frac of a training run"),
     Stage("tests", 60, 200, "CUDA kernel tests with per-test timeouts"),
     Stage("vit_l14", 75, 300, "ViT-L/14 batch 256 compiled"),
-    Stage("train_eager", 50, 200, "ours (DeepSpeed bf16 / amp_bf16 / SDPA attention / plain torch) and OpenCLIP eager"),
+    Stage("train_eager", 50, 200, "ours (DeepSpeed amp_bf16 / bf16 / SDPA attention / plain torch) and OpenCLIP eager"),
     Stage("batch512", 45, 300, "ViT-B/16 batch 512 compiled"),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
@@ -78,27 +78,36 @@ STAGE_NAMES = [s.name for s in STAGES]
 
 
 def sh(cmd: list, log, timeout: float | None = None, env: dict | None = None, check: bool = True) -> str:
-    """Run a command, teeing its output to the stage log; returns the output. Raises on a non-zero exit."""
+    """Run a command with its output going straight into the stage log (so a stage cut at its limit keeps what
+    the command printed); returns that output. Raises on a non-zero exit, or TimeoutExpired (child killed)."""
     log.write(f"$ {shlex.join(str(c) for c in cmd)}\n")
     log.flush()
+    start = log.tell()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})  # fmt: skip
-    log.write(proc.stdout)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
+                              env={**os.environ, **(env or {})})  # fmt: skip
+    except subprocess.TimeoutExpired:
+        log.write(f"\n[killed at its timeout of {timeout:.0f} s]\n")
+        raise
+    log.flush()
+    with open(log.name, errors="replace") as f:
+        f.seek(start)
+        text = f.read()
     log.write(f"[exit {proc.returncode} after {time.perf_counter() - t0:.1f} s]\n")
     log.flush()
     if check and proc.returncode != 0:
-        raise RuntimeError(f"{cmd[1] if len(cmd) > 1 else cmd[0]} exited {proc.returncode}: {proc.stdout[-800:]}")
-    return proc.stdout
+        raise RuntimeError(f"{cmd[1] if len(cmd) > 1 else cmd[0]} exited {proc.returncode}: {text[-800:]}")
+    return text
 
 
 def train_model_args(dry: bool, model: str = "ViT-B-16", batch: int = 256) -> list:
     """bench_train config + overrides: the model at `batch`, ZeRO 0, bf16, no activation checkpointing."""
     if dry:
-        return ["configs/bench-tiny.yaml", "train.batch_size=16", "engine.precision=bf16"]
+        return ["configs/bench-tiny.yaml", "train.batch_size=16", "engine.precision=amp_bf16"]
     return ["configs/vit-b-16-laion.yaml", f"model.name={model}", "data.train.urls=null",
             "data.synthetic.root=/tmp/gpu_check_shapes", f"train.batch_size={batch}", "engine.zero_stage=0",
-            "engine.precision=bf16", "model.grad_checkpointing=false"]  # fmt: skip
+            "engine.precision=amp_bf16", "model.grad_checkpointing=false"]  # fmt: skip
 
 
 def steps_args(dry: bool, steps: int = 10, warmup: int = 3) -> list:
@@ -161,7 +170,7 @@ def stage_env(ctx) -> dict:
 
 def stage_train_compiled(ctx) -> dict:
     args = [*train_model_args(ctx.dry), "engine.compile=true", *steps_args(ctx.dry), "--torch",
-            "--ours-config", "engine.precision=amp_bf16", "--ours-change", "no_guard",
+            "--ours-config", "engine.precision=bf16", "--ours-change", "no_guard",
             "--profile", ctx.path("profile_compiled.json")]  # fmt: skip
     res = bench_train(args, ctx.log, ctx.path("train_compiled_bench.json"), ctx.dry)
     with open(ctx.path("profile_compiled.json")) as f:
@@ -180,7 +189,7 @@ def stage_train_openclip(ctx) -> dict:
 
 def stage_train_eager(ctx) -> dict:
     args = [*train_model_args(ctx.dry), "engine.compile=false", *steps_args(ctx.dry, 6, 2), "--openclip", "--torch",
-            "--ours-config", "engine.precision=amp_bf16", "--ours-config", "model.attention=sdpa"]  # fmt: skip
+            "--ours-config", "engine.precision=bf16", "--ours-config", "model.attention=sdpa"]  # fmt: skip
     res = bench_train(args, ctx.log, ctx.path("train_eager_bench.json"), ctx.dry)
     return {"rows": rows(res), "flops_per_sample": res["flops_per_sample"], "batch": res["batch_size"],
             "header": res["header"]}  # fmt: skip
@@ -203,7 +212,7 @@ def stage_vit_l14(ctx) -> dict:
 def stage_batch512(ctx) -> dict:
     batch = 32 if ctx.dry else 512
     args = [*train_model_args(ctx.dry, batch=batch), f"train.batch_size={batch}", "engine.compile=true",
-            *steps_args(ctx.dry, 6, 2), "--ours-config", "engine.precision=amp_bf16"]  # fmt: skip
+            *steps_args(ctx.dry, 6, 2), "--ours-config", "engine.precision=bf16"]  # fmt: skip
     res = bench_train(args, ctx.log, ctx.path("batch512_bench.json"), ctx.dry)
     return {"rows": rows(res), "flops_per_sample": res["flops_per_sample"], "batch": res["batch_size"]}
 
@@ -244,13 +253,15 @@ def stage_tests(ctx) -> dict:
     else:
         cmd += ["tests/kernels", "-k", "not interp"]
     # pytest runs to its own end or the stage's limit; the outcome of each finished test is parsed from -v lines
-    text = ""
+    start = ctx.log.tell()
     try:
         text = sh(cmd, ctx.log, timeout=ctx.remaining() - 5, check=False)
         finished = True
-    except subprocess.TimeoutExpired as e:
-        text = e.stdout if isinstance(e.stdout, str) else (e.stdout or b"").decode(errors="replace")
-        ctx.log.write(text + "\n[pytest stopped at the stage's time limit]\n")
+    except subprocess.TimeoutExpired:
+        ctx.log.flush()
+        with open(ctx.log.name, errors="replace") as f:
+            f.seek(start)
+            text = f.read()
         finished = False
     outcomes = {}
     for line in text.splitlines():
@@ -367,7 +378,7 @@ def stage_data(ctx) -> dict:
              ["model.grad_checkpointing=false"])  # fmt: skip
     cmd = [sys.executable, "-m", "mmpretrain.train", "configs/vit-b-16-laion.yaml", f"output_dir={run_dir}",
            f"data.train.urls={urls}", f"data.num_workers={workers}", f"train.batch_size={batch}",
-           f"train.steps={steps}", "engine.zero_stage=0", "engine.precision=bf16", "engine.compile=true",
+           f"train.steps={steps}", "engine.zero_stage=0", "engine.precision=amp_bf16", "engine.compile=true",
            "checkpoint.every_steps=0", "eval.every_steps=0", "logging.wandb=disabled", "logging.progress=false",
            f"logging.log_every={log_every}", "optim.warmup_steps=2", *model]  # fmt: skip
     sh(cmd, ctx.log, timeout=ctx.remaining() - 5)
