@@ -4,11 +4,25 @@ The import name is ``mmpretrain``; OpenMMLab publishes an unrelated package with
 distribution name, so ours is distributed as ``mmpretrain-clip`` and the two cannot share
 an environment. ``mmpretrain.kernels`` lives in the top-level ``kernels/`` folder.
 
+Packages are found, not listed (a hand-written list once left ``mmpretrain.objectives`` out of the
+wheel). The wheel also carries the tokenizer's BPE vocabulary and every YAML of ``configs/`` as
+``mmpretrain/configs/`` (data only), so ``mmpretrain-train demo`` runs without a checkout.
+tests/integration/test_wheel.py builds the wheel and uses it from outside the checkout.
+
 setup.py keeps ranges a real GPU cluster can satisfy; ``constraints.txt`` pins the exact
 versions the tests ran with.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# kernels/ is installed as mmpretrain.kernels, configs/ as mmpretrain/configs (YAML files, no Python)
+PACKAGE_DIR = {"mmpretrain.kernels": "kernels", "mmpretrain.configs": "configs"}
+PACKAGES = [
+    *find_packages(include=["mmpretrain", "mmpretrain.*"]),
+    "mmpretrain.kernels",
+    *(f"mmpretrain.kernels.{p}" for p in find_packages("kernels")),
+    "mmpretrain.configs",
+]
 
 setup(
     name="mmpretrain-clip",
@@ -17,15 +31,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        "mmpretrain",
-        "mmpretrain.model",
-        "mmpretrain.data",
-        "mmpretrain.convert",
-        "mmpretrain.kernels",
-    ],
-    package_dir={"mmpretrain.kernels": "kernels"},
-    package_data={"mmpretrain.data": ["*.txt.gz"]},
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data={"mmpretrain.data": ["*.txt.gz"], "mmpretrain.configs": ["**/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",
@@ -42,14 +50,15 @@ setup(
         "regex",
         "ftfy",
         "simplejpeg>=1.7",  # reduced-scale JPEG decoding (the fast decode path)
-        "pyarrow>=14",  # parquet caption files in tools/make_shards.py
+        "pyarrow>=14",  # parquet caption files in mmpretrain-make-shards
+        "matplotlib>=3.7",  # mmpretrain-plot, mmpretrain-inspect-shards --out
     ],
     extras_require={
         "dev": [
             "pytest>=8",
             "ruff>=0.6",
+            "wheel>=0.38",  # tests/integration/test_wheel.py builds without isolation (setuptools < 70.1 needs it)
             "open_clip_torch>=2.24",
-            "matplotlib>=3.7",
             "scikit-image>=0.22",
             "onnx>=1.17",
             "onnxscript>=0.2",
@@ -64,6 +73,10 @@ setup(
             "mmpretrain-eval=mmpretrain.evaluate:main",
             "mmpretrain-adapt=mmpretrain.adapt:main",
             "mmpretrain-export=mmpretrain.export:main",
+            "mmpretrain-convert=mmpretrain.convert.cli:main",
+            "mmpretrain-make-shards=mmpretrain.tools.make_shards:main",
+            "mmpretrain-inspect-shards=mmpretrain.tools.inspect_shards:main",
+            "mmpretrain-plot=mmpretrain.tools.plot_metrics:main",
         ],
     },
 )
