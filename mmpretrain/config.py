@@ -133,15 +133,46 @@ def world_size_from_env() -> int:
     return 1
 
 
+def bundled_configs_dir() -> str:
+    """The folder of the YAML configs shipped with the code: configs/ beside the package in a checkout,
+    mmpretrain/configs/ inside an installed wheel (setup.py copies configs/ there)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    inside = os.path.join(package, "configs")
+    return inside if os.path.isdir(inside) else os.path.join(os.path.dirname(package), "configs")
+
+
+def bundled_config_names() -> list[str]:
+    """Names of the bundled configs (``demo``, ``recipes/clip-tiny`` ...), sorted."""
+    root = bundled_configs_dir()
+    names = []
+    for folder, _, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        names += [os.path.normpath(os.path.join(rel, f))[: -len(".yaml")] for f in files if f.endswith(".yaml")]
+    return sorted(names)
+
+
+def find_config(path: str) -> str:
+    """``path`` when it is a file; otherwise the bundled config of that name (``demo`` or ``demo.yaml``,
+    ``recipes/clip-tiny``), so that an installed package runs its demo without a checkout. ConfigError
+    when neither exists."""
+    if os.path.isfile(path):
+        return path
+    bundled = os.path.join(bundled_configs_dir(), path if path.endswith(".yaml") else path + ".yaml")
+    if not os.path.isabs(path) and os.path.isfile(bundled):
+        return bundled
+    raise ConfigError(
+        f"config file not found: {path} (nor a bundled config of that name: {', '.join(bundled_config_names())})"
+    )
+
+
 def load_config(path: str | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
-    """Defaults <- YAML <- ``a.b=c`` overrides, resolved and validated; raises ConfigError."""
+    """Defaults <- YAML <- ``a.b=c`` overrides, resolved and validated; raises ConfigError. ``path`` is a YAML
+    file or the name of a bundled config (:func:`find_config`)."""
     world_size = world_size_from_env() if world_size is None else world_size
     try:
         merged = OmegaConf.structured(Config)
         if path is not None:
-            if not os.path.isfile(path):
-                raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, OmegaConf.load(find_config(path)))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=100)")

@@ -2,6 +2,7 @@
 
     python -m mmpretrain.train configs/demo.yaml [key=value ...]
     torchrun --nproc_per_node=2 -m mmpretrain.train configs/demo.yaml engine.zero_stage=3
+    mmpretrain-train demo                # installed package, no checkout: the bundled configs/demo.yaml
 
 Restarting the same command resumes from ``<output_dir>/checkpoints/latest``.
 ``--stop-after-steps N`` ends this invocation after N steps with a checkpoint (for time-sliced
@@ -32,7 +33,7 @@ RESTART_MAY_CHANGE = ("logging.",)
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m mmpretrain.train", description=__doc__.split("\n")[0])
-    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("config", help="YAML file, or the name of a bundled config (configs/): demo, recipes/clip-tiny ...")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.name=tiny")
     p.add_argument("--stop-after-steps", type=int, default=0, help="checkpoint and exit after N steps (0 = run on)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
@@ -378,7 +379,7 @@ def _print_summary(cfg: Config, step: int, tag: str | None, results: dict, stopp
     out = cfg.output_dir
     lines = [f"\n{'stopped' if stopped else 'finished'} at step {step}/{cfg.train.steps}. Outputs in {out}/:"]
     lines.append("  config.yaml     resolved config of this run")
-    lines.append("  metrics.jsonl   one JSON line per log step (plot: python tools/plot_metrics.py " + out + ")")
+    lines.append("  metrics.jsonl   one JSON line per log step (plot: mmpretrain-plot " + out + ")")
     if tag:
         lines.append(f"  checkpoints/{tag}  DeepSpeed state + meta.json (latest: checkpoints/latest)")
     if results:
