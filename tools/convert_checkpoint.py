@@ -1,120 +1,19 @@
-"""Hand checkpoints over: our runs -> consolidated safetensors, Hugging Face, OpenCLIP, and back.
+"""Hand checkpoints over (consolidate, to-hf, to-openclip, from-hf, from-openclip): a shim for ``mmpretrain-convert``
+(mmpretrain/convert/cli.py).
 
-    python tools/convert_checkpoint.py consolidate  outputs/run          outputs/run-fp32
-    python tools/convert_checkpoint.py to-hf        outputs/run          outputs/run-hf --dtype bf16
-    python tools/convert_checkpoint.py to-hf        outputs/run          outputs/run-hf336 --image-size 336
-    python tools/convert_checkpoint.py to-openclip  outputs/run          outputs/run-oc --name my-vit-b-16
-    python tools/convert_checkpoint.py from-hf      ~/clip-vit-base-patch16   outputs/clip-b16
-    python tools/convert_checkpoint.py from-openclip  ~/oc-folder        outputs/oc-b16
-
-SRC of consolidate is a run folder (its checkpoints/latest) or a checkpoints/step_<N> folder, of
-any ZeRO stage and world size; SRC of to-hf / to-openclip is any source `read_any` knows (run,
-step, consolidated, HF or OpenCLIP folder). from-hf / from-openclip write our consolidated layout
-(model.safetensors + config.yaml), which `python -m mmpretrain.evaluate` and these commands read.
-Output is written to a temporary folder and renamed into place; an existing non-empty OUT is
-refused unless --force. Errors: one line on stderr, exit code 2. Layouts and key maps: docs/formats.md.
+Kept so that commands written for a checkout go on working; ``--help`` lists the subcommands and flags.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout without install
 
-COMMANDS = {
-    "consolidate": "DeepSpeed run/step folder -> model.safetensors + config.yaml",
-    "to-hf": "any source -> Hugging Face folder (CLIPModel / SiglipModel, tokenizer, preprocessor)",
-    "to-openclip": "any CLIP source -> OpenCLIP model-config JSON + open_clip_model.safetensors",
-    "from-hf": "Hugging Face CLIP / SigLIP folder -> our consolidated folder",
-    "from-openclip": "OpenCLIP folder (model-config JSON + weights) -> our consolidated folder",
-}
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n")[2:]))  # fmt: skip
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_text in COMMANDS.items():
-        s = sub.add_parser(name, help=help_text, description=help_text)
-        s.add_argument("src", help="source folder")
-        s.add_argument("out", help="output folder (created; refused if it exists and is not empty, unless --force)")
-        s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                       help="dtype of the written floating-point weights (default fp32)")  # fmt: skip
-        s.add_argument("--force", action="store_true", help="replace a non-empty OUT, once the new one is complete")
-        s.add_argument("--image-size", type=int, default=None,
-                           help="resize the position embedding for this input size in pixels (bicubic on the "
-                                "patch grid, class token kept), e.g. 336 for a 224 px model")  # fmt: skip
-        if name == "to-openclip":
-            s.add_argument("--name", default="mmpretrain",
-                           help="OpenCLIP model name: config goes to OUT/<name>.json (default mmpretrain)")  # fmt: skip
-        if name == "from-openclip":
-            s.add_argument("--config", default=None,
-                           help="OpenCLIP model-config JSON when SRC is a weights file, not a folder")  # fmt: skip
-    return p.parse_args(argv)
-
-
-def run(args) -> str:
-    import dataclasses
-
-    from mmpretrain.convert.common import parse_dtype
-
-    dtype = parse_dtype(args.dtype)
-    from mmpretrain.convert import hf, load, openclip, resize
-    from mmpretrain.convert.ours import read_run, write_folder
-
-    if args.command == "consolidate":
-        sd, cfg = read_run(args.src, dtype)
-    elif args.command == "from-openclip" and args.config is not None:
-        sd, model_cfg = openclip.read_openclip(args.config, args.src, dtype)
-        from mmpretrain.config import Config
-
-        cfg = Config(model=model_cfg)
-    elif args.command == "from-openclip":
-        from mmpretrain.config import Config
-
-        found = openclip.find_openclip(args.src)
-        if found is None:
-            raise ValueError(f"{args.src}: not an OpenCLIP folder (a model-config *.json and one weights file)")
-        sd, model_cfg = openclip.read_openclip(*found, dtype)
-        cfg = Config(model=model_cfg)
-    elif args.command == "from-hf":
-        from mmpretrain.config import Config
-
-        sd, model_cfg = hf.read_hf(args.src, dtype)
-        cfg = Config(model=model_cfg)
-    else:
-        sd, cfg = load.read_any(args.src, dtype)
-    model_cfg = cfg.model
-    if args.image_size is not None:
-        from mmpretrain.model import resolve_model_config
-
-        sd, model_cfg = resize.resize_position_embedding(sd, resolve_model_config(model_cfg), args.image_size)
-        cfg = dataclasses.replace(cfg, model=model_cfg)
-    if args.command == "to-hf":
-        from mmpretrain.model import resolve_model_config
-
-        return hf.export_hf(sd, resolve_model_config(model_cfg), args.out, dtype, args.force)
-    if args.command == "to-openclip":
-        from mmpretrain.model import resolve_model_config
-
-        return openclip.export_openclip(sd, resolve_model_config(model_cfg), args.out, args.name, dtype, args.force)
-    write_folder(sd, cfg, args.out, args.force)
-    return args.out
+from mmpretrain.convert.cli import main as _main  # noqa: E402
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        out = run(args)
-    except ValueError as e:  # user errors: one line, exit code 2
-        print(f"convert_checkpoint.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return _main(argv, prog="convert_checkpoint.py")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Checkpoint hand-off: our runs <-> consolidated safetensors, Hugging Face transformers, OpenCLIP.
 
-CLI: `python tools/convert_checkpoint.py {consolidate,to-hf,to-openclip,from-hf,from-openclip} SRC OUT`.
+CLI: `mmpretrain-convert {consolidate,to-hf,to-openclip,from-hf,from-openclip} SRC OUT` (mmpretrain/convert/cli.py;
+also `python -m mmpretrain.convert` and, in a checkout, `python tools/convert_checkpoint.py`).
 Key maps and folder layouts: docs/formats.md.
 """
 
