@@ -1,10 +1,9 @@
-"""tools/inspect_shards.py: counts, injected broken samples listed by shard:key, histograms, JSON + PNG output."""
+"""mmpretrain-inspect-shards (mmpretrain/tools/inspect_shards.py): counts, injected broken samples listed by
+shard:key, histograms, JSON + PNG output."""
 
-import importlib.util
 import io
 import json
 import os
-import sys
 import tarfile
 
 import numpy as np
@@ -12,19 +11,7 @@ import pytest
 from PIL import Image
 
 from mmpretrain.data.shards import ShardWriter
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-inspect_shards = load_tool("inspect_shards")
+from mmpretrain.tools import inspect_shards
 
 
 def jpeg(width, height, seed=0) -> bytes:

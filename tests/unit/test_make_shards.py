@@ -1,31 +1,18 @@
-"""tools/make_shards.py: round trips for every input kind (folder, eval layout, CSV, TSV, JSONL, parquet,
-img2dataset), bytes kept or resized as asked, bad rows reported with their line, same tars for any worker
-count, refusal of a non-empty output folder; the train and eval loaders read what it writes."""
+"""mmpretrain-make-shards (mmpretrain/tools/make_shards.py): round trips for every input kind (folder, eval layout,
+CSV, TSV, JSONL, parquet, img2dataset), bytes kept or resized as asked, bad rows reported with their line, same tars
+for any worker count, refusal of a non-empty output folder; the train and eval loaders read what it writes."""
 
 import csv
-import importlib.util
 import io
 import json
 import os
-import sys
 import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses and worker pickling look the module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-make_shards = load_tool("make_shards")
+from mmpretrain.tools import make_shards
 
 
 def save_image(path, height, width, seed, fmt="JPEG", channels=3) -> bytes:
