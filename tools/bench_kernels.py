@@ -360,8 +360,12 @@ SUBCOMMANDS = {"loss": loss_main, "attention": attention_main}
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    usage = f"usage: bench_kernels.py {{{','.join(SUBCOMMANDS)}}} [flags]  (-h after a subcommand for its flags)"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{usage}\n\n{__doc__}")
+        return
     if not argv or argv[0] not in SUBCOMMANDS:
-        sys.exit(f"usage: bench_kernels.py {{{','.join(SUBCOMMANDS)}}} [flags]  (-h after a subcommand for its flags)")
+        sys.exit(usage)
     SUBCOMMANDS[argv[0]](argv[1:])
 
 

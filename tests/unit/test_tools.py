@@ -181,3 +181,53 @@ def test_bench_train_rejects_openclip_for_siglip(monkeypatch, capsys):
                           "model.embed_dim=128", "--openclip"])  # fmt: skip
     assert e.value.code == 2
     assert "bench_train: error: --openclip: model.family must be clip" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- every command's --help
+
+# Runs each command's --help in one child process (torch is imported once): a script by path, a module as `-m`.
+HELP_RUNNER = r"""
+import contextlib, io, json, runpy, sys
+results = {}
+for kind, target in json.loads(sys.argv[1]):
+    sys.argv, out, code = [target, "--help"], io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out):
+            if kind == "path":
+                runpy.run_path(target, run_name="__main__")
+            else:
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        code = e.code or 0
+    except BaseException as e:
+        code = f"{type(e).__name__}: {e}"
+    results[target] = [code, out.getvalue()]
+print("\n" + json.dumps(results))
+"""
+
+
+def commands() -> list[tuple[str, str]]:
+    """Every tools/*.py script, and every module of the package that runs as `python -m` (a __main__ guard or a
+    package's __main__.py), found in the source tree."""
+    found = [("path", path) for path in sorted(glob.glob(os.path.join(ROOT, "tools", "*.py")))]
+    for folder, package in ((os.path.join(ROOT, "mmpretrain"), "mmpretrain"), (os.path.join(ROOT, "kernels"), None)):
+        for path in sorted(glob.glob(os.path.join(folder, "**", "*.py"), recursive=True)):
+            rel = os.path.relpath(path, folder)[: -len(".py")].split(os.sep)
+            name = ".".join([package or "mmpretrain.kernels", *rel])
+            if rel[-1] == "__main__":
+                found.append(("module", name.rsplit(".", 1)[0]))
+            elif 'if __name__ == "__main__":' in open(path).read():
+                found.append(("module", name))
+    return found
+
+
+def test_every_command_prints_its_help_and_exits_0():
+    found = commands()
+    assert ("module", "mmpretrain.convert") in found and ("module", "mmpretrain.tools.make_shards") in found
+    proc = subprocess.run([sys.executable, "-c", HELP_RUNNER, json.dumps(found)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    failed = {target: code for target, (code, out) in results.items() if code != 0 or "usage:" not in out}
+    assert not failed, failed
+    assert len(results) == len(found)
