@@ -6,7 +6,16 @@ import sys
 
 import pytest
 
-from mmpretrain.config import ConfigError, diff_configs, from_yaml_file, load_config, to_dict, to_yaml
+from mmpretrain.config import (
+    ConfigError,
+    bundled_config_names,
+    diff_configs,
+    find_config,
+    from_yaml_file,
+    load_config,
+    to_dict,
+    to_yaml,
+)
 from mmpretrain.distributed import free_port
 from mmpretrain.train import main
 
@@ -63,7 +72,23 @@ def test_cli_error_is_one_line_and_exit_2(capsys):
 def test_missing_config_file(capsys):
     with pytest.raises(SystemExit):
         main(["no/such.yaml"])
-    assert "config file not found: no/such.yaml" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "config file not found: no/such.yaml" in err and "bundled config" in err and "recipes/clip-tiny" in err
+
+
+def test_bundled_config_by_name(tmp_path, monkeypatch):
+    """`mmpretrain-train demo` from any folder: a name finds configs/ (mmpretrain/configs in a wheel, see
+    test_wheel.py); a file of that name in the working folder wins."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("demo", "demo.yaml"):
+        assert os.path.samefile(find_config(name), DEMO)
+    assert os.path.samefile(find_config("recipes/clip-tiny"), os.path.join(REPO, "configs/recipes/clip-tiny.yaml"))
+    assert "demo" in bundled_config_names() and "recipes/mim-tiny" in bundled_config_names()
+    assert load_config("demo", ["train.steps=3"]).train.steps == 3
+    (tmp_path / "demo.yaml").write_text(open(DEMO).read().replace("steps: 1000", "steps: 5"))
+    assert find_config("demo.yaml") == "demo.yaml" and load_config("demo.yaml").train.steps == 5
+    with pytest.raises(ConfigError, match="config file not found: /no/demo.yaml"):
+        find_config("/no/demo.yaml")
 
 
 @pytest.mark.slow
