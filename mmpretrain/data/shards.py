@@ -1,6 +1,6 @@
 """Write and read WebDataset tar shards: ``<key>.jpg`` (+ ``.txt``, ``.json``, ``.cls`` ...) grouped by key.
 
-Writing is used by the synthetic data generator and by tools/make_shards.py. Each shard is written under a
+Writing is used by the synthetic data generator and by mmpretrain-make-shards. Each shard is written under a
 temporary name and renamed when complete, so a crashed writer never leaves a truncated tar that
 looks finished; ``close()`` writes ``_stats.json`` (sample and shard counts) next to the shards.
 
