@@ -74,7 +74,9 @@ def installed(tmp_path_factory) -> Installed:
     with open(os.path.join(hook, "sitecustomize.py"), "w") as f:
         f.write(HOOK.format(root=ROOT))
     os.makedirs(run_dir)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    # A fresh user's environment: no Python path, and no launcher variables an in-process test may have left.
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_", "TORCHELASTIC_", "SLURM_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", *launcher))}
     env.update(PYTHONPATH=os.pathsep.join([hook, site]), PATH=os.pathsep.join([os.path.join(site, "bin"), env["PATH"]]))
     env.update(DS_ACCELERATOR="cpu", WANDB_MODE="offline", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     return Installed(wheel, site, run_dir, env)
