@@ -620,7 +620,8 @@ def build_openclip(cfg, device: torch.device, fused_adamw: bool = False, compile
     ]
     fused = device.type == "cuda" or fused_adamw
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
-    forward = torch.compile(model) if compile else model
+    backend = os.environ.get("MMPRETRAIN_COMPILE_BACKEND", "inductor")  # as mmpretrain.model.compile_blocks
+    forward = torch.compile(model, backend=backend) if compile else model
     loss_fn = ClipLoss()
     autocast_dtype = torch.bfloat16 if cfg.engine.precision in ("bf16", "amp_bf16") else None  # fp16 refused
     bd = Breakdown(OPENCLIP_PHASES)

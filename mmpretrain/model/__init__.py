@@ -9,6 +9,8 @@ Usage::
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=0.2), lr=...)
 """
 
+import os
+
 import torch
 from torch import nn
 
@@ -65,6 +67,9 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     # rather than a shape-generic graph after the second shape; eval's other batch sizes add a few more, hence the
     # higher recompile limit (past it, dynamo runs that shape eagerly).
     compile_kwargs.setdefault("dynamic", False)
+    # MMPRETRAIN_COMPILE_BACKEND=eager: dynamo traces (graph breaks and tracing errors show) but nothing is code-
+    # generated; tools/gpu_check.py --dry-run uses it to prove the compiled paths on a CPU in seconds.
+    compile_kwargs.setdefault("backend", os.environ.get("MMPRETRAIN_COMPILE_BACKEND", "inductor"))
     dynamo = torch._dynamo.config
     key = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # torch < 2.6: the latter
     setattr(dynamo, key, max(getattr(dynamo, key), 64))
