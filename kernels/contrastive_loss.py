@@ -234,8 +234,9 @@ def _rowdot(x_bD, y_bD):
 
 
 def _check_logit_range(img_bD, txt_BD, scale):
-    """Raise if |logits| may leave the float64 accumulator's range (CPU only: on CUDA this would sync)."""
-    if img_bD.is_cuda:
+    """Raise if |logits| may leave the float64 accumulator's range (CPU only: on CUDA this would sync; and not
+    while torch.compile traces, where reading the bound would break the graph)."""
+    if img_bD.is_cuda or torch.compiler.is_compiling():
         return
     bound = float(scale) * img_bD.float().norm(dim=-1).max() * txt_BD.float().norm(dim=-1).max()
     if bound > MAX_ABS_LOGIT:

@@ -131,7 +131,7 @@ def deepspeed_config(
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,
-        # fp32 stage 0: train_step clips (torch.nn.utils.clip_grad_norm_, which also gives the norm it logs)
+        # ZeRO 0 with fp32 weights: TrainStep clips (torch.nn.utils.clip_grad_norm_, which also gives the norm it logs)
         "gradient_clipping": 0.0 if owns_clipping(engine) else optim.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
@@ -178,7 +178,8 @@ def build_engine(
 
 
 def owns_clipping(engine: EngineConfig) -> bool:
-    """Whether train_step clips gradients itself (fp32, ZeRO 0: plain torch grads) instead of DeepSpeed."""
+    """Whether mmpretrain.step.TrainStep clips gradients itself (ZeRO 0 with fp32 weights: whole, averaged torch
+    gradients) instead of DeepSpeed; it then also takes the norm on the device and skips the gradient hooks."""
     return engine.zero_stage == 0 and engine.precision in ("fp32", "amp_bf16")
 
 
@@ -194,24 +195,3 @@ def input_dtype(engine: EngineConfig) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "amp_bf16": torch.float32}[
         engine.precision
     ]
-
-
-def grad_norm_before_step(ds_engine, max_norm: float = 0.0) -> float | None:
-    """Global gradient L2 norm before clipping, for ZeRO stage 0 (call between backward and step).
-
-    Stage 0 keeps whole, already averaged gradients on every rank, and DeepSpeed records no norm
-    for a plain torch optimizer; ZeRO 1-3 record it during ``step`` (see ``grad_norm_after_step``).
-    When DeepSpeed's clipping is off (``owns_clipping``), this also clips to ``max_norm`` (> 0).
-    """
-    if ds_engine.zero_optimization_stage() != 0:
-        return None
-    if max_norm > 0 and ds_engine.gradient_clipping() == 0:
-        params = [p for p in ds_engine.module.parameters() if p.grad is not None]
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    sq = [p.grad.detach().float().pow(2).sum() for p in ds_engine.module.parameters() if p.grad is not None]
-    return math.sqrt(sum(s.item() for s in sq)) if sq else 0.0
-
-
-def grad_norm_after_step(ds_engine) -> float | None:
-    norm = ds_engine.get_global_grad_norm()
-    return None if norm is None else float(norm)

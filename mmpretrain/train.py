@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -25,7 +24,9 @@ from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, diff_configs, from_yaml_file, load_config, to_dict, to_yaml
 from mmpretrain.data.pipeline import DataFaultError
 from mmpretrain.distributed import barrier, env_rank_world, init_distributed
-from mmpretrain.faults import EXIT_STOPPED, Injector, NonFiniteError, SkipTracker, StepGuard, StopRequest
+from mmpretrain.faults import EXIT_STOPPED, Injector, NonFiniteError, SkipTracker, StopRequest
+from mmpretrain.step import StepResult, TrainStep
+from mmpretrain.train_state import TrainState
 
 # Keys that may change between a run and its restart: they do not touch weights or data order.
 RESTART_MAY_CHANGE = ("logging.",)
@@ -91,97 +92,6 @@ def init_weights(model, path: str) -> None:
     assert not result.unexpected_keys and all(k.startswith("heads.") for k in result.missing_keys), result
 
 
-@dataclass
-class StepResult:
-    loss: torch.Tensor  # global-batch loss: the summed terms, mean over ranks (the same on every rank)
-    grad_norm: float | None  # before clipping; None for a skipped step
-    logit_scale: torch.Tensor
-    skipped: bool  # the loss or a gradient was non-finite on some rank: no optimizer step
-    stop: bool  # some rank was asked to stop (signal or stop file)
-    terms: dict  # {term name: unweighted value, mean over ranks} (floats)
-
-
-def train_step(
-    engine, batch, cfg: Config, device, guard=None, injector=None, stop_requested: bool = False, objective=None,
-    step: int = 0,
-) -> StepResult:  # fmt: skip
-    """One optimizer step on this rank's batch, or none if any rank saw a non-finite loss or gradient.
-
-    One collective per step decides, on every rank alike, whether to skip the update and whether to stop
-    (it also averages the terms' values over ranks, for the log).
-    ``guard`` (a StepGuard on engine.module) adds the check of every gradient; without it only the loss
-    is checked. ``injector`` injects test faults (None: none). ``objective``: the run's
-    mmpretrain.objectives.Objective (heads attached, set up); None builds one from cfg (terms without heads).
-    """
-    from mmpretrain.data.transforms import normalize_images
-    from mmpretrain.engine import grad_norm_after_step, grad_norm_before_step, input_dtype
-    from mmpretrain.faults import discard_gradients
-    from mmpretrain.objectives import Objective, StepContext
-
-    objective = objective or Objective(cfg)
-    # (B, 3, H, W), B per rank, in the weights' dtype
-    images = normalize_images(batch["image"].to(device, non_blocking=True), input_dtype(cfg.engine))
-    tokens = batch["text"].to(device, non_blocking=True)  # (B, L)
-    injector = injector or Injector(None, rank=0)
-    if guard is not None:
-        guard.reset()
-    if cfg.train.accum_steps > 1:
-        from mmpretrain.loss import grad_cache_step
-
-        def backward(surrogate, last):
-            engine.set_gradient_accumulation_boundary(last)  # ZeRO-0/1/2 reduce once, after the last
-            engine.backward(surrogate)
-
-        k = cfg.train.accum_steps
-        micro = list(zip(images.chunk(k), tokens.chunk(k)))
-        scales = []
-
-        def forward(mb):
-            out = engine(*mb)
-            scales.append(out.logit_scale.detach())
-            return out
-
-        gc_values = {}
-
-        def loss_fn(features):  # the concatenated features of all micro-batches (one contrastive term)
-            total, vals = objective(StepContext(features, None, None, batch, engine, None, cfg.loss, step))
-            gc_values.update(vals)
-            return injector.loss(total)
-
-        loss = grad_cache_step(forward, micro, loss_fn, backward)
-        logit_scale = scales[-1]
-        values = {n: v.detach() for n, v in gc_values.items()}
-    else:
-        out = engine(images, tokens, **objective.forward_kwargs())
-        ctx = StepContext(out, images, tokens, batch, engine, None, cfg.loss, step)  # group None: the world
-        loss, values = objective(ctx)  # loss over the global batch, same value on every rank
-        loss = injector.loss(loss)
-        engine.backward(loss)
-        logit_scale = out.logit_scale.detach()
-    bad = ~torch.isfinite(loss.detach()).all()
-    if guard is not None:
-        bad = bad | guard.bad
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    names = list(values)
-    # values / world, summed over ranks: the mean over ranks (a per-rank term such as MIM differs between ranks)
-    means = [t.detach().float().reshape(()).to(bad.device) / world for t in (loss, *(values[n] for n in names))]
-    flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=bad.device), *means])
-    if world > 1:
-        torch.distributed.all_reduce(flags)  # the one collective of the step: every rank decides alike
-    flags = flags.tolist()  # one device-to-host copy for every decision and logged value of the step
-    skipped, stop = flags[0] > 0, flags[1] > 0
-    mean_loss = torch.tensor(flags[2])  # on the host: the loop's .item() costs no further sync
-    terms = dict(zip(names, flags[3:]))
-    if skipped:
-        discard_gradients(engine)
-        return StepResult(mean_loss, None, logit_scale, True, stop, terms)
-    norm = grad_norm_before_step(engine, cfg.optim.grad_clip)
-    engine.step()
-    if norm is None:
-        norm = grad_norm_after_step(engine)
-    return StepResult(mean_loss, norm, logit_scale, False, stop, terms)
-
-
 def gather_data_stats(window: dict) -> dict:
     """This log window's data stats summed over ranks (a collective)."""
     from mmpretrain.data import merge_data_stats
@@ -216,163 +126,217 @@ def run_eval(engine, tokenizer, cfg: Config, dist_info) -> dict:
     )  # fmt: skip
 
 
-def train(cfg: Config, stop_after_steps: int = 0) -> dict:
-    """Run (or resume) training; returns the final metrics of this invocation."""
-    from mmpretrain.data import Tokenizer, build_train_loader, check_bad_fraction, merge_data_stats
-    from mmpretrain.engine import build_engine, set_cpu_threads
-    from mmpretrain.logging import MetricsLogger, new_run_id
+class LogWindow:
+    """What the loop accumulates between two log steps; ``metrics`` turns it into one metrics.jsonl line."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.wait = 0.0  # seconds spent waiting for the loader
+        self.loss_sum, self.good_steps, self.batches = 0.0, 0, 0
+        self.term_sums: dict = {}  # {term: sum of its unweighted values over this window's good steps}
+        self.data: dict = {}  # the loader's data stats of this window's batches (this rank)
+
+    def add(self, res: StepResult, batch: dict) -> None:
+        from mmpretrain.data import merge_data_stats
+
+        self.data = merge_data_stats(self.data, batch["data_stats"])
+        self.batches += 1
+        if not res.skipped:
+            self.loss_sum += res.loss.item()  # on the host already: no sync
+            self.good_steps += 1
+            for name, value in res.terms.items():
+                self.term_sums[name] = self.term_sums.get(name, 0.0) + value
+
+    def metrics(self, state: TrainState, res: StepResult, lr: float, global_batch: int, data_window: dict) -> dict:
+        elapsed = time.perf_counter() - self.t0
+        n = self.good_steps
+        return {
+            "samples_seen": state.samples_seen,
+            "loss": self.loss_sum / n if n else float("nan"),
+            **{f"loss/{name}": v / n for name, v in self.term_sums.items()},
+            "lr": lr,
+            "logit_scale": res.logit_scale.float().item(),
+            "samples_per_s": self.batches * global_batch / elapsed,
+            "data_wait_frac": self.wait / elapsed,
+            "grad_norm": res.grad_norm,
+            **data_metrics(state.data_stats, data_window),
+            "skipped_steps": state.skipped_steps,
+        }
+
+
+def build_model_and_objective(cfg: Config):
+    """The two-tower model with the objective's heads attached (before the engine: ZeRO shards them too) and the
+    weights of model.init_from loaded; identical on every rank (seeded)."""
     from mmpretrain.model import build_model
     from mmpretrain.objectives import Objective
 
-    check_restart(cfg)
-    dist_info = init_distributed(cfg.engine.dist_timeout_s)
-    rank, world, device, is_main = dist_info.rank, dist_info.world_size, dist_info.device, dist_info.is_main
-    ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    set_cpu_threads(cfg.engine, ranks_on_node=ranks_on_node, data_workers=cfg.data.num_workers)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model)
+    objective = Objective(cfg)
+    objective.attach_heads(model)
+    if cfg.model.init_from:
+        init_weights(model, cfg.model.init_from)
+    return model, objective
+
+
+def start_output_dir(cfg: Config, is_main: bool) -> None:
+    """output_dir with the run's config.yaml (first start only), and the synthetic demo data if asked for."""
     os.makedirs(cfg.output_dir, exist_ok=True)
     if is_main and not os.path.isfile(os.path.join(cfg.output_dir, "config.yaml")):
         # written before synthetic data paths are filled in, so a restart compares like with like
         checkpoint.write_atomic(os.path.join(cfg.output_dir, "config.yaml"), to_yaml(cfg))
     resolve_data_paths(cfg, is_main)
 
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model)
-    objective = Objective(cfg)
-    objective.attach_heads(model)  # before the engine: ZeRO shards the heads and the optimizer steps them
-    if cfg.model.init_from:
-        init_weights(model, cfg.model.init_from)
-    per_rank_batch = cfg.train.batch_size // world
-    load_tag, universal = checkpoint.prepare_resume(
-        cfg.output_dir, world_size=world, zero_stage=cfg.engine.zero_stage, rank=rank
-    )
-    engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=per_rank_batch, total_steps=cfg.train.steps,
-                          load_universal=universal)  # fmt: skip
+
+def build_or_resume(cfg: Config, dist_info):
+    """(engine, objective, TrainState, resumed): the engine of a fresh run, or of the run's latest checkpoint."""
+    from mmpretrain.engine import build_engine
+    from mmpretrain.logging import new_run_id
+
+    rank, world = dist_info.rank, dist_info.world_size
+    model, objective = build_model_and_objective(cfg)
+    tag, universal = checkpoint.prepare_resume(cfg.output_dir, world_size=world, zero_stage=cfg.engine.zero_stage,
+                                               rank=rank)  # fmt: skip
+    engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=cfg.train.batch_size // world,
+                          total_steps=cfg.train.steps, load_universal=universal)  # fmt: skip
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank stream for dropout / patch dropout
-    objective.setup(device)  # e.g. load a distillation teacher
+    objective.setup(dist_info.device)  # e.g. load a distillation teacher
+    meta = checkpoint.resume(engine, cfg.output_dir, rank, tag=tag)
+    state = TrainState.from_meta(meta) if meta else TrainState(run_id=new_run_id(), world_size=world)
+    return engine, objective, state, meta is not None
 
-    meta = checkpoint.resume(engine, cfg.output_dir, rank, tag=load_tag)
-    step = meta["step"] if meta else 0
-    samples_seen = meta["samples_seen"] if meta else 0
-    data_total = meta.get("data_stats", {}) if meta else {}  # broken samples by reason and shard, sources
-    skips = SkipTracker(cfg.train.max_skips_in_a_row, total=meta.get("skipped_steps", 0) if meta else 0)
-    run_id = meta["wandb_run_id"] if meta else new_run_id()
-    cfg_dict = to_dict(cfg)
-    log = MetricsLogger(cfg.logging, cfg.output_dir, is_main=is_main, run_id=run_id, config=cfg_dict,
-                        start_step=step, total_steps=cfg.train.steps)  # fmt: skip
-    if meta:
-        log.write(f"resumed from {checkpoint.checkpoint_root(cfg.output_dir)}/step_{step}")
-        if meta["world_size"] != world:
-            log.write(
-                f"the checkpoint was written by {meta['world_size']} ranks, this launch has {world}: weights and "
-                "optimizer state continue; the data order from here on is that of the new world size"
-            )
 
-    # before the loader forks its workers (they inherit the handlers and so survive a job-wide signal)
-    # rank 0 looks at the stop file; the step's collective tells the others
+def open_log(cfg: Config, state: TrainState, resumed: bool, dist_info, cfg_dict: dict):
+    """The MetricsLogger (rank 0 writes), saying where a resumed run continues from."""
+    from mmpretrain.logging import MetricsLogger
+
+    log = MetricsLogger(cfg.logging, cfg.output_dir, is_main=dist_info.is_main, run_id=state.run_id,
+                        config=cfg_dict, start_step=state.step, total_steps=cfg.train.steps)  # fmt: skip
+    if resumed:
+        log.write(f"resumed from {checkpoint.checkpoint_root(cfg.output_dir)}/step_{state.step}")
+        if state.world_size != dist_info.world_size:
+            log.write(f"the checkpoint was written by {state.world_size} ranks, this launch has "
+                      f"{dist_info.world_size}: weights and optimizer state continue; the data order from here on "
+                      "is that of the new world size")  # fmt: skip
+        state.world_size = dist_info.world_size
+    return log
+
+
+def install_stopper(cfg: Config, is_main: bool, log) -> StopRequest:
+    """Signals and the stop file; before the loader forks its workers (they inherit the handlers and so survive a
+    job-wide signal). Rank 0 looks at the stop file; the step's collective tells the others."""
     stop_file = os.environ.get("MMPRETRAIN_STOP_FILE") or os.path.join(cfg.output_dir, "STOP")
     stopper = StopRequest(stop_file if is_main else None).install()
     if stopper.clear_stale_file():
         log.write(f"removed a stale stop file {stop_file} (its run ended before acting on it)")
+    return stopper
+
+
+def train_loader(cfg: Config, tokenizer, dist_info, start_batch: int):
+    from mmpretrain.data import build_train_loader
+
+    world = dist_info.world_size
+    return build_train_loader(cfg.data, tokenizer=tokenizer, image_size=cfg.model.vision.image_size,
+                              batch_size=cfg.train.batch_size // world, rank=dist_info.rank, world_size=world,
+                              seed=cfg.train.seed, start_batch=start_batch)  # fmt: skip
+
+
+def log_window(cfg: Config, state: TrainState, window: LogWindow, res: StepResult, log, lr: float) -> dict:
+    """A log step (a collective): the window's data stats joined over ranks, the bad-data check, one line."""
+    from mmpretrain.data import check_bad_fraction, merge_data_stats
+
+    data_window = gather_data_stats(window.data)  # collective: every rank logs at the same steps
+    state.data_stats = merge_data_stats(state.data_stats, data_window)
+    # every rank holds the same totals, so every rank stops alike (no rank left in a collective)
+    check_bad_fraction(state.data_stats, max_bad_fraction=cfg.data.max_bad_fraction,
+                       min_samples=cfg.data.bad_min_samples)  # fmt: skip
+    metrics = window.metrics(state, res, lr, cfg.train.batch_size, data_window)
+    log.log(state.step, metrics)
+    return metrics
+
+
+def final_eval(engine, tokenizer, cfg: Config, dist_info, log, step: int) -> dict:
+    """The end-of-training evaluation, logged and written to eval.json (rank 0)."""
+    results = run_eval(engine, tokenizer, cfg, dist_info)
+    if results:
+        log.log(step, results)
+        if dist_info.is_main:
+            with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
+                json.dump({"step": step, **results}, f, indent=1)
+    return results
+
+
+def train(cfg: Config, stop_after_steps: int = 0) -> dict:
+    """Run (or resume) training; returns the final metrics of this invocation."""
+    from mmpretrain.data import Tokenizer
+    from mmpretrain.engine import set_cpu_threads
+
+    check_restart(cfg)
+    dist_info = init_distributed(cfg.engine.dist_timeout_s)
+    rank, world = dist_info.rank, dist_info.world_size
+    set_cpu_threads(cfg.engine, ranks_on_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                    data_workers=cfg.data.num_workers)  # fmt: skip
+    start_output_dir(cfg, dist_info.is_main)
+    engine, objective, state, resumed = build_or_resume(cfg, dist_info)
+    cfg_dict = to_dict(cfg)
+    log = open_log(cfg, state, resumed, dist_info, cfg_dict)
+    stopper = install_stopper(cfg, dist_info.is_main, log)
     injector = Injector.from_env(rank)
-    guard = StepGuard(engine.module, device, injector)
-
+    train_step = TrainStep(engine, objective, cfg.engine, accum_steps=cfg.train.accum_steps,
+                           grad_clip=cfg.optim.grad_clip, loss_cfg=cfg.loss, device=dist_info.device,
+                           injector=injector)  # fmt: skip
     tokenizer = Tokenizer(context_length=cfg.model.text.context_length)
-    loader = build_train_loader(
-        cfg.data, tokenizer=tokenizer, image_size=cfg.model.vision.image_size, batch_size=per_rank_batch,
-        rank=rank, world_size=world, seed=cfg.train.seed, start_batch=step,
-    )  # fmt: skip
-    batches = iter(loader)
-    key_log = None
-    if cfg.logging.sample_keys:
-        key_log = open(os.path.join(cfg.output_dir, f"sample_keys_rank{rank}.jsonl"), "a")
+    batches = iter(train_loader(cfg, tokenizer, dist_info, start_batch=state.step))
+    key_path = os.path.join(cfg.output_dir, f"sample_keys_rank{rank}.jsonl")
+    key_log = open(key_path, "a") if cfg.logging.sample_keys else None
+    skips = SkipTracker(cfg.train.max_skips_in_a_row, total=state.skipped_steps)
 
-    def save(at_step: int) -> str:
-        extra = {"samples_seen": samples_seen, "config": cfg_dict, "world_size": world, "wandb_run_id": run_id,
-                 "data_stats": data_total, "skipped_steps": skips.total,
-                 "data": {"batches_consumed_per_rank": at_step}}  # fmt: skip
-        return checkpoint.save(engine, cfg.output_dir, at_step, extra, rank, cfg.checkpoint.keep_last,
-                               before_commit=injector.during_save)  # fmt: skip
+    def save() -> str:  # a collective: every rank writes its part
+        return checkpoint.save(engine, cfg.output_dir, state.step, state.state_dict(cfg_dict), rank,
+                               cfg.checkpoint.keep_last, before_commit=injector.during_save)  # fmt: skip
 
-    last: dict = {}
-    t_last, wait, loss_sum, steps_in_window, batches_in_window = time.perf_counter(), 0.0, 0.0, 0, 0
-    data_window: dict = {}
-    term_sums: dict = {}  # {term: sum of its unweighted values over this window's good steps}
-    start_step, saved_at, stop = step, (f"step_{step}" if meta else None), False
-    while step < cfg.train.steps:
+    last, window = {}, LogWindow()
+    start_step, saved_at, stop = state.step, (f"step_{state.step}" if resumed else None), False
+    while state.step < cfg.train.steps and not stop:
         t0 = time.perf_counter()
         batch = next(batches)
-        wait += time.perf_counter() - t0
-        injector.begin_step(step + 1)
-        res = train_step(engine, batch, cfg, device, guard, injector, stopper.requested(), objective, step + 1)
-        step += 1  # a batch consumed: skipped steps count too, so the data position stays step x batch
+        window.wait += time.perf_counter() - t0
+        injector.begin_step(state.step + 1)
+        res = train_step(batch, state.step + 1, stopper.requested())
+        state.advance(cfg.train.batch_size)  # skipped steps count too: the data position stays step x batch
         if key_log is not None:
-            key_log.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
+            key_log.write(json.dumps({"step": state.step, "keys": batch["keys"]}) + "\n")
             key_log.flush()
-        samples_seen += cfg.train.batch_size
-        data_window = merge_data_stats(data_window, batch["data_stats"])
-        batches_in_window += 1
-        if not res.skipped:
-            loss_sum += res.loss.item()
-            steps_in_window += 1
-            for name, value in res.terms.items():
-                term_sums[name] = term_sums.get(name, 0.0) + value
-        skips.update(step, res.skipped, "loss or gradient", saved_at)
+        window.add(res, batch)
+        skips.update(state.step, res.skipped, "loss or gradient", saved_at)
+        state.skipped_steps = skips.total
         log.advance()
+        stop = res.stop or bool(stop_after_steps and state.step - start_step >= stop_after_steps)
+        if state.step % cfg.logging.log_every == 0 or state.step == cfg.train.steps or stop:
+            last = log_window(cfg, state, window, res, log, engine.get_lr()[0])
+            window = LogWindow()
+        if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0 and not skips.in_a_row:
+            saved_at = save()  # never in a run of skipped steps: the last checkpoint stays a good one
+        if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < cfg.train.steps:
+            if not stop:
+                log.log(state.step, run_eval(engine, tokenizer, cfg, dist_info))
 
-        stop = res.stop or bool(stop_after_steps and step - start_step >= stop_after_steps)
-        if step % cfg.logging.log_every == 0 or step == cfg.train.steps or stop:
-            window = gather_data_stats(data_window)  # collective: every rank logs at the same steps
-            data_total = merge_data_stats(data_total, window)
-            # every rank holds the same totals, so every rank stops alike (no rank left in a collective)
-            check_bad_fraction(data_total, max_bad_fraction=cfg.data.max_bad_fraction,
-                               min_samples=cfg.data.bad_min_samples)  # fmt: skip
-            elapsed = time.perf_counter() - t_last
-            last = {
-                "samples_seen": samples_seen,
-                "loss": loss_sum / steps_in_window if steps_in_window else float("nan"),
-                **{f"loss/{n}": v / steps_in_window for n, v in term_sums.items()},
-                "lr": engine.get_lr()[0],
-                "logit_scale": res.logit_scale.float().item(),
-                "samples_per_s": batches_in_window * cfg.train.batch_size / elapsed,
-                "data_wait_frac": wait / elapsed,
-                "grad_norm": res.grad_norm,
-                **data_metrics(data_total, window),
-                "skipped_steps": skips.total,
-            }
-            log.log(step, last)
-            t_last, wait, loss_sum, steps_in_window, batches_in_window = time.perf_counter(), 0.0, 0.0, 0, 0
-            data_window, term_sums = {}, {}
-
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not skips.in_a_row:
-            saved_at = save(step)  # never in a run of skipped steps: the last checkpoint stays a good one
-        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.steps and not stop:
-            log.log(step, run_eval(engine, tokenizer, cfg, dist_info))
-        if stop:
-            break
-
-    if saved_at != f"step_{step}" and step > start_step:
-        saved_at = save(step)
+    if saved_at != f"step_{state.step}" and state.step > start_step:
+        saved_at = save()
     stopped_on_request = stop and res.stop
     if stopped_on_request:
-        log.write(f"stopped on request ({stopper.reason() if stopper.requested() else 'another rank'}) after "
-                  f"step {step}; checkpoint {saved_at} saved; rerun the same command to resume")  # fmt: skip
+        log.write(f"stopped on request ({stopper.reason() if stopper.requested() else 'another rank'}) after step "
+                  f"{state.step}; checkpoint {saved_at} saved; rerun the same command to resume")  # fmt: skip
         stopper.acknowledge()
     stopper.uninstall()
     if key_log is not None:
         key_log.close()
     del batches  # shut the loader's workers down now, while signals are ours again
-    results = {}
-    if step >= cfg.train.steps:
-        results = run_eval(engine, tokenizer, cfg, dist_info)
-        if results:
-            log.log(step, results)
-            if is_main:
-                with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
-                    json.dump({"step": step, **results}, f, indent=1)
+    results = final_eval(engine, tokenizer, cfg, dist_info, log, state.step) if state.step >= cfg.train.steps else {}
     log.close()
-    if is_main:
-        _print_summary(cfg, step, saved_at, results, stopped=step < cfg.train.steps)
-    return {**last, **results, "step": step, "stopped_on_request": stopped_on_request}
+    if dist_info.is_main:
+        _print_summary(cfg, state.step, saved_at, results, stopped=state.step < cfg.train.steps)
+    return {**last, **results, "step": state.step, "stopped_on_request": stopped_on_request}
 
 
 def _print_summary(cfg: Config, step: int, tag: str | None, results: dict, stopped: bool) -> None:

@@ -4,7 +4,7 @@
     python tools/bench_train.py configs/vit-b-16-laion.yaml train.batch_size=256 --steps 30
     torchrun --nproc_per_node=2 tools/bench_train.py configs/bench-tiny.yaml   # ours on 2 ranks
     python tools/bench_train.py configs/bench-tiny.yaml --openclip --threads 1 --breakdown \
-        --ours-change fused_adamw,no_allreduce_w1,one_clip,guard_sum --openclip-fused      # where time goes
+        --ours-change no_guard --openclip-fused      # where time goes
     python tools/bench_train.py configs/bench-tiny.yaml --openclip --batch-sizes 16,32,64,128 --plot docs/x.png
 
 What is timed: one optimizer step exactly as the trainer runs it -- `mmpretrain.train.train_step`
@@ -27,7 +27,7 @@ bf16 configs run OpenCLIP under `torch.autocast(bfloat16)`, as its trainer's `am
 
 `--breakdown` times each phase of the step (after the timed steps, in as many extra interleaved steps):
 for ours, spans around the engine's forward, `compute_loss`, `engine.backward` (autograd, the StepGuard's
-gradient hooks, and DeepSpeed's gradient all-reduce, shown apart), `grad_norm_before_step` and `engine.step`
+gradient hooks, and DeepSpeed's gradient all-reduce, shown apart), the step's norm and clipping, and `engine.step`
 (DeepSpeed's clipping and AdamW shown apart; the LR schedule and zero_grad are the rest of it); for OpenCLIP,
 the same phases of its step. "other" is what falls outside the spans (input normalization, the guard's flags).
 
@@ -319,20 +319,15 @@ def format_breakdown(results: list) -> str:
 # Changes to files this tool does not own (engine.py, train.py), applied to our engine from outside so
 # that each one's gain is measured before it lands. `--ours-change a,b` adds a row "mmpretrain +a+b".
 OURS_CHANGES = {
-    "fused_adamw": "torch.optim.AdamW(fused=True) on CPU too (engine.build_engine sets fused only on CUDA; "
-    "the default on CPU is the per-parameter for-loop implementation)",
-    "no_allreduce_w1": "in a world of 1, engine.enable_backward_allreduce = False: DeepSpeed otherwise "
-    "flattens every gradient into its all-reduce bucket and copies it back, for an all-reduce over one rank",
-    "one_clip": "ZeRO 0: one torch.nn.utils.clip_grad_norm_ (its return value is the logged norm) instead of "
-    "grad_norm_before_step's norm + DeepSpeed's own norm and clipping (gradient_clipping 0 in the DS config)",
     "guard_sum": "StepGuard's hook tests isfinite(grad.sum()) instead of isfinite(grad).all() (one reduction, no "
     "bool tensor; a NaN/inf anywhere makes the sum non-finite; a false alarm needs finite gradients summing past "
-    "3e38)",
+    "3e38); only where the guard's hooks run (DeepSpeed clips: ZeRO 1-3, bf16/fp16 weights)",
     "attn_math": "kernels.attention on CPU without a mask: softmax(q k^T * scale) v in plain torch ops instead of "
     "SDPA's CPU flash kernel (whose backward is slow at these head sizes)",
     "full_last_block": "undo a change to our model (for attribution): encode_image / encode_text run the last "
     "block on every token, as before the pooled-token shortcut",
-    "no_guard": "no StepGuard gradient hooks (faults.py: isfinite over every gradient); measures their cost only",
+    "no_guard": "no StepGuard gradient hooks (where DeepSpeed clips: faults.py, isfinite over every gradient); "
+    "measures their cost only",
 }
 
 
@@ -369,22 +364,23 @@ OURS_PHASES = [
     ("loss", None),  # mmpretrain.loss.compute_loss
     ("backward", None),  # engine.backward: autograd (+ the StepGuard hooks) + DeepSpeed's gradient all-reduce
     ("DeepSpeed gradient all-reduce", "backward"),
-    ("grad norm", None),  # mmpretrain.engine.grad_norm_before_step (logged)
-    ("optimizer step", None),  # engine.step: clipping, AdamW, LR schedule, zero_grad
+    ("grad norm + clip", None),  # TrainStep: the norm and clipping on the device (ZeRO 0, fp32 / amp_bf16)
+    ("optimizer step", None),  # engine.step: (DeepSpeed's clipping,) AdamW, LR schedule, zero_grad
     ("clip (DeepSpeed)", "optimizer step"),
     ("AdamW", "optimizer step"),
 ]
 
 
 def build_ours(cfg, device: torch.device, per_rank_batch: int, changes: tuple = ()):
-    """(step(batch), num_params, Breakdown): the trainer's own engine and train_step, with `changes`
+    """(step(batch), num_params, Breakdown): the trainer's own engine and TrainStep, with `changes`
     (keys of OURS_CHANGES) applied from outside."""
-    import mmpretrain.engine
     import mmpretrain.loss
+    import mmpretrain.model.layers
     from mmpretrain.engine import build_engine
-    from mmpretrain.faults import Injector, StepGuard
+    from mmpretrain.faults import StepGuard
     from mmpretrain.model import build_model
-    from mmpretrain.train import train_step
+    from mmpretrain.objectives import Objective
+    from mmpretrain.step import TrainStep
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
@@ -394,35 +390,17 @@ def build_ours(cfg, device: torch.device, per_rank_batch: int, changes: tuple = 
         model.encode_image = lambda images: normalize(model.vision_model(images).embeds.float(), dim=-1)
         model.encode_text = lambda tokens: normalize(model.text_model(tokens).embeds.float(), dim=-1)
     engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=per_rank_batch, total_steps=cfg.train.steps)
-    injector = Injector(None, rank=0)  # no injected faults; the non-finite guard's hooks run as in training
+    train_step = TrainStep(engine, Objective(cfg), cfg.engine, accum_steps=cfg.train.accum_steps,
+                           grad_clip=cfg.optim.grad_clip, loss_cfg=cfg.loss, device=device)  # fmt: skip
     if "no_guard" in changes:
-        no_guard = {"bad": torch.zeros((), dtype=torch.bool, device=device), "reset": lambda self: None}
-        guard = type("NoGuard", (), no_guard)()
-    elif "guard_sum" in changes:
+        train_step.guard = None  # where the step clips, the norm check stays (it is free)
+    elif "guard_sum" in changes and train_step.guard is not None:
 
         class SumGuard(StepGuard):
             def _hook(self, grad):
                 self.bad.logical_or_(~torch.isfinite(grad.sum()))
 
-        guard = SumGuard(engine.module, device, injector)
-    else:
-        guard = StepGuard(engine.module, device, injector)
-    if "fused_adamw" in changes:
-        assert isinstance(engine.optimizer, torch.optim.AdamW), type(engine.optimizer)  # ZeRO 0: the torch AdamW
-        for group in engine.optimizer.param_groups:
-            group.update(fused=True, foreach=False)  # what AdamW(..., fused=True) stores
-    if "no_allreduce_w1" in changes and engine.world_size == 1:
-        engine.enable_backward_allreduce = False
-    grad_norm_fn = mmpretrain.engine.grad_norm_before_step
-    if "one_clip" in changes and engine.zero_optimization_stage() == 0 and cfg.optim.grad_clip > 0:
-        engine._config.gradient_clipping = 0.0  # what deepspeed_config would write: DeepSpeed does not clip
-        params = [p for p in engine.module.parameters() if p.requires_grad]
-
-        def grad_norm_fn(ds_engine, *_):  # clips in place, returns the norm before clipping (as logged now)
-            return float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
-
-    import mmpretrain.model.layers
-
+        train_step.guard = SumGuard(engine.module, device)
     attention_fn = kernel = mmpretrain.model.layers.attention
     if "attn_math" in changes:
 
@@ -443,22 +421,17 @@ def build_ours(cfg, device: torch.device, per_rank_batch: int, changes: tuple = 
     bd.wrap(engine, "step", "optimizer step")
     bd.wrap(engine, "clip_fp32_gradients", "clip (DeepSpeed)")
     bd.wrap(engine.optimizer, "step", "AdamW")
+    bd.wrap(train_step, "_norm_and_clip", "grad norm + clip")
     compute_loss = mmpretrain.loss.compute_loss
 
     def timed_loss(*args, **kwargs):
         with bd.span("loss"):
             return compute_loss(*args, **kwargs)
 
-    def timed_norm(ds_engine, *args):
-        with bd.span("grad norm"):
-            return grad_norm_fn(ds_engine, *args)
-
     def step(batch):
-        # train_step imports these two inside its body, so swapping the module attributes reaches it
         with bd.step(), _swapped(mmpretrain.loss, "compute_loss", timed_loss), \
-                _swapped(mmpretrain.engine, "grad_norm_before_step", timed_norm), \
                 _swapped(mmpretrain.model.layers, "attention", attention_fn):  # fmt: skip
-            return train_step(engine, batch, cfg, device, guard, injector, stop_requested=False)
+            return train_step(batch)
 
     return step, num_params, bd
 
@@ -495,7 +468,7 @@ class TorchEngine:
         return 0
 
     def gradient_clipping(self):
-        return 0.0  # grad_norm_before_step clips (torch.nn.utils.clip_grad_norm_), as for ours at fp32 ZeRO 0
+        return 0.0  # TrainStep clips (torch.nn.utils.clip_grad_norm_), as for ours at ZeRO 0 with fp32 weights
 
     def get_global_grad_norm(self):
         return None
@@ -508,12 +481,11 @@ class TorchEngine:
 
 
 def build_torch(cfg, device: torch.device):
-    """(step(batch), num_params, Breakdown): our model, objective and train_step without DeepSpeed (TorchEngine)."""
+    """(step(batch), num_params, Breakdown): our model, objective and TrainStep without DeepSpeed (TorchEngine)."""
     from mmpretrain.engine import compile_enabled, lr_lambda
-    from mmpretrain.faults import Injector, StepGuard
     from mmpretrain.model import build_model, compile_blocks, param_groups
     from mmpretrain.objectives import Objective
-    from mmpretrain.train import train_step
+    from mmpretrain.step import TrainStep
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
@@ -530,16 +502,17 @@ def build_torch(cfg, device: torch.device):
     autocast = torch.bfloat16 if cfg.engine.precision in ("bf16", "amp_bf16") else None
     engine = TorchEngine(model, opt, sched, autocast, device)
     objective.setup(device)
-    injector = Injector(None, rank=0)
-    guard = StepGuard(model, device, injector)
-    # train_step normalizes images to the weights' dtype: fp32 weights here whatever the precision
-    step_cfg = copy.deepcopy(cfg)
-    step_cfg.engine.precision = "amp_bf16" if autocast is not None else "fp32"
+    # fp32 weights here whatever the precision: the step normalizes images to fp32 and clips (as ours at ZeRO 0)
+    step_engine_cfg = copy.deepcopy(cfg.engine)
+    step_engine_cfg.precision = "amp_bf16" if autocast is not None else "fp32"
+    step_engine_cfg.zero_stage = 0
+    train_step = TrainStep(engine, objective, step_engine_cfg, accum_steps=cfg.train.accum_steps,
+                           grad_clip=o.grad_clip, loss_cfg=cfg.loss, device=device)  # fmt: skip
     bd = Breakdown([("step", None)])
 
     def step(batch):
         with bd.step():
-            return train_step(engine, batch, step_cfg, device, guard, injector, False, objective)
+            return train_step(batch)
 
     return step, num_params, bd
 

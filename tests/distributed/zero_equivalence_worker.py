@@ -14,9 +14,9 @@ import torch
 from mmpretrain.config import load_config
 from mmpretrain.distributed import destroy, init_distributed
 from mmpretrain.engine import build_engine
-from mmpretrain.faults import StepGuard
 from mmpretrain.model import build_model
-from mmpretrain.train import train_step
+from mmpretrain.objectives import Objective
+from mmpretrain.step import TrainStep
 
 NUM_STEPS = 4
 
@@ -30,7 +30,9 @@ def main(out_path, overrides):
     model = build_model(cfg.model)
     per_rank = cfg.train.batch_size // info.world_size
     engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=per_rank, total_steps=NUM_STEPS)
-    guard = StepGuard(engine.module, info.device)  # as the train loop runs it (gradient hooks on every parameter)
+    # as the train loop runs it (the non-finite check: gradient hooks, or the norm where the step clips)
+    train_step = TrainStep(engine, Objective(cfg), cfg.engine, grad_clip=cfg.optim.grad_clip, loss_cfg=cfg.loss,
+                           device=info.device)  # fmt: skip
     size, ctx, vocab = cfg.model.vision.image_size, cfg.model.text.context_length, cfg.model.text.vocab_size
     losses, norms = [], []
     for step in range(NUM_STEPS):
@@ -42,7 +44,7 @@ def main(out_path, overrides):
         tokens[torch.arange(cfg.train.batch_size), lengths] = vocab - 1  # end of text
         tokens[torch.arange(ctx)[None, :] > lengths[:, None]] = 0
         mine = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
-        res = train_step(engine, {"image": images[mine], "text": tokens[mine]}, cfg, info.device, guard)
+        res = train_step({"image": images[mine], "text": tokens[mine]}, step + 1)
         assert not res.skipped and not res.stop
         losses.append(res.loss.item())
         norms.append(res.grad_norm)

@@ -158,9 +158,38 @@ def test_interp_torch_compile_traces_the_op():
         torch.testing.assert_close(c, e, rtol=0, atol=0)
 
 
+@needs_interpreter
+def test_interp_compiled_block_keeps_the_kernel_in_the_graph():
+    """A transformer block compiled as engine.compile does (fullgraph: no break) holds the kernel as one custom op
+    node, forward and backward, and gives the eager block's output and gradients."""
+    from mmpretrain.model.layers import EncoderLayer
+
+    torch.manual_seed(0)
+    block = EncoderLayer(64, 2, 128, "gelu", 1e-5, causal=False, impl="triton")
+    targets = []
+
+    def recording_backend(gm, example_inputs):  # the graph dynamo hands to the compiler
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    compiled = torch.compile(block, backend=recording_backend, fullgraph=True)
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1))
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yc = block(xe), compiled(xc)
+    assert any("flash_attention" in t for t in targets), targets
+    torch.testing.assert_close(yc, ye, rtol=0, atol=0)
+    ye.sum().backward()
+    ge = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    yc.sum().backward()
+    for a, b in zip([p.grad for p in block.parameters()], ge):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=0, atol=0)
+
+
 @runner_only
 def test_run_cpu_interpreter_suite():
-    num_tests = len(INTERP_CASES) + 2 + 2 + 4
+    num_tests = len(INTERP_CASES) + 2 + 2 + 5
     run_under_interpreter(__file__, min_passed=num_tests)
 
 

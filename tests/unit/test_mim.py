@@ -273,7 +273,7 @@ def worker(out_path, overrides):
     import mmpretrain.model.clip as clip_module
     from mmpretrain.distributed import destroy, init_distributed
     from mmpretrain.engine import build_engine
-    from mmpretrain.train import train_step
+    from mmpretrain.step import TrainStep
 
     cfg = tiny_cfg("clip", ["train.batch_size=8", "optim.warmup_steps=1", *overrides])
     info = init_distributed()
@@ -281,6 +281,8 @@ def worker(out_path, overrides):
     per_rank = GLOBAL_BATCH // info.world_size
     mine = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
     engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=per_rank, total_steps=WORKER_STEPS)
+    train_step = TrainStep(engine, objective, cfg.engine, grad_clip=cfg.optim.grad_clip, loss_cfg=cfg.loss,
+                           device=info.device)  # fmt: skip
 
     masks = {}
 
@@ -300,8 +302,7 @@ def worker(out_path, overrides):
         g = torch.Generator().manual_seed(100 + step)
         images, tokens = random_batch(cfg, GLOBAL_BATCH, seed=100 + step)
         masks["keep"] = torch.stack([torch.randperm(16, generator=g)[:8].sort().values for _ in range(GLOBAL_BATCH)])
-        res = train_step(engine, {"image": images[mine], "text": tokens[mine]}, cfg, info.device, None,
-                         objective=objective, step=step + 1)  # fmt: skip
+        res = train_step({"image": images[mine], "text": tokens[mine]}, step + 1)
         assert not res.skipped
         for key in ("mim", "clip"):
             record[key].append(res.terms[key])
