@@ -24,7 +24,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, diff_configs, from_yaml_file, load_config, to_dict, to_yaml
 from mmpretrain.data.pipeline import DataFaultError
-from mmpretrain.distributed import barrier, env_rank_world, init_distributed
+from mmpretrain.distributed import all_gather_object, all_reduce, barrier, env_rank_world, init_distributed, world_rank
 from mmpretrain.faults import EXIT_STOPPED, Injector, NonFiniteError, SkipTracker, StepGuard, StopRequest
 
 # Keys that may change between a run and its restart: they do not touch weights or data order.
@@ -161,13 +161,12 @@ def train_step(
     bad = ~torch.isfinite(loss.detach()).all()
     if guard is not None:
         bad = bad | guard.bad
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world, _ = world_rank()
     names = list(values)
     # values / world, summed over ranks: the mean over ranks (a per-rank term such as MIM differs between ranks)
     means = [t.detach().float().reshape(()).to(bad.device) / world for t in (loss, *(values[n] for n in names))]
     flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=bad.device), *means])
-    if world > 1:
-        torch.distributed.all_reduce(flags)  # the one collective of the step: every rank decides alike
+    all_reduce(flags)  # the one collective of the step: every rank decides alike (sum; none on one rank)
     flags = flags.tolist()  # one device-to-host copy for every decision and logged value of the step
     skipped, stop = flags[0] > 0, flags[1] > 0
     mean_loss = torch.tensor(flags[2])  # on the host: the loop's .item() costs no further sync
@@ -186,10 +185,9 @@ def gather_data_stats(window: dict) -> dict:
     """This log window's data stats summed over ranks (a collective)."""
     from mmpretrain.data import merge_data_stats
 
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+    parts = all_gather_object(window)  # collective
+    if len(parts) == 1:
         return window
-    parts: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, window)
     total: dict = {}
     for part in parts:
         total = merge_data_stats(total, part)

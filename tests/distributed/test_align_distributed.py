@@ -2,10 +2,10 @@
 the BERT-tower recipe trains under ZeRO-3 + bf16 on 2 ranks, evaluates from its run folder, and the converters
 refuse it with one line naming the reason.
 
-The term check follows tests/distributed/test_loss_distributed.py: linear "towers", a float64 one-process
-reference (F.cross_entropy with label_smoothing on the full B x B matrix), each rank's feature gradient equal
-to world x its rows of the reference, and parameter gradients averaged over ranks (as DeepSpeed does) equal
-to the reference's.
+The term check is tests/distributed/harness.py's: linear "towers", a float64 one-process reference
+(F.cross_entropy with label_smoothing on the full B x B matrix), each rank's feature gradient equal to world x
+its rows of the reference, and parameter gradients averaged over ranks (as DeepSpeed does) equal to the
+reference's.
 """
 
 import importlib.util
@@ -13,17 +13,18 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mmpretrain.distributed import free_port
-from tests.distributed.gloo import assert_close, init_gloo
+from mmpretrain.objectives import LossConfig, StepContext
+from mmpretrain.objectives.contrastive import ClipTerm, ClipTermConfig
+from tests.distributed.harness import Case, Step, assert_n_ranks_equal_one
 
-WORLD, B_LOCAL, D_IN, D = 2, 7, 12, 16
+B_LOCAL, D_IN, D = 7, 12, 16
 EPS = 0.1
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -43,10 +44,16 @@ class Towers(torch.nn.Module):
         return out
 
 
+def towers(state, dtype=torch.float32):
+    t = Towers().to(dtype)
+    t.load_state_dict(state)
+    return t
+
+
 def reference(state, x_img, x_txt):
-    towers = Towers().double()
-    towers.load_state_dict(state)
-    out = towers(x_img.double(), x_txt.double())
+    """F.cross_entropy with label_smoothing on the full B x B matrix, float64, one process."""
+    model = towers(state, torch.float64)
+    out = model(x_img.double(), x_txt.double())
     feats = [out.image_features, out.text_features]
     for f in feats:
         f.retain_grad()
@@ -55,47 +62,30 @@ def reference(state, x_img, x_txt):
     loss = 0.5 * (F.cross_entropy(logits_BB, labels_B, label_smoothing=EPS)
                   + F.cross_entropy(logits_BB.T, labels_B, label_smoothing=EPS))  # fmt: skip
     loss.backward()
-    return loss.item(), feats[0].grad, feats[1].grad, {n: p.grad for n, p in towers.named_parameters()}
+    return Step(loss, model, {"image": feats[0], "text": feats[1]})
 
 
-def worker(rank, port, cases):
-    from mmpretrain.objectives import LossConfig, StepContext
-    from mmpretrain.objectives.contrastive import ClipTerm, ClipTermConfig
-
-    init_gloo(rank, WORLD, port)
-    rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
-    term = ClipTerm(ClipTermConfig(label_smoothing=EPS), run_cfg=None)
-    for impl, state, x_img, x_txt, (want_loss, want_dimg, want_dtxt, want_grads) in cases:
-        towers = Towers()
-        towers.load_state_dict(state)
-        out = towers(x_img[rows], x_txt[rows])
-        for f in (out.image_features, out.text_features):
-            f.retain_grad()
-        ctx = StepContext(out=out, images=None, tokens=None, batch={}, model=None, group=None,
-                          loss_cfg=LossConfig(impl=impl, chunk_size=3))  # fmt: skip
-        loss = term.loss(ctx)
-        loss.backward()
-        tag = f"{impl}/rank{rank}"
-        losses = [torch.zeros(()) for _ in range(WORLD)]
-        dist.all_gather(losses, loss.detach())
-        assert losses[0].item() == losses[1].item(), f"{tag}: loss differs across ranks {losses}"
-        assert loss.item() == pytest.approx(want_loss, rel=1e-5), tag
-        assert_close(out.image_features.grad / WORLD, want_dimg[rows], f"{tag} d_image")
-        assert_close(out.text_features.grad / WORLD, want_dtxt[rows], f"{tag} d_text")
-        for n, p in towers.named_parameters():
-            dist.all_reduce(p.grad)  # DeepSpeed: sum, then / world
-            assert_close(p.grad / WORLD, want_grads[n], f"{tag} d_{n}")
-    dist.destroy_process_group()
+def clip_term(impl, state, x_img, x_txt, rows):
+    """The label-smoothed clip term on this rank's rows (group None: the world)."""
+    model = towers(state)
+    out = model(x_img[rows], x_txt[rows])
+    for f in (out.image_features, out.text_features):
+        f.retain_grad()
+    ctx = StepContext(out=out, images=None, tokens=None, batch={}, model=None, group=None,
+                      loss_cfg=LossConfig(impl=impl, chunk_size=3))  # fmt: skip
+    loss = ClipTerm(ClipTermConfig(label_smoothing=EPS), run_cfg=None).loss(ctx)
+    loss.backward()
+    return Step(loss, model, {"image": out.image_features, "text": out.text_features})
 
 
 def test_label_smoothing_two_ranks_equal_one_process_holding_the_batch():
     torch.manual_seed(0)
     state = {k: v.clone() for k, v in Towers().state_dict().items()}
-    x_img, x_txt = torch.randn(WORLD * B_LOCAL, D_IN), torch.randn(WORLD * B_LOCAL, D_IN)
+    x_img, x_txt = torch.randn(2 * B_LOCAL, D_IN), torch.randn(2 * B_LOCAL, D_IN)
     x_txt = x_txt + x_img  # correlated pairs, like a trained model
-    ref = reference(state, x_img, x_txt)
-    mp.spawn(worker, args=(free_port(), [(impl, state, x_img, x_txt, ref) for impl in ("chunked", "naive")]),
-             nprocs=WORLD)  # fmt: skip
+    data = (state, x_img, x_txt)
+    cases = [Case(impl, partial(clip_term, impl, *data), partial(reference, *data)) for impl in ("chunked", "naive")]
+    assert_n_ranks_equal_one(cases, rows_per_rank=B_LOCAL)
 
 
 # ----------------------------------------------------------------------------- a real ALIGN run
