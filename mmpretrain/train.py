@@ -25,6 +25,7 @@ from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, diff_configs, from_yaml_file, load_config, to_dict, to_yaml
 from mmpretrain.data.pipeline import DataFaultError
 from mmpretrain.distributed import all_gather_object, all_reduce, barrier, env_rank_world, init_distributed, world_rank
+from mmpretrain.eval.suite import evaluate_all
 from mmpretrain.faults import EXIT_STOPPED, Injector, NonFiniteError, SkipTracker, StepGuard, StopRequest
 
 # Keys that may change between a run and its restart: they do not touch weights or data order.
@@ -206,8 +207,6 @@ def data_metrics(total: dict, window: dict) -> dict:
 
 def run_eval(engine, tokenizer, cfg: Config, dist_info) -> dict:
     """Zero-shot / retrieval on every rank (ZeRO-3 holds the weights in parts), reduced; rank 0 logs."""
-    from mmpretrain.evaluate import evaluate_all
-
     return evaluate_all(
         engine.module, tokenizer, cfg.data.eval, cfg.eval, image_size=cfg.model.vision.image_size,
         rank=dist_info.rank, world_size=dist_info.world_size, device=dist_info.device,

@@ -33,7 +33,7 @@ but no cross-rank partial column sums of two distributions and of the P'(t - s) 
 give the full gradient of its own queries and partial gradients of every key, which a reduce-scatter sums onto the
 owner; all of it times N (the engine averages over ranks: see mmpretrain.objectives.base).
 
-The teacher: built once in ``setup`` from any folder ``mmpretrain.evaluate`` can load (run, step, consolidated,
+The teacher: built once in ``setup`` from any folder ``mmpretrain.eval`` can load (run, step, consolidated,
 HF CLIP/SigLIP, OpenCLIP; mmpretrain.convert.read_any), outside the DeepSpeed engine (never sharded, never in the
 optimizer), in eval mode with requires_grad off, run under no_grad in ``precision`` (bf16 by default; its logit
 scale and bias stay fp32). bf16 measured 1.2x faster than fp32 for the teacher's forward on this project's CPUs
@@ -41,7 +41,7 @@ scale and bias stay fp32). bf16 measured 1.2x faster than fp32 for the teacher's
 Every rank loads the whole teacher: prefer a consolidated or HF folder over a DeepSpeed run for a big teacher.
 - Images: the student's normalized batch, resized to the teacher's image_size (bicubic, antialiased) when the
   sizes differ. Resizing is linear, so it commutes with the per-channel normalization; every model here takes
-  CLIP-normalized images (mmpretrain.data.transforms.normalize_images, as in evaluate), so no re-normalization.
+  CLIP-normalized images (mmpretrain.data.transforms.normalize_images, as in mmpretrain.eval), so no re-normalization.
 - Text: the student's token ids (our CLIP BPE tokenizer). A teacher whose vocabulary differs is refused (ids would
   mean other tokens; re-tokenizing would need the raw captions, which the batch does not carry). A different
   context length is handled exactly as the tokenizer would at the teacher's length: shorter rows are padded with 0,

@@ -9,7 +9,8 @@ The head (``model.heads["itm"]``, ITMHead): ``layers`` pre-LN blocks over the te
 self-attention over the caption's tokens (bidirectional, padding masked), cross-attention to the image tokens
 (LayerNorm'd and projected to the text width when the widths differ), and an MLP; then a final LayerNorm and a
 2-way linear head on the FIRST text position (SOT: in the causal CLIP tower it has seen nothing, here its
-bidirectional self-attention reads the whole caption, as ALBEF's [CLS]). Match score = logit[1] - logit[0].
+bidirectional self-attention reads the whole caption, as ALBEF's [CLS]). Match score = logit[1] - logit[0]; at
+evaluation the head re-ranks retrieval candidates by it (it implements mmpretrain.eval.retrieval.Reranker).
 
 Per step, each rank scores 3b pairs of its b samples: (image i, text i) match; (image i, a hard negative text)
 and (a hard negative image, text i) no match; loss = mean 2-way cross-entropy over the 3b pairs.
@@ -143,6 +144,19 @@ class ITMHead(nn.Module):
         for block in self.blocks:
             x_BLD = block(x_BLD, text_valid, img_BND)
         return self.match(self.ln(x_BLD[:, 0]))  # first text position (see the module docstring)
+
+    # Re-ranking at evaluation: this head implements mmpretrain.eval.retrieval.Reranker.
+
+    def match_scores(self, image_tokens, text_tokens, text_ids) -> torch.Tensor:
+        """(B,) float32 match log-odds of B pairs: image token states, caption token states and the caption's ids."""
+        return match_score(self(image_tokens, text_tokens, text_valid_mask(text_ids)))
+
+    def dummy_forward(self, device) -> None:
+        """One forward on a one-token dummy pair: keeps ZeRO-3's collectives in step on a rank out of pairs."""
+        dtype = next(self.parameters()).dtype
+        self(torch.zeros(1, 1, self.image_width, dtype=dtype, device=device),
+             torch.zeros(1, 1, self.text_width, dtype=dtype, device=device),
+             torch.ones(1, 1, dtype=torch.bool, device=device))  # fmt: skip
 
 
 def match_score(logits_B2: torch.Tensor) -> torch.Tensor:
