@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from mmpretrain.distributed import free_port
 
@@ -60,6 +61,35 @@ class Case:
     step: Callable  # step(rows: slice) -> Step
     reference: Optional[Callable] = None  # () -> Step on one process, whole batch; None: step(slice(None))
     check: Optional[Callable] = None  # check(rank), on each rank after the comparisons (what else must hold)
+
+
+class LinearTowers(torch.nn.Module):
+    """A linear "tower" per modality and a learnable log scale (and logit bias): the model the loss tests train.
+
+    model((x_img, x_txt)) -> an object with image_features, text_features (normalized), logit_scale, logit_bias.
+    """
+
+    def __init__(self, d_in: int, d: int, bias: bool = False):
+        super().__init__()
+        self.img, self.txt = torch.nn.Linear(d_in, d), torch.nn.Linear(d_in, d)
+        self.log_scale = torch.nn.Parameter(torch.tensor(2.5))
+        self.bias = torch.nn.Parameter(torch.tensor(-2.0)) if bias else None
+
+    def forward(self, batch):
+        x_img, x_txt = batch
+        out = type("Out", (), {})()
+        out.image_features = F.normalize(self.img(x_img), dim=-1)
+        out.text_features = F.normalize(self.txt(x_txt), dim=-1)
+        out.logit_scale, out.logit_bias = self.log_scale.exp(), self.bias
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict, dtype=torch.float32) -> "LinearTowers":
+        """The towers whose state_dict is `state`, in dtype (every rank and the reference build the same)."""
+        d, d_in = state["img.weight"].shape
+        towers = cls(d_in, d, bias="bias" in state).to(dtype)
+        towers.load_state_dict(state)
+        return towers
 
 
 def approx_loss(got: torch.Tensor, want: torch.Tensor, what: str, rel: float = 1e-5) -> None:

@@ -23,7 +23,7 @@ from mmpretrain.distributed import free_port
 from mmpretrain.eval.cli import main as evaluate_main
 from mmpretrain.objectives import LossConfig, StepContext
 from mmpretrain.objectives.contrastive import ClipTerm, ClipTermConfig
-from tests.distributed.harness import Case, Step, assert_n_ranks_equal_one
+from tests.distributed.harness import Case, LinearTowers, Step, assert_n_ranks_equal_one
 
 B_LOCAL, D_IN, D = 7, 12, 16
 EPS = 0.1
@@ -31,30 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-class Towers(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.img, self.txt = torch.nn.Linear(D_IN, D), torch.nn.Linear(D_IN, D)
-        self.log_scale = torch.nn.Parameter(torch.tensor(2.5))
-
-    def forward(self, x_img, x_txt):
-        out = type("Out", (), {})()
-        out.image_features = F.normalize(self.img(x_img), dim=-1)
-        out.text_features = F.normalize(self.txt(x_txt), dim=-1)
-        out.logit_scale, out.logit_bias = self.log_scale.exp(), None
-        return out
-
-
-def towers(state, dtype=torch.float32):
-    t = Towers().to(dtype)
-    t.load_state_dict(state)
-    return t
-
-
 def reference(state, x_img, x_txt):
     """F.cross_entropy with label_smoothing on the full B x B matrix, float64, one process."""
-    model = towers(state, torch.float64)
-    out = model(x_img.double(), x_txt.double())
+    model = LinearTowers.from_state(state, torch.float64)
+    out = model((x_img.double(), x_txt.double()))
     feats = [out.image_features, out.text_features]
     for f in feats:
         f.retain_grad()
@@ -68,8 +48,8 @@ def reference(state, x_img, x_txt):
 
 def clip_term(impl, state, x_img, x_txt, rows):
     """The label-smoothed clip term on this rank's rows (group None: the world)."""
-    model = towers(state)
-    out = model(x_img[rows], x_txt[rows])
+    model = LinearTowers.from_state(state)
+    out = model((x_img[rows], x_txt[rows]))
     for f in (out.image_features, out.text_features):
         f.retain_grad()
     ctx = StepContext(out=out, images=None, tokens=None, batch={}, model=None, group=None,
@@ -81,7 +61,7 @@ def clip_term(impl, state, x_img, x_txt, rows):
 
 def test_label_smoothing_two_ranks_equal_one_process_holding_the_batch():
     torch.manual_seed(0)
-    state = {k: v.clone() for k, v in Towers().state_dict().items()}
+    state = LinearTowers(D_IN, D).state_dict()
     x_img, x_txt = torch.randn(2 * B_LOCAL, D_IN), torch.randn(2 * B_LOCAL, D_IN)
     x_txt = x_txt + x_img  # correlated pairs, like a trained model
     data = (state, x_img, x_txt)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from mmpretrain.distributed import free_port
 from mmpretrain.objectives.distill import distill_kl
-from tests.distributed.harness import Case, Step, assert_n_ranks_equal_one
+from tests.distributed.harness import Case, LinearTowers, Step, assert_n_ranks_equal_one
+from tests.unit.test_distill import naive_kl
 
 B_LOCAL, D_IN, D, E = 7, 12, 16, 10
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,57 +24,30 @@ TINY = os.path.join(REPO, "tests", "integration", "tiny.yaml")
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-class Towers(torch.nn.Module):
-    """Linear student towers with a learnable log scale."""
-
-    def __init__(self):
-        super().__init__()
-        self.img, self.txt = torch.nn.Linear(D_IN, D), torch.nn.Linear(D_IN, D)
-        self.log_scale = torch.nn.Parameter(torch.tensor(2.5))
-
-    def forward(self, x_img, x_txt):
-        return F.normalize(self.img(x_img), dim=-1), F.normalize(self.txt(x_txt), dim=-1), self.log_scale.exp()
-
-
-def towers(state, dtype=torch.float32):
-    t = Towers().to(dtype)
-    t.load_state_dict(state)
-    return t
-
-
-def naive_kl(x_BD, y_BD, a, u_BE, v_BE, c):
-    """Full-matrix (KL_rows + KL_cols) / 2, KL(teacher || student), float64 autograd."""
-    s_BB, t_BB = a * x_BD @ y_BD.T, c * u_BE @ v_BE.T
-
-    def rows(t, s):
-        log_p = t.log_softmax(1)
-        return (log_p.exp() * (log_p - s.log_softmax(1))).sum(1).mean()
-
-    return 0.5 * (rows(t_BB, s_BB) + rows(t_BB.T, s_BB.T))
-
-
 def reference(state, x_img, x_txt, u, v, c):
-    model = towers(state, torch.float64)
-    x, y, a = model(x_img.double(), x_txt.double())
+    model = LinearTowers.from_state(state, torch.float64)
+    out = model((x_img.double(), x_txt.double()))
+    x, y = out.image_features, out.text_features
     x.retain_grad(), y.retain_grad()
-    loss = naive_kl(x, y, a, u.double(), v.double(), c)
+    loss = naive_kl(x, y, out.logit_scale, u.double(), v.double(), c)
     loss.backward()
     return Step(loss, model, {"image": x, "text": y})
 
 
 def distill(chunk, state, x_img, x_txt, u, v, c, rows):
     """distill_kl on this rank's rows, in the world group, `chunk` rows at a time."""
-    model = towers(state)
-    x, y, a = model(x_img[rows], x_txt[rows])
+    model = LinearTowers.from_state(state)
+    out = model((x_img[rows], x_txt[rows]))
+    x, y = out.image_features, out.text_features
     x.retain_grad(), y.retain_grad()
-    loss = distill_kl(x, y, a, u[rows], v[rows], torch.tensor(c), group=dist.group.WORLD, chunk_size=chunk)
+    loss = distill_kl(x, y, out.logit_scale, u[rows], v[rows], torch.tensor(c), dist.group.WORLD, chunk_size=chunk)
     loss.backward()
     return Step(loss, model, {"image": x, "text": y})
 
 
 def test_two_ranks_equal_one_process_holding_the_batch():
     torch.manual_seed(0)
-    state = {k: v.clone() for k, v in Towers().state_dict().items()}
+    state = LinearTowers(D_IN, D).state_dict()
     B = 2 * B_LOCAL
     x_img, x_txt = torch.randn(B, D_IN), torch.randn(B, D_IN)
     x_txt = x_txt + x_img  # correlated pairs

@@ -20,18 +20,10 @@ import torch.nn.functional as F
 import mmpretrain.distributed
 from mmpretrain.objectives import StepContext, itm
 from tests.distributed.harness import Case, Step, assert_n_ranks_equal_one
+from tests.unit.test_itm import Holder
 
 WORLD, B_LOCAL, N, L, DV, DT, E, SEED, STEP = 2, 6, 5, 7, 12, 8, 8, 3, 5
 G = WORLD * B_LOCAL
-
-
-class Holder(torch.nn.Module):
-    def __init__(self, head):
-        super().__init__()
-        self.heads = torch.nn.ModuleDict({"itm": head})
-
-    def forward(self, head=None, **kw):
-        return self.heads[head](**kw)
 
 
 def make_case():

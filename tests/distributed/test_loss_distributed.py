@@ -11,40 +11,17 @@ parameter gradients averaged over ranks like DeepSpeed does must equal the one-p
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from mmpretrain.kernels.contrastive_loss import clip_loss_reference, siglip_loss_reference
 
 from mmpretrain.loss import LossConfig, compute_loss, grad_cache_step
-from tests.distributed.harness import Case, Step, assert_n_ranks_equal_one
+from tests.distributed.harness import Case, LinearTowers, Step, assert_n_ranks_equal_one
 
 B_LOCAL, D_IN, D = 7, 12, 16
 
 
-class Towers(torch.nn.Module):
-    def __init__(self, name):
-        super().__init__()
-        self.img, self.txt = torch.nn.Linear(D_IN, D), torch.nn.Linear(D_IN, D)
-        self.log_scale = torch.nn.Parameter(torch.tensor(2.5))
-        self.bias = torch.nn.Parameter(torch.tensor(-2.0)) if name == "siglip" else None
-
-    def forward(self, batch):
-        x_img, x_txt = batch
-        out = type("Out", (), {})()
-        out.image_features = F.normalize(self.img(x_img), dim=-1)
-        out.text_features = F.normalize(self.txt(x_txt), dim=-1)
-        out.logit_scale, out.logit_bias = self.log_scale.exp(), self.bias
-        return out
-
-
-def towers(name, state, dtype=torch.float32):
-    t = Towers(name).to(dtype)
-    t.load_state_dict(state)
-    return t
-
-
 def reference(name, state, x_img, x_txt):
     """One process, whole batch, float64 full-matrix loss."""
-    model = towers(name, state, torch.float64)
+    model = LinearTowers.from_state(state, torch.float64)
     out = model((x_img.double(), x_txt.double()))
     feats = [out.image_features, out.text_features]
     for f in feats:
@@ -59,7 +36,7 @@ def reference(name, state, x_img, x_txt):
 
 def tiled(name, impl, state, x_img, x_txt, rows):
     """This rank's rows through the tiled loss (group None -> the default group)."""
-    model = towers(name, state)
+    model = LinearTowers.from_state(state)
     out = model((x_img[rows], x_txt[rows]))
     for f in (out.image_features, out.text_features):
         f.retain_grad()
@@ -70,7 +47,7 @@ def tiled(name, impl, state, x_img, x_txt, rows):
 
 def grad_cache(name, impl, state, x_img, x_txt, rows):
     """GradCache: 2 micro-batches of this rank's rows (rows of the same global batch, same order)."""
-    model = towers(name, state)
+    model = LinearTowers.from_state(state)
     local = (x_img[rows], x_txt[rows])
     half = len(local[0]) // 2
     mbs = [tuple(t[:half] for t in local), tuple(t[half:] for t in local)]
@@ -82,7 +59,7 @@ def test_two_ranks_equal_one_process_holding_the_batch():
     cases = []
     for name in ("clip", "siglip"):
         torch.manual_seed(0)
-        state = {k: v.clone() for k, v in Towers(name).state_dict().items()}
+        state = LinearTowers(D_IN, D, bias=name == "siglip").state_dict()
         x_img, x_txt = torch.randn(2 * B_LOCAL, D_IN), torch.randn(2 * B_LOCAL, D_IN)
         x_txt = x_txt + x_img[:, :D_IN]  # correlated pairs, like a trained model
         data = (state, x_img, x_txt)

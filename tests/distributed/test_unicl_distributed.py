@@ -11,37 +11,15 @@ from functools import partial
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mmpretrain.config import Config
 from mmpretrain.loss import grad_cache_step
 from mmpretrain.objectives import LossConfig, Objective, StepContext, TermsConfig
 from mmpretrain.objectives.unicl import UniclTermConfig, label_keys
-from tests.distributed.harness import Case, Step, assert_n_ranks_equal_one
+from tests.distributed.harness import Case, LinearTowers, Step, assert_n_ranks_equal_one
 from tests.unit.test_unicl import naive_unicl
 
 B_LOCAL, D_IN, D, L = 7, 12, 16, 8
-
-
-class Towers(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.img, self.txt = torch.nn.Linear(D_IN, D), torch.nn.Linear(D_IN, D)
-        self.log_scale = torch.nn.Parameter(torch.tensor(2.5))
-
-    def forward(self, batch):
-        x_img, x_txt = batch
-        out = type("Out", (), {})()
-        out.image_features = F.normalize(self.img(x_img), dim=-1)
-        out.text_features = F.normalize(self.txt(x_txt), dim=-1)
-        out.logit_scale, out.logit_bias = self.log_scale.exp(), None
-        return out
-
-
-def towers(state, dtype=torch.float32):
-    t = Towers().to(dtype)
-    t.load_state_dict(state)
-    return t
 
 
 def term_loss(source, impl, out, batch):
@@ -54,7 +32,7 @@ def term_loss(source, impl, out, batch):
 
 def reference(source, state, x_img, x_txt, tokens, cls):
     """One process, whole batch, float64 naive UniCL."""
-    model = towers(state, torch.float64)
+    model = LinearTowers.from_state(state, torch.float64)
     out = model((x_img.double(), x_txt.double()))
     feats = [out.image_features, out.text_features]
     for f in feats:
@@ -67,7 +45,7 @@ def reference(source, state, x_img, x_txt, tokens, cls):
 
 
 def unicl(source, impl, state, x_img, x_txt, tokens, cls, rows):
-    model = towers(state)
+    model = LinearTowers.from_state(state)
     out = model((x_img[rows], x_txt[rows]))
     for f in (out.image_features, out.text_features):
         f.retain_grad()
@@ -78,7 +56,7 @@ def unicl(source, impl, state, x_img, x_txt, tokens, cls, rows):
 
 def grad_cache(source, impl, state, x_img, x_txt, tokens, cls, rows):
     """2 micro-batches per rank; the term sees the concatenated features and the whole batch."""
-    model = towers(state)
+    model = LinearTowers.from_state(state)
     local = (x_img[rows], x_txt[rows])
     half = len(local[0]) // 2
     mbs = [tuple(t[:half] for t in local), tuple(t[half:] for t in local)]
@@ -92,7 +70,7 @@ def test_two_ranks_equal_one_process_holding_the_batch():
     B = 2 * B_LOCAL
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    state = {k: v.clone() for k, v in Towers().state_dict().items()}
+    state = LinearTowers(D_IN, D).state_dict()
     x_img = torch.randn(B, D_IN, generator=g)
     x_txt = x_img + torch.randn(B, D_IN, generator=g)  # correlated pairs, like a trained model
     # captions: 4 distinct token rows, repeated on both ranks; .cls on about half the samples (-1: none)
