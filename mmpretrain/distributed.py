@@ -85,7 +85,7 @@ def free_port() -> int:
 
 def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     """Create the default process group (nccl on CUDA, gloo on CPU) through DeepSpeed."""
-    import deepspeed  # heavy; the eval and conversion commands never start a group through it
+    import deepspeed  # seconds to import: only starting a group needs it, not every importer of this module
 
     rank, world, local_rank = env_rank_world()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
