@@ -16,6 +16,8 @@ from mmpretrain.eval.cli import main
 from mmpretrain.eval.suite import set_name
 from tests.unit.eval.helpers import png, write_tar
 
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
 
 def test_cli_missing_checkpoint_folder(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
@@ -98,12 +100,14 @@ def test_cli_loads_a_runs_itm_head_and_reranks(shapes_dataset, tmp_path):
     loads it strictly with the towers and reports the re-ranked recalls, equal to the trainer's final eval."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     ds, out = shapes_dataset, tmp_path / "run"
+    # a world of one on its own port: no launcher variables an earlier in-process test may have left behind
+    clean_env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     proc = subprocess.run(
         [sys.executable, "-m", "mmpretrain.train", os.path.join(repo, "configs", "recipes", "itm-tiny.yaml"),
          f"output_dir={out}", f"data.train.urls={ds.train_urls}", f"data.eval.zeroshot={ds.zeroshot_root}",
          f"data.eval.retrieval={ds.retrieval_root}", "train.steps=2", "train.batch_size=8", "data.num_workers=0",
          "checkpoint.every_steps=0", "logging.wandb=disabled", "logging.progress=false", "eval.num_workers=0"],
-        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        env={**clean_env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
