@@ -70,7 +70,7 @@ setup(
     entry_points={
         "console_scripts": [
             "mmpretrain-train=mmpretrain.train:main",
-            "mmpretrain-eval=mmpretrain.evaluate:main",
+            "mmpretrain-eval=mmpretrain.eval.cli:main",
             "mmpretrain-adapt=mmpretrain.adapt:main",
             "mmpretrain-export=mmpretrain.export:main",
             "mmpretrain-convert=mmpretrain.convert.cli:main",

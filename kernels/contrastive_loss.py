@@ -33,7 +33,8 @@ all-gathered (B x D); each rank computes the strip of local image rows x all tex
 owns the complete row terms of its images and a partial sum of every column; one all-reduce of
 B + 1 float64 numbers completes the column log-sum-exps and the loss, identical on every rank.
 Backward: each rank's strip gives the full gradient of its images and a partial gradient of all
-texts, which a reduce-scatter sums onto the owner.
+texts, which a reduce-scatter sums onto the owner. The collectives are kernels/collectives.py (group None:
+no communication; mmpretrain.loss passes the world's group when torch.distributed is up).
 Why all-gather and not a ring (big_vision's chunked SigLIP, Inf-CL's ring): the gathered texts
 cost B*D (65536 x 768 in bf16 is 96 MB), small next to the towers' activations, and the
 all-gather + reduce-scatter move the same bytes as N-1 ring steps in two bandwidth-optimal
@@ -55,8 +56,9 @@ Shapes: b local batch, B global batch, M / N rows / columns of a strip, D featur
 """
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from .collectives import all_gather, all_reduce_sum, gather_with_grad, reduce_scatter_sum, world_rank
 
 IMPLS = ("triton", "chunked", "naive")
 MAX_ABS_LOGIT = 700.0  # float64 exp range; see the module docstring
@@ -192,42 +194,6 @@ def _ops(impl):
     raise ValueError(f"loss.impl must be one of {IMPLS} (got {impl!r})")
 
 
-# ----------------------------------------------------------------------------- collectives
-
-
-def _world(group):
-    """(world size, rank) of the group; (1, 0) without torch.distributed."""
-    if group is None:
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
-def _all_gather(x_bD, group):
-    world, _ = _world(group)
-    if world == 1:
-        return x_bD
-    out_BD = torch.empty((world * x_bD.shape[0], *x_bD.shape[1:]), dtype=x_bD.dtype, device=x_bD.device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out_BD, x_bD.contiguous(), group=group)
-    return out_BD
-
-
-def _all_reduce_sum(x, group):
-    if _world(group)[0] > 1:
-        dist.all_reduce(x, group=group)
-    return x
-
-
-def _reduce_scatter_sum(x_BD, group):
-    world, _ = _world(group)
-    if world == 1:
-        return x_BD
-    out_bD = torch.empty((x_BD.shape[0] // world, *x_BD.shape[1:]), dtype=x_BD.dtype, device=x_BD.device)
-    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    scatter(out_bD, x_BD.contiguous(), group=group)
-    return out_bD
-
-
 def _rowdot(x_bD, y_bD):
     """(b,) fp32 row-wise dot products without a (b, D) temporary."""
     return torch.bmm(x_bD.float()[:, None, :], y_bD.float()[:, :, None]).flatten()
@@ -252,18 +218,18 @@ def _check_logit_range(img_bD, txt_BD, scale):
 class _ClipLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img_bD, txt_bD, scale, group, impl, chunk_size):
-        world, rank = _world(group)
+        world, rank = world_rank(group)
         b = img_bD.shape[0]
         B, off = b * world, rank * b
         ops = _ops(impl)
-        txt_BD = _all_gather(txt_bD, group)  # collective: all-gather the texts (B, D)
+        txt_BD = all_gather(txt_bD, group)  # collective: all-gather the texts (B, D)
         _check_logit_range(img_bD, txt_BD, scale)
         s = scale.detach().float()
         row_lse_b, col_sumexp_B = ops.clip_forward(img_bD, txt_BD, s, chunk_size)
         pos_b = s * _rowdot(img_bD, txt_BD[off : off + b])  # l_ii of the local pairs
         # Row terms of the local images (each positive counted in both directions) ride with the column sums.
         stats = torch.cat([col_sumexp_B, (row_lse_b.double() - 2 * pos_b.double()).sum()[None]])
-        _all_reduce_sum(stats, group)  # collective: complete column sums + loss (B + 1 fp64 numbers)
+        all_reduce_sum(stats, group)  # collective: complete column sums + loss (B + 1 fp64 numbers)
         col_lse_B = stats[:B].log()
         loss = (stats[B] + col_lse_B.sum()) / (2 * B)
         ctx.save_for_backward(img_bD, txt_BD, scale, row_lse_b, col_lse_B.float())
@@ -273,7 +239,7 @@ class _ClipLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         img_bD, txt_BD, scale, row_lse_b, col_lse_B = ctx.saved_tensors
-        world, rank = _world(ctx.group)
+        world, rank = world_rank(ctx.group)
         b = img_bD.shape[0]
         B, off = b * world, rank * b
         s = scale.detach().float()
@@ -284,22 +250,22 @@ class _ClipLoss(torch.autograd.Function):
         coef = grad_loss.float() * world / (2 * B)  # x world: the engine averages over ranks (docstring)
         dscale = torch.dot(img_bD.float().flatten(), dimg_bD.flatten()) / s * coef
         dimg_bD.mul_(coef)
-        dtxt_bD = _reduce_scatter_sum(dtxt_BD.mul_(coef), ctx.group)  # collective: sum text grads onto owners
+        dtxt_bD = reduce_scatter_sum(dtxt_BD.mul_(coef), ctx.group)  # collective: sum text grads onto owners
         return dimg_bD.to(img_bD.dtype), dtxt_bD.to(txt_BD.dtype), dscale.to(scale.dtype), None, None, None
 
 
 class _SiglipLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img_bD, txt_bD, scale, bias, group, impl, chunk_size):
-        world, rank = _world(group)
+        world, rank = world_rank(group)
         b = img_bD.shape[0]
         B, off = b * world, rank * b
-        txt_BD = _all_gather(txt_bD, group)  # collective: all-gather the texts (B, D)
+        txt_BD = all_gather(txt_bD, group)  # collective: all-gather the texts (B, D)
         s, bb = scale.detach().float(), bias.detach().float()
         softplus_sum, sigmoid_sum = _ops(impl).siglip_forward(img_bD, txt_BD, s, bb, chunk_size)
         pos_b = s * _rowdot(img_bD, txt_BD[off : off + b]) + bb  # l_ii + b of the local pairs
         stats = torch.stack([softplus_sum - pos_b.double().sum(), sigmoid_sum])
-        _all_reduce_sum(stats[:1], group)  # collective: the loss (the sigmoid sum stays local, for db)
+        all_reduce_sum(stats[:1], group)  # collective: the loss (the sigmoid sum stays local, for db)
         ctx.save_for_backward(img_bD, txt_BD, scale, bias, stats[1])
         ctx.group, ctx.impl, ctx.chunk_size = group, impl, chunk_size
         return (stats[0] / B).float()
@@ -307,7 +273,7 @@ class _SiglipLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         img_bD, txt_BD, scale, bias, sigmoid_sum = ctx.saved_tensors
-        world, rank = _world(ctx.group)
+        world, rank = world_rank(ctx.group)
         b = img_bD.shape[0]
         B, off = b * world, rank * b
         s, bb = scale.detach().float(), bias.detach().float()
@@ -318,25 +284,9 @@ class _SiglipLoss(torch.autograd.Function):
         dscale = torch.dot(img_bD.float().flatten(), dimg_bD.flatten()) / s * coef
         dbias = (sigmoid_sum - b).float() * coef
         dimg_bD.mul_(coef)
-        dtxt_bD = _reduce_scatter_sum(dtxt_BD.mul_(coef), ctx.group)  # collective: sum text grads onto owners
+        dtxt_bD = reduce_scatter_sum(dtxt_BD.mul_(coef), ctx.group)  # collective: sum text grads onto owners
         grads = dimg_bD.to(img_bD.dtype), dtxt_bD.to(txt_BD.dtype), dscale.to(scale.dtype), dbias.to(bias.dtype)
         return *grads, None, None, None
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather (b, D) -> (B, D); backward sums the gradients of all ranks and keeps this rank's rows."""
-
-    @staticmethod
-    def forward(ctx, x_bD, group):
-        ctx.group = group
-        return _all_gather(x_bD, group)  # collective
-
-    @staticmethod
-    def backward(ctx, grad_BD):
-        world, rank = _world(ctx.group)
-        grad_BD = _all_reduce_sum(grad_BD.contiguous(), ctx.group)  # collective: sum over ranks
-        b = grad_BD.shape[0] // world
-        return grad_BD[rank * b : (rank + 1) * b], None
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -353,7 +303,7 @@ def tiled_clip_loss(img_bD, txt_bD, logit_scale, group=None, impl="chunked", chu
     """
     logit_scale = _as_tensor(logit_scale, img_bD)
     if impl == "naive":
-        img_BD, txt_BD = (_GatherWithGrad.apply(x, group) if group is not None else x for x in (img_bD, txt_bD))
+        img_BD, txt_BD = (gather_with_grad(x, group) for x in (img_bD, txt_bD))
         return clip_loss_reference(img_BD.float(), txt_BD.float(), logit_scale.float())
     return _ClipLoss.apply(img_bD, txt_bD, logit_scale, group, impl, chunk_size)
 
@@ -362,7 +312,7 @@ def tiled_siglip_loss(img_bD, txt_bD, logit_scale, logit_bias, group=None, impl=
     """SigLIP loss over the global batch (sum over all pairs / B); same conventions as tiled_clip_loss."""
     logit_scale, logit_bias = _as_tensor(logit_scale, img_bD), _as_tensor(logit_bias, img_bD)
     if impl == "naive":
-        img_BD, txt_BD = (_GatherWithGrad.apply(x, group) if group is not None else x for x in (img_bD, txt_bD))
+        img_BD, txt_BD = (gather_with_grad(x, group) for x in (img_bD, txt_bD))
         return siglip_loss_reference(img_BD.float(), txt_BD.float(), logit_scale.float(), logit_bias.float())
     return _SiglipLoss.apply(img_bD, txt_bD, logit_scale, logit_bias, group, impl, chunk_size)
 
@@ -419,12 +369,12 @@ def _label_mean(x_ND, slots_N, count_B, B):
 class _UniclLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img_bD, txt_bD, scale, labels_b, group, impl, chunk_size):
-        world, rank = _world(group)
+        world, rank = world_rank(group)
         b = img_bD.shape[0]
         B, off = b * world, rank * b
         ops = _ops(impl)
-        txt_BD = _all_gather(txt_bD, group)  # collective: all-gather the texts (B, D)
-        labels_B = _all_gather(labels_b.to(device=img_bD.device, dtype=torch.int64), group)  # collective: (B,)
+        txt_BD = all_gather(txt_bD, group)  # collective: all-gather the texts (B, D)
+        labels_B = all_gather(labels_b.to(device=img_bD.device, dtype=torch.int64), group)  # collective: (B,)
         slots_B, count_B = label_slots(labels_B)
         _check_logit_range(img_bD, txt_BD, scale)
         s = scale.detach().float()
@@ -433,7 +383,7 @@ class _UniclLoss(torch.autograd.Function):
         pos_txt_bD = _label_mean(txt_BD, slots_B, count_B, B)[slots_B[off : off + b]]
         pos_b = s * _rowdot(img_bD, pos_txt_bD)  # sum_j T_ij l_ij of the local rows (= the columns' total)
         stats = torch.cat([col_sumexp_B, (row_lse_b.double() - 2 * pos_b.double()).sum()[None]])
-        _all_reduce_sum(stats, group)  # collective: complete column sums + loss (B + 1 fp64 numbers)
+        all_reduce_sum(stats, group)  # collective: complete column sums + loss (B + 1 fp64 numbers)
         col_lse_B = stats[:B].log()
         loss = (stats[B] + col_lse_B.sum()) / (2 * B)
         ctx.save_for_backward(img_bD, txt_BD, scale, row_lse_b, col_lse_B.float(), pos_txt_bD, slots_B, count_B)
@@ -443,7 +393,7 @@ class _UniclLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         img_bD, txt_BD, scale, row_lse_b, col_lse_B, pos_txt_bD, slots_B, count_B = ctx.saved_tensors
-        world, rank = _world(ctx.group)
+        world, rank = world_rank(ctx.group)
         b = img_bD.shape[0]
         B, off = b * world, rank * b
         s = scale.detach().float()
@@ -456,7 +406,7 @@ class _UniclLoss(torch.autograd.Function):
         coef = grad_loss.float() * world / (2 * B)  # x world: the engine averages over ranks (docstring)
         dscale = torch.dot(img_bD.float().flatten(), dimg_bD.flatten()) / s * coef
         dimg_bD.mul_(coef)
-        dtxt_bD = _reduce_scatter_sum(dtxt_BD.mul_(coef), ctx.group)  # collective: sum text grads onto owners
+        dtxt_bD = reduce_scatter_sum(dtxt_BD.mul_(coef), ctx.group)  # collective: sum text grads onto owners
         return dimg_bD.to(img_bD.dtype), dtxt_bD.to(txt_BD.dtype), dscale.to(scale.dtype), None, None, None, None
 
 
@@ -470,7 +420,7 @@ def tiled_unicl_loss(img_bD, txt_bD, logit_scale, labels_b, group=None, impl="ch
     if labels_b.shape != (img_bD.shape[0],):
         raise ValueError(f"unicl: labels must have shape ({img_bD.shape[0]},) (got {tuple(labels_b.shape)})")
     if impl == "naive":
-        img_BD, txt_BD = (_GatherWithGrad.apply(x, group) if group is not None else x for x in (img_bD, txt_bD))
-        labels_B = _all_gather(labels_b.to(device=img_bD.device, dtype=torch.int64), group)
+        img_BD, txt_BD = (gather_with_grad(x, group) for x in (img_bD, txt_bD))
+        labels_B = all_gather(labels_b.to(device=img_bD.device, dtype=torch.int64), group)
         return unicl_loss_reference(img_BD.float(), txt_BD.float(), logit_scale.float(), labels_B)
     return _UniclLoss.apply(img_bD, txt_bD, logit_scale, labels_b, group, impl, chunk_size)

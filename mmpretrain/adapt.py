@@ -46,6 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmpretrain.eval.metrics import topk_accuracy
+from mmpretrain.eval.zeroshot import build_zeroshot_classifier
+
 METHODS = ("coop", "adapter")
 OPTIMIZERS = ("adamw", "sgd")
 CTX_WORD = "X"  # placeholder word whose token embeddings the learned context replaces (one BPE token)
@@ -317,8 +320,6 @@ def train_classifier(
 
 
 def _topk(logits_NC: torch.Tensor, labels_N: torch.Tensor) -> dict[str, float]:
-    from mmpretrain.evaluate import topk_accuracy
-
     ks = [k for k in (1, 5) if k <= logits_NC.shape[1]]
     return {f"top{k}": v for k, v in topk_accuracy(logits_NC, labels_N, ks).items()}
 
@@ -341,7 +342,6 @@ def adapt(
     after) and never updated.
     """
     from mmpretrain.data import load_zeroshot_set
-    from mmpretrain.evaluate import build_zeroshot_classifier
 
     cfg.validate("adapt")
     for flag, root in (("--train", train_root), ("--test", test_root)):

@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mmpretrain.checkpoint import CheckpointConfig
 from mmpretrain.data.config import DataConfig
 from mmpretrain.engine import EngineConfig, OptimConfig
-from mmpretrain.evaluate import EvalConfig
+from mmpretrain.eval.config import EvalConfig
 from mmpretrain.logging import LoggingConfig
 from mmpretrain.model import ModelConfig, resolve_model_config
 from mmpretrain.objectives import LossConfig, check_run

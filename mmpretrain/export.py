@@ -3,7 +3,7 @@
     python -m mmpretrain.export outputs/demo --output deploy/                # both formats
     python -m mmpretrain.export hf_clip_folder --output deploy/ --onnx       # ONNX only
 
-CHECKPOINT is anything `mmpretrain.evaluate` loads (run folder, step folder, consolidated, Hugging Face
+CHECKPOINT is anything `mmpretrain.eval` loads (run folder, step folder, consolidated, Hugging Face
 or OpenCLIP folder). Writes to --output:
 
     image_encoder.onnx   pixel_values (B, 3, S, S) float32, CLIP-normalized -> image_embeds (B, E) float32 unit rows

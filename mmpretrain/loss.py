@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from mmpretrain.distributed import resolve_group
 from mmpretrain.kernels.contrastive_loss import tiled_clip_loss, tiled_siglip_loss, tiled_unicl_loss
 from mmpretrain.objectives import LOSS_IMPLS
 
@@ -31,9 +31,9 @@ def __getattr__(name):
 
 
 def _resolve(img_bD, group, impl):
-    """Default process group when torch.distributed is up; 'auto' -> triton on CUDA, chunked elsewhere."""
-    if group is None and dist.is_available() and dist.is_initialized():
-        group = dist.group.WORLD
+    """The group resolved (None: the world's when torch.distributed is up; the kernels read None as no communication);
+    'auto' -> triton on CUDA, chunked elsewhere."""
+    group = resolve_group(group)
     if impl == "auto":
         impl = "triton" if img_bD.is_cuda else "chunked"
     if impl not in LOSS_IMPLS:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from mmpretrain.data.transforms import normalize_images
+from mmpretrain.distributed import all_reduce, world_rank
 from mmpretrain.engine import input_dtype, owns_clipping
 from mmpretrain.faults import Injector, StepGuard, discard_gradients
 from mmpretrain.loss import grad_cache_step
@@ -55,7 +56,7 @@ class TrainStep:
         self.dtype = input_dtype(engine_cfg)
         self.device = device or torch.device("cpu")
         self.injector = injector or Injector(None, rank=0)
-        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.world, _ = world_rank()
         # we clip and take the norm (whole, averaged gradients in param.grad) where DeepSpeed does not
         self.norm_here = owns_clipping(engine_cfg) and engine.zero_optimization_stage() == 0
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
@@ -95,8 +96,7 @@ class TrainStep:
         ]
         extra = [norm.detach().float().reshape(()) / self.world] if norm is not None else []
         flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=bad.device), *extra, *means])
-        if self.world > 1:
-            torch.distributed.all_reduce(flags)  # the one collective of the step: every rank decides alike
+        all_reduce(flags)  # the one collective of the step: every rank decides alike (sum; none on one rank)
         flags = flags.tolist()  # the one device-to-host copy: every decision and logged value of the step
         skipped, stop = flags[0] > 0, flags[1] > 0
         grad_norm = flags[2] if norm is not None else None

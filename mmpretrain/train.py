@@ -23,7 +23,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, diff_configs, from_yaml_file, load_config, to_dict, to_yaml
 from mmpretrain.data.pipeline import DataFaultError
-from mmpretrain.distributed import barrier, env_rank_world, init_distributed
+from mmpretrain.distributed import all_gather_object, barrier, env_rank_world, init_distributed
+from mmpretrain.eval.suite import evaluate_all
 from mmpretrain.faults import EXIT_STOPPED, Injector, NonFiniteError, SkipTracker, StopRequest
 from mmpretrain.step import StepResult, TrainStep
 from mmpretrain.train_state import TrainState
@@ -96,10 +97,9 @@ def gather_data_stats(window: dict) -> dict:
     """This log window's data stats summed over ranks (a collective)."""
     from mmpretrain.data import merge_data_stats
 
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+    parts = all_gather_object(window)  # collective
+    if len(parts) == 1:
         return window
-    parts: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, window)
     total: dict = {}
     for part in parts:
         total = merge_data_stats(total, part)
@@ -118,8 +118,6 @@ def data_metrics(total: dict, window: dict) -> dict:
 
 def run_eval(engine, tokenizer, cfg: Config, dist_info) -> dict:
     """Zero-shot / retrieval on every rank (ZeRO-3 holds the weights in parts), reduced; rank 0 logs."""
-    from mmpretrain.evaluate import evaluate_all
-
     return evaluate_all(
         engine.module, tokenizer, cfg.data.eval, cfg.eval, image_size=cfg.model.vision.image_size,
         rank=dist_info.rank, world_size=dist_info.world_size, device=dist_info.device,

@@ -23,9 +23,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES_DIR = os.path.join(REPO, "configs", "recipes")
-COLUMNS = [  # (header, eval.json key suffix)
-    ("zero-shot top-1", "zeroshot/eval/top1"),
-    ("top-5", "zeroshot/eval/top5"),
+COLUMNS = [  # (header, eval.json key suffix): zeroshot/<set>/top1 (shapes; eval in runs from before 0.2)
+    ("zero-shot top-1", "/top1"),
+    ("top-5", "/top5"),
     ("image→text R@1", "image_to_text_R@1"),
     ("R@5", "image_to_text_R@5"),
     ("text→image R@1", "text_to_image_R@1"),

@@ -7,7 +7,7 @@
         --ours-change no_guard --openclip-fused      # where time goes
     python tools/bench_train.py configs/bench-tiny.yaml --openclip --batch-sizes 16,32,64,128 --plot docs/x.png
 
-What is timed: one optimizer step exactly as the trainer runs it -- `mmpretrain.train.train_step`
+What is timed: one optimizer step exactly as the trainer runs it -- `mmpretrain.step.TrainStep`
 through the DeepSpeed engine `build_engine` returns (forward, loss, backward with the StepGuard's
 non-finite-gradient hooks, gradient norm and clipping, AdamW step, LR schedule). The batches are
 synthetic and already on the device (random images, random token ids ending in an EOT token), so neither

@@ -11,7 +11,7 @@ The same command as ``python -m mmpretrain.convert`` or, in a checkout, ``python
 SRC of consolidate is a run folder (its checkpoints/latest) or a checkpoints/step_<N> folder, of
 any ZeRO stage and world size; SRC of to-hf / to-openclip is any source `read_any` knows (run,
 step, consolidated, HF or OpenCLIP folder). from-hf / from-openclip write our consolidated layout
-(model.safetensors + config.yaml), which `python -m mmpretrain.evaluate` and these commands read.
+(model.safetensors + config.yaml), which `python -m mmpretrain.eval` and these commands read.
 Output is written to a temporary folder and renamed into place; an existing non-empty OUT is
 refused unless --force. Errors: one line on stderr, exit code 2. Layouts and key maps: docs/formats.md.
 """

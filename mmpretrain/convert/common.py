@@ -40,7 +40,7 @@ def check_exportable(model_cfg, target: str) -> None:
         raise ValueError(
             f"model.text.kind={t.kind}: the {target} export needs our {model_cfg.family.upper()} text tower; this "
             f"model's text tower is a transformers encoder (model.text.hf_config={t.hf_config}, [CLS]-pooled), "
-            f"which {target} has no place for. Evaluate it with `python -m mmpretrain.evaluate RUN`, or keep our "
+            f"which {target} has no place for. Evaluate it with `python -m mmpretrain.eval RUN`, or keep our "
             "format with `mmpretrain-convert consolidate`"
         )
 

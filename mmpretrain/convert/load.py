@@ -5,8 +5,9 @@
     Hugging Face folder                  config.json + model.safetensors (CLIP or SigLIP)
     OpenCLIP folder                      one model-config *.json + one weights file
 
-`load_any(path) -> (model, Config)` is what `python -m mmpretrain.evaluate` needs; a Config built
-from an HF / OpenCLIP folder has our defaults everywhere but `model`.
+`load_any(path) -> (model, Config)` gives the two towers; `load_model(path)` also a run's objective heads
+(what `python -m mmpretrain.eval` loads: the ITM head re-ranks retrieval). A Config built from an HF / OpenCLIP
+folder has our defaults everywhere but `model`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ import os
 
 import torch
 
+from mmpretrain.convert.common import check_state_dict, drop_heads
 from mmpretrain.convert.hf import is_hf_folder, read_hf
 from mmpretrain.convert.openclip import find_openclip, read_openclip
 from mmpretrain.convert.ours import is_consolidated, read_consolidated, read_run
+from mmpretrain.model import build_model
+from mmpretrain.objectives import Objective
 
 
-def _is_run(path: str) -> bool:
+def is_run(path: str) -> bool:
+    """A run folder (with checkpoints/) or one of its checkpoint step folders (with meta.json)."""
     return os.path.isfile(os.path.join(path, "meta.json")) or os.path.isdir(os.path.join(path, "checkpoints"))
 
 
@@ -30,7 +35,7 @@ def read_any(path: str, dtype: torch.dtype = torch.float32):
 
     if not os.path.isdir(path):
         raise ValueError(f"{path}: no such folder")
-    if _is_run(path):
+    if is_run(path):
         return read_run(path, dtype)
     if is_consolidated(path):
         return read_consolidated(path, dtype)
@@ -49,11 +54,22 @@ def read_any(path: str, dtype: torch.dtype = torch.float32):
 def load_any(path: str):
     """(fp32 model in eval mode, Config) from any supported source; the weights load strictly (objective heads,
     training-only, are dropped with a warning)."""
-    from mmpretrain.convert.common import drop_heads
-    from mmpretrain.model import build_model
-
     sd, cfg = read_any(path, torch.float32)
     sd = drop_heads(sd, path)
     model = build_model(cfg.model)
+    model.load_state_dict(sd, strict=True)
+    return model.eval(), cfg
+
+
+def load_model(path: str):
+    """(fp32 model in eval mode, Config) from any source load_any reads; a run folder's model also gets its objective
+    heads (`model.heads`, e.g. the ITM head that re-ranks retrieval), built from the run's config by
+    mmpretrain.objectives and loaded strictly with the rest."""
+    if not is_run(path):
+        return load_any(path)  # HF / OpenCLIP / consolidated folders hold the towers alone
+    sd, cfg = read_run(path)  # towers checked there; heads.* passed through
+    model = build_model(cfg.model)
+    Objective(cfg).attach_heads(model)
+    check_state_dict(sd, {k: v.shape for k, v in model.state_dict().items()}, path)  # the heads too
     model.load_state_dict(sd, strict=True)
     return model.eval(), cfg

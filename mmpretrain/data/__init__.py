@@ -30,6 +30,7 @@ _LAZY = {
     "ensure_synthetic": "synthetic",
     "with_synthetic_data": "synthetic",
     "SyntheticPaths": "synthetic",
+    "synthetic_set_name": "synthetic",
 }
 
 __all__ = ["DataConfig", "EvalDataConfig", "SourceConfig", "SyntheticConfig", "TrainDataConfig", *_LAZY]

@@ -157,6 +157,11 @@ class EvalDataConfig:
     + ``<key>.cls``), ``<root>/classnames.txt`` and ``<root>/zeroshot_classification_templates.txt``."""
     retrieval: Optional[str] = None
     """Retrieval set in clip_benchmark layout: ``<root>/test/*.tar`` with ``<key>.txt`` holding one caption a line."""
+    zeroshot_name: Optional[str] = None
+    """Name of the zero-shot set in the results (``zeroshot/<name>/top1``); null: derived from the set, i.e.
+    "shapes" for the synthetic demo sets, else the set folder's name."""
+    retrieval_name: Optional[str] = None
+    """Name of the retrieval set in the results (``retrieval/<name>/image_to_text_R@1``); null: derived, as above."""
     split: str = "test"
     """Split folder under each eval root."""
     batch_size: int = 64
@@ -166,6 +171,9 @@ class EvalDataConfig:
         if self.batch_size < 1:
             raise ValueError(f"{prefix}.batch_size: must be >= 1 (got {self.batch_size})")
         for name in ("zeroshot", "retrieval"):
+            set_name = getattr(self, f"{name}_name")
+            if set_name is not None and (not set_name or "/" in set_name):
+                raise ValueError(f"{prefix}.{name}_name: must be non-empty and without '/' (got {set_name!r})")
             root = getattr(self, name)
             if root is None or is_remote(root):
                 continue

@@ -16,6 +16,8 @@ CLIP learns zero-shot classification of these classes within minutes on a CPU.
     <root>/retrieval/dataset_type.txt      (several captions, one a line)
     <root>/_DONE                           marker (JSON of the parameters), written last
 
+Its eval sets are named "shapes" in evaluation results (``synthetic_set_name``): zeroshot/shapes/top1, ...
+
 Everything is a pure function of the parameters; train and the two eval sets use distinct seeds.
 """
 
@@ -66,6 +68,8 @@ CAPTION_FORMATS = [
 ]
 
 MARKER = "_DONE"
+SET_NAME = "shapes"  # what evaluation calls the eval sets: zeroshot/shapes/top1, retrieval/shapes/...
+ZEROSHOT_DIR, RETRIEVAL_DIR = "eval", "retrieval"  # the two eval sets, under the root
 _SUPERSAMPLE = 4  # draw at 4x and downsample: smooth edges even at 32 px
 
 # distinct seed streams for the three splits
@@ -191,8 +195,8 @@ def _paths(root: str, params: dict) -> SyntheticPaths:
     return SyntheticPaths(
         root=root,
         train_urls=os.path.join(root, "train", f"shard-{{000000..{n - 1:06d}}}.tar"),
-        zeroshot_root=os.path.join(root, "eval"),
-        retrieval_root=os.path.join(root, "retrieval"),
+        zeroshot_root=os.path.join(root, ZEROSHOT_DIR),
+        retrieval_root=os.path.join(root, RETRIEVAL_DIR),
         num_train=params["num_train"],
     )
 
@@ -238,14 +242,22 @@ def write_shapes_dataset(
     tmp = f"{root}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         _write_train(os.path.join(tmp, "train"), num_train, samples_per_shard, image_size, seed, train_labels)
-        _write_eval(os.path.join(tmp, "eval"), num_eval, image_size, seed, retrieval=False)
-        _write_eval(os.path.join(tmp, "retrieval"), num_eval, image_size, seed, retrieval=True)
+        _write_eval(os.path.join(tmp, ZEROSHOT_DIR), num_eval, image_size, seed, retrieval=False)
+        _write_eval(os.path.join(tmp, RETRIEVAL_DIR), num_eval, image_size, seed, retrieval=True)
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump(params, f, indent=1)
         _move_into_place(tmp, root, params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _paths(root, params)
+
+
+def synthetic_set_name(root: str) -> str | None:
+    """SET_NAME when ``root`` is one of a synthetic dataset's eval sets (its parent holds our marker), else None."""
+    root = os.path.abspath(root)
+    if os.path.basename(root) not in (ZEROSHOT_DIR, RETRIEVAL_DIR):
+        return None
+    return SET_NAME if _read_marker(os.path.dirname(root)) is not None else None
 
 
 def _read_marker(root: str) -> dict | None:

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from mmpretrain.objectives.base import REGISTRY, StepContext, Term, TermConfig, global_mean, register
+from mmpretrain.objectives.base import REGISTRY, StepContext, Term, TermConfig, register
 
 # Every module of this package registers its terms on import (a new term = a new file here); modules whose
 # name starts with "_" are skipped. Alphabetical: the order terms are summed and logged.
@@ -29,7 +29,7 @@ for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if not _m.name.startswith("_") and _m.name != "base":
         importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["REGISTRY", "LossConfig", "Objective", "StepContext", "Term", "TermConfig", "global_mean", "register"]
+__all__ = ["REGISTRY", "LossConfig", "Objective", "StepContext", "Term", "TermConfig", "register"]
 
 LOSS_NAMES = ("clip", "siglip")
 LOSS_IMPLS = ("auto", "triton", "chunked", "naive")

@@ -21,7 +21,8 @@ terms and logs each term's (unweighted) value as ``loss/<name>``.
 Gradient contract (the same as mmpretrain.loss): the tensor ``loss()`` returns is what this rank back-propagates,
 and DeepSpeed then averages gradients over the N ranks. So a term over the global batch (contrastive, UniCL,
 distillation) returns a value whose gradient is N x this rank's share of the global loss's gradient (the
-kernels in mmpretrain.loss do this); a term over this rank's samples alone (MIM) returns their mean. The value
+kernels in mmpretrain.loss do this, and so do mmpretrain.distributed's gather_with_grad, global_mean and
+fetch_rows); a term over this rank's samples alone (MIM) returns their mean. The value
 logged is the mean over ranks of the returned values (the same on every rank for global terms).
 """
 
@@ -102,19 +103,3 @@ def register(cls: type[Term]) -> type[Term]:
         raise ValueError(f"objective term {cls.name!r} registered twice")
     REGISTRY[cls.name] = cls
     return cls
-
-
-def global_mean(x_local: torch.Tensor, group=None) -> torch.Tensor:
-    """Mean over ranks of a per-rank mean (equal per-rank batches), with the gradient contract.
-
-    Value: the global mean, the same on every rank. Gradient: flows into x_local as N x its share
-    (d global / d x_local = 1/N, times N), so DeepSpeed's average over ranks is exact.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return x_local
-    total = x_local.detach().clone()
-    dist.all_reduce(total, group=group)
-    total = total / dist.get_world_size(group)
-    return total + (x_local - x_local.detach())

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mmpretrain.objectives.base import StepContext, Term, TermConfig, global_mean, register
+from mmpretrain.distributed import global_mean
+from mmpretrain.objectives.base import StepContext, Term, TermConfig, register
 
 
 @dataclass

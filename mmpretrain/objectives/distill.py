@@ -33,7 +33,7 @@ but no cross-rank partial column sums of two distributions and of the P'(t - s) 
 give the full gradient of its own queries and partial gradients of every key, which a reduce-scatter sums onto the
 owner; all of it times N (the engine averages over ranks: see mmpretrain.objectives.base).
 
-The teacher: built once in ``setup`` from any folder ``mmpretrain.evaluate`` can load (run, step, consolidated,
+The teacher: built once in ``setup`` from any folder ``mmpretrain.eval`` can load (run, step, consolidated,
 HF CLIP/SigLIP, OpenCLIP; mmpretrain.convert.read_any), outside the DeepSpeed engine (never sharded, never in the
 optimizer), in eval mode with requires_grad off, run under no_grad in ``precision`` (bf16 by default; its logit
 scale and bias stay fp32). bf16 measured 1.2x faster than fp32 for the teacher's forward on this project's CPUs
@@ -41,7 +41,7 @@ scale and bias stay fp32). bf16 measured 1.2x faster than fp32 for the teacher's
 Every rank loads the whole teacher: prefer a consolidated or HF folder over a DeepSpeed run for a big teacher.
 - Images: the student's normalized batch, resized to the teacher's image_size (bicubic, antialiased) when the
   sizes differ. Resizing is linear, so it commutes with the per-channel normalization; every model here takes
-  CLIP-normalized images (mmpretrain.data.transforms.normalize_images, as in evaluate), so no re-normalization.
+  CLIP-normalized images (mmpretrain.data.transforms.normalize_images, as in mmpretrain.eval), so no re-normalization.
 - Text: the student's token ids (our CLIP BPE tokenizer). A teacher whose vocabulary differs is refused (ids would
   mean other tokens; re-tokenizing would need the raw captions, which the batch does not carry). A different
   context length is handled exactly as the tokenizer would at the teacher's length: shorter rows are padded with 0,
@@ -63,12 +63,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mmpretrain.kernels.contrastive_loss import _all_gather, _all_reduce_sum, _reduce_scatter_sum, _world
-from mmpretrain.objectives.base import StepContext, Term, TermConfig, global_mean, register
+from mmpretrain.distributed import all_gather, all_reduce, global_mean, reduce_scatter, world_rank
+from mmpretrain.objectives.base import StepContext, Term, TermConfig, register
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 FEATURE_LOSSES = ("cosine", "mse")
@@ -135,19 +134,19 @@ def _rows_backward(q_mD, k_nD, a, tq_mE, tk_nE, c, lse_s_m, lse_t_m, chunk_size)
 class _DistillKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img_bD, txt_bD, scale, t_img_bE, t_txt_bE, t_scale, group, chunk_size):
-        world, rank = _world(group)
+        world, rank = world_rank(group)
         b = img_bD.shape[0]
         B = b * world
         ctx.dtypes = img_bD.dtype, txt_bD.dtype, scale.dtype
         img_bD, txt_bD = img_bD.float(), txt_bD.float()
         t_img_bE, t_txt_bE = t_img_bE.float(), t_txt_bE.float()
         # collectives: student and teacher features of both modalities (B, D) / (B, E)
-        img_BD, txt_BD = _all_gather(img_bD, group), _all_gather(txt_bD, group)
-        t_img_BE, t_txt_BE = _all_gather(t_img_bE, group), _all_gather(t_txt_bE, group)
+        img_BD, txt_BD = all_gather(img_bD, group), all_gather(txt_bD, group)
+        t_img_BE, t_txt_BE = all_gather(t_img_bE, group), all_gather(t_txt_bE, group)
         a, c = scale.detach().float(), t_scale.detach().float()
         kl_i, lse_si, lse_ti = _rows_forward(img_bD, txt_BD, a, t_img_bE, t_txt_BE, c, chunk_size)  # image rows
         kl_t, lse_st, lse_tt = _rows_forward(txt_bD, img_BD, a, t_txt_bE, t_img_BE, c, chunk_size)  # text rows
-        total = _all_reduce_sum((kl_i + kl_t)[None], group)  # collective: every row of the global batch
+        total = all_reduce((kl_i + kl_t)[None], group=group)  # collective: every row of the global batch
         ctx.save_for_backward(img_BD, txt_BD, t_img_BE, t_txt_BE, a, c, lse_si, lse_ti, lse_st, lse_tt)
         ctx.group, ctx.chunk_size, ctx.b = group, chunk_size, b
         return (total[0] / (2 * B)).float()
@@ -155,7 +154,7 @@ class _DistillKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         img_BD, txt_BD, t_img_BE, t_txt_BE, a, c, lse_si, lse_ti, lse_st, lse_tt = ctx.saved_tensors
-        world, rank = _world(ctx.group)
+        world, rank = world_rank(ctx.group)
         b, chunk = ctx.b, ctx.chunk_size
         B, own = b * world, slice(rank * b, (rank + 1) * b)
         dimg_bD, dtxt_BD, da_i = _rows_backward(img_BD[own], txt_BD, a, t_img_BE[own], t_txt_BE, c, lse_si, lse_ti,
@@ -165,8 +164,8 @@ class _DistillKL(torch.autograd.Function):
         dimg_BD[own] += dimg_bD
         dtxt_BD[own] += dtxt_bD
         coef = grad_loss.float() * world / (2 * B)  # x world: the engine averages over ranks
-        dimg_bD = _reduce_scatter_sum(dimg_BD.mul_(coef), ctx.group)  # collective: sum key grads onto owners
-        dtxt_bD = _reduce_scatter_sum(dtxt_BD.mul_(coef), ctx.group)  # collective
+        dimg_bD = reduce_scatter(dimg_BD.mul_(coef), ctx.group)  # collective: sum key grads onto owners
+        dtxt_bD = reduce_scatter(dtxt_BD.mul_(coef), ctx.group)  # collective
         dscale = ((da_i + da_t).float() * coef) if ctx.needs_input_grad[2] else None
         di, dt, ds = ctx.dtypes
         return dimg_bD.to(di), dtxt_bD.to(dt), None if dscale is None else dscale.to(ds), None, None, None, None, None
@@ -174,7 +173,8 @@ class _DistillKL(torch.autograd.Function):
 
 def distill_kl(img_bD, txt_bD, scale, t_img_bE, t_txt_bE, t_scale, group=None, chunk_size=1024) -> torch.Tensor:
     """Symmetric in-batch KL(teacher || student) over the global batch (module docstring); 0-dim fp32, the same on
-    every rank; gradients (student features, student scale) N x this rank's share. group: None = no communication.
+    every rank; gradients (student features, student scale) N x this rank's share. group: None = the world's when
+    torch.distributed is initialized, else no communication (mmpretrain.distributed).
     Teacher inputs get no gradient."""
     scale = scale if torch.is_tensor(scale) else torch.tensor(float(scale), device=img_bD.device)
     t_scale = t_scale if torch.is_tensor(t_scale) else torch.tensor(float(t_scale), device=img_bD.device)
@@ -328,8 +328,6 @@ class DistillTerm(Term):
         else:
             scale, t_scale = o.logit_scale, t.logit_scale
         group = ctx.group
-        if group is None and dist.is_available() and dist.is_initialized():
-            group = dist.group.WORLD
         chunk = self.cfg.chunk_size or ctx.loss_cfg.chunk_size
         loss = distill_kl(o.image_features, o.text_features, scale, t.image_features, t.text_features, t_scale,
                           group=group, chunk_size=chunk)  # fmt: skip

@@ -9,7 +9,8 @@ The head (``model.heads["itm"]``, ITMHead): ``layers`` pre-LN blocks over the te
 self-attention over the caption's tokens (bidirectional, padding masked), cross-attention to the image tokens
 (LayerNorm'd and projected to the text width when the widths differ), and an MLP; then a final LayerNorm and a
 2-way linear head on the FIRST text position (SOT: in the causal CLIP tower it has seen nothing, here its
-bidirectional self-attention reads the whole caption, as ALBEF's [CLS]). Match score = logit[1] - logit[0].
+bidirectional self-attention reads the whole caption, as ALBEF's [CLS]). Match score = logit[1] - logit[0]; at
+evaluation the head re-ranks retrieval candidates by it (it implements mmpretrain.eval.retrieval.Reranker).
 
 Per step, each rank scores 3b pairs of its b samples: (image i, text i) match; (image i, a hard negative text)
 and (a hard negative image, text i) no match; loss = mean 2-way cross-entropy over the 3b pairs.
@@ -22,11 +23,12 @@ draw is inverse-CDF with uniforms u (2, G) drawn from a generator seeded by (tra
 every rank; each rank draws its own rows. So the chosen negatives depend only on the global features, the seed
 and the step: N ranks choose what one rank holding the whole batch chooses.
 
-Exchange: each rank then fetches ONLY the chosen rows' token states from the ranks owning them (all_to_all of
-the requested rows; every rank's token states are never gathered); the backward sends the gradients of those
-rows back to their owners, who add them to their own. Gradient contract: each rank returns the mean over its
-3b pairs (a local term); the fetched rows carry the other ranks' gradients home, so a rank's token states get
-N x their share of the global mean's gradient, and DeepSpeed's average over ranks is exact.
+Exchange: each rank then fetches ONLY the chosen rows' token states from the ranks owning them
+(mmpretrain.distributed.fetch_rows: an all_to_all of the requested rows; every rank's token states are never
+gathered); the backward sends the gradients of those rows back to their owners, who add them to their own.
+Gradient contract: each rank returns the mean over its 3b pairs (a local term); the fetched rows carry the other
+ranks' gradients home, so a rank's token states get N x their share of the global mean's gradient, and
+DeepSpeed's average over ranks is exact.
 
 Legend: b samples on this rank, G global batch (N ranks x b), E embedding width, L text length, N' image
 tokens, Dv / Dt vision / text widths, F a flattened row, m rows fetched.
@@ -37,12 +39,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mmpretrain.distributed import all_gather, fetch_rows, world_rank
 from mmpretrain.kernels import attention
-from mmpretrain.kernels.contrastive_loss import _all_gather
 from mmpretrain.model.layers import MLP, LayerNorm
 from mmpretrain.objectives.base import StepContext, Term, TermConfig, register
 
@@ -144,6 +145,19 @@ class ITMHead(nn.Module):
             x_BLD = block(x_BLD, text_valid, img_BND)
         return self.match(self.ln(x_BLD[:, 0]))  # first text position (see the module docstring)
 
+    # Re-ranking at evaluation: this head implements mmpretrain.eval.retrieval.Reranker.
+
+    def match_scores(self, image_tokens, text_tokens, text_ids) -> torch.Tensor:
+        """(B,) float32 match log-odds of B pairs: image token states, caption token states and the caption's ids."""
+        return match_score(self(image_tokens, text_tokens, text_valid_mask(text_ids)))
+
+    def dummy_forward(self, device) -> None:
+        """One forward on a one-token dummy pair: keeps ZeRO-3's collectives in step on a rank out of pairs."""
+        dtype = next(self.parameters()).dtype
+        self(torch.zeros(1, 1, self.image_width, dtype=dtype, device=device),
+             torch.zeros(1, 1, self.text_width, dtype=dtype, device=device),
+             torch.ones(1, 1, dtype=torch.bool, device=device))  # fmt: skip
+
 
 def match_score(logits_B2: torch.Tensor) -> torch.Tensor:
     """(B,) float32 log-odds of a match, the re-ranking score."""
@@ -202,75 +216,6 @@ def sample_hard_negatives(
     return out[0], out[1]
 
 
-# ----------------------------------------------------------------------------- exchanging chosen rows
-
-
-def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list, in_splits: list, group) -> None:
-    """One all_to_all_single (a collective); a function of its own so tests can see what crosses ranks."""
-    dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
-
-
-def _plan(want_m: torch.Tensor, b: int, group):
-    """Who serves what: (my requests per owner, my served local rows, served rows per requester) (collectives)."""
-    world = dist.get_world_size(group)
-    send_req = torch.bincount(want_m // b, minlength=world)  # want_m is sorted: grouped by owner
-    recv_req = torch.empty_like(send_req)
-    dist.all_to_all_single(recv_req, send_req, group=group)  # how many of my rows each rank wants
-    send_req, recv_req = send_req.tolist(), recv_req.tolist()
-    serve = torch.empty(sum(recv_req), dtype=torch.long, device=want_m.device)
-    dist.all_to_all_single(serve, (want_m % b).contiguous(), recv_req, send_req, group=group)
-    return send_req, serve, recv_req
-
-
-class _FetchRows(torch.autograd.Function):
-    """Rows `want` (sorted global indices) of tensors split over ranks in blocks of b rows; backward returns the
-    gradients of the fetched rows to their owners. Forward: xs..., then wants..., then the group."""
-
-    @staticmethod
-    def forward(ctx, group, n, *args):
-        xs, wants = args[:n], args[n:]
-        ctx.group, ctx.n, ctx.plans, ctx.shapes = group, n, [], []
-        outs = []
-        for x_bF, want_m in zip(xs, wants):
-            send_req, serve, recv_req = _plan(want_m, x_bF.shape[0], group)
-            out_mF = x_bF.new_empty(len(want_m), x_bF.shape[1])
-            _all_to_all(out_mF, x_bF[serve].contiguous(), send_req, recv_req, group)  # only the chosen rows
-            ctx.plans.append((send_req, serve, recv_req))
-            ctx.shapes.append(x_bF.shape)
-            outs.append(out_mF)
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        out = []
-        for g_mF, (send_req, serve, recv_req), shape in zip(grads, ctx.plans, ctx.shapes):
-            g_sF = g_mF.new_empty(len(serve), shape[1])
-            _all_to_all(g_sF, g_mF.contiguous(), recv_req, send_req, ctx.group)  # gradients go home
-            out.append(g_mF.new_zeros(shape).index_add_(0, serve, g_sF))
-        return (None, None, *out, *([None] * ctx.n))
-
-
-def fetch_rows(xs: list, wants: list, group=None) -> list:
-    """[x[want] of the global (G, ...) tensors] where this rank holds rows rank*b ... (rank+1)*b - 1 of each x.
-
-    Each want is any (m,) global indices; only their distinct rows are exchanged. Differentiable.
-    """
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-    if not distributed:
-        return [x[w] for x, w in zip(xs, wants)]
-    uniq, inverse = zip(*[torch.unique(w, sorted=True, return_inverse=True) for w in wants])
-    flat = [x.reshape(x.shape[0], -1) for x in xs]
-    fetched = _FetchRows.apply(group, len(xs), *flat, *uniq)
-    return [f.view(len(u), *x.shape[1:])[i] for f, u, x, i in zip(fetched, uniq, xs, inverse)]
-
-
-def _gather_no_grad(x_bF: torch.Tensor, group) -> torch.Tensor:
-    """(G, F): every rank's rows in rank order (a collective), no gradient."""
-    if group is None and dist.is_available() and dist.is_initialized():
-        group = dist.group.WORLD  # the kernels' collectives read None as "no torch.distributed"
-    return _all_gather(x_bF.detach(), group)  # one all_gather_into_tensor
-
-
 # ----------------------------------------------------------------------------- the loss
 
 
@@ -318,17 +263,16 @@ class ITMTerm(Term):
     def loss(self, ctx: StepContext) -> torch.Tensor:
         o, group = ctx.out, ctx.group
         b = o.image_features.shape[0]
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-        rank = dist.get_rank(group) if distributed else 0
+        _, rank = world_rank(group)
         tokens_bL = ctx.tokens.to(o.text_tokens.device)
         valid_bL = text_valid_mask(tokens_bL)
         with torch.no_grad():
-            feats_GE2 = _gather_no_grad(torch.cat([o.image_features, o.text_features], 1).float(), group)  # collective
+            feats_GE2 = all_gather(torch.cat([o.image_features, o.text_features], 1).float(), group)  # collective
             label_b = ctx.batch.get("label") if isinstance(ctx.batch, dict) else None
             if label_b is None or len(label_b) != b or not self.cfg.exclude_same_label:
                 label_b = torch.full((b,), -1, dtype=torch.long)
             ints_b3 = torch.stack([caption_hash(tokens_bL), valid_bL.sum(1), label_b.to(tokens_bL.device)], 1)
-            ints_G3 = _gather_no_grad(ints_b3, group)  # collective
+            ints_G3 = all_gather(ints_b3, group)  # collective
             img_GE, txt_GE = feats_GE2.chunk(2, dim=1)
             G = feats_GE2.shape[0]
             u_2G = step_uniforms(self.run_cfg.train.seed, ctx.step, G)

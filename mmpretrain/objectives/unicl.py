@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mmpretrain.distributed import world_rank
 from mmpretrain.objectives.base import StepContext, Term, TermConfig, register
 
 LABEL_SOURCES = ("auto", "cls", "caption")
@@ -116,13 +117,11 @@ class UniclTerm(Term):
     grad_cache = True  # labels come from the whole batch, in the order GradCache concatenates its features
 
     def loss(self, ctx: StepContext) -> torch.Tensor:
-        import torch.distributed as dist
-
         from mmpretrain.loss import unicl_loss
 
         o, lc = ctx.out, ctx.loss_cfg
         tokens_bL = ctx.batch["text"] if "text" in ctx.batch else ctx.tokens  # the CPU copy: hashing needs no sync
-        rank = dist.get_rank(ctx.group) if dist.is_available() and dist.is_initialized() else 0
+        _, rank = world_rank(ctx.group)
         keys_b = label_keys(self.cfg.label_source, tokens_bL, ctx.batch.get("label"), rank * tokens_bL.shape[0])
         return unicl_loss(o.image_features, o.text_features, o.logit_scale, keys_b.to(o.image_features.device),
                           group=ctx.group, impl=lc.impl, chunk_size=lc.chunk_size)  # fmt: skip

@@ -6,93 +6,56 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mmpretrain.distributed import free_port
 from mmpretrain.objectives.distill import distill_kl
-from tests.distributed.gloo import assert_close, init_gloo
+from tests.distributed.harness import Case, LinearTowers, Step, assert_n_ranks_equal_one
+from tests.unit.test_distill import naive_kl
 
-WORLD, B_LOCAL, D_IN, D, E = 2, 7, 12, 16, 10
+B_LOCAL, D_IN, D, E = 7, 12, 16, 10
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "tests", "integration", "tiny.yaml")
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-class Towers(torch.nn.Module):
-    """Linear student towers with a learnable log scale."""
-
-    def __init__(self):
-        super().__init__()
-        self.img, self.txt = torch.nn.Linear(D_IN, D), torch.nn.Linear(D_IN, D)
-        self.log_scale = torch.nn.Parameter(torch.tensor(2.5))
-
-    def forward(self, x_img, x_txt):
-        return F.normalize(self.img(x_img), dim=-1), F.normalize(self.txt(x_txt), dim=-1), self.log_scale.exp()
-
-
-def naive_kl(x_BD, y_BD, a, u_BE, v_BE, c):
-    """Full-matrix (KL_rows + KL_cols) / 2, KL(teacher || student), float64 autograd."""
-    s_BB, t_BB = a * x_BD @ y_BD.T, c * u_BE @ v_BE.T
-
-    def rows(t, s):
-        log_p = t.log_softmax(1)
-        return (log_p.exp() * (log_p - s.log_softmax(1))).sum(1).mean()
-
-    return 0.5 * (rows(t_BB, s_BB) + rows(t_BB.T, s_BB.T))
-
-
 def reference(state, x_img, x_txt, u, v, c):
-    towers = Towers().double()
-    towers.load_state_dict(state)
-    x, y, a = towers(x_img.double(), x_txt.double())
+    model = LinearTowers.from_state(state, torch.float64)
+    out = model((x_img.double(), x_txt.double()))
+    x, y = out.image_features, out.text_features
     x.retain_grad(), y.retain_grad()
-    loss = naive_kl(x, y, a, u.double(), v.double(), c)
+    loss = naive_kl(x, y, out.logit_scale, u.double(), v.double(), c)
     loss.backward()
-    return loss.item(), x.grad, y.grad, {n: p.grad for n, p in towers.named_parameters()}
+    return Step(loss, model, {"image": x, "text": y})
 
 
-def worker(rank, port, state, inputs, ref):
-    init_gloo(rank, WORLD, port)
-    x_img, x_txt, u, v, c = inputs
-    want_loss, want_dx, want_dy, want_grads = ref
-    rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
-    for chunk in (3, 64):
-        towers = Towers()
-        towers.load_state_dict(state)
-        x, y, a = towers(x_img[rows], x_txt[rows])
-        x.retain_grad(), y.retain_grad()
-        loss = distill_kl(x, y, a, u[rows], v[rows], torch.tensor(c), group=dist.group.WORLD, chunk_size=chunk)
-        loss.backward()
-        tag = f"chunk {chunk} rank {rank}"
-        losses = [torch.zeros(()) for _ in range(WORLD)]
-        dist.all_gather(losses, loss.detach())
-        assert losses[0].item() == losses[1].item(), f"{tag}: loss differs across ranks {losses}"
-        assert loss.item() == pytest.approx(want_loss, rel=1e-5), tag
-        # world x this rank's share of the one-process gradient, so that the engine's average is exact
-        assert_close(x.grad / WORLD, want_dx[rows], f"{tag} d_image")
-        assert_close(y.grad / WORLD, want_dy[rows], f"{tag} d_text")
-        for n, p in towers.named_parameters():
-            dist.all_reduce(p.grad)  # DeepSpeed: sum / world
-            assert_close(p.grad / WORLD, want_grads[n], f"{tag} d_{n}")
-    dist.destroy_process_group()
+def distill(chunk, state, x_img, x_txt, u, v, c, rows):
+    """distill_kl on this rank's rows, in the world group, `chunk` rows at a time."""
+    model = LinearTowers.from_state(state)
+    out = model((x_img[rows], x_txt[rows]))
+    x, y = out.image_features, out.text_features
+    x.retain_grad(), y.retain_grad()
+    loss = distill_kl(x, y, out.logit_scale, u[rows], v[rows], torch.tensor(c), dist.group.WORLD, chunk_size=chunk)
+    loss.backward()
+    return Step(loss, model, {"image": x, "text": y})
 
 
 def test_two_ranks_equal_one_process_holding_the_batch():
     torch.manual_seed(0)
-    state = {k: v.clone() for k, v in Towers().state_dict().items()}
-    B = WORLD * B_LOCAL
+    state = LinearTowers(D_IN, D).state_dict()
+    B = 2 * B_LOCAL
     x_img, x_txt = torch.randn(B, D_IN), torch.randn(B, D_IN)
     x_txt = x_txt + x_img  # correlated pairs
     u = F.normalize(torch.randn(B, E), dim=-1)
     v = F.normalize(u + 0.5 * torch.randn(B, E), dim=-1)
-    c = 30.0
-    ref = reference(state, x_img, x_txt, u, v, c)
-    mp.spawn(worker, args=(free_port(), state, (x_img, x_txt, u, v, c), ref), nprocs=WORLD)
+    data = (state, x_img, x_txt, u, v, 30.0)
+    cases = [Case(f"chunk {chunk}", partial(distill, chunk, *data), partial(reference, *data)) for chunk in (3, 64)]
+    assert_n_ranks_equal_one(cases, rows_per_rank=B_LOCAL)
 
 
 # ----------------------------------------------------------------------------- real runs under ZeRO-3

@@ -70,8 +70,8 @@ def test_eval_runs_on_all_ranks_and_is_logged_once(stage_runs):
     for stage in STAGES:
         out, proc = stage_runs[stage]
         results = json.load(open(os.path.join(out, "eval.json")))
-        assert results["step"] == 4 and 0 <= results["zeroshot/eval/top1"] <= 1
+        assert results["step"] == 4 and 0 <= results["zeroshot/shapes/top1"] <= 1
         assert proc.stdout.count("finished at step 4/4") == 1
     # the same weights evaluate to the same numbers whatever the stage
-    tops = {json.load(open(os.path.join(o, "eval.json")))["zeroshot/eval/top1"] for o, _ in stage_runs.values()}
+    tops = {json.load(open(os.path.join(o, "eval.json")))["zeroshot/shapes/top1"] for o, _ in stage_runs.values()}
     assert len(tops) == 1, tops

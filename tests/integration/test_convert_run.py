@@ -52,7 +52,7 @@ def runs(shapes_dataset, tmp_path_factory):
 def test_zero3_consolidates_to_the_zero0_weights_and_evaluates_the_same(runs, tmp_path):
     from mmpretrain.convert import consolidate, load_consolidated, read_consolidated
     from mmpretrain.data import Tokenizer
-    from mmpretrain.evaluate import evaluate_all
+    from mmpretrain.eval.suite import evaluate_all
 
     for name in runs:
         consolidate(runs[name], str(tmp_path / name))

@@ -91,9 +91,9 @@ def test_run_folder_explains_itself(runs):
     last = read_metrics(out)[-1]
     for key in ("loss", "lr", "logit_scale", "samples_per_s", "data_wait_frac", "grad_norm", "skipped_samples"):
         assert key in last, key
-    assert any("zeroshot/eval/top1" in m for m in read_metrics(out, train_only=False)), "final eval must be logged"
+    assert any("zeroshot/shapes/top1" in m for m in read_metrics(out, train_only=False)), "final eval must be logged"
     evals = json.load(open(os.path.join(out, "eval.json")))
-    assert 0 <= evals["zeroshot/eval/top1"] <= 1
+    assert 0 <= evals["zeroshot/shapes/top1"] <= 1
     # wandb: one offline folder per invocation, both with the run id kept in the checkpoint
     runs_dirs = [d for d in os.listdir(os.path.join(out, "wandb")) if d.startswith("offline-run-")]
     assert len(runs_dirs) == 2 and all(d.endswith(meta["wandb_run_id"]) for d in runs_dirs), runs_dirs
@@ -134,16 +134,16 @@ def test_siglip_bf16_with_grad_cache_trains(shapes_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_cli_on_the_run_folder_reproduces_the_final_eval(runs, tmp_path):
-    """python -m mmpretrain.evaluate RUN loads the last checkpoint and gets the numbers training logged."""
+    """python -m mmpretrain.eval RUN loads the last checkpoint and gets the numbers training logged."""
     out_json = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, "-m", "mmpretrain.evaluate", runs["full"], "--output", str(out_json)],
+    proc = subprocess.run([sys.executable, "-m", "mmpretrain.eval", runs["full"], "--output", str(out_json)],
                           env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out_json.read_text())
     logged = json.load(open(os.path.join(runs["full"], "eval.json")))
-    for key in ("zeroshot/eval/top1", "zeroshot/eval/top5", "retrieval/retrieval/image_to_text_R@1"):
+    for key in ("zeroshot/shapes/top1", "zeroshot/shapes/top5", "retrieval/shapes/image_to_text_R@1"):
         assert got[key] == pytest.approx(logged[key], abs=1e-9), key
-    assert "zeroshot/eval/top1" in proc.stdout  # the printed table
+    assert "zeroshot/shapes/top1" in proc.stdout  # the printed table
 
 
 @pytest.mark.slow

@@ -257,12 +257,14 @@ def test_output_folder_is_atomic_and_not_overwritten(tmp_path):
 
 
 def test_evaluate_cli_on_an_hf_folder_through_load_any(tmp_path, shapes_dataset, monkeypatch, capsys):
-    """The hook wanted in mmpretrain.evaluate (load_any in place of load_model_from_run): an exported HF
+    """The hook wanted in mmpretrain.eval (load_any in place of load_model_from_run): an exported HF
     folder evaluates to exactly our model's numbers."""
     import mmpretrain.checkpoint
     from mmpretrain.convert import load_any
     from mmpretrain.data.config import EvalDataConfig
-    from mmpretrain.evaluate import EvalConfig, evaluate_all, main
+    from mmpretrain.eval.cli import main
+    from mmpretrain.eval.config import EvalConfig
+    from mmpretrain.eval.suite import evaluate_all
 
     cfg = resolve_model_config(ModelConfig(name="tiny"))  # the real vocabulary: the eval sets use our tokenizer
     ours = our_model(cfg)

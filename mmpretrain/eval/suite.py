@@ -1,0 +1,61 @@
+"""Every eval set a run names (`data.eval`), keyed by the set's name: what training and the CLI report.
+
+Keys: `zeroshot/<name>/top1`, `zeroshot/<name>/top5`, `zeroshot/<name>/num_samples`,
+`retrieval/<name>/image_to_text_R@1`, ..., `retrieval/<name>/itm_rerank/...` (with a re-ranking head),
+`retrieval/<name>/num_images`, `retrieval/<name>/num_texts`. A set's name is `data.eval.zeroshot_name` /
+`retrieval_name` when given, else derived from the set: "shapes" for the synthetic demo sets, otherwise the
+set folder's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mmpretrain.data.synthetic import synthetic_set_name
+from mmpretrain.eval.config import EvalConfig
+from mmpretrain.eval.retrieval import retrieval
+from mmpretrain.eval.zeroshot import zeroshot_classification
+
+
+def set_name(root: str, name: Optional[str] = None) -> str:
+    """The name a set's results are keyed by: `name` when given, "shapes" for a synthetic demo set, else the
+    set folder's name."""
+    return name or synthetic_set_name(root) or Path(root.rstrip("/")).name
+
+
+def evaluate_all(
+    model,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    data_cfg,
+    eval_cfg: EvalConfig,
+    *,
+    image_size: int,
+    device=None,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    group=None,
+) -> dict[str, float]:
+    """Every set named in `data_cfg` (`data.eval`: zeroshot, retrieval, their names, split, batch_size).
+
+    Keys: "zeroshot/<name>/top1", ..., "retrieval/<name>/image_to_text_R@1", ...; {} when no set is configured.
+    Call it on every rank; every rank returns the same dict.
+    """
+    common = dict(
+        image_size=image_size, split=data_cfg.split, batch_size=data_cfg.batch_size,
+        num_workers=eval_cfg.num_workers, device=device, rank=rank, world_size=world_size, group=group,
+    )  # fmt: skip
+    results: dict[str, float] = {}
+    if data_cfg.zeroshot is not None:
+        name = set_name(data_cfg.zeroshot, data_cfg.zeroshot_name)
+        r = zeroshot_classification(model, tokenizer, data_cfg.zeroshot, top_k=eval_cfg.top_k, **common)
+        results.update({f"zeroshot/{name}/{k}": v for k, v in r.items()})
+    if data_cfg.retrieval is not None:
+        name = set_name(data_cfg.retrieval, data_cfg.retrieval_name)
+        r = retrieval(model, tokenizer, data_cfg.retrieval, recall_k=eval_cfg.recall_k,
+                      itm_rerank_k=eval_cfg.itm_rerank_k, **common)  # fmt: skip
+        results.update({f"retrieval/{name}/{k}": v for k, v in r.items()})
+    return results
