@@ -7,12 +7,16 @@ whether the loss or any gradient was non-finite; if so, every rank drops the gra
 the optimizer step (``discard_gradients``), and the batch counts as consumed. K skipped steps in
 a row raise ``NonFiniteError`` before anything is saved, so the last good checkpoint stays.
 
-Stop requests. ``StopRequest`` turns SIGUSR1 / SIGTERM into a flag (the process keeps running), and
+Stop requests. ``StopRequest`` turns SIGUSR1 / SIGTERM / SIGINT (Ctrl-C) into a flag (the process keeps
+running; a second Ctrl-C exits at once, without a checkpoint), and
 rank 0 also looks for a stop file (``<output_dir>/STOP`` unless ``MMPRETRAIN_STOP_FILE`` names
 another). After the current step the ranks agree (the same collective as above, so no rank is left
 waiting in a collective the others never enter), save a checkpoint, and exit with
 ``EXIT_STOPPED`` (75, EX_TEMPFAIL: "try again"): rerunning the same command resumes. See
-launch/README.md for how SLURM's warning signal reaches the ranks.
+launch/README.md for how SLURM's warning signal reaches the ranks. Data loader workers ignore these
+signals (``mmpretrain.signals.ignore_stop_signals``, their worker_init): a signal sent to the whole process
+group (Ctrl-C in a terminal, ``kill -- -PGID``, ``timeout``) reaches them too, and the training process shuts
+them down after its save.
 
 Injected faults (tests only). ``MMPRETRAIN_INJECT`` is a comma-separated list of ``kind@step`` or
 ``kind@step:rank`` items, with step 1-based (the step being taken):
@@ -33,8 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
+from mmpretrain.signals import STOP_SIGNALS
+
 EXIT_STOPPED = 75  # EX_TEMPFAIL: the run saved a checkpoint on request and stopped; rerun to resume
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class NonFiniteError(RuntimeError):
@@ -132,8 +137,15 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        if os.getpid() == self._pid:  # in a forked DataLoader worker: ignore, the training process decides
-            self.signal = signum
+        if os.getpid() != self._pid:  # in a forked DataLoader worker: ignore, the training process decides
+            return
+        if signum == signal.SIGINT:
+            if self.signal == signal.SIGINT:  # the second Ctrl-C: stop now, no checkpoint
+                raise KeyboardInterrupt
+            if self.stop_file is not None:  # rank 0 says it, once
+                print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to exit at once)",
+                      flush=True)  # fmt: skip
+        self.signal = signum
 
     def clear_stale_file(self) -> bool:
         """Remove a stop file left by a run that died before acting on it (rank 0, at start)."""

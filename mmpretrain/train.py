@@ -208,6 +208,7 @@ def open_log(cfg: Config, state: TrainState, resumed: bool, dist_info, cfg_dict:
     """The MetricsLogger (rank 0 writes), saying where a resumed run continues from."""
     from mmpretrain.logging import MetricsLogger
 
+    earlier = os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl"))  # a start that saved no checkpoint
     log = MetricsLogger(cfg.logging, cfg.output_dir, is_main=dist_info.is_main, run_id=state.run_id,
                         config=cfg_dict, start_step=state.step, total_steps=cfg.train.steps)  # fmt: skip
     if resumed:
@@ -217,6 +218,9 @@ def open_log(cfg: Config, state: TrainState, resumed: bool, dist_info, cfg_dict:
                       f"{dist_info.world_size}: weights and optimizer state continue; the data order from here on "
                       "is that of the new world size")  # fmt: skip
         state.world_size = dist_info.world_size
+    elif earlier:
+        log.write(f"no checkpoint in {checkpoint.checkpoint_root(cfg.output_dir)}: an earlier start of this run "
+                  "saved none, so this one starts from step 0")  # fmt: skip
     return log
 
 
@@ -358,8 +362,9 @@ AGREED_ERRORS = (NonFiniteError, DataFaultError)
 
 @record  # under torchrun: an exception on any rank is written where the launcher reports it as the root cause
 def main(argv=None) -> None:
-    """Exit codes: 0 finished (or --stop-after-steps), 2 bad config, 75 stopped on request with a checkpoint
-    saved (rerun to resume), 1 any other error. An unexpected error on one rank ends the others: torchrun
+    """Exit codes: 0 finished (or --stop-after-steps), 2 bad config, 75 stopped on request (SIGUSR1, SIGTERM,
+    Ctrl-C, a stop file) with a checkpoint saved (rerun to resume), 130 a second Ctrl-C (no save), 1 any other
+    error. An unexpected error on one rank ends the others: torchrun
     stops the remaining workers, and a rank waiting on a dead peer fails within engine.dist_timeout_s."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank = env_rank_world()[0]
@@ -376,6 +381,10 @@ def main(argv=None) -> None:
         if rank == 0:
             print(f"mmpretrain.train: error: {e}", file=sys.stderr, flush=True)
         code = 1
+    except KeyboardInterrupt:  # the second Ctrl-C (the first stops after the step with a checkpoint)
+        if rank == 0:
+            print("mmpretrain.train: interrupted (second Ctrl-C): exited without saving", file=sys.stderr, flush=True)
+        code = 130
     finally:
         from mmpretrain.distributed import destroy
 

@@ -84,6 +84,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..signals import ignore_stop_signals
 from .config import DataConfig, TrainDataConfig, expand_shard_spec, source_names
 from .shards import natural_key, read_tar_samples
 from .tokenizer import Tokenizer
@@ -536,6 +537,7 @@ class TrainLoader:
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
             pin_memory=pin_memory,
+            worker_init_fn=ignore_stop_signals,  # a process-group signal is the trainer's to act on
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
