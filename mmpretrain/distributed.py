@@ -34,8 +34,11 @@ row's width.
 from __future__ import annotations
 
 import datetime
+import glob
+import logging
 import os
 import socket
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -83,11 +86,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cpu_deepspeed(world: int) -> None:
+    """DeepSpeed on a CPU machine, without surprises: no op is built for a one-process run (DeepSpeed would build
+    its shared-memory collectives, ~40-90 s, for a world of one); for several ranks it is built once into a cache
+    keyed by this Python and torch build (two environments never rebuild each other's), saying so first; and
+    torch's "No CUDA runtime is found" warning, which means nothing on a CPU machine, is not printed."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions",
+                         f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}")  # fmt: skip
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", cache)
+    import deepspeed.ops
+
+    if world == 1:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # build_shm_op then returns None
+    elif not glob.glob(os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "deepspeed_shm_comm", "*.so")):
+        print0(f"DeepSpeed builds its CPU shared-memory collectives once for this environment (about a minute; "
+               f"cached in {os.environ['TORCH_EXTENSIONS_DIR']})")  # fmt: skip
+
+
 def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     """Create the default process group (nccl on CUDA, gloo on CPU) through DeepSpeed."""
+    rank, world, local_rank = env_rank_world()
+    if not torch.cuda.is_available():
+        _cpu_deepspeed(world)
     import deepspeed  # seconds to import: only starting a group needs it, not every importer of this module
 
-    rank, world, local_rank = env_rank_world()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
     if world == 1 and "MASTER_PORT" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
