@@ -6,16 +6,20 @@
 ``expected[reason]`` is how often one full pass over ``spec`` meets each fault; ``<out_dir>/faults.json``
 also lists the good captions (each good sample has a unique one) and the per-shard fault counts.
 
-Layout (``faulty-{0..5}.tar``, ``repeat`` copies of every sample-level fault):
+Layout (``faulty-{0..6}.tar``, ``repeat`` copies of every sample-level fault):
     0  good samples + a corrupt JPEG (JPEG magic, garbage after) + a caption without image
        + an image without caption
     1  good samples + an empty (whitespace) caption + a non-UTF-8 caption + a zero-byte jpg
        + a zero-byte caption + an oversized image (a real JPEG with more pixels than max_image_pixels)
+       + a caption over max_caption_bytes + an image member over max_member_bytes (neither is read)
     2  good samples, then the tar is cut in the middle of the next sample's jpg data: by the counting
        rule that is 1 truncated_tar, the samples before the cut are read normally, the cut sample is lost
     3  missing (listed in the spec, no file)                           -> unreadable_shard
     4  not a tar (text bytes)                                          -> unreadable_shard
     5  good samples only
+    6  a gzip-compressed tar of good samples                         -> compressed_tar (none read)
+``write_broken_run_shard`` writes the shard-abandoning case apart (it would dominate the bad fraction here).
+Pass ``data.max_member_bytes=FAULTY_MAX_MEMBER_BYTES`` and ``data.max_caption_bytes=FAULTY_MAX_CAPTION_BYTES``.
 Images are tiny (``image_size`` pixels a side; the oversized one is 4x that a side), so a pass is fast.
 """
 
@@ -33,7 +37,10 @@ from mmpretrain.data.pipeline import DATA_FAULT_REASONS
 from mmpretrain.data.shards import ShardWriter
 
 FAULTY_MAX_IMAGE_PIXELS = 1024  # good images have 8 x 8 = 64 pixels, the oversized one 33 x 33 = 1089
+FAULTY_MAX_MEMBER_BYTES = 8192  # the oversized image's JPEG is ~1-2 KB: under it; the oversized member is 16 KB
+FAULTY_MAX_CAPTION_BYTES = 256
 MANIFEST = "faults.json"
+APART = ("abandoned_shard",)  # reasons injected apart (write_broken_run_shard), 0 in write_faulty_shards' set
 
 
 def _jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
@@ -99,6 +106,8 @@ def write_faulty_shards(
             {"__key__": f"s1zerojpg{r}", "jpg": b"", "txt": "zero-byte image"},
             {"__key__": f"s1zerotxt{r}", "jpg": jpg(), "txt": b""},
             {"__key__": f"s1big{r}", "jpg": _jpeg(rng, side, side), "txt": "too many pixels"},
+            {"__key__": f"s1longtxt{r}", "jpg": jpg(), "txt": "a caption far too long " * 20},
+            {"__key__": f"s1hugejpg{r}", "jpg": b"\xff\xd8" + bytes(2 * FAULTY_MAX_MEMBER_BYTES), "txt": "huge"},
         ]
     write(1, shard1)
 
@@ -119,6 +128,19 @@ def write_faulty_shards(
 
     write(5, good_samples(5, good_per_shard))
 
+    # 6: a gzip-compressed tar (refused unless data.allow_compressed_tars); its samples are not good ones
+    import gzip
+
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w") as tar:
+        for i in range(3):
+            for ext, data in (("jpg", jpg()), ("txt", f"inside gzip {i}".encode())):
+                info = tarfile.TarInfo(f"s6g{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with open(os.path.join(out_dir, "faulty-6.tar"), "wb") as f:
+        f.write(gzip.compress(plain.getvalue()))
+
     per_shard = {
         "faulty-0.tar": {"corrupt_image": repeat, "no_image": repeat, "no_caption": repeat},
         "faulty-1.tar": {
@@ -126,17 +148,35 @@ def write_faulty_shards(
             "bad_utf8": repeat,
             "zero_byte": 2 * repeat,
             "oversized_image": repeat,
+            "oversized_caption": repeat,
+            "oversized_member": repeat,
         },
         "faulty-2.tar": {"truncated_tar": 1},
         "faulty-3.tar": {"unreadable_shard": 1},
         "faulty-4.tar": {"unreadable_shard": 1},
+        "faulty-6.tar": {"compressed_tar": 1},
     }
     expected = {reason: sum(c.get(reason, 0) for c in per_shard.values()) for reason in DATA_FAULT_REASONS}
-    assert all(expected.values()), "every reason is injected"
+    assert all(n for r, n in expected.items() if r not in APART), "every other reason is injected"
     with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8") as f:
         manifest = {"expected": expected, "per_shard": per_shard, "good_captions": good}
         json.dump({**manifest, "max_image_pixels": max_image_pixels}, f, indent=1)
-    return os.path.join(out_dir, "faulty-{0..5}.tar"), expected
+    return os.path.join(out_dir, "faulty-{0..6}.tar"), expected
+
+
+def write_broken_run_shard(path: str | os.PathLike, broken: int, good: int = 4, seed: int = 0) -> list[str]:
+    """One shard: ``broken`` captions without an image, then ``good`` good samples; returns the good captions.
+    With broken >= ABANDON_SHARD_AFTER the loader gives the shard up: ABANDON_SHARD_AFTER no_image + 1
+    abandoned_shard, and the good samples after the run are never read."""
+    rng = np.random.default_rng(seed)
+    out_dir, name = os.path.split(str(path))
+    captions = [f"late good {i}" for i in range(good)]
+    with ShardWriter(out_dir, samples_per_shard=broken + good + 1, name_format=name) as w:
+        for i in range(broken):
+            w.write({"__key__": f"n{i:06d}", "txt": "no image"})
+        for i, caption in enumerate(captions):
+            w.write({"__key__": f"g{i:06d}", "jpg": _jpeg(rng, 8, 8), "txt": caption})
+    return captions
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict:

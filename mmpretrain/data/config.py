@@ -230,6 +230,15 @@ class DataConfig:
     max_image_pixels: int = 50_000_000
     """Images whose header declares more pixels (width x height) are skipped before decoding
     (``oversized_image``: decompression-bomb guard)."""
+    max_member_bytes: int = 64 * 2**20
+    """Tar members larger than this (as their header says) are not read; their sample is skipped and counted
+    (``oversized_member``). Only the members the loader uses (image, caption, ``.cls``) are read at all."""
+    max_caption_bytes: int = 16384
+    """Captions longer than this in bytes are skipped and counted (``oversized_caption``) before any cleaning or
+    tokenizing: the text tower reads at most context_length tokens (77: a few hundred bytes)."""
+    allow_compressed_tars: bool = False
+    """Read gzip/bzip2/xz-compressed tar streams (counted ``compressed_tar`` and skipped otherwise): a compressed
+    stream inflates without a bound known in advance (the member limits above still hold)."""
     decode: str = "fast"
     """Image decoding (``fast=`` of the transforms): "fast" decodes JPEGs with libjpeg-turbo, at a reduced DCT
     scale when the crop allows it (same crop geometry, pixels within a grey level); "pil": PIL + torchvision,
@@ -240,6 +249,9 @@ class DataConfig:
             raise ValueError(f"{prefix}.num_workers: must be >= 0 (got {self.num_workers})")
         if self.train.urls is None and self.train.sources is None and self.synthetic.root is None:
             raise ValueError(f"{prefix}.train.urls: required (or set {prefix}.synthetic.root for synthetic data)")
+        for name in ("max_member_bytes", "max_caption_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{prefix}.{name}: must be >= 1 (got {getattr(self, name)})")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError(f"{prefix}.max_bad_fraction: must be in [0, 1] (got {self.max_bad_fraction})")
         if self.bad_min_samples < 1:

@@ -48,6 +48,11 @@ Bad data never stops a run. Every fault is skipped and counted under one of DATA
     oversized_image   the header declares more than data.max_image_pixels pixels (nothing decoded)
     corrupt_image     anything else that fails to decode, a ``<key>.cls`` that is not a class index (decimal
                       integer >= 0) included (as in the eval sets)
+    oversized_member  a member the loader uses is larger than data.max_member_bytes (never read)
+    oversized_caption the caption is longer than data.max_caption_bytes (never read, cleaned or tokenized)
+    compressed_tar    a gzip/bzip2/xz/zstd stream, refused unless data.allow_compressed_tars (shard-level)
+    abandoned_shard   ABANDON_SHARD_AFTER broken samples in a row: the rest of the shard is not read
+Only the members the loader uses (image, caption, ``.cls``) are read at all; others pass by unread.
 Truncated tar, the counting rule: it counts exactly one ``truncated_tar``. Every sample whose members
 all lie before the cut is read normally; the sample whose member data is cut is lost with the tar (no
 second count). A cut between two members of one sample (at a header) leaves that sample with the
@@ -61,8 +66,9 @@ The train loop sums them over steps and ranks with ``merge_data_stats`` and call
 ``check_bad_fraction``, which raises DataFaultError when broken / read passes data.max_bad_fraction
 (after data.bad_min_samples samples): a run on a dataset that is mostly broken stops with the worst shards
 named. Faults found after a worker's last good sample of a window are reported with its next batch.
-A worker that meets MAX_CONSECUTIVE_BROKEN broken samples in a row, or a whole epoch of its shards
-without a usable sample, raises instead of spinning.
+A worker that meets MAX_CONSECUTIVE_BROKEN broken samples in a row (over shards), or a whole epoch of its
+shards without a usable sample, raises DataFaultError (the data is broken: nothing would reach the trainer)
+instead of spinning; short of that, data.max_bad_fraction alone decides whether a run stops.
 """
 
 from __future__ import annotations
@@ -86,14 +92,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..signals import ignore_stop_signals
 from .config import DataConfig, TrainDataConfig, expand_shard_spec, source_names
-from .shards import natural_key, read_tar_samples
+from .shards import OVERSIZED, natural_key, read_tar_samples
 from .tokenizer import Tokenizer
 from .transforms import EvalTransform, ImageTooLargeError, TrainTransform
 
 log = logging.getLogger(__name__)
 
-# a worker that meets this many broken samples in a row with no good one is reading garbage: fail loudly
-MAX_CONSECUTIVE_BROKEN = 10_000
+# a shard that gives this many broken samples in a row is given up: the rest of it is not read (one
+# abandoned_shard fault), and the worker goes on with its next shard
+ABANDON_SHARD_AFTER = 1000
+# a worker that meets this many broken samples in a row with no good one, over its shards, is reading only
+# garbage: it stops with DataFaultError rather than spin (no batch would ever reach the trainer's checks)
+MAX_CONSECUTIVE_BROKEN = 20_000
+EVAL_MAX_MEMBER_BYTES = 64 * 2**20  # eval sets: members larger than this are skipped unread (DataConfig's default)
 
 DATA_FAULT_REASONS = (
     "unreadable_shard",
@@ -105,6 +116,10 @@ DATA_FAULT_REASONS = (
     "empty_caption",
     "oversized_image",
     "corrupt_image",
+    "oversized_member",
+    "oversized_caption",
+    "compressed_tar",
+    "abandoned_shard",
 )
 
 
@@ -200,7 +215,10 @@ class FaultCounter:
             log.warning("%s: skipped broken sample #%d (%s): %s: %s", self.where, self.total, reason, url,
                         str(detail)[:300])  # fmt: skip
         if self.consecutive >= MAX_CONSECUTIVE_BROKEN:
-            raise RuntimeError(f"{self.where}: {self.consecutive} broken samples in a row; last: {reason} {url}")
+            raise DataFaultError(
+                f"{self.where}: {self.consecutive} broken samples in a row and no good one (last: {reason} in "
+                f"{url}): the data is broken; check it with mmpretrain-inspect-shards"
+            )
 
     def good(self, source: str) -> None:
         self.stats["read"] += 1
@@ -229,6 +247,8 @@ def sample_fault(sample: dict, image_keys: list[str], text_key: str) -> str | No
     """The reason a raw sample is unusable, judged from its bytes without decoding the image; None if usable.
     A usable sample gets ``"__caption__"``: the stripped caption, and ``"__label__"``: its ``LABEL_KEY``
     member's class index, -1 without one."""
+    if OVERSIZED in sample:  # a member over its size limit, never read
+        return "oversized_caption" if sample[OVERSIZED][0] == text_key else "oversized_member"
     image_key = _first_key(sample, image_keys)
     if image_key is None:
         return "no_image"
@@ -288,18 +308,35 @@ class _Source:
 
 
 def _checked_samples(
-    shards: Iterable[dict], *, name_of: dict[str, str], image_keys: list[str], text_key: str, counter: FaultCounter
-) -> Iterator[dict]:
-    """Usable raw samples of a stream of shards, each tagged ``"__source__"``; every fault counted."""
+    shards: Iterable[dict], *, name_of: dict[str, str], image_keys: list[str], text_key: str, counter: FaultCounter,
+    limits: dict,
+) -> Iterator[dict]:  # fmt: skip
+    """Usable raw samples of a stream of shards, each tagged ``"__source__"``; every fault counted. Only the
+    members the loader uses are read, each within its size limit (``limits``: read_tar_samples' keywords); a
+    shard giving ABANDON_SHARD_AFTER broken samples in a row is given up (the rest unread, one fault)."""
+    keep = {*image_keys, text_key, LABEL_KEY}
     for shard in shards:
         url = shard["url"]
-        for sample in read_tar_samples(url, counter.fault):
+        broken_in_a_row = 0
+        for sample in read_tar_samples(url, counter.fault, keep=keep, **limits):
             reason = sample_fault(sample, image_keys, text_key)
             if reason is not None:
                 counter.fault(reason, url, sample["__key__"])
+                broken_in_a_row += 1
+                if broken_in_a_row >= ABANDON_SHARD_AFTER:
+                    counter.fault("abandoned_shard", url, f"{broken_in_a_row} broken samples in a row: the rest of "
+                                  "the shard is skipped")  # fmt: skip
+                    break
                 continue
+            broken_in_a_row = 0
             sample["__source__"] = name_of[url]
             yield sample
+
+
+def read_limits(data_cfg) -> dict:
+    """read_tar_samples' bounds from the data config (members, captions, compressed streams)."""
+    return {"max_member_bytes": data_cfg.max_member_bytes, "allow_compressed": data_cfg.allow_compressed_tars,
+            "member_limits": {data_cfg.train.text_key: data_cfg.max_caption_bytes}}  # fmt: skip
 
 
 def _raw_samples(
@@ -312,6 +349,7 @@ def _raw_samples(
     num_workers: int,
     counter: FaultCounter,
     num_epochs: int | None = None,
+    limits: dict | None = None,
 ) -> Iterator[dict]:
     """Stream of shuffled, not yet decoded, usable samples of one source for one worker (endless by default).
 
@@ -329,7 +367,12 @@ def _raw_samples(
                 urls, seed=seed, epoch=epoch, rank=rank, world_size=world_size, worker=worker, num_workers=num_workers
             )
         samples = _checked_samples(
-            shards, name_of=name_of, image_keys=cfg.image_key.split(";"), text_key=cfg.text_key, counter=counter
+            shards,
+            name_of=name_of,
+            image_keys=cfg.image_key.split(";"),
+            text_key=cfg.text_key,
+            counter=counter,
+            limits=limits or {},
         )
         shuffle = wds.shuffle(
             cfg.shuffle_buffer,
@@ -340,10 +383,10 @@ def _raw_samples(
         for sample in shuffle(samples):
             usable += 1
             yield sample
-        if usable == 0:  # an endless loop over shards that give nothing would hang training
-            raise RuntimeError(
+        if usable == 0 and num_epochs is None:  # an endless loop over shards that give nothing would hang training
+            raise DataFaultError(
                 f"{counter.where}: no usable sample in its shards of {'/'.join(source.names)} in epoch {epoch} "
-                "(all unreadable or broken?)"
+                "(all unreadable or broken? check them with mmpretrain-inspect-shards)"
             )
 
 
@@ -444,9 +487,11 @@ class TrainStream(IterableDataset):
         decode: str = "fast",
         max_image_pixels: int | None = None,
         num_epochs: int | None = None,
+        limits: dict | None = None,
     ):
         super().__init__()
         self.cfg = cfg
+        self.limits = limits or {}  # read_tar_samples' bounds (read_limits of the DataConfig)
         self.streams, self.weights = _train_sources(cfg, seed)
         self.source_names = [name for s in self.streams for name in s.names]
         self.tokenizer = tokenizer
@@ -481,6 +526,7 @@ class TrainStream(IterableDataset):
                 num_workers=num_workers,
                 counter=counter,
                 num_epochs=self.num_epochs,
+                limits=self.limits,
             )
             for source in self.streams
         ]
@@ -597,6 +643,7 @@ def build_train_loader(
         decode=cfg.decode,
         max_image_pixels=cfg.max_image_pixels,
         num_epochs=num_epochs,
+        limits=read_limits(cfg),
     )
     return TrainLoader(stream, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
 
@@ -660,7 +707,12 @@ def _eval_samples(
 ) -> Iterator[tuple[int, dict]]:
     """(global index, raw sample) for samples with index % num_slots == slot; all tars, in order."""
     index = 0
-    for sample in (s for url in urls for s in read_tar_samples(url, counter.fault)):
+    keep = {*EVAL_IMAGE_KEYS, label_key}
+    limits = {"max_member_bytes": EVAL_MAX_MEMBER_BYTES}
+    for sample in (s for url in urls for s in read_tar_samples(url, counter.fault, keep=keep, **limits)):
+        if OVERSIZED in sample:
+            counter.fault("oversized_member", sample["__url__"], f"{sample['__key__']}: {sample[OVERSIZED]}")
+            continue
         if _first_key(sample, EVAL_IMAGE_KEYS) is None or label_key not in sample:
             # the label stands where a train caption would: a missing one counts as no_caption
             reason = "no_image" if _first_key(sample, EVAL_IMAGE_KEYS) is None else "no_caption"

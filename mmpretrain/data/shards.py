@@ -211,13 +211,51 @@ class _StrictTarInfo(tarfile.TarInfo):
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "dir/key.ext.gz" -> ("dir/key", "ext.gz")
 
 
-def read_tar_samples(url: str, on_fault: Callable[[str, str, str], None]) -> Iterator[dict[str, Any]]:
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+OVERSIZED = "__oversized__"  # key of a sample that had a member over its limit: (extension, bytes, limit)
+
+
+class _Prefixed(io.RawIOBase):
+    """A read-only stream that gives ``head`` first, then the rest of ``stream`` (the sniffed bytes put back)."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self.head:
+            n = min(len(buf), len(self.head))
+            buf[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        data = self.stream.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+
+def read_tar_samples(
+    url: str,
+    on_fault: Callable[[str, str, str], None],
+    *,
+    keep: set[str] | None = None,
+    max_member_bytes: int | None = None,
+    member_limits: dict[str, int] | None = None,
+    allow_compressed: bool = False,
+) -> Iterator[dict[str, Any]]:
     """Samples of one tar shard: ``{"__key__", "__url__", <ext>: bytes ...}``; members with one key in a row.
 
     Shard-level faults go to ``on_fault(reason, url, detail)``: "unreadable_shard" when the shard cannot be
     opened or is not a tar from its first block on, "truncated_tar" once when the stream breaks later (the
-    counting rule is in the module docstring). Our own reader rather than wds.tarfile_to_samples: the fault
-    must be classified where it happens, and tarfile alone does not notice a tar cut at a header.
+    counting rule is in the module docstring), "compressed_tar" for a gzip/bzip2/xz/zstd stream unless
+    ``allow_compressed`` (a compressed member cannot be sized before it is inflated). Our own reader rather than
+    wds.tarfile_to_samples: the fault must be classified where it happens, and tarfile alone does not notice a
+    tar cut at a header.
+
+    Bounded: members whose extension is not in ``keep`` (None: all) are passed over unread; a member larger
+    than its limit (``member_limits[ext]``, else ``max_member_bytes``; None: no limit), as its tar header
+    declares, is not read either, and its sample comes out marked ``sample[OVERSIZED] = (ext, size, limit)``
+    (the caller counts it and drops the sample). Keys starting with ``__`` are the reader's, never members.
     """
     try:
         stream = wds.gopen(url, "rb")  # local paths, file:, pipe: and http(s) alike
@@ -226,10 +264,23 @@ def read_tar_samples(url: str, on_fault: Callable[[str, str, str], None]) -> Ite
         return
     try:
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo)  # reads the first header
+            head = stream.read(6)
+        except Exception as exn:  # noqa: BLE001
+            on_fault("unreadable_shard", url, f"{type(exn).__name__}: {exn}")
+            return
+        kind = next((k for magic, k in COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
+        if kind is not None and (not allow_compressed or kind == "zstd"):
+            on_fault("compressed_tar", url, f"a {kind}-compressed stream (set data.allow_compressed_tars=true to "
+                     "read gzip/bzip2/xz; the per-member limits still hold)")  # fmt: skip
+            return
+        reader = io.BufferedReader(_Prefixed(head, stream), buffer_size=1 << 16)
+        try:
+            mode = "r|*" if allow_compressed else "r|"
+            tar = tarfile.open(fileobj=reader, mode=mode, tarinfo=_StrictTarInfo)  # reads the first header
         except Exception as exn:  # noqa: BLE001 -- not a tar (or empty, or unreadable) from its first block
             on_fault("unreadable_shard", url, f"not a tar: {type(exn).__name__}: {exn}")
             return
+        limits = member_limits or {}
         sample: dict[str, Any] | None = None
         in_data = False  # reading a member's bytes: a failure there loses the sample that member belongs to
         try:
@@ -243,6 +294,13 @@ def read_tar_samples(url: str, on_fault: Callable[[str, str, str], None]) -> Ite
                     if sample is not None and len(sample) > 2:
                         yield sample
                     sample = {"__key__": key, "__url__": url}
+                if keep is not None and ext not in keep:
+                    sample.setdefault("__unread__", True)  # still a sample: judged (and counted) by the caller
+                    continue  # tarfile passes over the member's data in blocks: nothing is kept
+                limit = limits.get(ext, max_member_bytes)
+                if limit is not None and info.size > limit:
+                    sample.setdefault(OVERSIZED, (ext, info.size, limit))
+                    continue
                 in_data = True
                 data = tar.extractfile(info).read()
                 in_data = False

@@ -8,7 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from faults import read_manifest, write_faulty_shards
+from faults import FAULTY_MAX_CAPTION_BYTES, FAULTY_MAX_MEMBER_BYTES, read_manifest, write_faulty_shards
 from PIL import Image
 
 from mmpretrain.data import DataConfig, Tokenizer, TrainDataConfig, build_train_loader
@@ -36,7 +36,8 @@ def faulty(tmp_path_factory):
 
 
 def loader_cfg(urls: str, *, num_workers: int = 0, decode: str = "fast", max_image_pixels: int = 50_000_000, **train):
-    cfg = DataConfig(num_workers=num_workers, decode=decode, max_image_pixels=max_image_pixels)
+    cfg = DataConfig(num_workers=num_workers, decode=decode, max_image_pixels=max_image_pixels,
+                     max_member_bytes=FAULTY_MAX_MEMBER_BYTES, max_caption_bytes=FAULTY_MAX_CAPTION_BYTES)  # fmt: skip
     cfg.train = TrainDataConfig(urls=urls, **train)
     return cfg
 
@@ -223,10 +224,10 @@ def test_check_bad_fraction_on_loader_stats(faulty, tokenizer):
     spec, expected, manifest = faulty
     cfg = loader_cfg(spec, max_image_pixels=manifest["max_image_pixels"], shuffle_buffer=50)
     stats = total_stats(batches_of(cfg, tokenizer, batch_size=4, num_epochs=2))
-    broken = 2 * sum(expected.values())  # 22 of 22 + 48 = 31%
-    with pytest.raises(DataFaultError, match=r"31\.4% of 70 samples .* worst shards: \S*faulty-1\.tar \(10\), "):
-        check_bad_fraction(stats, max_bad_fraction=0.3, min_samples=70)
-    check_bad_fraction(stats, max_bad_fraction=0.3, min_samples=71)
+    broken = 2 * sum(expected.values())  # 28 of 28 + 48 = 36.8%
+    with pytest.raises(DataFaultError, match=r"36\.8% of 76 samples .* worst shards: \S*faulty-1\.tar \(14\), "):
+        check_bad_fraction(stats, max_bad_fraction=0.3, min_samples=76)
+    check_bad_fraction(stats, max_bad_fraction=0.3, min_samples=77)
     check_bad_fraction(stats, max_bad_fraction=broken / stats["read"], min_samples=1)
 
 
