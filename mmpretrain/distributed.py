@@ -9,7 +9,7 @@
 
 Launch. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; under ``srun`` without
 torchrun, SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID are used instead. A plain
-``python -m mmpretrain.train`` is a world of one on a private port.
+``python -m mmpretrain.train`` is a world of one with an in-memory store: no network listener opens.
 
 Groups. Every function here takes ``group=None``, which means the default: the world's process group when
 torch.distributed is initialized, else a world of one (no communication, and no error). With one rank in the
@@ -112,15 +112,17 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     import deepspeed  # seconds to import: only starting a group needs it, not every importer of this module
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
-    if world == 1 and "MASTER_PORT" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
+    if not dist.is_initialized() and world == 1:
+        # one process: an in-memory store, so no TCP listener opens and no port is picked (it could race)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
+    if not dist.is_initialized() or not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(
             dist_backend=backend,
             auto_mpi_discovery=False,

@@ -346,7 +346,11 @@ def run(config: str, overrides: list[str], stop_after_steps: int = 0) -> int:
         code = 1
     except KeyboardInterrupt:  # the second Ctrl-C (the first stops after the step with a checkpoint)
         if rank == 0:
-            print("mmpretrain.train: interrupted (second Ctrl-C): exited without saving", file=sys.stderr, flush=True)
+            print(
+                "mmpretrain.train: interrupted (second Ctrl-C, or before training began): exited without saving",
+                file=sys.stderr,
+                flush=True,
+            )
         code = 130
     finally:
         destroy()

@@ -99,7 +99,7 @@ def test_a_second_ctrl_c_exits_at_once_and_the_rerun_starts_fresh(shapes_dataset
     env = {**ENV, "MMPRETRAIN_INJECT": ",".join(f"slow_save@{s}" for s in range(2, 8))}
     code, stdout, stderr = interrupt(command(shapes_dataset, out), [signal.SIGINT, signal.SIGINT], 2, out, env)
     assert code == 130, stderr[-3000:]
-    assert "Traceback" not in stderr and "interrupted (second Ctrl-C)" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr and "interrupted (second Ctrl-C" in stderr, stderr[-3000:]
     assert not os.path.exists(os.path.join(out, "checkpoints", "latest"))
     cmd = command(shapes_dataset, out)
     proc = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
