@@ -52,6 +52,7 @@ setup(
         "simplejpeg>=1.7",  # reduced-scale JPEG decoding (the fast decode path)
         "pyarrow>=14",  # parquet caption files in mmpretrain-make-shards
         "matplotlib>=3.7",  # mmpretrain-plot, mmpretrain-inspect-shards --out
+        "psutil>=5.9",  # the stop file's age against the process start (also a DeepSpeed dependency)
     ],
     extras_require={
         "dev": [

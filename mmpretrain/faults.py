@@ -35,6 +35,7 @@ import signal
 import time
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 from mmpretrain.signals import STOP_SIGNALS
@@ -147,12 +148,17 @@ class StopRequest:
                       flush=True)  # fmt: skip
         self.signal = signum
 
-    def clear_stale_file(self) -> bool:
-        """Remove a stop file left by a run that died before acting on it (rank 0, at start)."""
-        if self.stop_file and os.path.exists(self.stop_file):
-            os.remove(self.stop_file)
-            return True
-        return False
+    def clear_stale_file(self, started_at: float | None = None) -> bool:
+        """Remove a stop file left by a run that died before acting on it (rank 0, at start). A file written after
+        this process started (``started_at``, default: its creation time) is a request for this run, e.g. the
+        SLURM trap's during a long start-up: it stays and is honoured at the first step."""
+        if not (self.stop_file and os.path.exists(self.stop_file)):
+            return False
+        started_at = psutil.Process().create_time() if started_at is None else started_at
+        if os.path.getmtime(self.stop_file) >= started_at:
+            return False
+        os.remove(self.stop_file)
+        return True
 
     def requested(self) -> bool:
         return self.signal is not None or bool(self.stop_file and os.path.exists(self.stop_file))
