@@ -9,7 +9,8 @@ Layout of ``<output_dir>/checkpoints/``::
 
 ``latest`` is replaced with an atomic rename only after every rank finished writing, so a
 kill during a save leaves it on the previous complete checkpoint. DeepSpeed's shards are
-pickles: a run folder is trusted like code.
+pickles: a run folder is trusted like code. The folder's layout and its readers (latest tag,
+step folders, meta.json) are in mmpretrain.run_folder; this module adds what needs the engine.
 """
 
 from __future__ import annotations
@@ -17,57 +18,29 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
-from dataclasses import dataclass
+import subprocess
+import sys
 
 import numpy as np
 import torch
 
+from mmpretrain.checkpoint_config import CheckpointConfig  # noqa: F401  (it lived here)
+from mmpretrain.convert import load_any, read_run
 from mmpretrain.distributed import barrier
+from mmpretrain.run_folder import (  # find_step_dir, latest_tag: callers (tests, train.py) import them from here
+    LATEST,
+    META,
+    checkpoint_root,
+    find_step_dir,  # noqa: F401
+    latest_tag,
+    read_meta,
+    step_numbers,
+    step_tag,
+    write_atomic,
+)
 
 UNIVERSAL_CHECKPOINT_INFO = "universal_checkpoint_info"  # deepspeed.checkpoint.UNIVERSAL_CHECKPOINT_INFO
-
-TAG_RE = re.compile(r"^step_(\d+)$")
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 0
-    """Save every N optimizer steps (0 = only at the end of the run)."""
-    keep_last: int = 2
-    """Keep this many newest checkpoints; older step_* folders are deleted after a save."""
-
-    def validate(self, prefix: str) -> None:
-        if self.every_steps < 0:
-            raise ValueError(f"{prefix}.every_steps must be >= 0 (got {self.every_steps})")
-        if self.keep_last < 1:
-            raise ValueError(f"{prefix}.keep_last must be >= 1 (got {self.keep_last})")
-
-
-def checkpoint_root(output_dir: str) -> str:
-    return os.path.join(output_dir, "checkpoints")
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never a partial one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def latest_tag(output_dir: str) -> str | None:
-    """The tag named by ``checkpoints/latest``, or None for a fresh run."""
-    path = os.path.join(checkpoint_root(output_dir), "latest")
-    if not os.path.isfile(path):
-        return None
-    tag = open(path).read().strip()
-    if not os.path.isfile(os.path.join(checkpoint_root(output_dir), tag, "meta.json")):
-        raise ValueError(f"{path} names {tag!r}, but {tag}/meta.json is missing: the checkpoint folder is damaged")
-    return tag
 
 
 def _rng_state() -> dict:
@@ -93,12 +66,12 @@ def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: i
     ``before_commit(step)`` runs just before meta.json is written (fault injection in tests).
     """
     root = checkpoint_root(output_dir)
-    tag = f"step_{step}"
+    tag = step_tag(step)
     tag_dir = os.path.join(root, tag)
-    if rank == 0 and os.path.exists(os.path.join(tag_dir, "meta.json")):
+    if rank == 0 and os.path.exists(os.path.join(tag_dir, META)):
         # left by a save that was killed: DeepSpeed writes over the folder, but a stale meta.json must not
         # make it look complete (only rank 0 writes meta.json, after the barrier below)
-        os.remove(os.path.join(tag_dir, "meta.json"))
+        os.remove(os.path.join(tag_dir, META))
     # the (empty) universal-checkpoint marker lets ds_to_universal convert this save for another world size
     engine.save_checkpoint(root, tag=tag, save_latest=False, client_state={UNIVERSAL_CHECKPOINT_INFO: {}})
     torch.save(_rng_state(), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
@@ -106,19 +79,19 @@ def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: i
     if before_commit is not None:
         before_commit(step)
     if rank == 0:
-        write_atomic(os.path.join(tag_dir, "meta.json"), json.dumps({"step": step, **meta}, indent=1))
-        write_atomic(os.path.join(root, "latest"), tag)
-        _prune(root, keep_last, keep=tag)
+        write_atomic(os.path.join(tag_dir, META), json.dumps({"step": step, **meta}, indent=1))
+        write_atomic(os.path.join(root, LATEST), tag)
+        _prune(output_dir, keep_last, keep=tag)
     barrier()
     return tag
 
 
-def _prune(root: str, keep_last: int, keep: str) -> None:
-    steps = sorted(int(m.group(1)) for d in os.listdir(root) if (m := TAG_RE.match(d)))
-    for s in steps[:-keep_last]:
-        if f"step_{s}" != keep:
-            shutil.rmtree(os.path.join(root, f"step_{s}"), ignore_errors=True)
-            shutil.rmtree(os.path.join(root, f"step_{s}_universal"), ignore_errors=True)
+def _prune(output_dir: str, keep_last: int, keep: str) -> None:
+    root = checkpoint_root(output_dir)
+    for s in step_numbers(output_dir)[:-keep_last]:
+        if step_tag(s) != keep:
+            shutil.rmtree(os.path.join(root, step_tag(s)), ignore_errors=True)
+            shutil.rmtree(os.path.join(root, f"{step_tag(s)}_universal"), ignore_errors=True)
 
 
 def prepare_resume(output_dir: str, *, world_size: int, zero_stage: int, rank: int) -> tuple[str | None, bool]:
@@ -132,15 +105,12 @@ def prepare_resume(output_dir: str, *, world_size: int, zero_stage: int, rank: i
     tag = latest_tag(output_dir)
     if tag is None:
         return None, False
-    meta = json.load(open(os.path.join(checkpoint_root(output_dir), tag, "meta.json")))
+    meta = read_meta(os.path.join(checkpoint_root(output_dir), tag))
     if meta["world_size"] == world_size or zero_stage == 0:
         return tag, False
     root = checkpoint_root(output_dir)
     universal = f"{tag}_universal"
     if rank == 0 and not os.path.isfile(os.path.join(root, universal, "done")):
-        import subprocess
-        import sys
-
         shutil.rmtree(os.path.join(root, universal), ignore_errors=True)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                os.path.join(root, tag), "--output_folder", os.path.join(root, universal),
@@ -148,7 +118,7 @@ def prepare_resume(output_dir: str, *, world_size: int, zero_stage: int, rank: i
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"converting {tag} for {world_size} ranks failed:\n{proc.stderr[-3000:]}")
-        shutil.copy(os.path.join(root, tag, "meta.json"), os.path.join(root, universal, "meta.json"))
+        shutil.copy(os.path.join(root, tag, META), os.path.join(root, universal, META))
         write_atomic(os.path.join(root, universal, "done"), "ds_to_universal finished\n")
     barrier()
     return universal, True
@@ -163,21 +133,11 @@ def resume(engine, output_dir: str, rank: int, tag: str | None = None) -> dict |
     load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}")
-    meta = json.load(open(os.path.join(root, tag, "meta.json")))
+    meta = read_meta(os.path.join(root, tag))
     rng_path = os.path.join(root, tag, f"rng_rank{rank}.pt")
     if os.path.isfile(rng_path):  # absent when resuming on a larger world size
         _set_rng_state(torch.load(rng_path, weights_only=False))
     return meta
-
-
-def find_step_dir(path: str) -> str:
-    """A run folder (uses its ``latest``) or a ``checkpoints/step_N`` folder -> the step folder."""
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        return path
-    tag = latest_tag(path) if os.path.isdir(checkpoint_root(path)) else None
-    if tag is None:
-        raise ValueError(f"{path}: not a run folder with checkpoints/latest, nor a checkpoint folder with meta.json")
-    return os.path.join(checkpoint_root(path), tag)
 
 
 def load_state_dict(step_dir: str) -> dict[str, torch.Tensor]:
@@ -186,13 +146,9 @@ def load_state_dict(step_dir: str) -> dict[str, torch.Tensor]:
     Stage 0 keeps whole weights in its module file (zero_to_fp32 does not handle it); stages 1-3
     go through DeepSpeed's consolidation. The work, and its checks, live in mmpretrain.convert.
     """
-    from mmpretrain.convert import read_run
-
     return read_run(step_dir, torch.float32)[0]
 
 
 def load_model_from_run(path: str):
     """(model in eval mode, config) from a run folder or a step folder; the weights load strictly."""
-    from mmpretrain.convert import load_any
-
     return load_any(path)

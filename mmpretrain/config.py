@@ -18,16 +18,17 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mmpretrain.checkpoint import CheckpointConfig
+from mmpretrain.checkpoint_config import CheckpointConfig
 from mmpretrain.data.config import DataConfig
-from mmpretrain.engine import EngineConfig, OptimConfig
+from mmpretrain.engine_config import EngineConfig, OptimConfig
 from mmpretrain.eval.config import EvalConfig
-from mmpretrain.logging import LoggingConfig
-from mmpretrain.model import ModelConfig, resolve_model_config
-from mmpretrain.objectives import LossConfig, check_run
+from mmpretrain.logging_config import LoggingConfig
+from mmpretrain.model.config import ModelConfig, resolve_model_config
+from mmpretrain.objectives.config import LossConfig, check_run
 
 
 class ConfigError(ValueError):
@@ -77,7 +78,7 @@ class Config:
                 f"train.accum_steps must divide the per-rank batch (got {t.accum_steps} for "
                 f"{t.batch_size // world_size} samples per rank)"
             )
-        if t.accum_steps > 1 and self.engine.zero_stage == 2 and not _cuda():
+        if t.accum_steps > 1 and self.engine.zero_stage == 2 and not torch.cuda.is_available():
             # Seen in 3 of 9 two-rank runs here: 'terminate called without an active exception' in
             # DeepSpeed's stage-2 gradient reduction when the accumulation boundary is toggled on CPU.
             raise ConfigError(
@@ -90,12 +91,6 @@ class Config:
             raise ConfigError(str(e)) from None
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _validate_tree(node: Any, prefix: str) -> None:
@@ -195,6 +190,15 @@ def to_yaml(cfg: Config) -> str:
 
 def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def from_dict(raw: dict, source: str) -> Config:
+    """A full Config from a (possibly partial) dict, e.g. what a checkpoint's meta.json recorded; an unknown or
+    badly typed key raises ConfigError naming ``source``. No resolving, no validation (the run did both)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))
+    except Exception as e:
+        raise ConfigError(f"{source}: invalid config ({str(e).splitlines()[0]})") from None
 
 
 def from_yaml_file(path: str) -> Config:

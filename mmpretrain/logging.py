@@ -12,37 +12,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+import secrets
+import sys
 
-WANDB_MODES = ("offline", "online", "disabled")
+from tqdm.auto import tqdm
 
-
-@dataclass
-class LoggingConfig:
-    wandb: str = "offline"
-    """offline | online | disabled. Offline runs are synced later with `wandb sync`."""
-    project: str = "mmpretrain"
-    """wandb project name."""
-    run_name: str = ""
-    """wandb run name; empty = the output folder's name."""
-    log_every: int = 10
-    """Write a metrics line every N optimizer steps (and at the last step)."""
-    progress: bool = True
-    """Show a progress bar on rank 0."""
-    sample_keys: bool = False
-    """Audit the data order: every rank appends ``{"step", "keys"}`` per step to ``sample_keys_rank<R>.jsonl``
-    (keys are ``<shard url>:<sample key>``). A step replayed after a crash is written again."""
-
-    def validate(self, prefix: str) -> None:
-        if self.wandb not in WANDB_MODES:
-            raise ValueError(f"{prefix}.wandb must be one of {WANDB_MODES} (got {self.wandb!r})")
-        if self.log_every < 1:
-            raise ValueError(f"{prefix}.log_every must be >= 1 (got {self.log_every})")
+from mmpretrain.logging_config import LoggingConfig
 
 
 def new_run_id() -> str:
-    import secrets
-
     return secrets.token_hex(4)
 
 
@@ -83,10 +61,6 @@ class MetricsLogger:
             if unregister is not None:
                 unregister(self.wandb_run.id)
         if cfg.progress:
-            import sys
-
-            from tqdm.auto import tqdm
-
             # in a log file (CI, SLURM) a redraw per second would be thousands of lines
             interval = 1.0 if sys.stderr.isatty() else 60.0
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,

@@ -18,16 +18,7 @@ import torch
 
 from mmpretrain.distributed import resolve_group
 from mmpretrain.kernels.contrastive_loss import tiled_clip_loss, tiled_siglip_loss, tiled_unicl_loss
-from mmpretrain.objectives import LOSS_IMPLS
-
-
-def __getattr__(name):
-    # LossConfig lives with the objective terms (mmpretrain.objectives); kept importable from here.
-    if name == "LossConfig":
-        from mmpretrain.objectives import LossConfig
-
-        return LossConfig
-    raise AttributeError(name)
+from mmpretrain.objectives.config import LOSS_IMPLS, LossConfig
 
 
 def _resolve(img_bD, group, impl):
@@ -62,9 +53,9 @@ def unicl_loss(img_BD, txt_BD, logit_scale, labels_B, *, group=None, impl="auto"
     return tiled_unicl_loss(img_BD, txt_BD, logit_scale, labels_B, group=group, impl=impl, chunk_size=chunk_size)
 
 
-def compute_loss(cfg, out, group=None) -> torch.Tensor:
+def compute_loss(cfg: LossConfig, out, group=None) -> torch.Tensor:
     """Loss of a model output (``.image_features``, ``.text_features``, ``.logit_scale``, ``.logit_bias``) for
-    ``cfg.name`` (cfg: a LossConfig)."""
+    ``cfg.name``."""
     kw = dict(group=group, impl=cfg.impl, chunk_size=cfg.chunk_size)
     if cfg.name == "clip":
         return clip_loss(out.image_features, out.text_features, out.logit_scale, **kw)

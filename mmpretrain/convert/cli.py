@@ -19,7 +19,14 @@ refused unless --force. Errors: one line on stderr, exit code 2. Layouts and key
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+
+from mmpretrain.config import Config
+from mmpretrain.convert import hf, load, openclip, resize
+from mmpretrain.convert.common import parse_dtype
+from mmpretrain.convert.ours import read_run, write_folder
+from mmpretrain.model.config import resolve_model_config
 
 PROG = "mmpretrain-convert"
 
@@ -57,49 +64,30 @@ def parse_args(argv, prog: str = PROG):
 
 
 def run(args) -> str:
-    import dataclasses
-
-    from mmpretrain.convert.common import parse_dtype
-
     dtype = parse_dtype(args.dtype)
-    from mmpretrain.convert import hf, load, openclip, resize
-    from mmpretrain.convert.ours import read_run, write_folder
-
     if args.command == "consolidate":
         sd, cfg = read_run(args.src, dtype)
     elif args.command == "from-openclip" and args.config is not None:
         sd, model_cfg = openclip.read_openclip(args.config, args.src, dtype)
-        from mmpretrain.config import Config
-
         cfg = Config(model=model_cfg)
     elif args.command == "from-openclip":
-        from mmpretrain.config import Config
-
         found = openclip.find_openclip(args.src)
         if found is None:
             raise ValueError(f"{args.src}: not an OpenCLIP folder (a model-config *.json and one weights file)")
         sd, model_cfg = openclip.read_openclip(*found, dtype)
         cfg = Config(model=model_cfg)
     elif args.command == "from-hf":
-        from mmpretrain.config import Config
-
         sd, model_cfg = hf.read_hf(args.src, dtype)
         cfg = Config(model=model_cfg)
     else:
         sd, cfg = load.read_any(args.src, dtype)
     model_cfg = cfg.model
     if args.image_size is not None:
-        from mmpretrain.model import resolve_model_config
-
         sd, model_cfg = resize.resize_position_embedding(sd, resolve_model_config(model_cfg), args.image_size)
         cfg = dataclasses.replace(cfg, model=model_cfg)
     if args.command == "to-hf":
-        from mmpretrain.model import resolve_model_config
-
         return hf.export_hf(sd, resolve_model_config(model_cfg), args.out, dtype, args.force)
     if args.command == "to-openclip":
-        from mmpretrain.model import resolve_model_config
-
         return openclip.export_openclip(sd, resolve_model_config(model_cfg), args.out, args.name, dtype, args.force)
     write_folder(sd, cfg, args.out, args.force)
     return args.out

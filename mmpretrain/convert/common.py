@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 
 import torch
+from safetensors.torch import load_file, save_file
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEADS = "heads."  # training-only objective heads (ITM fusion encoder, MIM decoder ...): not part of the two towers
@@ -75,8 +76,6 @@ def check_state_dict(got: dict[str, torch.Tensor], expected: dict[str, torch.Siz
 
 def load_safetensors(path: str) -> dict[str, torch.Tensor]:
     """A safetensors file on CPU; a missing, truncated or corrupted file is a one-line ValueError naming it."""
-    from safetensors.torch import load_file
-
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     try:
@@ -108,8 +107,6 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
 
 
 def save_safetensors(sd: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata=metadata or {"format": "pt"})
 
 

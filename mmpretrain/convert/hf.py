@@ -33,7 +33,12 @@ from mmpretrain.convert.common import (
     drop_heads,
     load_safetensors,
     load_torch_weights,
+    save_safetensors,
 )
+from mmpretrain.convert.ours import expected_shapes
+from mmpretrain.data.tokenizer import Tokenizer
+from mmpretrain.data.transforms import CLIP_MEAN, CLIP_STD
+from mmpretrain.model.config import ModelConfig, TextConfig, VisionConfig, resolve_model_config
 
 HF_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 OUR_ACT = {v: k for k, v in HF_ACT.items()} | {"gelu_new": "gelu_tanh"}  # gelu_new is the same tanh formula
@@ -77,8 +82,6 @@ def hf_config(model_cfg, dtype: torch.dtype = torch.float32):
 
 def model_config_from_hf(hf_cfg, source: str):
     """A resolved ModelConfig from a transformers CLIPConfig / SiglipConfig; unsupported settings raise."""
-    from mmpretrain.model import ModelConfig, TextConfig, VisionConfig, resolve_model_config
-
     family = {"clip": "clip", "siglip": "siglip"}.get(hf_cfg.model_type)
     if family is None:
         raise ValueError(f"{source}: model_type {hf_cfg.model_type!r} is not clip or siglip")
@@ -183,8 +186,6 @@ def write_tokenizer(out_dir: str, context_length: int, family: str) -> None:
     from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
-    from mmpretrain.data import Tokenizer
-
     Tokenizer(context_length).save_pretrained(out_dir)
     extra = {}
     if family == "siglip":
@@ -197,8 +198,6 @@ def write_preprocessor(out_dir: str, image_size: int) -> None:
     """CLIPImageProcessor settings of our eval transform: shorter side -> S bicubic, center crop S, CLIP mean/std."""
     from transformers import CLIPImageProcessor
 
-    from mmpretrain.data.transforms import CLIP_MEAN, CLIP_STD
-
     proc = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                               resample=3, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))  # fmt: skip
     proc.save_pretrained(out_dir)
@@ -207,8 +206,6 @@ def write_preprocessor(out_dir: str, image_size: int) -> None:
 def export_hf(sd: dict[str, torch.Tensor], model_cfg, out_dir: str, dtype: torch.dtype = torch.float32,
               force: bool = False) -> str:  # fmt: skip
     """Our (checked) state dict + resolved ModelConfig -> an HF folder at out_dir (objective heads dropped)."""
-    from mmpretrain.convert.common import save_safetensors
-
     hf_cfg = hf_config(model_cfg, dtype)  # refuses what HF CLIPModel / SiglipModel cannot hold
     sd = drop_heads(sd, "HF export")
     hf_sd = cast(to_hf_state_dict(sd, model_cfg.family), dtype)
@@ -260,7 +257,5 @@ def read_hf(path: str, dtype: torch.dtype | None = torch.float32):
     hf_sd = {k: v for k, v in _read_hf_weights(path).items() if not k.endswith(".position_ids")}
     check_state_dict(hf_sd, hf_expected_shapes(hf_cfg), path)
     sd = from_hf_state_dict(hf_sd, model_cfg.family, path)
-    from mmpretrain.convert.ours import expected_shapes
-
     check_state_dict(sd, expected_shapes(model_cfg), path)
     return (cast(sd, dtype) if dtype is not None else sd), model_cfg

@@ -16,23 +16,18 @@ import os
 
 import torch
 
+from mmpretrain.config import Config
 from mmpretrain.convert.common import check_state_dict, drop_heads
 from mmpretrain.convert.hf import is_hf_folder, read_hf
 from mmpretrain.convert.openclip import find_openclip, read_openclip
 from mmpretrain.convert.ours import is_consolidated, read_consolidated, read_run
 from mmpretrain.model import build_model
 from mmpretrain.objectives import Objective
-
-
-def is_run(path: str) -> bool:
-    """A run folder (with checkpoints/) or one of its checkpoint step folders (with meta.json)."""
-    return os.path.isfile(os.path.join(path, "meta.json")) or os.path.isdir(os.path.join(path, "checkpoints"))
+from mmpretrain.run_folder import is_run
 
 
 def read_any(path: str, dtype: torch.dtype = torch.float32):
     """(our state dict in dtype, Config) from any supported source; one-line ValueError otherwise."""
-    from mmpretrain.config import Config
-
     if not os.path.isdir(path):
         raise ValueError(f"{path}: no such folder")
     if is_run(path):

@@ -47,6 +47,8 @@ from mmpretrain.convert.common import (
     load_weights,
     save_safetensors,
 )
+from mmpretrain.convert.ours import expected_shapes
+from mmpretrain.model.config import ModelConfig, TextConfig, VisionConfig, resolve_model_config
 
 WEIGHTS = "open_clip_model.safetensors"
 TOWERS = {"vision_model.": "visual.", "text_model.": ""}
@@ -161,8 +163,6 @@ DEFAULTS = {"patch_dropout": 0.0, "ls_init_value": None, "attentional_pool": Fal
 
 def model_config_from_openclip(raw: dict, source: str):
     """A resolved ModelConfig from an OpenCLIP model-config dict; unsupported options raise, naming them."""
-    from mmpretrain.model import ModelConfig, TextConfig, VisionConfig, resolve_model_config
-
     for key in raw:
         if key not in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale"):
             raise ValueError(f"{source}: unsupported OpenCLIP model option {key!r}")
@@ -242,8 +242,6 @@ def find_openclip(path: str) -> tuple[str, str] | None:
 
 def read_openclip(config_path: str, weights_path: str, dtype: torch.dtype | None = torch.float32):
     """(our state dict, resolved ModelConfig) from an OpenCLIP model-config JSON + weights file; strict."""
-    from mmpretrain.convert.ours import expected_shapes
-
     try:
         raw = json.load(open(config_path))
     except (OSError, ValueError) as e:

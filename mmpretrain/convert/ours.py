@@ -15,12 +15,12 @@ through safetensors.
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from omegaconf import OmegaConf
 
+from mmpretrain.config import Config, from_dict
 from mmpretrain.convert.common import (
     HEADS,
     atomic_folder,
@@ -30,6 +30,8 @@ from mmpretrain.convert.common import (
     load_safetensors,
     save_safetensors,
 )
+from mmpretrain.model import build_model
+from mmpretrain.run_folder import find_step_dir, meta_config
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -37,30 +39,9 @@ CONFIG = "config.yaml"
 
 def expected_shapes(model_cfg) -> dict[str, torch.Size]:
     """Our parameter names and shapes for a model config, without allocating (meta device)."""
-    from mmpretrain.model import build_model
-
     with torch.device("meta"):
         model = build_model(model_cfg)
     return {k: v.shape for k, v in model.state_dict().items()}
-
-
-def config_from_dict(raw: dict, source: str):
-    """A full Config from a (possibly partial) dict; an unknown or badly typed key is named."""
-    from mmpretrain.config import Config
-
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))
-    except Exception as e:
-        raise ValueError(f"{source}: invalid config ({str(e).splitlines()[0]})") from None
-
-
-def _read_meta(step_dir: str) -> dict:
-    path = os.path.join(step_dir, "meta.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable ({e})") from None
 
 
 def _run_state_dict(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
@@ -83,16 +64,13 @@ def _run_state_dict(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
         raise ValueError(f"{step_dir}: DeepSpeed could not consolidate it ({type(e).__name__}: {e})") from None
 
 
-def read_run(path: str, dtype: torch.dtype = torch.float32):
+def read_run(path: str, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], Config]:
     """(state dict in dtype, Config) from a run folder or a step folder; keys and shapes checked against the config.
 
     The objective heads' keys (heads.<term>.*, training-only) are passed through unchecked (model.init_from
     may load them); every writer of another format and `load_any` drop them."""
-    from mmpretrain.checkpoint import find_step_dir
-
     step_dir = find_step_dir(path)
-    meta = _read_meta(step_dir)
-    cfg = config_from_dict(meta.get("config", {}), os.path.join(step_dir, "meta.json"))
+    cfg = meta_config(step_dir)
     sd = _run_state_dict(step_dir, cfg.engine.zero_stage)
     out = {}
     for k in list(sd):
@@ -132,7 +110,7 @@ def read_consolidated(path: str, dtype: torch.dtype | None = None):
         raw = OmegaConf.to_container(OmegaConf.load(cfg_path))
     except Exception as e:
         raise ValueError(f"{cfg_path}: unreadable YAML ({str(e).splitlines()[0]})") from None
-    cfg = config_from_dict(raw, cfg_path)
+    cfg = from_dict(raw, cfg_path)
     sd = drop_heads(load_safetensors(os.path.join(path, WEIGHTS)), path)
     check_state_dict(sd, expected_shapes(cfg.model), os.path.join(path, WEIGHTS))
     return (cast(sd, dtype) if dtype is not None else sd), cfg
@@ -140,8 +118,6 @@ def read_consolidated(path: str, dtype: torch.dtype | None = None):
 
 def load_consolidated(path: str):
     """(model in eval mode, fp32, Config) from a consolidated folder; strict."""
-    from mmpretrain.model import build_model
-
     sd, cfg = read_consolidated(path, torch.float32)
     model = build_model(cfg.model)
     model.load_state_dict(sd, strict=True)

@@ -1,17 +1,20 @@
 """Model config: a size name from the table plus optional per-field overrides.
 
 Every size field defaults to None, meaning "take it from `SIZES[name]`";
-`resolve_model_config` returns a copy with every None filled in.
+`resolve_model_config` returns a copy with every None filled in. With `model.text.kind=hf`,
+`hf_text_config` reads the transformers config of the text tower (a size or a local folder).
+No project imports but the size table: mmpretrain.config composes this without importing the model.
 """
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from mmpretrain.kernels import ATTENTION_IMPLS
-from mmpretrain.model.sizes import SIZES
+from mmpretrain.model.sizes import CLIP_VOCAB_SIZE, HF_TEXT_SIZES, SIZES
 
+ATTENTION_IMPLS = ("auto", "triton", "sdpa")  # mmpretrain.kernels.attention's `impl` (tests/unit/test_config.py)
 FAMILIES = ("clip", "siglip")
 TEXT_KINDS = ("clip", "hf")
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
@@ -76,8 +79,6 @@ class TextConfig:
                     f"{prefix}.{key}: with {prefix}.kind=hf the text tower's sizes come from {prefix}.hf_config; "
                     f"unset {prefix}.{key} (got {getattr(self, key)!r})"
                 )
-        from mmpretrain.model.hf_text import hf_text_config
-
         hf_text_config(self, prefix)  # reads the size table or the folder; raises ValueError naming the key
 
 
@@ -159,3 +160,74 @@ def _check_tower(tower, prefix: str) -> None:
         raise ValueError(f"{prefix}.act must be one of {ACTIVATIONS} (got {tower.act!r})")
     if tower.width % tower.heads:
         raise ValueError(f"{prefix}.width must be divisible by {prefix}.heads (got {tower.width} and {tower.heads})")
+
+
+# ----------------------------------------------------------------------------- model.text.kind=hf
+
+# A folder of model.text.hf_config holding any of these brings its own tokenizer (refused: see model/hf_text.py).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "special_tokens_map.json")  # fmt: skip
+HF_TEXT_WEIGHTS = "model.safetensors"  # optional initial weights beside the folder's config.json
+
+
+def hf_text_config(t, prefix: str = "model.text"):
+    """A transformers config for a resolved kind=hf TextConfig `t`; a bad setting raises ValueError naming the key."""
+    from transformers import AutoConfig
+
+    name = t.hf_config
+    if name is None:
+        sizes = ", ".join(HF_TEXT_SIZES)
+        raise ValueError(f"{prefix}.hf_config must be set when {prefix}.kind=hf (a size: {sizes}; or a folder "
+                         "holding a transformers config.json)")  # fmt: skip
+    if t.vocab_size < CLIP_VOCAB_SIZE:
+        raise ValueError(f"{prefix}.vocab_size must cover our tokenizer's {CLIP_VOCAB_SIZE} ids (got {t.vocab_size})")
+    if name in HF_TEXT_SIZES:
+        kw = dict(HF_TEXT_SIZES[name])
+        cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+        cfg.max_position_embeddings = max(cfg.max_position_embeddings, t.context_length)
+    elif os.path.isdir(name):
+        cfg = _folder_config(name, t, prefix)
+    else:
+        raise ValueError(f"{prefix}.hf_config: {name!r} is neither a size ({', '.join(HF_TEXT_SIZES)}) nor a folder")
+    if cfg.is_encoder_decoder or getattr(cfg, "is_decoder", False):
+        raise ValueError(f"{prefix}.hf_config: {name!r} is a {cfg.model_type} decoder; the text tower needs an encoder")
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    if max_pos is not None and max_pos < t.context_length:
+        raise ValueError(f"{prefix}.context_length {t.context_length} is longer than {prefix}.hf_config's "
+                         f"max_position_embeddings {max_pos}")  # fmt: skip
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(f"{prefix}.hf_config: hidden_size {cfg.hidden_size} is not divisible by "
+                         f"num_attention_heads {cfg.num_attention_heads}")  # fmt: skip
+    cfg.vocab_size = t.vocab_size
+    cfg.pad_token_id = None  # our pad id 0 is also the token "!" (see the module docstring)
+    return cfg
+
+
+def _folder_config(path: str, t, prefix: str):
+    from transformers import AutoConfig
+
+    key = f"{prefix}.hf_config"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{key}: {path} has no config.json (a folder written by a transformers save_pretrained)")
+    own = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+    if own:
+        raise ValueError(
+            f"{key}: {path} brings its own tokenizer ({', '.join(own)}); the data pipeline tokenizes with our CLIP "
+            f"BPE tokenizer ({CLIP_VOCAB_SIZE} ids), so that tokenizer would not be used and pretrained embedding "
+            "rows would be read with the wrong ids. Use a folder with config.json only (trained from scratch with "
+            "our tokenizer), or a size name"
+        )
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ValueError(f"{key}: {path}/config.json unreadable ({why})") from None
+    for attr in ("hidden_size", "num_attention_heads"):
+        if not isinstance(getattr(cfg, attr, None), int):
+            raise ValueError(f"{key}: {path}/config.json ({cfg.model_type}) has no {attr}: not a text encoder config")
+    if os.path.isfile(os.path.join(path, HF_TEXT_WEIGHTS)) and cfg.vocab_size != t.vocab_size:
+        raise ValueError(
+            f"{key}: {path}/{HF_TEXT_WEIGHTS} has embeddings for {cfg.vocab_size} ids, {prefix}.vocab_size is "
+            f"{t.vocab_size} (our tokenizer): those weights were trained with another vocabulary"
+        )
+    return cfg

@@ -31,82 +31,18 @@ import os
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from mmpretrain.model.config import HF_TEXT_WEIGHTS, hf_text_config
 from mmpretrain.model.layers import LayerNorm, TowerOutput
-from mmpretrain.model.sizes import CLIP_VOCAB_SIZE, HF_TEXT_SIZES
+from mmpretrain.model.sizes import HF_TEXT_SIZES
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
-                   "spiece.model", "sentencepiece.bpe.model", "special_tokens_map.json")  # fmt: skip
-WEIGHTS = "model.safetensors"
 # Keys of a saved encoder that this tower does not use: BERT's pooler and the pretraining heads of
 # BertForPreTraining / BertForMaskedLM (cls.*).
 UNUSED_PREFIXES = ("pooler.", "cls.")
-
-
-def hf_text_config(t, prefix: str = "model.text"):
-    """A transformers config for a resolved kind=hf TextConfig `t`; a bad setting raises ValueError naming the key."""
-    from transformers import AutoConfig
-
-    name = t.hf_config
-    if name is None:
-        sizes = ", ".join(HF_TEXT_SIZES)
-        raise ValueError(f"{prefix}.hf_config must be set when {prefix}.kind=hf (a size: {sizes}; or a folder "
-                         "holding a transformers config.json)")  # fmt: skip
-    if t.vocab_size < CLIP_VOCAB_SIZE:
-        raise ValueError(f"{prefix}.vocab_size must cover our tokenizer's {CLIP_VOCAB_SIZE} ids (got {t.vocab_size})")
-    if name in HF_TEXT_SIZES:
-        kw = dict(HF_TEXT_SIZES[name])
-        cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
-        cfg.max_position_embeddings = max(cfg.max_position_embeddings, t.context_length)
-    elif os.path.isdir(name):
-        cfg = _folder_config(name, t, prefix)
-    else:
-        raise ValueError(f"{prefix}.hf_config: {name!r} is neither a size ({', '.join(HF_TEXT_SIZES)}) nor a folder")
-    if cfg.is_encoder_decoder or getattr(cfg, "is_decoder", False):
-        raise ValueError(f"{prefix}.hf_config: {name!r} is a {cfg.model_type} decoder; the text tower needs an encoder")
-    max_pos = getattr(cfg, "max_position_embeddings", None)
-    if max_pos is not None and max_pos < t.context_length:
-        raise ValueError(f"{prefix}.context_length {t.context_length} is longer than {prefix}.hf_config's "
-                         f"max_position_embeddings {max_pos}")  # fmt: skip
-    if cfg.hidden_size % cfg.num_attention_heads:
-        raise ValueError(f"{prefix}.hf_config: hidden_size {cfg.hidden_size} is not divisible by "
-                         f"num_attention_heads {cfg.num_attention_heads}")  # fmt: skip
-    cfg.vocab_size = t.vocab_size
-    cfg.pad_token_id = None  # our pad id 0 is also the token "!" (see the module docstring)
-    return cfg
-
-
-def _folder_config(path: str, t, prefix: str):
-    from transformers import AutoConfig
-
-    key = f"{prefix}.hf_config"
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{key}: {path} has no config.json (a folder written by a transformers save_pretrained)")
-    own = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
-    if own:
-        raise ValueError(
-            f"{key}: {path} brings its own tokenizer ({', '.join(own)}); the data pipeline tokenizes with our CLIP "
-            f"BPE tokenizer ({CLIP_VOCAB_SIZE} ids), so that tokenizer would not be used and pretrained embedding "
-            "rows would be read with the wrong ids. Use a folder with config.json only (trained from scratch with "
-            "our tokenizer), or a size name"
-        )
-    try:
-        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as e:
-        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        raise ValueError(f"{key}: {path}/config.json unreadable ({why})") from None
-    for attr in ("hidden_size", "num_attention_heads"):
-        if not isinstance(getattr(cfg, attr, None), int):
-            raise ValueError(f"{key}: {path}/config.json ({cfg.model_type}) has no {attr}: not a text encoder config")
-    if os.path.isfile(os.path.join(path, WEIGHTS)) and cfg.vocab_size != t.vocab_size:
-        raise ValueError(
-            f"{key}: {path}/{WEIGHTS} has embeddings for {cfg.vocab_size} ids, {prefix}.vocab_size is {t.vocab_size} "
-            "(our tokenizer): those weights were trained with another vocabulary"
-        )
-    return cfg
 
 
 def _fp32_layernorms_(module: nn.Module) -> None:
@@ -141,7 +77,7 @@ class HFTextTower(nn.Module):
         with torch.no_grad():
             nn.init.normal_(self.projection.weight, std=width**-0.5)
             nn.init.zeros_(self.projection.bias)
-        weights = os.path.join(t.hf_config, WEIGHTS)
+        weights = os.path.join(t.hf_config, HF_TEXT_WEIGHTS)
         if t.hf_config not in HF_TEXT_SIZES and os.path.isfile(weights) and not self.projection.weight.is_meta:
             self.load_encoder_weights(weights)
 
@@ -153,8 +89,6 @@ class HFTextTower(nn.Module):
     def load_encoder_weights(self, path: str) -> None:
         """The encoder's weights from a safetensors file saved by transformers (with or without the `bert.`
         prefix of a task model); the pooler and pretraining heads are dropped; anything else must match."""
-        from safetensors.torch import load_file
-
         sd = load_file(path, device="cpu")
         prefix = f"{self.hf.base_model_prefix}."
         if sd and all(k.startswith(prefix) or k.startswith(UNUSED_PREFIXES) for k in sd):

@@ -5,7 +5,7 @@ A recipe is a set of terms, each one small module::
     @register
     class MyTerm(Term):
         name = "my"                    # the key under loss.terms
-        config_cls = MyTermConfig      # a TermConfig subclass: weight + this term's options
+        config_cls = MyTermConfig      # a TermConfig subclass in objectives/config.py: weight + this term's options
         needs = ("image_tokens",)      # model outputs beyond the features (see mmpretrain.model.base.NEEDS)
 
         def build_head(self, model):   # optional: trainable parameters, attached as model.heads[name]
@@ -15,8 +15,9 @@ A recipe is a set of terms, each one small module::
             h = ctx.model(head=self.name, x=ctx.out.image_tokens)   # heads run through the engine
             return ...
 
-and one import line in ``mmpretrain/objectives/__init__.py``. The trainer sums ``weight * loss`` over the
-terms and logs each term's (unweighted) value as ``loss/<name>``.
+and its config class in ``mmpretrain/objectives/config.py`` (TERM_CONFIGS; the config also says what the term needs
+from the rest of the run: model family, GradCache, ``check_run``, patch masking). The trainer sums ``weight * loss``
+over the terms and logs each term's (unweighted) value as ``loss/<name>``.
 
 Gradient contract (the same as mmpretrain.loss): the tensor ``loss()`` returns is what this rank back-propagates,
 and DeepSpeed then averages gradients over the N ranks. So a term over the global batch (contrastive, UniCL,
@@ -28,23 +29,13 @@ logged is the mean over ranks of the returned values (the same on every rank for
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-
-@dataclass
-class TermConfig:
-    """What every term has; a term's own config subclasses this and adds its options (with defaults)."""
-
-    weight: float = 1.0  # multiplies this term in the summed loss (its unweighted value is logged as loss/<name>)
-
-    def validate(self, prefix: str) -> None:
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"{prefix}.weight must be a finite number >= 0 (got {self.weight})")
+from mmpretrain.objectives.config import TermConfig
 
 
 @dataclass
@@ -67,20 +58,14 @@ class Term:
     name: ClassVar[str]
     config_cls: ClassVar[type] = TermConfig
     needs: ClassVar[tuple] = ()  # model outputs beyond the features: names in mmpretrain.model.base.NEEDS
-    family: ClassVar[str | None] = None  # model family this term requires ("clip" | "siglip"), None = any
-    grad_cache: ClassVar[bool] = False  # works under train.accum_steps > 1 (GradCache): the plain contrastive ones
 
     def __init__(self, cfg: TermConfig, run_cfg: Any):
         self.cfg = cfg
         self.run_cfg = run_cfg
 
-    @classmethod
-    def check_run(cls, cfg: TermConfig, run_cfg: Any, prefix: str) -> None:
-        """Checks across config sections (raise ValueError naming the key); called while the config loads."""
-
     def patch_drop(self) -> float | None:
         """Patch-dropout fraction this term needs the vision tower to apply in training (MIM), else None."""
-        return None
+        return self.cfg.patch_drop()
 
     def build_head(self, model: nn.Module) -> nn.Module | None:
         """Trainable parameters of this term, attached as ``model.heads[name]`` before the engine exists."""

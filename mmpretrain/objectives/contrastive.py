@@ -13,22 +13,12 @@ eps * scale * (mean_i x_i.y_i - mean(x) . mean(y)): two global means, the same i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from mmpretrain.distributed import global_mean
-from mmpretrain.objectives.base import StepContext, Term, TermConfig, register
-
-
-@dataclass
-class ClipTermConfig(TermConfig):
-    label_smoothing: float = 0.0  # ALIGN: eps of the target put evenly on every column (0 = plain CLIP)
-
-    def validate(self, prefix: str) -> None:
-        super().validate(prefix)
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"{prefix}.label_smoothing must be in [0, 1) (got {self.label_smoothing})")
+from mmpretrain.loss import clip_loss, siglip_loss
+from mmpretrain.objectives.base import StepContext, Term, register
+from mmpretrain.objectives.config import ClipTermConfig, SiglipTermConfig
 
 
 def smoothing_correction(img_bD, txt_bD, logit_scale, group=None) -> torch.Tensor:
@@ -45,17 +35,8 @@ class ClipTerm(Term):
 
     name = "clip"
     config_cls = ClipTermConfig
-    family = "clip"
-    grad_cache = True
-
-    @classmethod
-    def check_run(cls, cfg, run_cfg, prefix):
-        if cfg.label_smoothing and run_cfg.train.accum_steps > 1:
-            raise ValueError(f"{prefix}.label_smoothing is not supported with train.accum_steps > 1 (GradCache)")
 
     def loss(self, ctx: StepContext) -> torch.Tensor:
-        from mmpretrain.loss import clip_loss
-
         o, lc = ctx.out, ctx.loss_cfg
         loss = clip_loss(o.image_features, o.text_features, o.logit_scale, group=ctx.group, impl=lc.impl,
                          chunk_size=lc.chunk_size)  # fmt: skip
@@ -70,12 +51,9 @@ class SiglipTerm(Term):
     """Pairwise sigmoid loss over the global batch (SigLIP)."""
 
     name = "siglip"
-    family = "siglip"
-    grad_cache = True
+    config_cls = SiglipTermConfig
 
     def loss(self, ctx: StepContext) -> torch.Tensor:
-        from mmpretrain.loss import siglip_loss
-
         o, lc = ctx.out, ctx.loss_cfg
         return siglip_loss(o.image_features, o.text_features, o.logit_scale, o.logit_bias, group=ctx.group,
                            impl=lc.impl, chunk_size=lc.chunk_size)  # fmt: skip

@@ -1,7 +1,7 @@
 """Masked image modeling as an auxiliary term (MAE target, FLIP-style masking).
 
 The vision tower runs on a random subset of its patches (the same masking as FLIP's patch dropout:
-``Term.patch_drop`` returns ``mask_ratio``, so the contrastive term of the same step sees this masked view
+``MimTermConfig.patch_drop`` returns ``mask_ratio``, so the contrastive term of the same step sees this masked view
 too); a light decoder (``model.heads["mim"]``) puts a learned mask token at every dropped position, adds fixed
 2-D sin-cos position embeddings, runs a few pre-LN blocks and predicts each patch's pixels. The loss is the
 MSE on the masked patches only, against MAE's target (He et al. 2022, "Masked Autoencoders Are Scalable
@@ -23,37 +23,15 @@ X = patch_size^2 * 3 pixels of a patch, ordered (row, column, channel) within th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from mmpretrain.data.transforms import normalize_images
 from mmpretrain.model.layers import EncoderLayer, LayerNorm
-from mmpretrain.objectives.base import StepContext, Term, TermConfig, register
+from mmpretrain.objectives.base import StepContext, Term, register
+from mmpretrain.objectives.config import MimTermConfig
 
 NORM_PIX_EPS = 1e-6  # MAE's: added to each patch's pixel variance
-
-
-@dataclass
-class MimTermConfig(TermConfig):
-    mask_ratio: float = 0.75  # fraction of patches hidden from the encoder and reconstructed (MAE: 0.75)
-    decoder_width: int = 512  # decoder token width (MAE: 512); a multiple of 4 (2-D sin-cos) and of decoder_heads
-    decoder_layers: int = 4  # decoder blocks (MAE: 8; its Table 1a: 1 block already works for fine-tuning)
-    decoder_heads: int = 16  # decoder attention heads (MAE: 16)
-    norm_pix: bool = True  # target: each patch's pixels normalized by its own mean/std (MAE's norm_pix_loss)
-
-    def validate(self, prefix: str) -> None:
-        super().validate(prefix)
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"{prefix}.mask_ratio must be in (0, 1) (got {self.mask_ratio})")
-        for key in ("decoder_width", "decoder_layers", "decoder_heads"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{prefix}.{key} must be >= 1 (got {getattr(self, key)})")
-        if self.decoder_width % 4 or self.decoder_width % self.decoder_heads:
-            raise ValueError(
-                f"{prefix}.decoder_width must be a multiple of 4 (2-D sin-cos positions) and of "
-                f"{prefix}.decoder_heads (got {self.decoder_width} and {self.decoder_heads})"
-            )
 
 
 def sincos_2d(width: int, grid: int) -> torch.Tensor:
@@ -142,11 +120,6 @@ def masked_patches(keep_BK: torch.Tensor, num_patches: int) -> torch.Tensor:
     return masked_BP.scatter(1, keep_BK, False)
 
 
-def num_kept(num_patches: int, mask_ratio: float) -> int:
-    """Patches the tower keeps (mmpretrain.model.layers.patch_dropout's count)."""
-    return max(1, int(num_patches * (1 - mask_ratio)))
-
-
 @register
 class MimTerm(Term):
     """MSE of the decoder's pixels on the masked patches (a local term: the mean over this rank's samples)."""
@@ -155,28 +128,11 @@ class MimTerm(Term):
     config_cls = MimTermConfig
     needs = ("image_tokens",)
 
-    @classmethod
-    def check_run(cls, cfg, run_cfg, prefix):
-        v = run_cfg.model.vision
-        if v.patch_dropout:
-            raise ValueError(
-                f"{prefix}.mask_ratio sets the patch masking; model.vision.patch_dropout must be 0 "
-                f"(got {v.patch_dropout})"
-            )
-        if run_cfg.model.lock_image:
-            raise ValueError(f"{prefix}: masked image modeling trains the image tower; model.lock_image must be false")
-        num_patches = (v.image_size // v.patch_size) ** 2
-        if num_kept(num_patches, cfg.mask_ratio) >= num_patches:
-            raise ValueError(f"{prefix}.mask_ratio={cfg.mask_ratio} masks no patch of the {num_patches} (model.vision)")
-
     def __init__(self, cfg, run_cfg):
         super().__init__(cfg, run_cfg)
         v = run_cfg.model.vision
         self.patch_size = v.patch_size
         self.num_patches = (v.image_size // v.patch_size) ** 2
-
-    def patch_drop(self) -> float:
-        return self.cfg.mask_ratio
 
     def build_head(self, model):
         c, v = self.cfg, self.run_cfg.model.vision
@@ -185,8 +141,6 @@ class MimTerm(Term):
                           self.run_cfg.model.attention)  # fmt: skip
 
     def loss(self, ctx: StepContext) -> torch.Tensor:
-        from mmpretrain.data.transforms import normalize_images
-
         o = ctx.out
         if o.image_keep is None:
             raise RuntimeError("the mim term needs the masked view: the model must be in training mode")

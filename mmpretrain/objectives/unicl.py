@@ -36,25 +36,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import string
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from mmpretrain.data.tokenizer import clip_vocab_and_merges
 from mmpretrain.distributed import world_rank
-from mmpretrain.objectives.base import StepContext, Term, TermConfig, register
-
-LABEL_SOURCES = ("auto", "cls", "caption")
-
-
-@dataclass
-class UniclTermConfig(TermConfig):
-    label_source: str = "auto"  # auto | cls | caption: where a sample's label comes from (module docstring)
-
-    def validate(self, prefix: str) -> None:
-        super().validate(prefix)
-        if self.label_source not in LABEL_SOURCES:
-            raise ValueError(f"{prefix}.label_source must be one of {LABEL_SOURCES} (got {self.label_source!r})")
+from mmpretrain.loss import unicl_loss
+from mmpretrain.objectives.base import StepContext, Term, register
+from mmpretrain.objectives.config import UniclTermConfig
 
 
 @functools.cache
@@ -62,8 +52,6 @@ def punctuation_ids() -> np.ndarray:
     """(V,) bool over CLIP's BPE ids: True where the token is ASCII punctuation only (".", ",", "!", "...").
 
     Id 0 is "!", also the padding after the end token: dropping it drops the padding too."""
-    from mmpretrain.data.tokenizer import clip_vocab_and_merges
-
     vocab, _ = clip_vocab_and_merges()
     table_V = np.zeros(len(vocab), dtype=bool)
     for token, i in vocab.items():
@@ -113,12 +101,8 @@ class UniclTerm(Term):
 
     name = "unicl"
     config_cls = UniclTermConfig
-    family = "clip"
-    grad_cache = True  # labels come from the whole batch, in the order GradCache concatenates its features
 
     def loss(self, ctx: StepContext) -> torch.Tensor:
-        from mmpretrain.loss import unicl_loss
-
         o, lc = ctx.out, ctx.loss_cfg
         tokens_bL = ctx.batch["text"] if "text" in ctx.batch else ctx.tokens  # the CPU copy: hashing needs no sync
         _, rank = world_rank(ctx.group)

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from mmpretrain import kernels
 from mmpretrain.config import (
     ConfigError,
     bundled_config_names,
@@ -17,6 +18,7 @@ from mmpretrain.config import (
     to_yaml,
 )
 from mmpretrain.distributed import free_port
+from mmpretrain.model import config as model_config
 from mmpretrain.train import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -107,3 +109,8 @@ def test_torchrun_bad_batch_fails_fast_on_every_rank(tmp_path):
 
 def test_diff_configs_lists_dotted_keys():
     assert diff_configs({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}) == ["a.c: 2 -> 3"]
+
+
+def test_the_model_config_knows_the_kernels_attention_impls():
+    """model/config.py keeps its own copy (a config module imports no project code): it must match."""
+    assert model_config.ATTENTION_IMPLS == kernels.ATTENTION_IMPLS
