@@ -60,6 +60,9 @@ import torch.nn.functional as F
 
 from .collectives import all_gather, all_reduce_sum, gather_with_grad, reduce_scatter_sum, world_rank
 
+# Decorated on import, like kernels/attention.py: TRITON_INTERPRET must be set before mmpretrain.kernels is imported.
+from .contrastive_loss_triton import TritonOps
+
 IMPLS = ("triton", "chunked", "naive")
 MAX_ABS_LOGIT = 700.0  # float64 exp range; see the module docstring
 COL_BLOCK = 2048  # columns per elementwise temporary on the chunked path (chunk x COL_BLOCK fp32)
@@ -188,9 +191,7 @@ def _ops(impl):
     if impl == "chunked":
         return _ChunkedOps
     if impl == "triton":
-        from . import contrastive_loss_triton  # imported late: TRITON_INTERPRET is read at decoration time
-
-        return contrastive_loss_triton.TritonOps
+        return TritonOps
     raise ValueError(f"loss.impl must be one of {IMPLS} (got {impl!r})")
 
 

@@ -44,8 +44,15 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
+from mmpretrain import convert
+from mmpretrain.data import Tokenizer, build_eval_loader, load_zeroshot_set
+from mmpretrain.data.pipeline import EVAL_IMAGE_KEYS, eval_tar_urls
+from mmpretrain.data.shards import read_tar_samples
+from mmpretrain.data.transforms import EvalTransform, normalize_images
 from mmpretrain.eval.metrics import topk_accuracy
 from mmpretrain.eval.zeroshot import build_zeroshot_classifier
 
@@ -113,9 +120,6 @@ class AdaptConfig:
 
 def _labels(urls: Sequence[str], on_fault) -> list[tuple[str, str, int]]:
     """(url, key, label) of every sample with an image and a `.cls`, in tar order (nothing decoded)."""
-    from mmpretrain.data.pipeline import EVAL_IMAGE_KEYS
-    from mmpretrain.data.shards import read_tar_samples
-
     out = []
     for url in urls:
         for s in read_tar_samples(url, on_fault):
@@ -146,10 +150,6 @@ def k_shot_images(root: str, split: str, shots: int, seed: int, num_classes: int
 
     Two passes over the tars: labels first (no decoding), then only the drawn images are decoded.
     """
-    from mmpretrain.data.pipeline import EVAL_IMAGE_KEYS, eval_tar_urls
-    from mmpretrain.data.shards import read_tar_samples
-    from mmpretrain.data.transforms import EvalTransform
-
     where = f"{root}/{split}"
     urls = eval_tar_urls(root, split)
     faults: list[str] = []
@@ -184,8 +184,6 @@ def k_shot_images(root: str, split: str, shots: int, seed: int, num_classes: int
 @torch.no_grad()
 def encode_images(model, images_NCHW: torch.Tensor, batch_size: int, device) -> torch.Tensor:
     """(N, 3, S, S) uint8 -> (N, E) float32 unit vectors (on device), in chunks."""
-    from mmpretrain.data.transforms import normalize_images
-
     dtype = next(model.parameters()).dtype
     feats = [
         model.encode_image(normalize_images(images_NCHW[i : i + batch_size].to(device), dtype)).float()
@@ -197,11 +195,6 @@ def encode_images(model, images_NCHW: torch.Tensor, batch_size: int, device) -> 
 @torch.no_grad()
 def split_features(model, root: str, split: str, *, image_size: int, batch_size: int, device, progress: bool = False):
     """((N, E) unit image features, (N,) labels) of a whole split, in sample order."""
-    from tqdm import tqdm
-
-    from mmpretrain.data import build_eval_loader
-    from mmpretrain.data.pipeline import eval_tar_urls
-    from mmpretrain.data.transforms import normalize_images
 
     loader = build_eval_loader(eval_tar_urls(root, split), task="zeroshot", image_size=image_size,
                                batch_size=batch_size)  # fmt: skip
@@ -295,8 +288,6 @@ def train_classifier(
 
     logits_fn: (B, E) image features -> (B, C) logits, differentiable in `params` (everything else frozen).
     """
-    from tqdm import tqdm
-
     steps_per_epoch = -(-len(feats_NE) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     opt = _optimizer(params, cfg)
@@ -341,8 +332,6 @@ def adapt(
     written to adapted.safetensors. The model's parameters are frozen for the call (requires_grad restored
     after) and never updated.
     """
-    from mmpretrain.data import load_zeroshot_set
-
     cfg.validate("adapt")
     for flag, root in (("--train", train_root), ("--test", test_root)):
         if not Path(root).is_dir():
@@ -473,18 +462,13 @@ def _run(args) -> dict:
         raise ValueError(f"checkpoint: no such folder '{args.checkpoint}'")
     cfg = AdaptConfig(**{k: getattr(args, k) for k in asdict(AdaptConfig())})
     cfg.validate("adapt")
-    from mmpretrain.convert import load_any
-    from mmpretrain.data import Tokenizer
-
-    model, run_cfg = load_any(args.checkpoint)
+    model, run_cfg = convert.load_any(args.checkpoint)  # module attribute: tests swap it
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     results, tensors, metadata = adapt(
         model, Tokenizer(run_cfg.model.text.context_length), args.train, args.test, cfg,
         image_size=run_cfg.model.vision.image_size, device=device, progress=True,
     )  # fmt: skip
-    from safetensors.torch import save_file
-
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     results.update(checkpoint=str(args.checkpoint), train=str(args.train), test=str(args.test))

@@ -37,6 +37,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
+
+from mmpretrain.convert import load_any
+from mmpretrain.data.transforms import CLIP_MEAN, CLIP_STD
 
 EXPORT_BATCH = 2  # traced with B = 2: torch.export specializes a size-1 dim, so 1 would lose the dynamic axis
 VERIFY_BATCHES = (1, 5)  # checked at other batch sizes than the traced one
@@ -187,8 +191,6 @@ def export_encoders(
         raise ValueError("export: nothing to do (choose --onnx and/or --torch-export)")
     if onnx:
         _require_onnx()
-    from mmpretrain.data.transforms import CLIP_MEAN, CLIP_STD
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = exportable(model)
@@ -234,8 +236,6 @@ def export_encoders(
 
 
 def _progress(items: list, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(items, desc="export", unit="file", disable=not enabled)
 
 
@@ -264,8 +264,6 @@ def main(argv=None) -> int:
             raise ValueError(f"checkpoint: no such folder '{args.checkpoint}'")
         if onnx:
             _require_onnx()  # before loading anything
-        from mmpretrain.convert import load_any
-
         model, cfg = load_any(args.checkpoint)
         info = export_encoders(model, cfg.model, args.output, onnx=onnx, torch_export=torch_export,
                                opset=args.opset, progress=True)  # fmt: skip

@@ -4,6 +4,8 @@ Heavy imports (transformers, webdataset) happen on first use of the names below,
 ``import mmpretrain.data.config`` stays cheap for the config system.
 """
 
+import importlib
+
 from .config import DataConfig, EvalDataConfig, SourceConfig, SyntheticConfig, TrainDataConfig
 
 _LAZY = {
@@ -38,7 +40,5 @@ __all__ = ["DataConfig", "EvalDataConfig", "SourceConfig", "SyntheticConfig", "T
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

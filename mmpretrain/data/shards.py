@@ -14,6 +14,7 @@ what a tar cut exactly at a member boundary looks like, and tarfile alone ends s
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import logging
@@ -23,6 +24,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import braceexpand
 import webdataset as wds
 from PIL import Image
 
@@ -42,9 +44,6 @@ def local_tar_urls(specs: list[str], subfolders: tuple[str, ...] = ("",)) -> lis
     A folder gives its ``*.tar`` in natural order, from the first of ``subfolders`` that has any
     (e.g. ``("", "test")`` also finds a clip_benchmark eval set). ValueError names what matched nothing.
     """
-    import glob
-
-    import braceexpand
 
     urls: list[str] = []
     for spec in specs:

@@ -23,6 +23,7 @@ Everything is a pure function of the parameters; train and the two eval sets use
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from .config import DataConfig, SyntheticConfig
 from .shards import ShardWriter, encode_image
@@ -135,8 +137,6 @@ def caption(sample: ShapeSample, fmt_index: int) -> str:
 
 def _progress(total: int, desc: str):
     """tqdm bar for large counts only (small test datasets stay quiet)."""
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="img", disable=total < 5000, mininterval=1.0)
 
 
@@ -303,8 +303,6 @@ def with_synthetic_data(cfg: DataConfig) -> DataConfig:
     Does nothing when ``cfg.synthetic.root`` is unset. Call it on every rank (writing is race-safe),
     or on rank 0 followed by a barrier.
     """
-    import copy
-
     if cfg.synthetic.root is None:
         return cfg
     paths = ensure_synthetic(cfg.synthetic)

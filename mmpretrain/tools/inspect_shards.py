@@ -32,8 +32,14 @@ import os
 import statistics
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 
 from PIL import Image
+from tqdm import tqdm
+
+from mmpretrain.data.pipeline import sample_fault
+from mmpretrain.data.shards import local_tar_urls, read_tar_samples
+from mmpretrain.data.tokenizer import Tokenizer
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CONTEXT_LENGTH = 77  # CLIP's: 75 caption tokens + start + end
@@ -46,8 +52,6 @@ CHAR_BINS = [0, 20, 50, 100, 200, 500, 1000]
 def resolve_urls(specs: list[str]) -> list[str]:
     """Tar paths of brace specs / globs / folders (or their test/ subfolder), in order; ValueError naming
     what matched nothing."""
-    from mmpretrain.data.shards import local_tar_urls
-
     return local_tar_urls(specs, subfolders=("", "test"))
 
 
@@ -65,8 +69,6 @@ class ShardReport:
 def check_sample(sample: dict, decode: bool) -> tuple[str | None, str, str | None, tuple[int, int] | None]:
     """(fault reason or None, detail, caption, (width, height)), judged as the loader does: its byte checks
     (``sample_fault``), then the image decode (``--no-decode``: the header only)."""
-    from mmpretrain.data.pipeline import sample_fault
-
     # a zero-shot eval sample carries its class (.cls) where a train sample has its caption (.txt)
     text_key = "cls" if "cls" in sample and "txt" not in sample else "txt"
     reason = sample_fault(sample, list(IMAGE_EXTS), text_key)
@@ -87,8 +89,6 @@ def check_sample(sample: dict, decode: bool) -> tuple[str | None, str, str | Non
 
 
 def inspect_shard(url: str, decode: bool = True) -> ShardReport:
-    from mmpretrain.data.shards import read_tar_samples
-
     report = ShardReport(url, num_bytes=os.path.getsize(url))
     shard = os.path.basename(url)
     faults: list[tuple[str, str]] = []  # (reason, detail) of the shard itself: unreadable_shard, truncated_tar
@@ -125,17 +125,12 @@ def summary(values: list[int]) -> dict:
 def caption_lengths(captions: list[str], unit: str) -> list[int]:
     if unit == "chars":
         return [len(c) for c in captions]
-    from mmpretrain.data.tokenizer import Tokenizer
-
     tokenizer = Tokenizer()
     return [len(tokenizer.encode(c)) for c in captions]
 
 
 def inspect(urls: list[str], *, unit: str = "tokens", decode: bool = True, workers: int = 1) -> dict:
     """Read every shard of ``urls``; returns the report as a dict (what inspect.json holds)."""
-    from functools import partial
-
-    from tqdm import tqdm
 
     work = partial(inspect_shard, decode=decode)
     bar = tqdm(total=len(urls), desc="inspect", unit="shard", disable=None, file=sys.stderr)

@@ -47,6 +47,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from mmpretrain.data.shards import ShardWriter, local_tar_urls, natural_key, read_tar_samples
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what webdataset samples (and our loaders) carry
@@ -225,8 +228,6 @@ class FolderInput:
 
 
 def scan_folder(root: str, classnames_file: str | None) -> FolderInput:
-    from mmpretrain.data.shards import natural_key
-
     if not os.path.isdir(root):
         raise UsageError(f"input: {root}: no such folder")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
@@ -381,8 +382,6 @@ def table_items(paths: list[str], image_col: str, caption_col: str, image_root: 
 
 def tar_urls(inputs: list[str]) -> list[str]:
     """Tars of folders (*.tar in natural order), brace specs and globs, in the order given."""
-    from mmpretrain.data.shards import local_tar_urls
-
     try:
         return local_tar_urls(inputs)
     except ValueError as e:
@@ -392,7 +391,6 @@ def tar_urls(inputs: list[str]) -> list[str]:
 def img2dataset_items(urls: list[str], bad_tars: list[tuple[str, str]]) -> Iterator[Item]:
     """Samples of the tars in order, read by the train loader's own reader (same grouping, same cut-tar rule:
     samples before a break are kept, the one whose bytes are cut is lost with it)."""
-    from mmpretrain.data.shards import read_tar_samples
 
     def on_fault(reason: str, url: str, detail: str) -> None:  # unreadable_shard / truncated_tar
         bad_tars.append((str(url), f"{reason}: {detail}"))
@@ -474,9 +472,6 @@ def write_shards(
     progress: Callable | None = None,
 ) -> tuple[dict, list[dict]]:
     """Write the items; returns (ShardWriter stats, skipped inputs as dicts with reason/where/detail)."""
-    from tqdm import tqdm
-
-    from mmpretrain.data.shards import ShardWriter
 
     skipped: list[dict] = []
     bar = tqdm(total=total, desc="make_shards", unit="img", disable=None, mininterval=1.0, file=sys.stderr)
