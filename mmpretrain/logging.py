@@ -43,7 +43,7 @@ class MetricsLogger:
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self._drop_lines_after(start_step)
         if cfg.wandb != "disabled":
-            import wandb
+            import wandb  # 0.7 s, and its import hooks: only for runs that log to it
 
             self.wandb_run = wandb.init(
                 project=cfg.project,

@@ -55,6 +55,7 @@ def _run_state_dict(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
             return states["module"]
         except Exception as e:
             raise ValueError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    # only ZeRO 1-3 need DeepSpeed here; importing it picks an accelerator, which a stage-0 or HF read should not do
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     root, tag = os.path.split(os.path.normpath(step_dir))
