@@ -1,4 +1,4 @@
-"""The objective layer's contract: a term's config, the term, what a step hands it, and the registry.
+"""The objective layer's contract: the term, what a step hands it, and the registry (configs: objectives/config.py).
 
 A recipe is a set of terms, each one small module::
 
