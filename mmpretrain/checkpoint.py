@@ -27,12 +27,16 @@ import torch
 
 from mmpretrain.checkpoint_config import CheckpointConfig  # noqa: F401  (it lived here)
 from mmpretrain.convert import load_any, read_run
+from mmpretrain.convert.common import check_state_dict
 from mmpretrain.distributed import barrier
+from mmpretrain.model import build_model
+from mmpretrain.objectives import Objective
 from mmpretrain.run_folder import (  # find_step_dir, latest_tag: callers (tests, train.py) import them from here
     LATEST,
     META,
     checkpoint_root,
     find_step_dir,  # noqa: F401
+    is_run,
     latest_tag,
     read_meta,
     step_numbers,
@@ -152,3 +156,17 @@ def load_state_dict(step_dir: str) -> dict[str, torch.Tensor]:
 def load_model_from_run(path: str):
     """(model in eval mode, config) from a run folder or a step folder; the weights load strictly."""
     return load_any(path)
+
+
+def load_model(path: str):
+    """(fp32 model in eval mode, Config) from any source mmpretrain.convert.load_any reads; a run folder's model also
+    gets its objective heads (`model.heads`, e.g. the ITM head that re-ranks retrieval), built from the run's config by
+    mmpretrain.objectives and loaded strictly with the rest. What `python -m mmpretrain.eval` loads."""
+    if not is_run(path):
+        return load_any(path)  # HF / OpenCLIP / consolidated folders hold the towers alone
+    sd, cfg = read_run(path)  # towers checked there; heads.* passed through
+    model = build_model(cfg.model)
+    Objective(cfg).attach_heads(model)
+    check_state_dict(sd, {k: v.shape for k, v in model.state_dict().items()}, path)  # the heads too
+    model.load_state_dict(sd, strict=True)
+    return model.eval(), cfg

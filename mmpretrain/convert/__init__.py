@@ -6,7 +6,7 @@ Key maps and folder layouts: docs/formats.md.
 """
 
 from mmpretrain.convert.hf import export_hf, from_hf_state_dict, hf_config, read_hf, to_hf_state_dict
-from mmpretrain.convert.load import is_run, load_any, load_model, read_any
+from mmpretrain.convert.load import is_run, load_any, read_any
 from mmpretrain.convert.openclip import (
     export_openclip,
     from_openclip_state_dict,
@@ -26,7 +26,6 @@ __all__ = [
     "is_run",
     "load_any",
     "load_consolidated",
-    "load_model",
     "openclip_config",
     "read_any",
     "read_consolidated",

@@ -5,9 +5,9 @@
     Hugging Face folder                  config.json + model.safetensors (CLIP or SigLIP)
     OpenCLIP folder                      one model-config *.json + one weights file
 
-`load_any(path) -> (model, Config)` gives the two towers; `load_model(path)` also a run's objective heads
-(what `python -m mmpretrain.eval` loads: the ITM head re-ranks retrieval). A Config built from an HF / OpenCLIP
-folder has our defaults everywhere but `model`.
+`load_any(path) -> (model, Config)` gives the two towers (`mmpretrain.checkpoint.load_model` also a run's objective
+heads, which need the objectives' code). A Config built from an HF / OpenCLIP folder has our defaults everywhere
+but `model`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import os
 import torch
 
 from mmpretrain.config import Config
-from mmpretrain.convert.common import check_state_dict, drop_heads
+from mmpretrain.convert.common import drop_heads
 from mmpretrain.convert.hf import is_hf_folder, read_hf
 from mmpretrain.convert.openclip import find_openclip, read_openclip
 from mmpretrain.convert.ours import is_consolidated, read_consolidated, read_run
 from mmpretrain.model import build_model
-from mmpretrain.objectives import Objective
 from mmpretrain.run_folder import is_run
 
 
@@ -52,19 +51,5 @@ def load_any(path: str):
     sd, cfg = read_any(path, torch.float32)
     sd = drop_heads(sd, path)
     model = build_model(cfg.model)
-    model.load_state_dict(sd, strict=True)
-    return model.eval(), cfg
-
-
-def load_model(path: str):
-    """(fp32 model in eval mode, Config) from any source load_any reads; a run folder's model also gets its objective
-    heads (`model.heads`, e.g. the ITM head that re-ranks retrieval), built from the run's config by
-    mmpretrain.objectives and loaded strictly with the rest."""
-    if not is_run(path):
-        return load_any(path)  # HF / OpenCLIP / consolidated folders hold the towers alone
-    sd, cfg = read_run(path)  # towers checked there; heads.* passed through
-    model = build_model(cfg.model)
-    Objective(cfg).attach_heads(model)
-    check_state_dict(sd, {k: v.shape for k, v in model.state_dict().items()}, path)  # the heads too
     model.load_state_dict(sd, strict=True)
     return model.eval(), cfg

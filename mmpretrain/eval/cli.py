@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-import mmpretrain.convert
+from mmpretrain import checkpoint
 from mmpretrain.data.tokenizer import Tokenizer
 from mmpretrain.distributed import destroy, env_rank_world, init_distributed
 from mmpretrain.eval import linear_probe, zeroshot
@@ -69,7 +69,7 @@ def run(args) -> dict[str, float]:
     """Load, evaluate, return the results (on every rank); user errors raise ValueError."""
     if not Path(args.checkpoint).is_dir():
         raise ValueError(f"checkpoint: no such folder '{args.checkpoint}'")
-    model, cfg = mmpretrain.convert.load_model(args.checkpoint)
+    model, cfg = checkpoint.load_model(args.checkpoint)
     data_cfg, eval_cfg = cfg.data.eval, cfg.eval
     named = (args.zeroshot, args.retrieval, args.imagenet, args.linear_probe)
     if any(r is not None for r in named):  # sets named here replace the run's (and their names)

@@ -15,7 +15,7 @@ def sets(tmp_path_factory):
 
 @pytest.fixture(scope="package")
 def tiny_run(shapes_dataset):
-    """(model, config) as mmpretrain.convert.load_model returns them: a random tiny CLIP, shapes eval sets."""
+    """(model, config) as mmpretrain.checkpoint.load_model returns them: a random tiny CLIP, shapes eval sets."""
     cfg = Config()
     cfg.model = resolve_model_config(ModelConfig(name="tiny"))
     cfg.data.eval.zeroshot, cfg.data.eval.retrieval = shapes_dataset.zeroshot_root, shapes_dataset.retrieval_root

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-import mmpretrain.convert
+import mmpretrain.checkpoint
 import mmpretrain.eval.zeroshot
 from mmpretrain.eval.cli import main
 from mmpretrain.eval.suite import set_name
@@ -27,7 +27,7 @@ def test_cli_missing_checkpoint_folder(tmp_path, capsys):
 
 def test_cli_bad_eval_sets(tiny_run, tmp_path, sets, monkeypatch, capsys):
     zs, rt, _ = sets
-    monkeypatch.setattr(mmpretrain.convert, "load_model", lambda path: copy.deepcopy(tiny_run))
+    monkeypatch.setattr(mmpretrain.checkpoint, "load_model", lambda path: copy.deepcopy(tiny_run))
     no_classnames = tmp_path / "no_classnames"
     shutil.copytree(os.path.join(zs, "test"), no_classnames / "test")
     for args, named in [
@@ -54,7 +54,7 @@ def test_cli_error_is_one_line_without_traceback(tmp_path, module):
 
 
 def test_cli_prints_table_and_writes_json(tiny_run, shapes_dataset, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(mmpretrain.convert, "load_model", lambda path: copy.deepcopy(tiny_run))
+    monkeypatch.setattr(mmpretrain.checkpoint, "load_model", lambda path: copy.deepcopy(tiny_run))
     out = tmp_path / "out" / "results.json"
     assert main([str(tmp_path), "--batch-size", "16", "--num-workers", "0", "--output", str(out)]) == 0
     results = json.loads(out.read_text())
@@ -70,7 +70,7 @@ def test_cli_prints_table_and_writes_json(tiny_run, shapes_dataset, tmp_path, mo
 
 def test_imagenet_cli_keys(tiny_run, tmp_path, monkeypatch):
     """The CLI path with the real tiny model; a 3-class stand-in for open_clip's lists keeps it fast."""
-    monkeypatch.setattr(mmpretrain.convert, "load_model", lambda path: copy.deepcopy(tiny_run))
+    monkeypatch.setattr(mmpretrain.checkpoint, "load_model", lambda path: copy.deepcopy(tiny_run))
     monkeypatch.setattr(
         mmpretrain.eval.zeroshot,
         "imagenet_classes_and_templates",
@@ -87,7 +87,7 @@ def test_imagenet_cli_keys(tiny_run, tmp_path, monkeypatch):
 
 
 def test_imagenet_without_open_clip_is_one_line_error(tiny_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(mmpretrain.convert, "load_model", lambda path: copy.deepcopy(tiny_run))
+    monkeypatch.setattr(mmpretrain.checkpoint, "load_model", lambda path: copy.deepcopy(tiny_run))
     monkeypatch.setitem(sys.modules, "open_clip.zero_shot_metadata", None)  # import fails as if not installed
     (tmp_path / "imagenet").mkdir()
     assert main([str(tmp_path), "--imagenet", str(tmp_path / "imagenet")]) == 2
