@@ -57,9 +57,6 @@ Shapes: b local batch, B global batch, D student width, E teacher width, m / n r
 
 from __future__ import annotations
 
-import math
-import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -67,33 +64,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpretrain.distributed import all_gather, all_reduce, global_mean, reduce_scatter, world_rank
-from mmpretrain.objectives.base import StepContext, Term, TermConfig, register
+from mmpretrain.objectives.base import StepContext, Term, register
+from mmpretrain.objectives.config import DistillTermConfig
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
-FEATURE_LOSSES = ("cosine", "mse")
-
-
-@dataclass
-class DistillTermConfig(TermConfig):
-    teacher: str = ""  # teacher folder: our run / checkpoints/step_N / consolidated folder, HF CLIP|SigLIP, OpenCLIP
-    precision: str = "bf16"  # dtype of the teacher's weights and forward: bf16 | fp32
-    temperature: Optional[float] = None  # both distributions at scale 1/T; None: teacher's own scale, student's own
-    feature_weight: float = 0.0  # weight of the feature regression inside this term (0 = KL only)
-    feature_loss: str = "cosine"  # cosine (1 - cos) | mse (squared distance); projected when widths differ
-    chunk_size: Optional[int] = None  # rows per chunk of the KL (memory ~ 16 * chunk * B bytes); None: loss.chunk_size
-
-    def validate(self, prefix: str) -> None:
-        super().validate(prefix)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"{prefix}.precision must be one of {tuple(PRECISIONS)} (got {self.precision!r})")
-        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"{prefix}.temperature must be a positive number or null (got {self.temperature})")
-        if not (math.isfinite(self.feature_weight) and self.feature_weight >= 0):
-            raise ValueError(f"{prefix}.feature_weight must be a finite number >= 0 (got {self.feature_weight})")
-        if self.feature_loss not in FEATURE_LOSSES:
-            raise ValueError(f"{prefix}.feature_loss must be one of {FEATURE_LOSSES} (got {self.feature_loss!r})")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"{prefix}.chunk_size must be >= 1 or null (got {self.chunk_size})")
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # DistillTermConfig.precision -> the teacher's dtype
 
 
 # ----------------------------------------------------------------------------- the KL over the global batch
@@ -245,13 +219,6 @@ class DistillTerm(Term):
         self.teacher: Optional[nn.Module] = None
         self.teacher_cfg = None  # the teacher's resolved ModelConfig
         self._source = None  # (state dict, Config) between build_head and setup
-
-    @classmethod
-    def check_run(cls, cfg, run_cfg, prefix):
-        if not cfg.teacher:
-            raise ValueError(f"{prefix}.teacher must be set (a run, step, consolidated, HF or OpenCLIP folder)")
-        if not os.path.isdir(cfg.teacher):
-            raise ValueError(f"{prefix}.teacher: no such folder {cfg.teacher!r}")
 
     def _prefix(self) -> str:
         return f"loss.terms.{self.name}"

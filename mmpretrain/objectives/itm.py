@@ -36,8 +36,6 @@ tokens, Dv / Dt vision / text widths, F a flattened row, m rows fetched.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,26 +43,8 @@ from torch import nn
 from mmpretrain.distributed import all_gather, fetch_rows, world_rank
 from mmpretrain.kernels import attention
 from mmpretrain.model.layers import MLP, LayerNorm
-from mmpretrain.objectives.base import StepContext, Term, TermConfig, register
-
-
-@dataclass
-class ITMTermConfig(TermConfig):
-    layers: int = 2  # fusion blocks (self-attention, cross-attention to the image, MLP), at the text tower's width
-    heads: int = 0  # attention heads of the fusion blocks; 0 = the text tower's model.text.heads
-    mlp_ratio: float = 4.0  # MLP hidden size / text width in the fusion blocks
-    exclude_same_label: bool = True  # samples with the same class label (<key>.cls, as UniCL's) are never each
-    # other's negatives (paraphrased captions of one class would be false negatives); unlabeled (-1): by caption
-
-    def validate(self, prefix: str) -> None:
-        super().validate(prefix)
-        if self.layers < 1:
-            raise ValueError(f"{prefix}.layers must be >= 1 (got {self.layers})")
-        if self.heads < 0:
-            raise ValueError(f"{prefix}.heads must be >= 0 (got {self.heads})")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"{prefix}.mlp_ratio must be > 0 (got {self.mlp_ratio})")
-
+from mmpretrain.objectives.base import StepContext, Term, register
+from mmpretrain.objectives.config import ITMTermConfig
 
 # ----------------------------------------------------------------------------- the fusion head
 
@@ -239,15 +219,6 @@ class ITMTerm(Term):
     name = "itm"
     config_cls = ITMTermConfig
     needs = ("image_tokens", "text_tokens")
-
-    @classmethod
-    def check_run(cls, cfg, run_cfg, prefix):
-        heads = cfg.heads or run_cfg.model.text.heads
-        width = run_cfg.model.text.width
-        if width is not None and heads and width % heads:
-            raise ValueError(f"{prefix}.heads must divide model.text.width (got {heads} and {width})")
-        if run_cfg.train.batch_size < 2:
-            raise ValueError(f"{prefix}: needs train.batch_size >= 2 for negatives (got {run_cfg.train.batch_size})")
 
     def build_head(self, model: nn.Module) -> nn.Module:
         m = self.run_cfg.model

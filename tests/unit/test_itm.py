@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from mmpretrain.objectives import Objective, StepContext
 from mmpretrain.objectives.itm import (
     ITMHead,
-    ITMTerm,
     ITMTermConfig,
     caption_hash,
     itm_loss,
@@ -190,7 +189,7 @@ def test_config_validate_and_check_run():
     run = SimpleNamespace(model=SimpleNamespace(text=SimpleNamespace(heads=4, width=64)),
                           train=SimpleNamespace(batch_size=32))  # fmt: skip
     with pytest.raises(ValueError, match=r"loss.terms.itm.heads must divide"):
-        ITMTerm.check_run(ITMTermConfig(heads=3), run, "loss.terms.itm")
+        ITMTermConfig(heads=3).check_run(run, "loss.terms.itm")
 
 
 def test_term_on_the_tiny_model_runs_and_backpropagates():
