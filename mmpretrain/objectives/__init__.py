@@ -1,4 +1,4 @@
-"""Objectives: ``loss.terms`` composes the recipe's terms, each a small module registered in this package.
+"""Objectives: ``loss.terms`` composes the recipe's terms, each a small module of this package.
 
     loss:
       terms:
@@ -9,82 +9,50 @@ Each key is a term name and its value that term's own dataclass (``mmpretrain.ob
 like every config section: an unknown term or option fails, naming it). Without ``loss.terms`` the loss is the one
 contrastive term ``loss.name`` (clip | siglip). The trainer sums ``weight * term`` and logs each term as
 ``loss/<name>``. The contract a term implements is in ``mmpretrain.objectives.base``.
+
+    config.py        LossConfig, every term's config (TERM_CONFIGS) and the checks across sections; no project imports
+    base.py          Term, StepContext, the registry
+    objective.py     Objective: the run's terms, built once and summed per step; imports every term module
+    contrastive.py, unicl.py, itm.py, mim.py, distill.py    one module per term
+
+This ``__init__`` loads only the configs, so that ``mmpretrain.config`` composes ``loss`` without importing a term
+(their code imports the model, the loss kernels and, for a teacher, mmpretrain.convert, which imports the config:
+a cycle). The other names load their module on first use, as mmpretrain.data's do.
 """
 
-from __future__ import annotations
-
 import importlib
-import pkgutil
 
-import torch
-
-from mmpretrain.objectives.base import REGISTRY, StepContext, Term, TermConfig, register
 from mmpretrain.objectives.config import (
     LOSS_IMPLS,
     LOSS_NAMES,
     TERM_CONFIGS,
     LossConfig,
+    TermConfig,
     TermsConfig,
     check_run,
 )
 
-# Every module of this package registers its terms on import (a new term = a new file here); modules whose
-# name starts with "_" are skipped. Alphabetical: the order terms are summed and logged.
-for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if not _m.name.startswith("_") and _m.name not in ("base", "config"):
-        importlib.import_module(f"{__name__}.{_m.name}")
+_LAZY = {
+    "Objective": "objective",
+    "REGISTRY": "objective",  # filled as objective.py imports every term's module
+    "StepContext": "base",
+    "Term": "base",
+    "register": "base",
+}
 
 __all__ = [
     "LOSS_IMPLS",
     "LOSS_NAMES",
-    "REGISTRY",
     "TERM_CONFIGS",
     "LossConfig",
-    "Objective",
-    "StepContext",
-    "Term",
     "TermConfig",
     "TermsConfig",
     "check_run",
-    "register",
+    *_LAZY,
 ]
 
 
-class Objective:
-    """The run's terms, built once: forward arguments, heads, setup, and the summed loss of a step."""
-
-    def __init__(self, run_cfg):
-        self.run_cfg = run_cfg
-        self.terms = [REGISTRY[n](c, run_cfg) for n, c in run_cfg.loss.active().items()]
-
-    @property
-    def names(self) -> list[str]:
-        return [t.name for t in self.terms]
-
-    def forward_kwargs(self) -> dict:
-        """Extra arguments of the model's forward: token states the terms need, patch masking."""
-        kw = {}
-        need = tuple(sorted({n for t in self.terms for n in t.needs}))
-        if need:
-            kw["need"] = need
-        drops = [d for d in (t.patch_drop() for t in self.terms) if d is not None]
-        if drops:
-            kw["patch_drop"] = drops[0]
-        return kw
-
-    def attach_heads(self, model: torch.nn.Module) -> None:
-        """Put each term's trainable head on the model (before the engine is built, so ZeRO shards it)."""
-        for t in self.terms:
-            head = t.build_head(model)
-            if head is not None:
-                model.heads[t.name] = head
-
-    def setup(self, device) -> None:
-        for t in self.terms:
-            t.setup(device)
-
-    def __call__(self, ctx: StepContext) -> tuple[torch.Tensor, dict]:
-        """-> (sum of weight x term, {name: unweighted term value (0-dim tensor, graph kept)})."""
-        values = {t.name: t.loss(ctx).float() for t in self.terms}
-        total = sum(t.cfg.weight * values[t.name] for t in self.terms)
-        return total, values
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

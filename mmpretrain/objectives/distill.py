@@ -63,7 +63,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmpretrain import convert
+from mmpretrain.convert.common import drop_heads
+from mmpretrain.data.tokenizer import EOT_ID, PAD_ID, VOCAB_SIZE
 from mmpretrain.distributed import all_gather, all_reduce, global_mean, reduce_scatter, world_rank
+from mmpretrain.model import build_model, resolve_model_config
 from mmpretrain.objectives.base import StepContext, Term, register
 from mmpretrain.objectives.config import DistillTermConfig
 
@@ -162,8 +166,6 @@ def distill_kl(img_bD, txt_bD, scale, t_img_bE, t_txt_bE, t_scale, group=None, c
 def fit_context(tokens_bL: torch.Tensor, context_length: int) -> torch.Tensor:
     """Token rows (our tokenizer's layout: SOT body EOT, 0-padded) at another context length, exactly as the
     tokenizer lays them out there: padded with 0, or cut with EOT (the largest id) kept in the last position."""
-    from mmpretrain.data.tokenizer import EOT_ID, PAD_ID
-
     L = tokens_bL.shape[1]
     if L == context_length:
         return tokens_bL
@@ -226,12 +228,9 @@ class DistillTerm(Term):
     def _read_teacher(self):
         """(fp32 state dict, Config), read once (build_head may need the teacher's width before setup)."""
         if self._source is None:
-            from mmpretrain.convert import read_any
-            from mmpretrain.convert.common import drop_heads
-            from mmpretrain.model import resolve_model_config
-
             try:
-                sd, cfg = read_any(self.cfg.teacher, torch.float32)  # cast in setup (the logit scale stays fp32)
+                # through the module: tests swap convert.read_any; cast in setup (the logit scale stays fp32)
+                sd, cfg = convert.read_any(self.cfg.teacher, torch.float32)
             except ValueError as e:
                 raise ValueError(f"{self._prefix()}.teacher: {e}") from None
             self._source = drop_heads(sd, self.cfg.teacher)  # a run's training-only objective heads (heads.<term>.*)
@@ -241,8 +240,6 @@ class DistillTerm(Term):
 
     def _check_text(self, t_cfg) -> None:
         """The teacher's text tower must take our token ids (the student's tokenizer)."""
-        from mmpretrain.data.tokenizer import VOCAB_SIZE
-
         s_vocab = self.run_cfg.model.text.vocab_size
         if t_cfg.text.vocab_size != VOCAB_SIZE or (s_vocab is not None and s_vocab != t_cfg.text.vocab_size):
             raise ValueError(
@@ -252,8 +249,6 @@ class DistillTerm(Term):
             )
 
     def _student_dim(self) -> int:
-        from mmpretrain.model import resolve_model_config
-
         return resolve_model_config(self.run_cfg.model).embed_dim
 
     def build_head(self, model: nn.Module) -> nn.Module | None:
@@ -264,8 +259,6 @@ class DistillTerm(Term):
         return FeatureProjection(d, e) if d != e else None
 
     def setup(self, device: torch.device) -> None:
-        from mmpretrain.model import build_model
-
         sd = self._read_teacher()
         with torch.device("meta"):  # no init (and no draw from the run's RNG stream); the weights replace it
             teacher = build_model(self.teacher_cfg)

@@ -10,11 +10,11 @@ module, at module level and inside functions. Four rules (CONTRIBUTING.md, "Laye
 `python -m pytest tests/unit/test_imports.py -s` prints the layers and what the graph breaks; a failure names
 each offending import with its file and line.
 
-The graph is what the files say, plus one thing they do at run time: a package `__init__` that imports by name
-(importlib, pkgutil: `mmpretrain/objectives/__init__.py` imports each term's module, `mmpretrain/data/__init__.py`
-loads its modules on first use of a name) depends on every module of its package. Python also runs a package's
-`__init__` before any module inside it (importing `mmpretrain.model.config` runs `mmpretrain/model/__init__.py`
-first); those implied imports are not edges here: a config module is light, its package need not be.
+The graph is what the files say, plus what Python does with packages: importing `mmpretrain.model.config` first
+runs `mmpretrain/model/__init__.py`, so for cycles that import also counts as one of the package (a config module
+inside a package is only as light as the package's `__init__`). A package whose `__init__` loads names on first use
+(`_LAZY = {name: module}` and a module `__getattr__`: mmpretrain.data, mmpretrain.objectives) is read that way:
+`from mmpretrain.objectives import Objective` imports `mmpretrain.objectives.objective`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 # fmt: on
 
-RUNTIME_IMPORTERS = ("importlib", "pkgutil")  # a package __init__ importing these imports its modules by name
 # Heavy third-party libraries that only some code paths need (extras, or seconds to import on top of torch on the
 # 2-core CI machine): they may be imported inside the function that needs them. Anything else counts.
 LAZY_THIRD_PARTY = {
@@ -77,9 +76,6 @@ ALLOWED_IN_FUNCTIONS: dict[tuple[str, str], str] = {
     ("mmpretrain.engine", "os"): "set_cpu_threads",
     ("mmpretrain.engine", "deepspeed"): "build_engine",
     ("mmpretrain.engine", "mmpretrain.model"): "build_engine: compile_blocks, param_groups",
-    # TODO(issue 14 item 4, with the terms' new inputs): distill.py's imports on top (convert no longer imports
-    # the objectives, so the teacher's reader can be imported at load time; test_distill swaps convert.read_any)
-    ("mmpretrain.objectives.distill", "*"): "the teacher is read, built and checked inside the term",
 }
 
 
@@ -144,20 +140,33 @@ def read_imports(name: str, path: Path, modules: dict[str, Path]) -> list[Import
                 names = tuple(a.name for a in node.names)
                 out.append(Import(name, source.split(".")[0], names, source, rel, node.lineno, fn))
                 continue
-            plain = []
+            lazy, names_of = lazy_names(target, modules), {}
             for alias in node.names:  # `from package import submodule` imports that module
                 if f"{target}.{alias.name}" in modules:
                     sub = f"{target}.{alias.name}"
                     out.append(Import(name, sub, (), sub, rel, node.lineno, fn))
-                else:
-                    plain.append(alias.name)
-            if plain:
-                out.append(Import(name, target, tuple(plain), source, rel, node.lineno, fn))
-    if is_package(name, modules) and any(i.target in RUNTIME_IMPORTERS for i in out):
-        for sub in modules:
-            if sub.rpartition(".")[0] == name:
-                out.append(Import(name, sub, (), f"{sub}  (by name, at run time)", rel, 0, False))
+                else:  # a name a package loads on first use comes from that module
+                    names_of.setdefault(lazy.get(alias.name, target), []).append(alias.name)
+            for module, names in names_of.items():
+                out.append(Import(name, module, tuple(names), source, rel, node.lineno, fn))
     return out
+
+
+def lazy_names(package: str, modules: dict[str, Path]) -> dict[str, str]:
+    """A package __init__'s `_LAZY = {name: module}` (names its `__getattr__` loads on first use) -> dotted modules."""
+    if not is_package(package, modules):
+        return {}
+    for node in ast.parse(modules[package].read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_LAZY" for t in node.targets):
+            return {k: f"{package}.{v}" for k, v in ast.literal_eval(node.value).items()}
+    return {}
+
+
+def packages_run(importer: str, target: str, modules: dict[str, Path]) -> list[str]:
+    """The packages whose __init__ Python runs to import `target` from `importer` (the root package left out)."""
+    parts = target.split(".")
+    outer = [".".join(parts[:n]) for n in range(2, len(parts))]
+    return [p for p in outer if p in modules and importer != p and not importer.startswith(p + ".")]
 
 
 def project_module(dotted: str, modules: dict[str, Path]) -> str | None:
@@ -239,14 +248,19 @@ def analyse() -> Findings:
                 return True
         return False
 
+    implied = {
+        Import(i.importer, p, (), f"{p}  (its __init__ runs first)", i.path, i.line, i.in_function)
+        for i in project
+        for p in packages_run(i.importer, i.target, modules)
+    }
     edges: dict[str, set[str]] = {}
-    for imp in project:
+    for imp in [*project, *sorted(implied, key=lambda i: (i.path, i.line, i.target))]:
         if not allowed((imp.importer, imp.target), ALLOWED):
             edges.setdefault(imp.importer, set()).add(imp.target)
     found = cycles(edges)
     in_cycle = {m: i for i, c in enumerate(found) for m in c}
     cycle_edges = [
-        i for i in project
+        i for i in [*project, *implied]
         if i.importer in in_cycle and in_cycle.get(i.importer) == in_cycle.get(i.target)
         and i.target in edges[i.importer]
     ]  # fmt: skip

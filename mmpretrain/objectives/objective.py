@@ -1,0 +1,55 @@
+"""The run's objective: its terms, built once from ``loss``, and their weighted sum in each step.
+
+Importing this module imports every term's module, each of which registers its term (``base.register``). A new
+term: its module, one import below, and its config in ``config.py`` (TERM_CONFIGS); tests/unit/test_objectives.py
+checks the two lists agree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmpretrain.objectives import contrastive, distill, itm, mim, unicl  # noqa: F401  (each registers its terms)
+from mmpretrain.objectives.base import REGISTRY, StepContext
+
+__all__ = ["REGISTRY", "Objective"]
+
+
+class Objective:
+    """The run's terms, built once: forward arguments, heads, setup, and the summed loss of a step."""
+
+    def __init__(self, run_cfg):
+        self.run_cfg = run_cfg
+        self.terms = [REGISTRY[n](c, run_cfg) for n, c in run_cfg.loss.active().items()]
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.terms]
+
+    def forward_kwargs(self) -> dict:
+        """Extra arguments of the model's forward: token states the terms need, patch masking."""
+        kw = {}
+        need = tuple(sorted({n for t in self.terms for n in t.needs}))
+        if need:
+            kw["need"] = need
+        drops = [d for d in (t.patch_drop() for t in self.terms) if d is not None]
+        if drops:
+            kw["patch_drop"] = drops[0]
+        return kw
+
+    def attach_heads(self, model: torch.nn.Module) -> None:
+        """Put each term's trainable head on the model (before the engine is built, so ZeRO shards it)."""
+        for t in self.terms:
+            head = t.build_head(model)
+            if head is not None:
+                model.heads[t.name] = head
+
+    def setup(self, device) -> None:
+        for t in self.terms:
+            t.setup(device)
+
+    def __call__(self, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+        """-> (sum of weight x term, {name: unweighted term value (0-dim tensor, graph kept)})."""
+        values = {t.name: t.loss(ctx).float() for t in self.terms}
+        total = sum(t.cfg.weight * values[t.name] for t in self.terms)
+        return total, values
