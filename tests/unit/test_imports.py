@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("package", ("mmpretrain",)),
     ("kernels", ("mmpretrain.kernels", "mmpretrain.kernels.*")),
     ("config", ("mmpretrain.config", "mmpretrain.*config", "mmpretrain.model.sizes")),
-    ("distributed, run folder", ("mmpretrain.distributed", "mmpretrain.run_folder")),
+    ("distributed, run folder, signals", ("mmpretrain.distributed", "mmpretrain.run_folder", "mmpretrain.signals")),
     ("model, data", ("mmpretrain.model", "mmpretrain.model.*", "mmpretrain.data", "mmpretrain.data.*")),
     ("convert", ("mmpretrain.convert", "mmpretrain.convert.*")),
     ("loss, objectives", ("mmpretrain.loss", "mmpretrain.objectives", "mmpretrain.objectives.*")),
