@@ -11,10 +11,15 @@
 # Stopping: send SIGTERM or SIGUSR1 to this script's torchrun (or `touch OUTPUT_DIR/STOP`): the workers
 # finish the current step, save a checkpoint and exit 75; run the same command again to resume.
 set -euo pipefail
-if [ $# -lt 1 ]; then
-  echo "usage: $0 CONFIG [dotted.key=value ...]" >&2
-  exit 2
-fi
+usage() {
+  # this header (the comment block above), without its '# ', then the trainer's own arguments
+  sed -n '2,/^$/{/^#/!q;s/^# \{0,1\}//;p}' "$0"
+  echo "Trainer options (config sections, outputs, exit codes): python -m mmpretrain.train --help"
+}
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+  "") usage >&2; exit 2 ;;
+esac
 if [ -z "${NPROC:-}" ]; then
   NPROC=$("${PYTHON:-python}" -c "import torch; print(torch.cuda.device_count() or 2)")
 fi

@@ -21,14 +21,81 @@ from __future__ import annotations
 import argparse
 import sys
 
+DESCRIPTION = """\
+Train a CLIP or SigLIP model on WebDataset shards under DeepSpeed.
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m mmpretrain.train", description=__doc__.split("\n")[0])
-    p.add_argument("config", help="YAML file, or the name of a bundled config (configs/): demo, recipes/clip-tiny ...")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.name=tiny")
-    p.add_argument("--stop-after-steps", type=int, default=0, help="checkpoint and exit after N steps (0 = run on)")
+  python -m mmpretrain.train configs/demo.yaml                       # the demo: minutes on 2 CPU cores
+  python -m mmpretrain.train configs/demo.yaml train.steps=200 output_dir=outputs/short
+  torchrun --nproc_per_node=2 -m mmpretrain.train configs/demo.yaml engine.zero_stage=3
+  mmpretrain-train demo                                              # the bundled demo config, no checkout
+
+Running the same command again resumes from <output_dir>/checkpoints/latest."""
+
+# The config's sections and their keys, as the dataclasses of each component define them (each key's meaning
+# and unit is the docstring under it there). The resolved config of a run is <output_dir>/config.yaml.
+SECTIONS = """\
+config (dataclass defaults, then CONFIG, then KEY=VALUE overrides; a dotted key names any value):
+  output_dir   the run folder (default outputs/run)
+  model        name (a size: tiny, ViT-B-16, siglip-B-16 ...), family, embed_dim, attention, grad_checkpointing,
+               lock_image, init_from, init_logit_scale, init_logit_bias;
+               model.vision: image_size, patch_size, width, layers, heads, mlp_dim, act, ln_eps, patch_dropout;
+               model.text: kind, hf_config, vocab_size, context_length, width, layers, heads, mlp_dim, act, ln_eps
+  data         num_workers, max_bad_fraction, bad_min_samples, max_image_pixels, decode;
+               data.train: urls, sources, resampled, source_weights, samples_per_epoch, shuffle_buffer,
+               image_key, text_key, crop_scale;
+               data.eval: zeroshot, retrieval, zeroshot_name, retrieval_name, split, batch_size;
+               data.synthetic (the demo's shapes): root, num_train, samples_per_shard, num_eval, image_size, seed,
+               train_labels
+  loss         name (clip | siglip), impl, chunk_size, terms (recipes: clip, siglip, unicl, itm, mim, distill)
+  optim        lr, min_lr, warmup_steps, schedule, weight_decay, beta1, beta2, eps, grad_clip
+  engine       zero_stage (0-3), precision, compile, dist_timeout_s, cpu_threads
+  train        batch_size (global, all ranks), steps, accum_steps (GradCache), seed, max_skips_in_a_row
+  checkpoint   every_steps, keep_last
+  eval         every_steps, top_k, recall_k, num_workers, itm_rerank_k
+  logging      wandb (offline | online | disabled), project, run_name, log_every, progress, sample_keys"""
+
+OUTPUTS = """\
+outputs (all in output_dir):
+  config.yaml            the resolved config; a restart must match it (only logging.* may change)
+  metrics.jsonl          one JSON line per log step (loss, lr, samples_per_s, skipped samples ...) and eval lines
+  eval.json              the final zero-shot / retrieval results
+  checkpoints/step_N/    DeepSpeed engine state + meta.json + RNG states; checkpoints/latest names the newest
+  wandb/                 offline wandb runs (wandb sync <output_dir>/wandb/offline-run-*)
+  STOP                   touch it to stop after the current step with a checkpoint"""
+
+EXIT_CODES = """\
+exit codes:
+  0    finished, or stopped by --stop-after-steps with a checkpoint
+  1    an error (one line naming it: bad data past data.max_bad_fraction, non-finite steps in a row, ...)
+  2    a bad config or argument (one line naming the key, or the YAML file:line)
+  75   stopped on request (Ctrl-C, SIGTERM, SIGUSR1, the STOP file) with a checkpoint: rerun to resume
+  130  a second Ctrl-C: exited at once, without saving"""
+
+EPILOG = f"{SECTIONS}\n\n{OUTPUTS}\n\n{EXIT_CODES}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mmpretrain.train",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "config", metavar="CONFIG", help="YAML file, or the name of a bundled config: demo, recipes/clip-tiny ..."
+    )
+    p.add_argument(
+        "overrides", metavar="KEY=VALUE", nargs="*", help="dotted overrides: train.steps=100 model.name=tiny"
+    )
+    p.add_argument(
+        "--stop-after-steps", type=int, default=0, metavar="N", help="save and exit 0 after N steps (0 = run on)"
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> None:
