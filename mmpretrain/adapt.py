@@ -478,6 +478,17 @@ def _run(args) -> dict:
     return results
 
 
+def results_table(results: dict, method: str) -> list[str]:
+    """Zero-shot vs adapted accuracy, one row each; top-5 only where there are at least 5 classes."""
+    ks = [k for k in (1, 5) if f"zeroshot/top{k}" in results]
+    lines = [f"{'':<10}" + "".join(f"  {f'top{k}':<6}" for k in ks).rstrip()]
+    for name in ("zeroshot", method):
+        lines.append(f"{name:<10}" + "".join(f"  {results[f'{name}/top{k}']:.4f}" for k in ks))
+    if ks == [1]:
+        lines.append(f"(no top-5 with {results['num_classes']} classes)")
+    return lines
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parse_args(argv)
     try:
@@ -488,9 +499,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     method = args.method
     if results["short_classes"]:
         print(f"note: {len(results['short_classes'])} classes have fewer than {args.shots} training images")
-    print(f"{'':<10}  top1    top5")
-    for name in ("zeroshot", method):
-        print(f"{name:<10}  {results[f'{name}/top1']:.4f}  {results.get(f'{name}/top5', float('nan')):.4f}")
+    print("\n".join(results_table(results, method)))
     print(f"{results['num_train']} training images ({args.shots} shots), {results['num_test']} test images; "
           f"written to {args.output}")  # fmt: skip
     return 0

@@ -42,29 +42,37 @@ class MetricsLogger:
             return
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self._drop_lines_after(start_step)
+        # wandb starts after the first step (or with the first metrics line): a start interrupted before it leaves
+        # no empty wandb folder behind
+        self._wandb_args = None
         if cfg.wandb != "disabled":
-            import wandb  # 0.7 s, and its import hooks: only for runs that log to it
+            self._wandb_args = dict(
+                project=cfg.project, name=cfg.run_name or os.path.basename(os.path.abspath(output_dir)), id=run_id,
+                resume="allow", dir=output_dir, mode=cfg.wandb, config=config,
+            )  # fmt: skip
+        # the bar starts after the first step: that step also holds the loader's start (after a resume, its seek),
+        # and a clock started before it showed an ETA many times too long
+        self._bar_args = dict(total=total_steps, start=start_step) if cfg.progress else None
 
-            self.wandb_run = wandb.init(
-                project=cfg.project,
-                name=cfg.run_name or os.path.basename(os.path.abspath(output_dir)),
-                id=run_id,
-                resume="allow",
-                dir=output_dir,
-                mode=cfg.wandb,
-                config=config,
-            )
-            # wandb hooks imports to report which libraries a run uses; a DataLoader worker forked
-            # after this point that imports a hooked module then dies with wandb's ForkedError.
-            # Those hooks only feed wandb's own telemetry, so remove them.
-            unregister = getattr(type(self.wandb_run), "_unregister_telemetry_import_hooks", None)
-            if unregister is not None:
-                unregister(self.wandb_run.id)
-        if cfg.progress:
-            # in a log file (CI, SLURM) a redraw per second would be thousands of lines
-            interval = 1.0 if sys.stderr.isatty() else 60.0
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                            mininterval=interval)  # fmt: skip
+    def _start_wandb(self) -> None:
+        import wandb  # 0.7 s, and its import hooks: only for runs that log to it
+
+        # quiet: the run's own summary says where the offline run is and how to sync it (no 30-line wandb table)
+        self.wandb_run = wandb.init(**self._wandb_args, settings=wandb.Settings(quiet=True))
+        self._wandb_args = None
+        # wandb hooks imports to report which libraries a run uses; a DataLoader worker forked
+        # after this point that imports a hooked module then dies with wandb's ForkedError.
+        # Those hooks only feed wandb's own telemetry, so remove them.
+        unregister = getattr(type(self.wandb_run), "_unregister_telemetry_import_hooks", None)
+        if unregister is not None:
+            unregister(self.wandb_run.id)
+
+    def _start_bar(self, done: int) -> None:
+        # in a log file (CI, SLURM) a redraw per second would be thousands of lines
+        interval = 1.0 if sys.stderr.isatty() else 60.0
+        args, self._bar_args = self._bar_args, None
+        self.bar = tqdm(total=args["total"], initial=args["start"] + done, desc="train", unit="step",
+                        dynamic_ncols=True, mininterval=interval)  # fmt: skip
 
     def _drop_lines_after(self, step: int) -> None:
         if not os.path.isfile(self.path):
@@ -89,6 +97,8 @@ class MetricsLogger:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._wandb_args is not None:
+            self._start_wandb()
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
         if self.bar is not None and "loss" in metrics:
@@ -97,6 +107,11 @@ class MetricsLogger:
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
+            return
+        if self.active and self._wandb_args is not None:
+            self._start_wandb()  # after the first step, before the bar: its lines do not cut into the bar
+        if self.active and self._bar_args is not None:
+            self._start_bar(done=n)
 
     def write(self, text: str) -> None:
         """Print a line on rank 0 without breaking the progress bar."""

@@ -19,7 +19,9 @@ from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, diff_configs, from_yaml_file, load_config, to_dict, to_yaml
 from mmpretrain.convert import read_any
 from mmpretrain.data import Tokenizer, build_train_loader, check_bad_fraction, merge_data_stats, with_synthetic_data
+from mmpretrain.data.config import expand_shard_spec, is_remote
 from mmpretrain.data.pipeline import DataFaultError
+from mmpretrain.data.shards import count_samples
 from mmpretrain.distributed import all_gather_object, barrier, destroy, env_rank_world, init_distributed
 from mmpretrain.engine import build_engine, set_cpu_threads
 from mmpretrain.eval.suite import evaluate_all
@@ -165,6 +167,38 @@ def start_output_dir(cfg: Config, is_main: bool) -> None:
         # written before synthetic data paths are filled in, so a restart compares like with like
         checkpoint.write_atomic(os.path.join(cfg.output_dir, "config.yaml"), to_yaml(cfg))
     resolve_data_paths(cfg, is_main)
+    if is_main and (warning := small_data_warning(cfg)):
+        print(f"mmpretrain.train: warning: {warning}", file=sys.stderr, flush=True)
+
+
+def train_shard_urls(cfg: Config) -> list[str]:
+    """Every shard of data.train.urls or data.train.sources, brace-expanded."""
+    train = cfg.data.train
+    specs = [train.urls] if train.sources is None else [source.urls for source in train.sources]
+    return [url for spec in specs if spec for group in expand_shard_spec(spec) for url in group]
+
+
+def missing_train_shards(cfg: Config) -> list[str]:
+    """The local shards of the train spec that do not exist (a run skips them as unreadable_shard)."""
+    return [u for u in train_shard_urls(cfg) if not is_remote(u) and not os.path.isfile(u.removeprefix("file://"))]
+
+
+def samples_below_batch(cfg: Config) -> int | None:
+    """The number of train samples when the shards hold fewer than one global batch, else None (counted from the
+    tar headers, no further than one batch; remote shards are not counted)."""
+    num = count_samples(train_shard_urls(cfg), stop_at=cfg.train.batch_size)
+    return num if num is not None and num < cfg.train.batch_size else None
+
+
+def small_data_warning(cfg: Config) -> str | None:
+    num = samples_below_batch(cfg)
+    if num is None:
+        return None
+    return (
+        f"the train shards hold {num} samples, fewer than one batch (train.batch_size={cfg.train.batch_size}): "
+        "every batch repeats images, and a repeated image is a false negative for the contrastive loss (its copy's "
+        "caption counts as a wrong match). Use more data or a train.batch_size of at most the number of samples."
+    )
 
 
 def build_or_resume(cfg: Config, dist_info):
@@ -306,23 +340,57 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
     results = final_eval(engine, tokenizer, cfg, dist_info, log, state.step) if state.step >= cfg.train.steps else {}
     log.close()
     if dist_info.is_main:
-        _print_summary(cfg, state.step, saved_at, results, stopped=state.step < cfg.train.steps)
+        _print_summary(cfg, state.step, saved_at, results, stopped=state.step < cfg.train.steps,
+                       data_stats=state.data_stats)  # fmt: skip
     return {**last, **results, "step": state.step, "stopped_on_request": stopped_on_request}
 
 
-def _print_summary(cfg: Config, step: int, tag: str | None, results: dict, stopped: bool) -> None:
+def _print_summary(cfg: Config, step: int, tag: str | None, results: dict, stopped: bool, data_stats: dict) -> None:
+    print("\n".join(summary_lines(cfg, step, tag, results, stopped, data_stats)), flush=True)
+
+
+def summary_lines(cfg: Config, step: int, tag: str | None, results: dict, stopped: bool, data_stats: dict) -> list:
+    """What the run wrote and where, then what happened to the data and which evaluations did not run."""
     out = cfg.output_dir
     lines = [f"\n{'stopped' if stopped else 'finished'} at step {step}/{cfg.train.steps}. Outputs in {out}/:"]
     lines.append("  config.yaml     resolved config of this run")
     lines.append("  metrics.jsonl   one JSON line per log step (plot: mmpretrain-plot " + out + ")")
     if tag:
         lines.append(f"  checkpoints/{tag}  DeepSpeed state + meta.json (latest: checkpoints/latest)")
+    if cfg.logging.wandb == "offline" and os.path.isdir(os.path.join(out, "wandb")):
+        lines.append(f"  wandb/          offline wandb runs (upload: wandb sync {out}/wandb/offline-run-*)")
     if results:
         lines.append("  eval.json       final evaluation:")
         lines += [f"    {k:40s} {v:.4f}" for k, v in results.items() if isinstance(v, float)]
+    # the data: every skipped sample by reason, the shards that do not exist, a dataset smaller than a batch
+    skipped = {reason: n for reason, n in data_stats.get("skipped", {}).items() if n}
+    read = data_stats.get("read", 0)
+    if skipped:
+        by_reason = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+        lines.append(f"data: {read} samples read, {sum(skipped.values())} skipped: {by_reason} "
+                     "(data/skipped/<reason> in metrics.jsonl)")  # fmt: skip
+    else:
+        lines.append(f"data: {read} samples read, none skipped")
+    missing = missing_train_shards(cfg)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+        lines.append(f"  {plural(len(missing), 'train shard')} missing (skipped as unreadable_shard): {shown}")
+    if (num := samples_below_batch(cfg)) is not None:
+        lines.append(f"  the train shards hold {num} samples, fewer than one batch ({cfg.train.batch_size}): every "
+                     "batch repeated images (false negatives for the contrastive loss)")  # fmt: skip
+    unset = [name for name in ("zeroshot", "retrieval") if not getattr(cfg.data.eval, name)]
+    if len(unset) == 2:
+        lines.append("eval: no eval set configured (data.eval.zeroshot and data.eval.retrieval are unset): "
+                     "nothing was evaluated")  # fmt: skip
+    elif unset:
+        lines.append(f"eval: data.eval.{unset[0]} is not set: no {unset[0]} evaluation")
     if stopped:
         lines.append("rerun the same command to resume.")
-    print("\n".join(lines), flush=True)
+    return lines
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # Errors every rank raises alike (decided by a collective): one line from rank 0, exit 1, no traceback.

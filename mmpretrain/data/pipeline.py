@@ -627,7 +627,8 @@ def build_train_loader(
         num_shards = sum(len(g) for g in groups)
         if not train.resampled and num_shards < num_streams:
             raise ValueError(
-                f"{key}: {num_shards} shards cannot feed {world_size} ranks x {max(1, cfg.num_workers)} "
+                f"{key}: {num_shards} shard{'' if num_shards == 1 else 's'} cannot feed {world_size} ranks x "
+                f"{max(1, cfg.num_workers)} "
                 "workers (every worker needs one shard an epoch); add shards, lower data.num_workers or set "
                 "data.train.resampled=true"
             )

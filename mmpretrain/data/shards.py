@@ -233,6 +233,36 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
+def count_samples(urls: list[str], stop_at: int) -> int | None:
+    """Distinct samples (member keys) in local tar shards, from the tar headers alone (no member data is read),
+    counting no further than ``stop_at``. None when that cannot be told: a remote shard (a pipe or a URL) or one
+    that is not a plain tar (a compressed one is not decompressed here); a missing shard counts 0, a cut one what
+    could be read (a run skips them the same way)."""
+    from .config import is_remote
+
+    keys: set[tuple[str, str]] = set()
+    for url in urls:
+        if is_remote(url):
+            return None
+        try:
+            tar = tarfile.open(url.removeprefix("file://"), mode="r:")
+        except FileNotFoundError:
+            continue  # a run counts it as unreadable_shard
+        except (OSError, tarfile.TarError):
+            return None  # compressed (not decompressed here), unreadable or not a tar: cannot tell
+        with tar:
+            try:
+                for info in tar:
+                    match = _MEMBER_NAME.match(info.name)
+                    if info.isreg() and match is not None and not os.path.basename(info.name).startswith("__"):
+                        keys.add((url, match.group(1)))
+                        if len(keys) >= stop_at:
+                            return len(keys)
+            except (OSError, tarfile.TarError):
+                pass  # cut short: the samples before the cut count
+    return len(keys)
+
+
 def read_tar_samples(
     url: str,
     on_fault: Callable[[str, str, str], None],

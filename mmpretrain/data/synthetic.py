@@ -142,7 +142,8 @@ def _progress(total: int, desc: str):
 
 def _write_train(out_dir: str, num: int, samples_per_shard: int, image_size: int, seed: int, labels: bool) -> dict:
     rng = np.random.default_rng([seed, _TRAIN])
-    with ShardWriter(out_dir, samples_per_shard=samples_per_shard) as writer, _progress(num, "train") as bar:
+    bar = _progress(num, "writing synthetic shapes (train split)")  # not "train": the training bar comes later
+    with ShardWriter(out_dir, samples_per_shard=samples_per_shard) as writer, bar:
         for i in range(num):
             s = make_shape_sample(rng, image_size)
             text = caption(s, int(rng.integers(len(CAPTION_FORMATS))))

@@ -234,7 +234,8 @@ def write_outputs(report: dict, out_dir: str) -> tuple[str, str]:
     ax_len.set(title="caption length", xlabel=unit, ylabel="captions")
     ax_size.hist(report["_shorter"], bins=40, color="tab:orange")
     ax_size.set(title="image shorter side", xlabel="pixels", ylabel="images")
-    fig.suptitle(f"{report['num_good']} good samples of {report['num_samples']} in {report['num_shards']} shards")
+    shards = f"{report['num_shards']} shard{'' if report['num_shards'] == 1 else 's'}"
+    fig.suptitle(f"{report['num_good']} good samples of {report['num_samples']} in {shards}")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

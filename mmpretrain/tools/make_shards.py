@@ -496,6 +496,10 @@ class NoSamples(Exception):
         self.skipped = skipped
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def summarize(stats: dict, skipped: list[dict], bad_tars: list, extra: dict, out_dir: str, args: dict) -> dict:
     """Extend ShardWriter's _stats.json with the skipped inputs, byte total and arguments; print a summary."""
     by_reason = collections.Counter(s["reason"] for s in skipped)
@@ -513,7 +517,8 @@ def summarize(stats: dict, skipped: list[dict], bad_tars: list, extra: dict, out
     with open(os.path.join(out_dir, "_stats.json"), "w", encoding="utf-8") as f:
         json.dump(full, f, indent=1, ensure_ascii=False)
     print(
-        f"wrote {full['num_samples']} samples in {full['num_shards']} shards ({full['num_bytes'] / 1e6:.1f} MB) "
+        f"wrote {_plural(full['num_samples'], 'sample')} in {_plural(full['num_shards'], 'shard')} "
+        f"({full['num_bytes'] / 1e6:.1f} MB) "
         f"to {out_dir}; skipped {len(skipped)} of {full['num_inputs']} inputs"
     )
     for reason, n in sorted(by_reason.items()):

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 
 TRAIN_KEYS = ("loss", "lr", "logit_scale", "samples_per_s", "grad_norm")
@@ -63,8 +64,13 @@ def series(records: list[dict], key: str) -> tuple[list, list]:
 def default_keys(runs: dict) -> list[str]:
     """The training keys, then every eval key any run logged (sorted)."""
     eval_keys = {k for records in runs.values() for r in records for k in r if k.startswith(EVAL_PREFIXES)}
-    eval_keys = sorted(k for k in eval_keys if "/num_" not in k)  # set sizes (num_images ...) are not metrics
+    eval_keys = sorted((k for k in eval_keys if "/num_" not in k), key=_numbers_as_numbers)  # sizes are no metrics
     return list(TRAIN_KEYS) + eval_keys
+
+
+def _numbers_as_numbers(key: str) -> list:
+    """Sort key that orders R@5 before R@10 and top5 before top10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
 
 def plot(runs: dict, keys: list[str], out: str) -> list[str]:

@@ -65,6 +65,12 @@ def test_run_over_faulty_shards_finishes_and_counts_every_fault(faulty, tmp_path
     for reason, n in expected.items():
         assert n <= logged[reason] <= 2 * n, reason  # one whole pass read, the second one begun
     assert all(n > 0 for r, n in expected.items() if r not in APART)  # every fault kind was injected
+    # the final summary says the same: every reason with its count, and the shard that does not exist
+    summary = proc.stdout[proc.stdout.index(f"finished at step {STEPS}/{STEPS}") :]
+    assert f"data: {last['data/read']} samples read, {last['skipped_samples']} skipped: " in summary
+    assert all(f" {reason} {n}" in summary for reason, n in logged.items() if n)
+    assert f"1 train shard missing (skipped as unreadable_shard): {spec.replace('{0..5}', '3')}" in summary
+    assert "eval: no eval set configured" in summary
 
 
 @pytest.mark.slow

@@ -195,3 +195,15 @@ def test_cli_errors_name_the_bad_path_or_key(trained, sets, tmp_path, monkeypatc
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("num_classes", [2, 32])
+def test_results_table_has_no_nan_top5_with_few_classes(num_classes):
+    from mmpretrain.adapt import results_table
+
+    top5 = {"zeroshot/top5": 0.75, "coop/top5": 0.875} if num_classes >= 5 else {}
+    results = {"zeroshot/top1": 0.5, "coop/top1": 0.625, **top5, "num_classes": num_classes}
+    text = "\n".join(results_table(results, "coop"))
+    assert "nan" not in text
+    assert text.splitlines()[2].split() == ["coop", "0.6250", *(["0.8750"] if top5 else [])]
+    assert ("top5" in text) == bool(top5) and ("(no top-5 with 2 classes)" in text) == (not top5)

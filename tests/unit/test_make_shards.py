@@ -88,6 +88,7 @@ def test_folder_round_trip_and_train_loader(photos, tmp_path, capsys):
     assert stats["skipped"] == [{"reason": "undecodable_image", "where": "cat/broken.jpg", "detail": stats[
         "skipped"][0]["detail"]}]  # fmt: skip
     assert "cat/broken.jpg: undecodable_image" in stdout and stats["ignored_files"]["first"] == ["cat/notes.txt"]
+    assert f"wrote 10 samples in 3 shards ({stats['num_bytes'] / 1e6:.1f} MB)" in stdout
     # input order: classes sorted, files sorted by path (natural order); keys = position in that order
     by_source = {json.loads(s["json"])["source"]: s for s in samples}
     assert list(by_source) == ["cat/0.jpg", "cat/1.jpg", "cat/sub/2.jpg", "dog/0.jpg", "dog/1.jpg", "dog/sub/2.jpg",
@@ -127,8 +128,8 @@ def test_folder_round_trip_and_train_loader(photos, tmp_path, capsys):
 
 def test_folder_keep_format_keeps_png_pixels(photos, tmp_path, capsys):
     root, files = photos
-    code, _, _ = run_tool(["folder", root, tmp_path / "o", "--keep-format"], capsys)
-    assert code == 0
+    code, stdout, _ = run_tool(["folder", root, tmp_path / "o", "--keep-format"], capsys)
+    assert code == 0 and "wrote 10 samples in 1 shard (" in stdout  # not "1 shards"
     samples = read_tars(shard_paths(tmp_path / "o")[0])
     png = next(s for s in samples if json.loads(s["json"])["source"] == "dog/x.png")
     assert png["png"] == files["dog/x.png"]

@@ -231,3 +231,13 @@ def test_every_command_prints_its_help_and_exits_0():
     failed = {target: code for target, (code, out) in results.items() if code != 0 or "usage:" not in out}
     assert not failed, failed
     assert len(results) == len(found)
+
+
+def test_plot_orders_recall_at_k_by_k():
+    keys = ["retrieval/s/image_to_text_R@10", "retrieval/s/image_to_text_R@1", "retrieval/s/image_to_text_R@5",
+            "zeroshot/s/top5", "zeroshot/s/top1", "retrieval/s/num_images"]  # fmt: skip
+    records = [{"step": 1, **dict.fromkeys(keys, 0.5)}]
+    assert plot_metrics.default_keys({"a": records})[len(plot_metrics.TRAIN_KEYS) :] == [
+        "retrieval/s/image_to_text_R@1", "retrieval/s/image_to_text_R@5", "retrieval/s/image_to_text_R@10",
+        "zeroshot/s/top1", "zeroshot/s/top5",
+    ]  # fmt: skip
