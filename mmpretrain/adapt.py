@@ -49,6 +49,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mmpretrain import convert
+from mmpretrain.convert.common import apply_umask
 from mmpretrain.data import Tokenizer, build_eval_loader, load_zeroshot_set
 from mmpretrain.data.pipeline import EVAL_IMAGE_KEYS, eval_tar_urls
 from mmpretrain.data.shards import read_tar_samples
@@ -474,6 +475,7 @@ def _run(args) -> dict:
     results.update(checkpoint=str(args.checkpoint), train=str(args.train), test=str(args.test))
     metadata["checkpoint"] = str(args.checkpoint)
     save_file(tensors, str(out / "adapted.safetensors"), metadata=metadata)
+    apply_umask(str(out / "adapted.safetensors"))  # safetensors writes 0600
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mmpretrain.checkpoint_config import CheckpointConfig
@@ -120,6 +120,28 @@ def _omegaconf_message(e: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
+def load_yaml(path: str):
+    """OmegaConf.load, with a malformed file as one line naming it: ``FILE:LINE:COL: what is wrong``."""
+    import yaml
+
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        problem = getattr(e, "problem", None) or str(e).split("\n")[0]
+        context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and context_mark is not None and mark is not None and context_mark.line != mark.line:
+            problem += f" ({context} at line {context_mark.line + 1})"
+        lines = open(path, encoding="utf-8", errors="replace").read().split("\n")
+        if mark is not None and mark.line < len(lines) and "\t" in lines[mark.line][: mark.column + 1]:
+            problem += " (a tab: YAML indents with spaces)"
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: a config is a mapping of sections (model:, data:, train: ...), not a list")
+    return node
+
+
 def world_size_from_env() -> int:
     """World size as the launcher announces it (torchrun, SLURM), before any process group exists."""
     for var in ("WORLD_SIZE", "SLURM_NTASKS"):
@@ -167,7 +189,7 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int | N
     try:
         merged = OmegaConf.structured(Config)
         if path is not None:
-            merged = OmegaConf.merge(merged, OmegaConf.load(find_config(path)))
+            merged = OmegaConf.merge(merged, load_yaml(find_config(path)))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
@@ -204,7 +226,7 @@ def from_dict(raw: dict, source: str) -> Config:
 def from_yaml_file(path: str) -> Config:
     """Load a resolved config.yaml written by a run (no world-size checks)."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+        merged = OmegaConf.merge(OmegaConf.structured(Config), load_yaml(path))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {_omegaconf_message(e)}") from None

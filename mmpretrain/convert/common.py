@@ -110,6 +110,21 @@ def save_safetensors(sd: dict[str, torch.Tensor], path: str, metadata: dict | No
     save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata=metadata or {"format": "pt"})
 
 
+def apply_umask(path: str) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes the user's umask gives new files: a
+    temporary folder is 0700 and safetensors writes 0600, but what we hand over is meant to be read by others on
+    a shared filesystem as far as the umask allows."""
+    mask = os.umask(0o022)  # the only way to read the umask
+    os.umask(mask)
+    if os.path.isfile(path):
+        os.chmod(path, 0o666 & ~mask)
+        return
+    for folder, _, files in os.walk(path):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: str, force: bool = False) -> Iterator[str]:
     """Yield a temporary folder next to out_dir; on success it replaces out_dir, on failure it is removed.
@@ -129,6 +144,7 @@ def atomic_folder(out_dir: str, force: bool = False) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    apply_umask(tmp)  # mkdtemp made it 0700
     old = None
     if os.path.exists(out_dir):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old", dir=parent)

@@ -71,9 +71,19 @@ def test_zero3_consolidates_to_the_zero0_weights_and_evaluates_the_same(runs, tm
 
 
 @pytest.mark.slow
+def modes(folder: str) -> set[tuple[str, int]]:
+    """(kind, permission bits) of a folder and of everything in it."""
+    out = set()
+    for root, _, files in os.walk(folder):
+        out.add(("dir", os.stat(root).st_mode & 0o777))
+        out |= {("file", os.stat(os.path.join(root, f)).st_mode & 0o777) for f in files}
+    return out
+
+
 def test_cli_chain_and_one_line_errors(runs, tmp_path, capsys):
     cli = load_cli()
     run = runs["zero0"]
+    old_umask = os.umask(0o022)  # a typical shared-filesystem umask: what is handed over is readable by others
     consolidated, hf, back = str(tmp_path / "c"), str(tmp_path / "hf"), str(tmp_path / "back")
     assert cli.main(["consolidate", run, consolidated, "--dtype", "bf16"]) == 0
     assert cli.main(["to-hf", consolidated, hf]) == 0
@@ -92,6 +102,10 @@ def test_cli_chain_and_one_line_errors(runs, tmp_path, capsys):
     c, _ = read_consolidated(oc_back)
     assert all(torch.equal(c[k], v) for k, v in a.items())
     assert cli.main(["to-hf", run, hf48, "--image-size", "48"]) == 0
+    os.umask(old_umask)
+    # not the temporary folder's 0700 nor safetensors' 0600: the umask's modes, model.safetensors included
+    for folder in (consolidated, hf, back, oc, oc_back, hf48):
+        assert modes(folder) == {("dir", 0o755), ("file", 0o644)}, folder
     assert json.load(open(os.path.join(hf48, "config.json")))["vision_config"]["image_size"] == 48
     d, _ = read_any(hf48)
     assert d["vision_model.embeddings.position_embedding.weight"].shape == (1 + 6 * 6, 64)

@@ -1,6 +1,7 @@
 """Config: defaults <- YAML <- overrides; bad input fails before any work with the dotted key named."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -69,6 +70,28 @@ def test_cli_error_is_one_line_and_exit_2(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == "mmpretrain.train: error: train.stepz: unknown key"
+
+
+@pytest.mark.parametrize(
+    "text, where, problem",
+    [
+        ("train:\n  steps: 10\n   batch_size: 4\n", ":3:14:", "mapping values are not allowed in this context"),
+        ("train: {steps: 10\nmodel: tiny\n", ":2:6:", "did not find expected ',' or '}' (while parsing a flow mapping"),
+        ("train:\n\tsteps: 3\n", ":2:1:", "cannot start any token (a tab: YAML indents with spaces)"),
+        ("- a\n- b\n", ":", "a config is a mapping of sections"),
+    ],
+)
+def test_malformed_yaml_is_one_line_naming_file_and_line(tmp_path, capsys, text, where, problem):
+    path = tmp_path / "my.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        main([str(path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"mmpretrain.train: error: {path}{where}") and problem in err
+    # a run folder's config.yaml read back on a restart says the same
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}{where}")):
+        from_yaml_file(str(path))
 
 
 def test_missing_config_file(capsys):
