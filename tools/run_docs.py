@@ -7,7 +7,8 @@
 The pages are README.md, then docs/*.md, launch/README.md and CONTRIBUTING.md, and the blocks run in that order
 in one clone, so a later block may use what an earlier one wrote (the demo run, shards) and no two blocks may write
 the same folder. Each block runs with ``bash -e -o pipefail`` in the clone's root; the first failing block fails
-the whole run (exit 1), naming its page and line.
+the whole run (exit 1), naming its page and line. So does a file the blocks leave where git does not ignore it:
+examples write under outputs/ (or data/), never into the repository's own folders.
 
 Every fenced block must name its language. A ```bash / ```sh / ```shell block runs unless an HTML comment on the
 line just above its fence (invisible on GitHub) exempts it, with the reason printed each time:
@@ -131,7 +132,7 @@ def _save_jpeg(path: str, rgb: tuple, size: tuple[int, int], seed: int) -> None:
 COLORS = {"red_apple": (200, 30, 30), "green_pear": (60, 170, 60), "blue_ball": (40, 60, 220)}
 
 
-def setup_own_data(cwd: str) -> str:
+def setup_own_data(cwd: str) -> None:
     """photos/<class>/ (3 classes x 16 JPEGs), photos_val/<class>/ (3 x 8) and web/captions.csv (48 rows of
     web/images/*.jpg, columns filepath,title): the made-up data the 'your own data' commands read."""
     for split, per_class in (("photos", 16), ("photos_val", 8)):
@@ -146,10 +147,11 @@ def setup_own_data(cwd: str) -> str:
             name, rgb = list(COLORS.items())[i % 3]
             _save_jpeg(os.path.join(cwd, "web", "images", f"{i:04d}.jpg"), rgb, (48, 64), seed=5000 + i)
             writer.writerow([f"images/{i:04d}.jpg", f"a {name.replace('_', ' ')} on a plain background"])
-    return "photos/ (3 classes x 16 JPEGs), photos_val/ (3 x 8), web/captions.csv + web/images/ (48 rows)"
+    print("made photos/ (3 classes x 16 JPEGs), photos_val/ (3 x 8), web/captions.csv + web/images/ (48 rows)")
 
 
-SETUPS = {"own-data": setup_own_data}
+# name -> (the function that makes it in the clone, the top-level folders it makes: the user's own files)
+SETUPS = {"own-data": (setup_own_data, ["photos", "photos_val", "web"])}
 
 
 # ----------------------------------------------------------------------------- checks of the exemptions
@@ -201,9 +203,18 @@ def fresh_clone(dest: str) -> str:
     return dest
 
 
+def stray_files(cwd: str, made: list[str]) -> list[str]:
+    """Files in the clone that git neither tracks nor ignores, but for what the setups made."""
+    out = subprocess.run(["git", "-C", cwd, "status", "--porcelain", "--untracked-files=all"], capture_output=True,
+                         text=True, check=True).stdout.splitlines()  # fmt: skip
+    paths = [line[3:] for line in out]
+    return [p for p in paths if p.split("/")[0] not in made]
+
+
 def run_blocks(blocks: list[Block], cwd: str, start: str | None = None) -> int:
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
-    found = where_each_runs(blocks)
+    found = where_each_runs(blocks, cwd)  # the clone holds the same .ci/run
+    made = [path for b in blocks if b.kind == "setup" for path in SETUPS[b.arg][1]]  # the user's own files
     started = start is None
     ran = skipped = 0
     t_all = time.perf_counter()
@@ -217,7 +228,8 @@ def run_blocks(blocks: list[Block], cwd: str, start: str | None = None) -> int:
             skipped += 1
             continue
         if b.kind == "setup":
-            print(f"\n=== {b.where}  setup {b.arg}: {SETUPS[b.arg](cwd)}", flush=True)
+            print(f"\n=== {b.where}  setup {b.arg}: ", end="", flush=True)
+            SETUPS[b.arg][0](cwd)
         print(f"\n=== {b.where}  ({n}/{len(blocks)})\n" + "\n".join(f"$ {line}" for line in b.text.splitlines()),
               flush=True)  # fmt: skip
         t0 = time.perf_counter()
@@ -228,6 +240,11 @@ def run_blocks(blocks: list[Block], cwd: str, start: str | None = None) -> int:
                   f"--from {b.where})", flush=True)  # fmt: skip
             return 1
         ran += 1
+    stray = stray_files(cwd, made)
+    if stray:
+        print(f"\ndocs-run: FAILED: the blocks wrote where git does not ignore (examples write under outputs/): "
+              f"{', '.join(stray[:10])}", flush=True)  # fmt: skip
+        return 1
     print(f"\ndocs-run: {ran} blocks ran, {skipped} exempt, all passed in {time.perf_counter() - t_all:.0f} s")
     return 0
 
