@@ -73,3 +73,22 @@ def test_closure_follows_extras_and_markers(tmp_path):
     bad.write_text("torch>=2\n")
     with pytest.raises(AssertionError, match="not an exact pin"):
         read_pins(str(bad))
+
+
+def test_only_torch_pulls_cuda_wheels():
+    # README's CPU-only install puts torch's CPU build in first; it holds only while nothing else of the closure
+    # asks for an nvidia-* or cuda-* wheel itself (those are what make the GPU install 6 GB)
+    try:
+        needed = closure("mmpretrain-clip", ("dev",))
+    except metadata.PackageNotFoundError as e:
+        pytest.skip(f"mmpretrain-clip[dev] is not fully installed here ({e})")
+    cuda = re.compile(r"^(nvidia|cuda)-")
+    pulls = set()
+    for name in needed:
+        if cuda.match(name):
+            continue
+        for text in metadata.distribution(name).requires or []:
+            req = Requirement(text)
+            if cuda.match(canonical(req.name)) and (req.marker is None or req.marker.evaluate({"extra": ""})):
+                pulls.add(name)
+    assert pulls <= {"torch"}, f"besides torch, {sorted(pulls - {'torch'})} require CUDA wheels"
