@@ -57,8 +57,10 @@ class MetricsLogger:
     def _start_wandb(self) -> None:
         import wandb  # 0.7 s, and its import hooks: only for runs that log to it
 
-        # quiet: the run's own summary says where the offline run is and how to sync it (no 30-line wandb table)
-        self.wandb_run = wandb.init(**self._wandb_args, settings=wandb.Settings(quiet=True))
+        # quiet: the run's own summary says where the offline run is and how to sync it (no 30-line wandb table);
+        # offline, not even wandb's three "saved locally" lines (an online run keeps the line with its URL)
+        offline = self._wandb_args["mode"] == "offline"
+        self.wandb_run = wandb.init(**self._wandb_args, settings=wandb.Settings(quiet=True, silent=offline))
         self._wandb_args = None
         # wandb hooks imports to report which libraries a run uses; a DataLoader worker forked
         # after this point that imports a hooked module then dies with wandb's ForkedError.
