@@ -17,6 +17,7 @@ import json
 import os
 import re
 
+from mmpretrain.atomic import write_atomic  # noqa: F401  (checkpoint.py and loop.py take it from here)
 from mmpretrain.config import Config, from_dict, from_yaml_file
 
 CHECKPOINTS = "checkpoints"
@@ -32,16 +33,6 @@ def checkpoint_root(output_dir: str) -> str:
 
 def step_tag(step: int) -> str:
     return f"step_{step}"
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never a partial one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_tag(output_dir: str) -> str | None:

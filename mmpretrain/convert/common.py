@@ -7,15 +7,13 @@ under a temporary sibling and renamed into place, so a failure never leaves a ha
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from mmpretrain.atomic import apply_umask, atomic_folder  # noqa: F401  (the converters take them from here)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEADS = "heads."  # training-only objective heads (ITM fusion encoder, MIM decoder ...): not part of the two towers
@@ -108,47 +106,3 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
 
 def save_safetensors(sd: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
     save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata=metadata or {"format": "pt"})
-
-
-def apply_umask(path: str) -> None:
-    """Give ``path`` (a file, or a folder and everything in it) the modes the user's umask gives new files: a
-    temporary folder is 0700 and safetensors writes 0600, but what we hand over is meant to be read by others on
-    a shared filesystem as far as the umask allows."""
-    mask = os.umask(0o022)  # the only way to read the umask
-    os.umask(mask)
-    if os.path.isfile(path):
-        os.chmod(path, 0o666 & ~mask)
-        return
-    for folder, _, files in os.walk(path):
-        os.chmod(folder, 0o777 & ~mask)
-        for name in files:
-            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
-
-
-@contextlib.contextmanager
-def atomic_folder(out_dir: str, force: bool = False) -> Iterator[str]:
-    """Yield a temporary folder next to out_dir; on success it replaces out_dir, on failure it is removed.
-
-    An existing non-empty out_dir is refused unless force (then it is replaced only once the new one is complete).
-    """
-    out_dir = os.path.abspath(out_dir)
-    if os.path.isfile(out_dir):
-        raise ValueError(f"{out_dir}: exists and is a file")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise ValueError(f"{out_dir}: exists and is not empty (pass --force to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp", dir=parent)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    apply_umask(tmp)  # mkdtemp made it 0700
-    old = None
-    if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old", dir=parent)
-        os.replace(out_dir, os.path.join(old, "x"))
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -80,6 +80,7 @@ import itertools
 import logging
 import os
 import random
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -652,6 +653,7 @@ def build_train_loader(
 # ---------------------------------------------------------------- eval sets (clip_benchmark WebDataset layout)
 
 EVAL_IMAGE_KEYS = ["webp", "png", "jpg", "jpeg"]
+MAX_EVAL_SHARDS = 100_000  # nshards.txt above this is refused (ImageNet-1k's 50k images fit in 7 or 50 tars)
 
 
 def _read_text(path: str) -> str:
@@ -659,12 +661,25 @@ def _read_text(path: str) -> str:
         return f.read().decode("utf-8")
 
 
+def read_nshards(path: str) -> int:
+    """The shard count in a clip_benchmark ``nshards.txt``: an integer in 1..MAX_EVAL_SHARDS, else a ValueError
+    naming the file (a set handed over could otherwise make every rank build a list of a billion urls)."""
+    with wds.gopen(path, "rb") as f:
+        text = f.read(64).decode("utf-8", errors="replace").strip()  # a count: a few bytes, never the whole file
+    if not re.fullmatch(r"\d{1,12}", text):
+        raise ValueError(f"{path}: expected the number of shards, got {text[:20]!r}")
+    n = int(text)
+    if not 1 <= n <= MAX_EVAL_SHARDS:
+        raise ValueError(f"{path}: {n} shards is outside 1..{MAX_EVAL_SHARDS}")
+    return n
+
+
 def eval_tar_urls(root: str, split: str = "test") -> list[str]:
     """Tars of ``<root>/<split>``: ``{0..n-1}.tar`` from nshards.txt (clip_benchmark), else a sorted glob."""
     split_dir = os.path.join(root, split)
     nshards_path = os.path.join(split_dir, "nshards.txt")
     if os.path.isfile(nshards_path) or "://" in root or root.startswith("pipe:"):
-        n = int(_read_text(nshards_path).strip())
+        n = read_nshards(nshards_path)
         return [os.path.join(split_dir, f"{i}.tar") for i in range(n)]
     urls = sorted(glob.glob(os.path.join(split_dir, "*.tar")), key=lambda u: natural_key(os.path.basename(u)))
     if not urls:

@@ -26,7 +26,12 @@ be applied (the loaders ignore EXIF); other formats are re-encoded to JPEG (qual
 undecodable image, empty caption, missing column, bad row) is listed with its line/row/path in
 the summary and in ``_stats.json``: nothing is dropped silently.
 An output folder that is not empty is refused unless ``--overwrite``, which replaces only files
-this tool writes (shard tars, stats, eval metadata) and leaves any other file alone.
+this tool writes (shard tars, stats, eval metadata) and leaves any other file alone. Everything is written
+into a temporary folder beside the output and moved in only once complete: a run that fails (or is
+interrupted) leaves the previous output as it was.
+
+A table's image paths stay inside ``--image-root`` (default: the table's folder): an absolute path, a
+``~`` path or a ``../`` path that leads outside it is skipped and counted (``outside_image_root``).
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +56,7 @@ from typing import Any
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from mmpretrain.atomic import apply_umask, swap_in
 from mmpretrain.data.shards import ShardWriter, local_tar_urls, natural_key, read_tar_samples
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -272,6 +280,8 @@ def folder_items(root: str, scan: FolderInput, templates: list[str], eval_set: b
 def _clean_caption(value: Any) -> tuple[str | None, tuple[str, str] | None]:
     if value is None:
         return None, ("empty_caption", "no value")
+    if isinstance(value, (dict, list)):  # a JSON row's caption that is not text (str() of a deep one recurses)
+        return None, ("bad_row", f"the caption is a JSON {type(value).__name__}, not text")
     text = str(value).strip()
     if not text:
         return None, ("empty_caption", "blank caption")
@@ -283,17 +293,27 @@ def _clean_caption(value: Any) -> tuple[str | None, tuple[str, str] | None]:
 
 
 def _image_source(value: Any, base: str) -> tuple[str | None, bytes | None, tuple[str, str] | None]:
-    """(path, bytes, skip) from an image column value: a path (relative to ``base``), raw bytes, or {"bytes": ...}."""
+    """(path, bytes, skip) from an image column value: a path (relative to ``base``), raw bytes, or {"bytes": ...}.
+
+    A path must stay inside ``base`` (--image-root, else the table's folder): a table is data, and one from
+    elsewhere must not pick files of this machine (``/etc/...``, ``~/.ssh/...``, ``../../secret``) into shards
+    that get shared. The check is on the path as written, normalized (``..`` resolved), not on symlinks.
+    """
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
         return None, bytes(value), None
-    if value is None or not str(value).strip():
+    if value is None or isinstance(value, (dict, list)) or not str(value).strip():
         return None, None, ("missing_image_path", "empty image column")
     text = str(value).strip()
     if re.match(r"^[a-z][a-z0-9+.-]*://", text, re.I):
         return None, None, ("not_local", f"{text} (download it first, e.g. with img2dataset)")
-    return os.path.join(base, os.path.expanduser(text)), None, None
+    root = os.path.abspath(base)
+    path = os.path.normpath(os.path.join(root, os.path.expanduser(text)))
+    if os.path.commonpath([root, path]) != root:
+        why = f"{text} is outside the image root {root} (pass --image-root to allow a folder that holds it)"
+        return None, None, ("outside_image_root", why)
+    return path, None, None
 
 
 def _table_rows(path: str, fmt: str, image_col: str, caption_col: str) -> Iterator[tuple[str, dict, Any, Any, str]]:
@@ -335,6 +355,9 @@ def _table_rows(path: str, fmt: str, image_col: str, caption_col: str) -> Iterat
                     obj = json.loads(line)
                 except json.JSONDecodeError as exn:
                     yield where, pos, missing, missing, f"not JSON: {exn}"
+                    continue
+                except RecursionError:  # json's parser recurses once per nesting level
+                    yield where, pos, missing, missing, "JSON nested too deeply to read"
                     continue
                 if not isinstance(obj, dict):
                     yield where, pos, missing, missing, "not a JSON object"
@@ -407,7 +430,8 @@ def img2dataset_items(urls: list[str], bad_tars: list[tuple[str, str]]) -> Itera
             if "json" in parts:
                 try:
                     meta["img2dataset"] = json.loads(parts["json"])
-                except (json.JSONDecodeError, UnicodeDecodeError):
+                    json.dumps(meta["img2dataset"])  # it is written again into our .json: fail here, not there
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                     meta["img2dataset"] = None
             ext = next((e for e in TAR_IMAGE_EXTS if e in parts), None)
             if ext is None:
@@ -432,8 +456,8 @@ OWN_EVAL_OUTPUTS = ("classnames.txt", "zeroshot_classification_templates.txt")
 OWN_SPLIT_OUTPUTS = ("*.tar", "*.tar.tmp", "nshards.txt", "_stats.json")
 
 
-def prepare_out_dir(out: str, overwrite: bool, split: str | None) -> None:
-    """Refuse a non-empty folder unless --overwrite; then remove only what this tool writes there."""
+def check_output(out: str, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty folder unless --overwrite (nothing is removed here: see move_outputs)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"output: {out} exists and is not a folder")
     entries = os.listdir(out) if os.path.isdir(out) else []
@@ -442,14 +466,36 @@ def prepare_out_dir(out: str, overwrite: bool, split: str | None) -> None:
             f"output: {out} is not empty ({len(entries)} entries, e.g. {sorted(entries)[0]!r}); "
             "pass --overwrite to replace the shards written there before"
         )
+
+
+def move_outputs(tmp: str, out: str, split: str | None) -> None:
+    """Put the complete output written in ``tmp`` (a sibling of ``out``) in place.
+
+    An empty or new ``out`` is replaced by ``tmp`` in one rename. Otherwise (--overwrite) each new file is renamed
+    over its old namesake, then this tool's files of the earlier run that the new one has not replaced (shards
+    past the new count) are removed; any other file in ``out`` stays.
+    """
+    apply_umask(tmp)  # mkdtemp made the folder 0700
+    if not os.path.isdir(out) or not os.listdir(out):
+        swap_in(tmp, os.path.abspath(out))
+        return
+    new = set()
+    for folder, _, files in os.walk(tmp):
+        rel = os.path.relpath(folder, tmp)
+        os.makedirs(os.path.join(out, rel), exist_ok=True)
+        for name in files:
+            dst = os.path.normpath(os.path.join(out, rel, name))
+            os.replace(os.path.join(folder, name), dst)
+            new.add(dst)
     patterns = [os.path.join(out, p) for p in OWN_OUTPUTS]
     if split is not None:
         patterns += [os.path.join(out, p) for p in OWN_EVAL_OUTPUTS]
         patterns += [os.path.join(out, split, p) for p in OWN_SPLIT_OUTPUTS]
     for pattern in patterns:
         for path in glob.glob(pattern):
-            os.remove(path)
-    os.makedirs(out, exist_ok=True)
+            if os.path.normpath(path) not in new:
+                os.remove(path)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def brace_spec(out: str, name_format: str, num_shards: int) -> str:
@@ -500,8 +546,14 @@ def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def summarize(stats: dict, skipped: list[dict], bad_tars: list, extra: dict, out_dir: str, args: dict) -> dict:
-    """Extend ShardWriter's _stats.json with the skipped inputs, byte total and arguments; print a summary."""
+def summarize(
+    stats: dict, skipped: list[dict], bad_tars: list, extra: dict, out_dir: str, args: dict, shown_dir: str = ""
+) -> dict:
+    """Extend ShardWriter's _stats.json with the skipped inputs, byte total and arguments; print a summary.
+
+    The files are in ``out_dir`` (the temporary folder while writing); the summary names ``shown_dir``, where they
+    end up."""
+    shown_dir = shown_dir or out_dir
     by_reason = collections.Counter(s["reason"] for s in skipped)
     full = {
         **stats,
@@ -519,14 +571,14 @@ def summarize(stats: dict, skipped: list[dict], bad_tars: list, extra: dict, out
     print(
         f"wrote {_plural(full['num_samples'], 'sample')} in {_plural(full['num_shards'], 'shard')} "
         f"({full['num_bytes'] / 1e6:.1f} MB) "
-        f"to {out_dir}; skipped {len(skipped)} of {full['num_inputs']} inputs"
+        f"to {shown_dir}; skipped {len(skipped)} of {full['num_inputs']} inputs"
     )
     for reason, n in sorted(by_reason.items()):
         print(f"  skipped {n:>8} {reason}")
     for s in skipped[:20]:
         print(f"    {s['where']}: {s['reason']}: {s['detail']}")
     if len(skipped) > 20:
-        print(f"    ... {len(skipped) - 20} more in {os.path.join(out_dir, '_stats.json')}")
+        print(f"    ... {len(skipped) - 20} more in {os.path.join(shown_dir, '_stats.json')}")
     if "ignored_files" in extra:
         ignored = extra["ignored_files"]
         print(f"  ignored {ignored['count']} files without an image extension, e.g. {ignored['first'][0]}")
@@ -653,8 +705,27 @@ def run(args: argparse.Namespace) -> dict:
         items, total = table_items(args.inputs, args.image_col, args.caption_col, args.image_root), None
     else:
         items, total = img2dataset_items(tar_urls(args.inputs), bad_tars), None
-    prepare_out_dir(out, args.overwrite, args.split if eval_set else None)
-    shard_dir = os.path.join(out, args.split) if eval_set else out
+    check_output(out, args.overwrite)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    # written beside the output (same filesystem: the final move is a rename), moved in only when complete
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp", dir=parent)
+    try:
+        full, spec = write_output(args, items, total, tmp, out, eval_set, opts, bad_tars, extra)
+        move_outputs(tmp, out, args.split if eval_set else None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if eval_set:
+        print(f"zero-shot eval set ({len(extra['classes'])} classes): data.eval.zeroshot={out}")
+    else:
+        print(f"data.train.urls={spec}")
+    return full
+
+
+def write_output(args, items, total, tmp, out, eval_set, opts, bad_tars, extra) -> tuple[dict, str]:
+    """Write the shards and metadata into ``tmp`` (laid out as ``out`` will be); (_stats.json content, brace spec)."""
+    shard_dir = os.path.join(tmp, args.split) if eval_set else tmp
+    final_dir = os.path.join(out, args.split) if eval_set else out
     name_format = "{:d}.tar" if eval_set else "shard-{:06d}.tar"
     try:
         stats, skipped = write_shards(
@@ -662,23 +733,20 @@ def run(args: argparse.Namespace) -> dict:
             name_format=name_format, total=total,
         )  # fmt: skip
     except NoSamples as exn:
-        summarize({"num_samples": 0, "num_shards": 0, "shards": []}, exn.skipped, bad_tars, extra, shard_dir, {})
+        summarize({"num_samples": 0, "num_shards": 0, "shards": []}, exn.skipped, bad_tars, extra, shard_dir, {},
+                  shown_dir=final_dir)  # fmt: skip
         raise UsageError(f"input: no sample could be written ({len(exn.skipped)} inputs skipped)") from None
     if eval_set:
         with open(os.path.join(shard_dir, "nshards.txt"), "w") as f:
             f.write(f"{stats['num_shards']}\n")
-        with open(os.path.join(out, "classnames.txt"), "w", encoding="utf-8") as f:
-            f.write("\n".join(scan.classnames) + "\n")
-        with open(os.path.join(out, "zeroshot_classification_templates.txt"), "w", encoding="utf-8") as f:
-            f.write("\n".join(templates) + "\n")
-    spec = brace_spec(shard_dir, name_format, stats["num_shards"])
+        with open(os.path.join(tmp, "classnames.txt"), "w", encoding="utf-8") as f:
+            f.write("\n".join(extra["classes"].values()) + "\n")
+        with open(os.path.join(tmp, "zeroshot_classification_templates.txt"), "w", encoding="utf-8") as f:
+            f.write("\n".join(extra["templates"]) + "\n")
+    spec = brace_spec(final_dir, name_format, stats["num_shards"])
     extra["urls"] = spec
-    full = summarize(stats, skipped, bad_tars, extra, shard_dir, {k: v for k, v in vars(args).items()})
-    if eval_set:
-        print(f"zero-shot eval set ({len(scan.classnames)} classes): data.eval.zeroshot={out}")
-    else:
-        print(f"data.train.urls={spec}")
-    return full
+    full = summarize(stats, skipped, bad_tars, extra, shard_dir, dict(vars(args)), shown_dir=final_dir)
+    return full, spec
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:

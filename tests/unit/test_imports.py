@@ -34,6 +34,7 @@ SOURCES = {"mmpretrain": ROOT / "mmpretrain", "mmpretrain.kernels": ROOT / "kern
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("package", ("mmpretrain",)),
     ("kernels", ("mmpretrain.kernels", "mmpretrain.kernels.*")),
+    ("atomic files", ("mmpretrain.atomic",)),
     ("config", ("mmpretrain.config", "mmpretrain.*config", "mmpretrain.model.sizes")),
     ("distributed, run folder, signals", ("mmpretrain.distributed", "mmpretrain.run_folder", "mmpretrain.signals")),
     ("model, data", ("mmpretrain.model", "mmpretrain.model.*", "mmpretrain.data", "mmpretrain.data.*")),
