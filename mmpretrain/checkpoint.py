@@ -9,8 +9,9 @@ Layout of ``<output_dir>/checkpoints/``::
 
 ``latest`` is replaced with an atomic rename only after every rank finished writing, so a
 kill during a save leaves it on the previous complete checkpoint. DeepSpeed's shards are
-pickles: a run folder is trusted like code. The folder's layout and its readers (latest tag,
-step folders, meta.json) are in mmpretrain.run_folder; this module adds what needs the engine.
+pickles: a run folder is trusted like code. The RNG files hold plain values and load with
+weights_only=True. The folder's layout and its readers (latest tag, step folders, meta.json)
+are in mmpretrain.run_folder; this module adds what needs the engine.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -45,21 +47,48 @@ from mmpretrain.run_folder import (  # find_step_dir, latest_tag: callers (tests
 )
 
 UNIVERSAL_CHECKPOINT_INFO = "universal_checkpoint_info"  # deepspeed.checkpoint.UNIVERSAL_CHECKPOINT_INFO
+UNIVERSAL_POLL_S = 1.0  # how often the other ranks look for rank 0's converted checkpoint
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def rng_state() -> dict:
+    """This process's RNG states as tensors, ints, floats and tuples only: the file loads with weights_only=True
+    (numpy's state is a tuple holding an ndarray, stored here as its parts)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                       has_gauss=int(has_gauss), gauss=float(gauss))  # fmt: skip
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": numpy_state,
+        "python": random.getstate(),  # (version, tuple of 625 ints, gauss_next): plain Python values
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    npst = state["numpy"]
+    if isinstance(npst, dict):
+        keys = npst["keys"].numpy().astype(np.uint32)
+        np.random.set_state((npst["name"], keys, npst["pos"], npst["has_gauss"], npst["gauss"]))
+    else:  # written before the RNG state was stored as plain values: numpy's own tuple
+        np.random.set_state(npst)
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_rng_state(path: str) -> dict:
+    """A rng_rank<R>.pt, loaded with weights_only=True (no code runs). Files written before the states were stored as
+    plain values hold numpy arrays: exactly numpy's array reconstruction is allowed for them, nothing else."""
+    numpy_array = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(numpy_array):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exn:  # an UnpicklingError names the class it refused; a damaged file, what is wrong
+        why = str(exn).strip().splitlines()[-1][:300] if str(exn).strip() else type(exn).__name__
+        raise ValueError(f"{path}: not a readable RNG state ({why}); delete it to resume without it") from None
 
 
 def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: int, before_commit=None) -> str:
@@ -78,7 +107,7 @@ def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: i
         os.remove(os.path.join(tag_dir, META))
     # the (empty) universal-checkpoint marker lets ds_to_universal convert this save for another world size
     engine.save_checkpoint(root, tag=tag, save_latest=False, client_state={UNIVERSAL_CHECKPOINT_INFO: {}})
-    torch.save(_rng_state(), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
+    torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
     barrier()  # every rank has written its shards and RNG state
     if before_commit is not None:
         before_commit(step)
@@ -114,18 +143,55 @@ def prepare_resume(output_dir: str, *, world_size: int, zero_stage: int, rank: i
         return tag, False
     root = checkpoint_root(output_dir)
     universal = f"{tag}_universal"
-    if rank == 0 and not os.path.isfile(os.path.join(root, universal, "done")):
-        shutil.rmtree(os.path.join(root, universal), ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-               os.path.join(root, tag), "--output_folder", os.path.join(root, universal),
-               "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"converting {tag} for {world_size} ranks failed:\n{proc.stderr[-3000:]}")
-        shutil.copy(os.path.join(root, tag, META), os.path.join(root, universal, META))
-        write_atomic(os.path.join(root, universal, "done"), "ds_to_universal finished\n")
+    done, failed = os.path.join(root, universal, "done"), os.path.join(root, f"{universal}.failed")
+    convert = not os.path.isfile(done)
+    if rank == 0 and convert:
+        shutil.rmtree(os.path.join(root, universal), ignore_errors=True)  # an earlier, interrupted attempt
+        if os.path.exists(failed):
+            os.remove(failed)
+    # collective, immediate (every rank gets here at the same point of its start): from here on a `failed` marker
+    # is this launch's
     barrier()
+    if convert:
+        # The conversion takes as long as the model is large (minutes to hours), far beyond the process group's
+        # timeout (engine.dist_timeout_s), so no rank waits for it inside a collective: rank 0 converts, the
+        # others poll the shared checkpoint folder (which they load from next anyway) for its `done` or `failed`
+        # marker, without any timeout. A rank 0 that dies outright ends the job through the launcher (torchrun
+        # and srun stop the other ranks), as at any other point of the run.
+        if rank == 0:
+            try:
+                convert_to_universal(os.path.join(root, tag), os.path.join(root, universal))
+            except BaseException as exn:
+                write_atomic(failed, f"{type(exn).__name__}: {exn}\n")
+                raise
+            shutil.copy(os.path.join(root, tag, META), os.path.join(root, universal, META))
+            write_atomic(done, "ds_to_universal finished\n")
+        else:
+            wait_for_conversion(done, failed)
+    barrier()  # immediate: every rank has seen the converted checkpoint
     return universal, True
+
+
+def convert_to_universal(step_dir: str, out_dir: str) -> None:
+    """DeepSpeed's ds_to_universal of one step folder into out_dir, in a child process; RuntimeError on failure."""
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", step_dir,
+           "--output_folder", out_dir, "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {step_dir} to a universal checkpoint failed:\n{proc.stderr[-3000:]}")
+
+
+def wait_for_conversion(done: str, failed: str, poll_s: float = UNIVERSAL_POLL_S) -> None:
+    """Poll until rank 0 wrote ``done`` (return) or ``failed`` (raise, with rank 0's error); no time limit."""
+    waited = 0.0
+    while not os.path.isfile(done):
+        if os.path.isfile(failed):
+            with open(failed) as f:
+                raise RuntimeError(f"rank 0 could not convert the checkpoint ({failed}): {f.read().strip()}")
+        time.sleep(poll_s)
+        waited += poll_s
+        if waited % 600 < poll_s:
+            print(f"waiting for rank 0 to convert the checkpoint ({waited / 60:.0f} min so far; {done})", flush=True)
 
 
 def resume(engine, output_dir: str, rank: int, tag: str | None = None) -> dict | None:
@@ -140,7 +206,7 @@ def resume(engine, output_dir: str, rank: int, tag: str | None = None) -> dict |
     meta = read_meta(os.path.join(root, tag))
     rng_path = os.path.join(root, tag, f"rng_rank{rank}.pt")
     if os.path.isfile(rng_path):  # absent when resuming on a larger world size
-        _set_rng_state(torch.load(rng_path, weights_only=False))
+        set_rng_state(load_rng_state(rng_path))
     return meta
 
 
