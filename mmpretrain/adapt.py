@@ -49,8 +49,10 @@ from torch import nn
 from tqdm import tqdm
 
 from mmpretrain import convert
-from mmpretrain.convert.common import apply_umask
+from mmpretrain.atomic import atomic_folder, check_out_dir
 from mmpretrain.data import Tokenizer, build_eval_loader, load_zeroshot_set
+from mmpretrain.data.config import DataConfig
+from mmpretrain.data.decode import ImageTooLargeError
 from mmpretrain.data.pipeline import EVAL_IMAGE_KEYS, eval_tar_urls
 from mmpretrain.data.shards import read_tar_samples
 from mmpretrain.data.transforms import EvalTransform, normalize_images
@@ -99,13 +101,16 @@ class AdaptConfig:
     """Images per optimizer step."""
     eval_batch_size: int = 64
     """Images per forward pass when computing features."""
+    max_image_pixels: int = DataConfig.max_image_pixels
+    """Images whose header declares more pixels than this are skipped and counted, never decoded (as
+    data.max_image_pixels in training; taken from this flag, not from the checkpoint folder's config)."""
 
     def validate(self, prefix: str) -> None:
         if self.method not in METHODS:
             raise ValueError(f"{prefix}.method must be one of {METHODS} (got {self.method!r})")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"{prefix}.optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
-        for name in ("shots", "n_ctx", "reduction", "epochs", "batch_size", "eval_batch_size"):
+        for name in ("shots", "n_ctx", "reduction", "epochs", "batch_size", "eval_batch_size", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{prefix}.{name} must be >= 1 (got {getattr(self, name)})")
         if not 0.0 <= self.ratio <= 1.0:
@@ -145,7 +150,9 @@ def draw_k_shot(labels: Sequence[int], shots: int, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-def k_shot_images(root: str, split: str, shots: int, seed: int, num_classes: int, image_size: int):
+def k_shot_images(
+    root: str, split: str, shots: int, seed: int, num_classes: int, image_size: int, max_image_pixels: int | None = None
+):
     """The K-shot training draw of `<root>/<split>`: ((N, 3, S, S) uint8 eval-transformed images, (N,) labels,
     {"num_available": .., "num_skipped": .., "short_classes": {class: count}}).
 
@@ -164,7 +171,7 @@ def k_shot_images(root: str, split: str, shots: int, seed: int, num_classes: int
                          f"(first: {u} key {k}: {y}); the class names come from --test")  # fmt: skip
     chosen = draw_k_shot([y for _, _, y in samples], shots, seed)
     wanted = {(samples[i][0], samples[i][1]): samples[i][2] for i in chosen}
-    transform = EvalTransform(image_size)
+    transform = EvalTransform(image_size, max_pixels=max_image_pixels)
     images, labels = [], []
     for url in sorted({u for u, _ in wanted}, key=urls.index):
         for s in read_tar_samples(url, lambda *a: None):  # faults were counted in the first pass
@@ -174,6 +181,8 @@ def k_shot_images(root: str, split: str, shots: int, seed: int, num_classes: int
             try:
                 images.append(transform.from_bytes(s[next(k for k in EVAL_IMAGE_KEYS if k in s)]))
                 labels.append(y)
+            except ImageTooLargeError as exn:  # nothing decoded (decompression-bomb guard)
+                faults.append(f"oversized_image: {url}: {s['__key__']}: {exn}")
             except Exception as exn:  # noqa: BLE001 -- an undecodable image: skipped and counted, as in eval
                 faults.append(f"corrupt_image: {url}: {s['__key__']}: {type(exn).__name__}: {exn}")
     counts = torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_classes)
@@ -194,11 +203,15 @@ def encode_images(model, images_NCHW: torch.Tensor, batch_size: int, device) -> 
 
 
 @torch.no_grad()
-def split_features(model, root: str, split: str, *, image_size: int, batch_size: int, device, progress: bool = False):
-    """((N, E) unit image features, (N,) labels) of a whole split, in sample order."""
+def split_features(
+    model, root: str, split: str, *, image_size: int, batch_size: int, device, progress: bool = False,
+    max_image_pixels: int | None = None,
+):  # fmt: skip
+    """((N, E) unit image features, (N,) labels) of a whole split, in sample order (oversized or broken images
+    skipped, counted in the loader's log)."""
 
     loader = build_eval_loader(eval_tar_urls(root, split), task="zeroshot", image_size=image_size,
-                               batch_size=batch_size)  # fmt: skip
+                               batch_size=batch_size, max_image_pixels=max_image_pixels)  # fmt: skip
     dtype = next(model.parameters()).dtype
     feats, labels = [], []
     for batch in tqdm(loader, desc="test features", unit="batch", disable=not progress):
@@ -350,7 +363,7 @@ def adapt(
     try:
         torch.manual_seed(cfg.seed)  # the adapter's init
         images, train_y_N, stats = k_shot_images(
-            train_root, cfg.train_split, cfg.shots, cfg.seed, len(zs.classnames), image_size
+            train_root, cfg.train_split, cfg.shots, cfg.seed, len(zs.classnames), image_size, cfg.max_image_pixels
         )
         train_x_NE = encode_images(model, images, cfg.eval_batch_size, device)
         train_y_N = train_y_N.to(device)
@@ -362,6 +375,7 @@ def adapt(
             batch_size=cfg.eval_batch_size,
             device=device,
             progress=progress,
+            max_image_pixels=cfg.max_image_pixels,
         )
         if test_y_M.min() < 0 or test_y_M.max() >= len(zs.classnames):
             raise ValueError(f"--test: '{test_root}/{cfg.test_split}': a .cls is outside [0, {len(zs.classnames)})")
@@ -437,6 +451,7 @@ _HELP = {  # short forms of AdaptConfig's field docs
     "epochs": "passes over the K-shot set",
     "batch_size": "images per optimizer step",
     "eval_batch_size": "images per forward pass when computing features",
+    "max_image_pixels": "skip (and count) images declaring more pixels than this; nothing of them is decoded",
 }
 
 
@@ -448,7 +463,8 @@ def _parse_args(argv):
     p.add_argument("checkpoint", help="run, step, consolidated, Hugging Face CLIP/SigLIP or OpenCLIP folder")
     p.add_argument("--train", required=True, help="clip_benchmark-layout set the K shots are drawn from")
     p.add_argument("--test", required=True, help="clip_benchmark-layout set (with classnames and templates)")
-    p.add_argument("--output", required=True, help="folder for results.json and adapted.safetensors")
+    p.add_argument("--output", required=True, help="folder for results.json and adapted.safetensors (new or empty)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --output (once the new one is complete)")
     for name, value in asdict(AdaptConfig()).items():  # one flag per AdaptConfig field: --n-ctx sets n_ctx
         flag, doc = f"--{name.replace('_', '-')}", _HELP[name]
         if isinstance(value, bool):
@@ -463,6 +479,7 @@ def _run(args) -> dict:
         raise ValueError(f"checkpoint: no such folder '{args.checkpoint}'")
     cfg = AdaptConfig(**{k: getattr(args, k) for k in asdict(AdaptConfig())})
     cfg.validate("adapt")
+    check_out_dir(args.output, args.force)  # before the work: a refusal costs nothing
     model, run_cfg = convert.load_any(args.checkpoint)  # module attribute: tests swap it
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -470,13 +487,12 @@ def _run(args) -> dict:
         model, Tokenizer(run_cfg.model.text.context_length), args.train, args.test, cfg,
         image_size=run_cfg.model.vision.image_size, device=device, progress=True,
     )  # fmt: skip
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     results.update(checkpoint=str(args.checkpoint), train=str(args.train), test=str(args.test))
     metadata["checkpoint"] = str(args.checkpoint)
-    save_file(tensors, str(out / "adapted.safetensors"), metadata=metadata)
-    apply_umask(str(out / "adapted.safetensors"))  # safetensors writes 0600
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    with atomic_folder(args.output, args.force) as tmp:  # the old --output stays until the new one is complete
+        out = Path(tmp)
+        save_file(tensors, str(out / "adapted.safetensors"), metadata=metadata)
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 

@@ -4,7 +4,8 @@
     python -m mmpretrain.export hf_clip_folder --output deploy/ --onnx       # ONNX only
 
 CHECKPOINT is anything `mmpretrain.eval` loads (run folder, step folder, consolidated, Hugging Face
-or OpenCLIP folder). Writes to --output:
+or OpenCLIP folder). Writes to --output (new or empty; --force replaces a non-empty one, and only once the
+new one is complete: a failed export leaves the old folder as it was):
 
     image_encoder.onnx   pixel_values (B, 3, S, S) float32, CLIP-normalized -> image_embeds (B, E) float32 unit rows
     text_encoder.onnx    input_ids (B, L) int64, our tokenizer's ids        -> text_embeds (B, E) float32 unit rows
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from mmpretrain.atomic import atomic_folder, check_out_dir
 from mmpretrain.convert import load_any
 from mmpretrain.data.transforms import CLIP_MEAN, CLIP_STD
 
@@ -248,7 +250,8 @@ def _parse_args(argv):
         description="Export the image and text encoders to ONNX (dynamic batch) and torch.export, verified.",
     )
     p.add_argument("checkpoint", help="run, step, consolidated, Hugging Face CLIP/SigLIP or OpenCLIP folder")
-    p.add_argument("--output", required=True, help="folder for the exported files and export.json")
+    p.add_argument("--output", required=True, help="folder for the exported files and export.json (new or empty)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --output (once the new one is complete)")
     p.add_argument("--onnx", action="store_true", help="write ONNX files (default: both formats when neither flag)")
     p.add_argument("--torch-export", action="store_true", help="write torch.export .pt2 programs")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
@@ -264,9 +267,11 @@ def main(argv=None) -> int:
             raise ValueError(f"checkpoint: no such folder '{args.checkpoint}'")
         if onnx:
             _require_onnx()  # before loading anything
+        check_out_dir(args.output, args.force)
         model, cfg = load_any(args.checkpoint)
-        info = export_encoders(model, cfg.model, args.output, onnx=onnx, torch_export=torch_export,
-                               opset=args.opset, progress=True)  # fmt: skip
+        with atomic_folder(args.output, args.force) as tmp:  # the old --output stays until the new one is complete
+            info = export_encoders(model, cfg.model, tmp, onnx=onnx, torch_export=torch_export,
+                                   opset=args.opset, progress=True)  # fmt: skip
     except ValueError as e:
         print(f"mmpretrain.export: error: {e}", file=sys.stderr, flush=True)
         return 2

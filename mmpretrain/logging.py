@@ -17,6 +17,7 @@ import sys
 
 from tqdm.auto import tqdm
 
+from mmpretrain.atomic import write_atomic
 from mmpretrain.logging_config import LoggingConfig
 
 
@@ -90,8 +91,9 @@ class MetricsLogger:
         if drop:
             with open(os.path.join(os.path.dirname(self.path), "metrics.dropped.jsonl"), "a") as f:
                 f.writelines(drop)
-            with open(self.path, "w") as f:
-                f.writelines(keep)
+            # replaced in one rename: a kill here leaves the old file (its lines are in metrics.dropped.jsonl too),
+            # never a half-written one
+            write_atomic(self.path, "".join(keep))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.active:

@@ -109,6 +109,7 @@ def run_eval(engine, tokenizer, cfg: Config, dist_info) -> dict:
     return evaluate_all(
         engine.module, tokenizer, cfg.data.eval, cfg.eval, image_size=cfg.model.vision.image_size,
         rank=dist_info.rank, world_size=dist_info.world_size, device=dist_info.device,
+        max_image_pixels=cfg.data.max_image_pixels,
     )  # fmt: skip
 
 
@@ -269,8 +270,8 @@ def final_eval(engine, tokenizer, cfg: Config, dist_info, log, step: int) -> dic
     if results:
         log.log(step, results)
         if dist_info.is_main:
-            with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
-                json.dump({"step": step, **results}, f, indent=1)
+            text = json.dumps({"step": step, **results}, indent=1)
+            checkpoint.write_atomic(os.path.join(cfg.output_dir, "eval.json"), text)  # an earlier eval.json or this
     return results
 
 

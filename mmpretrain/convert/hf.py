@@ -190,7 +190,7 @@ def write_tokenizer(out_dir: str, context_length: int, family: str) -> None:
     extra = {}
     if family == "siglip":
         extra["pad_token"] = AddedToken(PAD_TOKEN, special=True, single_word=True, normalized=False)
-    tok = AutoTokenizer.from_pretrained(out_dir, model_max_length=context_length, **extra)
+    tok = AutoTokenizer.from_pretrained(out_dir, model_max_length=context_length, trust_remote_code=False, **extra)
     tok.save_pretrained(out_dir)
 
 
@@ -249,7 +249,7 @@ def read_hf(path: str, dtype: torch.dtype | None = torch.float32):
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{cfg_path}: no such file (not a Hugging Face model folder)")
     try:
-        hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+        hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise ValueError(f"{cfg_path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     model_cfg = model_config_from_hf(hf_cfg, cfg_path)

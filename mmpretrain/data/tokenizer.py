@@ -84,7 +84,7 @@ def _build_hf(context_length: int):
             json.dump(vocab, f, ensure_ascii=False)
         with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-        return CLIPTokenizerFast.from_pretrained(tmp, model_max_length=context_length)
+        return CLIPTokenizerFast.from_pretrained(tmp, model_max_length=context_length, trust_remote_code=False)
 
 
 def clean_text(text: str) -> str:

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from mmpretrain import checkpoint
+from mmpretrain.atomic import write_atomic
+from mmpretrain.data.config import DataConfig
 from mmpretrain.data.tokenizer import Tokenizer
 from mmpretrain.distributed import destroy, env_rank_world, init_distributed
 from mmpretrain.eval import linear_probe, zeroshot
@@ -61,7 +63,12 @@ def parse_args(argv):
     p.add_argument("--split", help="shard folder under each root (default: data.eval.split of the run)")
     p.add_argument("--batch-size", type=int, help="images per forward pass per rank (default: data.eval.batch_size)")
     p.add_argument("--num-workers", type=int, help="image decoding workers per rank (default: eval.num_workers)")
-    p.add_argument("--output", help="also write the results here as JSON")
+    p.add_argument(
+        "--max-image-pixels", type=int, default=DataConfig.max_image_pixels, metavar="N",
+        help="skip (and count) images whose header declares more pixels than N, decoding nothing of them "
+        f"(default {DataConfig.max_image_pixels:,}; the checkpoint folder's data settings are not used for this)",
+    )  # fmt: skip
+    p.add_argument("--output", help="also write the results here as JSON (replaced in one rename)")
     return p.parse_args(argv)
 
 
@@ -81,6 +88,8 @@ def run(args) -> dict[str, float]:
         data_cfg.batch_size = args.batch_size
     if args.num_workers is not None:
         eval_cfg.num_workers = args.num_workers
+    if args.max_image_pixels < 1:
+        raise ValueError(f"--max-image-pixels: must be >= 1 (got {args.max_image_pixels})")
     if all(r is None for r in (data_cfg.zeroshot, data_cfg.retrieval, args.imagenet, args.linear_probe)):
         raise ValueError(
             f"{args.checkpoint}: the run names no eval set (data.eval); "
@@ -101,10 +110,12 @@ def run(args) -> dict[str, float]:
     model.to(device)
     tokenizer = Tokenizer(cfg.model.text.context_length)
     image_size = cfg.model.vision.image_size
-    results = evaluate_all(model, tokenizer, data_cfg, eval_cfg, image_size=image_size, device=device)
+    results = evaluate_all(model, tokenizer, data_cfg, eval_cfg, image_size=image_size, device=device,
+                           max_image_pixels=args.max_image_pixels)  # fmt: skip
     common = dict(
-        image_size=image_size, batch_size=data_cfg.batch_size, num_workers=eval_cfg.num_workers, device=device
-    )
+        image_size=image_size, batch_size=data_cfg.batch_size, num_workers=eval_cfg.num_workers, device=device,
+        max_image_pixels=args.max_image_pixels,
+    )  # fmt: skip
     if args.imagenet is not None:  # --split applies to it (default data.eval.split); the probe reads train/test
         r = zeroshot.imagenet_zeroshot(
             model, tokenizer, args.imagenet, split=data_cfg.split, top_k=eval_cfg.top_k, **common
@@ -133,6 +144,6 @@ def main(argv=None) -> int:
         print(format_table(results), flush=True)
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
+            write_atomic(args.output, json.dumps(results, indent=1) + "\n")  # an earlier file stays whole until then
             print(f"results written to {args.output}", flush=True)
     return 0

@@ -14,16 +14,19 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from mmpretrain.data.config import DataConfig
 from mmpretrain.data.pipeline import build_eval_loader, eval_tar_urls
 from mmpretrain.eval.metrics import fit_logistic_regression
 from mmpretrain.eval.runner import Ranks, encoded_batches, inference, unwrap
 
 
-def _image_features(model, root: str, split: str, *, image_size: int, batch_size: int, num_workers: int, ranks):
+def _image_features(
+    model, root: str, split: str, *, image_size: int, batch_size: int, num_workers: int, max_image_pixels, ranks
+):
     """((N, E) float32 L2-normalized features, (N,) labels) of a whole split, in sample order, on every rank."""
     loader = build_eval_loader(
         eval_tar_urls(root, split), task="zeroshot", image_size=image_size, batch_size=batch_size,
-        rank=ranks.rank, world_size=ranks.world_size, num_workers=num_workers,
+        rank=ranks.rank, world_size=ranks.world_size, num_workers=num_workers, max_image_pixels=max_image_pixels,
     )  # fmt: skip
     feats, labels, index = [], [], []
     with inference(model, ranks.device) as dtype:
@@ -50,6 +53,7 @@ def linear_probe(
     split_test: str = "test",
     batch_size: int = 64,
     num_workers: int = 0,
+    max_image_pixels: Optional[int] = DataConfig.max_image_pixels,
     weight_decay: float = 1e-4,
     max_iter: int = 300,
     device=None,
@@ -69,7 +73,8 @@ def linear_probe(
     test_root = train_root if test_root is None else test_root
     model = unwrap(model)
     ranks = Ranks.of(model, rank, world_size, group, device)
-    kw = dict(image_size=image_size, batch_size=batch_size, num_workers=num_workers, ranks=ranks)
+    kw = dict(image_size=image_size, batch_size=batch_size, num_workers=num_workers, max_image_pixels=max_image_pixels,
+              ranks=ranks)  # fmt: skip
     train_x_NE, train_y_N = _image_features(model, train_root, split_train, **kw)
     test_x_ME, test_y_M = _image_features(model, test_root, split_test, **kw)
     for where, y in ((f"{train_root}/{split_train}", train_y_N), (f"{test_root}/{split_test}", test_y_M)):

@@ -22,6 +22,7 @@ from typing import Optional, Protocol, runtime_checkable
 
 import torch
 
+from mmpretrain.data.config import DataConfig
 from mmpretrain.data.pipeline import build_eval_loader, load_retrieval_set
 from mmpretrain.eval.metrics import recall_from_ranks, reranked_ranks, retrieval_ranks, top_candidates
 from mmpretrain.eval.runner import Ranks, chunks, encode_texts, encoded_batches, inference, unwrap
@@ -61,6 +62,7 @@ def retrieval(
     batch_size: int = 64,
     recall_k: Sequence[int] = (1, 5, 10),
     num_workers: int = 0,
+    max_image_pixels: Optional[int] = DataConfig.max_image_pixels,
     itm_rerank_k: int = 0,
     reranker: Optional[Reranker] = None,
     device=None,
@@ -86,7 +88,7 @@ def retrieval(
     rerank = itm_rerank_k > 0 and reranker is not None
     loader = build_eval_loader(
         urls, task="retrieval", image_size=image_size, batch_size=batch_size, rank=ranks.rank,
-        world_size=ranks.world_size, num_workers=num_workers,
+        world_size=ranks.world_size, num_workers=num_workers, max_image_pixels=max_image_pixels,
     )  # fmt: skip
     img_feats, img_index, captions, caption_img_index, img_tokens = [], [], [], [], []
     with inference(model, ranks.device) as dtype:

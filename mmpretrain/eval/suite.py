@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from mmpretrain.data.config import DataConfig
 from mmpretrain.data.synthetic import synthetic_set_name
 from mmpretrain.eval.config import EvalConfig
 from mmpretrain.eval.retrieval import retrieval
@@ -38,8 +39,11 @@ def evaluate_all(
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     group=None,
+    max_image_pixels: Optional[int] = DataConfig.max_image_pixels,
 ) -> dict[str, float]:
     """Every set named in `data_cfg` (`data.eval`: zeroshot, retrieval, their names, split, batch_size).
+    Images declaring more than `max_image_pixels` pixels (`data.max_image_pixels`) are skipped and counted in the
+    loader's log, never decoded; `num_samples` / `num_images` count only the images evaluated.
 
     Keys: "zeroshot/<name>/top1", ..., "retrieval/<name>/image_to_text_R@1", ...; {} when no set is configured.
     Call it on every rank; every rank returns the same dict.
@@ -47,6 +51,7 @@ def evaluate_all(
     common = dict(
         image_size=image_size, split=data_cfg.split, batch_size=data_cfg.batch_size,
         num_workers=eval_cfg.num_workers, device=device, rank=rank, world_size=world_size, group=group,
+        max_image_pixels=max_image_pixels,
     )  # fmt: skip
     results: dict[str, float] = {}
     if data_cfg.zeroshot is not None:

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from mmpretrain.data.config import DataConfig
 from mmpretrain.data.pipeline import ZeroShotSet, build_eval_loader, eval_tar_urls, load_zeroshot_set
 from mmpretrain.eval.metrics import topk_correct
 from mmpretrain.eval.runner import Ranks, encode_texts, encoded_batches, inference, unwrap
@@ -67,6 +68,7 @@ def zeroshot_classification(
     batch_size: int = 64,
     top_k: Sequence[int] = (1, 5),
     num_workers: int = 0,
+    max_image_pixels: Optional[int] = DataConfig.max_image_pixels,
     classnames: Optional[Sequence[str]] = None,
     templates: Optional[Sequence] = None,
     device=None,
@@ -93,7 +95,7 @@ def zeroshot_classification(
     )  # fmt: skip
     loader = build_eval_loader(
         zs.urls, task="zeroshot", image_size=image_size, batch_size=batch_size, rank=ranks.rank,
-        world_size=ranks.world_size, num_workers=num_workers,
+        world_size=ranks.world_size, num_workers=num_workers, max_image_pixels=max_image_pixels,
     )  # fmt: skip
     counts_K2 = torch.zeros(len(top_k) + 2, dtype=torch.long, device=ranks.device)  # correct@k..., seen, bad label
     with inference(model, ranks.device) as dtype:

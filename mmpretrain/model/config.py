@@ -218,7 +218,7 @@ def _folder_config(path: str, t, prefix: str):
             "our tokenizer), or a size name"
         )
     try:
-        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise ValueError(f"{key}: {path}/config.json unreadable ({why})") from None

@@ -64,9 +64,11 @@ class HFTextTower(nn.Module):
         hf_cfg = hf_text_config(t)
         self.context_length = t.context_length
         try:
-            self.hf = AutoModel.from_config(hf_cfg, attn_implementation="sdpa", add_pooling_layer=False)
+            self.hf = AutoModel.from_config(
+                hf_cfg, attn_implementation="sdpa", add_pooling_layer=False, trust_remote_code=False
+            )
         except TypeError:  # an encoder class without a pooler switch
-            self.hf = AutoModel.from_config(hf_cfg, attn_implementation="sdpa")
+            self.hf = AutoModel.from_config(hf_cfg, attn_implementation="sdpa", trust_remote_code=False)
         if getattr(self.hf, "pooler", None) is not None:
             self.hf.pooler = None  # unused: no parameter without a gradient (ZeRO would wait for it)
         _fp32_layernorms_(self.hf)
