@@ -188,6 +188,8 @@ def k_shot_images(
     counts = torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_classes)
     short = {c: int(n) for c, n in enumerate(counts.tolist()) if n < shots}
     stats = {"num_available": len(samples), "num_skipped": len(faults), "short_classes": short}
+    if not images:
+        raise ValueError(f"--train: '{where}': none of the {len(wanted)} drawn images could be used ({faults[-1]})")
     return torch.stack(images), torch.tensor(labels, dtype=torch.long), stats
 
 
