@@ -476,7 +476,7 @@ def move_outputs(tmp: str, out: str, split: str | None) -> None:
     past the new count) are removed; any other file in ``out`` stays.
     """
     apply_umask(tmp)  # mkdtemp made the folder 0700
-    if not os.path.isdir(out) or not os.listdir(out):
+    if not os.path.islink(out) and (not os.path.isdir(out) or not os.listdir(out)):
         swap_in(tmp, os.path.abspath(out))
         return
     new = set()
