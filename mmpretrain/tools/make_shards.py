@@ -577,8 +577,10 @@ def summarize(
         print(f"  skipped {n:>8} {reason}")
     for s in skipped[:20]:
         print(f"    {s['where']}: {s['reason']}: {s['detail']}")
-    if len(skipped) > 20:
+    if len(skipped) > 20 and full["num_samples"]:
         print(f"    ... {len(skipped) - 20} more in {os.path.join(shown_dir, '_stats.json')}")
+    elif len(skipped) > 20:  # nothing is written (the output keeps what it held)
+        print(f"    ... {len(skipped) - 20} more")
     if "ignored_files" in extra:
         ignored = extra["ignored_files"]
         print(f"  ignored {ignored['count']} files without an image extension, e.g. {ignored['first'][0]}")
