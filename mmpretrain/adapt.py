@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from mmpretrain import convert
 from mmpretrain.atomic import atomic_folder, check_out_dir
+from mmpretrain.convert.ours import TRUST_HELP
 from mmpretrain.data import Tokenizer, build_eval_loader, load_zeroshot_set
 from mmpretrain.data.config import DataConfig
 from mmpretrain.data.decode import ImageTooLargeError
@@ -467,6 +468,7 @@ def _parse_args(argv):
     p.add_argument("--test", required=True, help="clip_benchmark-layout set (with classnames and templates)")
     p.add_argument("--output", required=True, help="folder for results.json and adapted.safetensors (new or empty)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --output (once the new one is complete)")
+    p.add_argument("--trust-pickles", action="store_true", help=TRUST_HELP)
     for name, value in asdict(AdaptConfig()).items():  # one flag per AdaptConfig field: --n-ctx sets n_ctx
         flag, doc = f"--{name.replace('_', '-')}", _HELP[name]
         if isinstance(value, bool):
@@ -482,7 +484,7 @@ def _run(args) -> dict:
     cfg = AdaptConfig(**{k: getattr(args, k) for k in asdict(AdaptConfig())})
     cfg.validate("adapt")
     check_out_dir(args.output, args.force)  # before the work: a refusal costs nothing
-    model, run_cfg = convert.load_any(args.checkpoint)  # module attribute: tests swap it
+    model, run_cfg = convert.load_any(args.checkpoint, trust_pickles=args.trust_pickles)  # module attr: tests swap it
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     results, tensors, metadata = adapt(

@@ -211,26 +211,28 @@ def resume(engine, output_dir: str, rank: int, tag: str | None = None) -> dict |
 
 
 def load_state_dict(step_dir: str) -> dict[str, torch.Tensor]:
-    """Whole fp32 model weights from a checkpoint of any ZeRO stage and world size, on CPU.
+    """Whole fp32 model weights from a checkpoint of any ZeRO stage and world size, on CPU: a run's own read of its
+    checkpoint (its pickles are trusted, like a resume's).
 
     Stage 0 keeps whole weights in its module file (zero_to_fp32 does not handle it); stages 1-3
     go through DeepSpeed's consolidation. The work, and its checks, live in mmpretrain.convert.
     """
-    return read_run(step_dir, torch.float32)[0]
+    return read_run(step_dir, torch.float32, trust_pickles=True)[0]
 
 
-def load_model_from_run(path: str):
+def load_model_from_run(path: str, trust_pickles: bool = False):
     """(model in eval mode, config) from a run folder or a step folder; the weights load strictly."""
-    return load_any(path)
+    return load_any(path, trust_pickles=trust_pickles)
 
 
-def load_model(path: str):
+def load_model(path: str, trust_pickles: bool = False):
     """(fp32 model in eval mode, Config) from any source mmpretrain.convert.load_any reads; a run folder's model also
     gets its objective heads (`model.heads`, e.g. the ITM head that re-ranks retrieval), built from the run's config by
-    mmpretrain.objectives and loaded strictly with the rest. What `python -m mmpretrain.eval` loads."""
+    mmpretrain.objectives and loaded strictly with the rest. What `python -m mmpretrain.eval` loads. ``trust_pickles``:
+    a run's DeepSpeed pickles may be unpickled (mmpretrain/convert/ours.py)."""
     if not is_run(path):
         return load_any(path)  # HF / OpenCLIP / consolidated folders hold the towers alone
-    sd, cfg = read_run(path)  # towers checked there; heads.* passed through
+    sd, cfg = read_run(path, trust_pickles=trust_pickles)  # towers checked there; heads.* passed through
     model = build_model(cfg.model)
     Objective(cfg).attach_heads(model)
     check_state_dict(sd, {k: v.shape for k, v in model.state_dict().items()}, path)  # the heads too

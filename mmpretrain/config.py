@@ -35,6 +35,54 @@ class ConfigError(ValueError):
     """A user error in the configuration; the message starts with the dotted key."""
 
 
+# Secrets stay in the environment. A value that a `${oc.env:VAR}` of the user's config resolved to is used by the run
+# but never written down: every dump (config.yaml, meta.json, the wandb config, a consolidated config.yaml, the
+# restart check's message) goes through `to_dict` / `to_yaml`, which write it back as `${oc.env:VAR}`. Recorded by
+# `load_config` for string values only (an int from the environment, e.g. a worker count, is no secret).
+ENV_RE = re.compile(r"\$\{oc\.env:([^,}\s]+)")
+_env_values: dict[str, str] = {}  # resolved value -> "${oc.env:VAR}"
+
+
+def _record_env_values(raw: Any, resolved: Any) -> None:
+    """Walk the unresolved and the resolved config side by side; remember what each `${oc.env:VAR}` gave."""
+    if isinstance(raw, dict) and isinstance(resolved, dict):
+        for k in raw:
+            if k in resolved:
+                _record_env_values(raw[k], resolved[k])
+    elif isinstance(raw, list) and isinstance(resolved, list):
+        for a, b in zip(raw, resolved):
+            _record_env_values(a, b)
+    elif isinstance(raw, str) and isinstance(resolved, str):
+        for var in ENV_RE.findall(raw):
+            if os.environ.get(var):
+                _env_values[os.environ[var]] = f"${{oc.env:{var}}}"
+
+
+def redact(obj: Any) -> Any:
+    """``obj`` (a dict / list / str tree) with every value an `${oc.env:VAR}` resolved to written as `${oc.env:VAR}`
+    (longest first, so a value inside another is not split)."""
+    if isinstance(obj, dict):
+        return {k: redact(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        for value in sorted(_env_values, key=len, reverse=True):
+            obj = obj.replace(value, _env_values[value])
+    return obj
+
+
+def _literal(obj: Any) -> Any:
+    """A written config's strings as literals: `${...}` escaped, so reading a folder never resolves anything (an
+    `${oc.env:VAR}` that a dump left in place stays that text, whatever the reader's environment holds)."""
+    if isinstance(obj, dict):
+        return {k: _literal(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_literal(v) for v in obj]
+    if isinstance(obj, str):
+        return obj.replace("${", "\\${")
+    return obj
+
+
 @dataclass
 class TrainLoopConfig:
     batch_size: int = 256
@@ -182,10 +230,9 @@ def find_config(path: str) -> str:
     )
 
 
-def load_config(path: str | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
-    """Defaults <- YAML <- ``a.b=c`` overrides, resolved and validated; raises ConfigError. ``path`` is a YAML
-    file or the name of a bundled config (:func:`find_config`)."""
-    world_size = world_size_from_env() if world_size is None else world_size
+def merge_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML <- ``a.b=c`` overrides, resolved, not validated: for a command that uses a section or two
+    of the user's config and validates those (evaluation: data.eval and eval). Raises ConfigError."""
     try:
         merged = OmegaConf.structured(Config)
         if path is not None:
@@ -195,8 +242,17 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int | N
                 raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg: Config = OmegaConf.to_object(merged)
+        _record_env_values(OmegaConf.to_container(merged, resolve=False), OmegaConf.to_container(merged, resolve=True))
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message(e)) from None
+    return cfg
+
+
+def load_config(path: str | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
+    """Defaults <- YAML <- ``a.b=c`` overrides, resolved and validated; raises ConfigError. ``path`` is a YAML
+    file or the name of a bundled config (:func:`find_config`)."""
+    world_size = world_size_from_env() if world_size is None else world_size
+    cfg = merge_config(path, overrides)
     try:
         cfg.model = resolve_model_config(cfg.model)
     except ValueError as e:
@@ -207,26 +263,36 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int | N
 
 
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as written to a file: `${oc.env:VAR}` values redacted (:func:`redact`)."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 
 def to_dict(cfg: Config) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
+    """The config as a plain dict for writing or logging: `${oc.env:VAR}` values redacted (:func:`redact`)."""
+    return redact(OmegaConf.to_container(OmegaConf.structured(cfg)))
+
+
+def without_data(cfg: Config) -> Config:
+    """A loaded folder's config with our default `data:` section: data paths (and any `pipe:` command in them) come
+    only from the user's own YAML or command line, never from a folder being loaded."""
+    return dataclasses.replace(cfg, data=DataConfig())
 
 
 def from_dict(raw: dict, source: str) -> Config:
     """A full Config from a (possibly partial) dict, e.g. what a checkpoint's meta.json recorded; an unknown or
-    badly typed key raises ConfigError naming ``source``. No resolving, no validation (the run did both)."""
+    badly typed key raises ConfigError naming ``source``. Nothing is resolved (a `${...}` stays text), nothing
+    validated (the run did both)."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), _literal(raw)))
     except Exception as e:
         raise ConfigError(f"{source}: invalid config ({str(e).splitlines()[0]})") from None
 
 
 def from_yaml_file(path: str) -> Config:
-    """Load a resolved config.yaml written by a run (no world-size checks)."""
+    """Load a resolved config.yaml written by a run (no world-size checks; nothing resolved: a `${...}` stays text)."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), load_yaml(path))
+        raw = _literal(OmegaConf.to_container(load_yaml(path), resolve=False))
+        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {_omegaconf_message(e)}") from None

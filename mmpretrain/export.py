@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from mmpretrain.atomic import atomic_folder, check_out_dir
 from mmpretrain.convert import load_any
+from mmpretrain.convert.ours import TRUST_HELP
 from mmpretrain.data.transforms import CLIP_MEAN, CLIP_STD
 
 EXPORT_BATCH = 2  # traced with B = 2: torch.export specializes a size-1 dim, so 1 would lose the dynamic axis
@@ -256,6 +257,7 @@ def _parse_args(argv):
     p.add_argument("--torch-export", action="store_true", help="write torch.export .pt2 programs")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="fail (exit 1) when a max abs diff exceeds this")
+    p.add_argument("--trust-pickles", action="store_true", help=TRUST_HELP)
     return p.parse_args(argv)
 
 
@@ -268,7 +270,7 @@ def main(argv=None) -> int:
         if onnx:
             _require_onnx()  # before loading anything
         check_out_dir(args.output, args.force)
-        model, cfg = load_any(args.checkpoint)
+        model, cfg = load_any(args.checkpoint, trust_pickles=args.trust_pickles)
         with atomic_folder(args.output, args.force) as tmp:  # the old --output stays until the new one is complete
             info = export_encoders(model, cfg.model, tmp, onnx=onnx, torch_export=torch_export,
                                    opset=args.opset, progress=True)  # fmt: skip

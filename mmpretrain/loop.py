@@ -60,10 +60,11 @@ def resolve_data_paths(cfg: Config, is_main: bool) -> None:
         cfg.data = with_synthetic_data(cfg.data)
 
 
-def init_weights(model, path: str) -> None:
-    """Load a whole model's weights (our runs, consolidated, HF or OpenCLIP folders) strictly."""
+def init_weights(model, path: str, trust_pickles: bool = False) -> None:
+    """Load a whole model's weights (our runs, consolidated, HF or OpenCLIP folders) strictly; a run's DeepSpeed
+    pickles only with ``trust_pickles`` (model.trust_pickles)."""
     try:
-        sd, _ = read_any(path)
+        sd, _ = read_any(path, trust_pickles=trust_pickles)
     except ValueError as e:
         raise ConfigError(f"model.init_from: {e}") from None
     # Objective heads (model.heads.*) are training-only: a run without them may start from weights with them, and
@@ -157,7 +158,7 @@ def build_model_and_objective(cfg: Config):
     objective = Objective(cfg)
     objective.attach_heads(model)
     if cfg.model.init_from:
-        init_weights(model, cfg.model.init_from)
+        init_weights(model, cfg.model.init_from, trust_pickles=cfg.model.trust_pickles)
     return model, objective
 
 

@@ -9,8 +9,10 @@
 
 The same command as ``python -m mmpretrain.convert`` or, in a checkout, ``python tools/convert_checkpoint.py``.
 SRC of consolidate is a run folder (its checkpoints/latest) or a checkpoints/step_<N> folder, of
-any ZeRO stage and world size; SRC of to-hf / to-openclip is any source `read_any` knows (run,
-step, consolidated, HF or OpenCLIP folder). from-hf / from-openclip write our consolidated layout
+any ZeRO stage and world size: the run's own hand-off, which reads its DeepSpeed pickles (run it on
+runs you trust). SRC of to-hf / to-openclip is any source `read_any` knows (run, step, consolidated,
+HF or OpenCLIP folder); a run's pickles are read weights-only (stage 0) or, for ZeRO 1-3, only with
+--trust-pickles. from-hf / from-openclip write our consolidated layout
 (model.safetensors + config.yaml), which `python -m mmpretrain.eval` and these commands read.
 Output is written to a temporary folder and renamed into place; an existing non-empty OUT is
 refused unless --force. Errors: one line on stderr, exit code 2. Layouts and key maps: docs/formats.md.
@@ -25,7 +27,7 @@ import sys
 from mmpretrain.config import Config
 from mmpretrain.convert import hf, load, openclip, resize
 from mmpretrain.convert.common import parse_dtype
-from mmpretrain.convert.ours import read_run, write_folder
+from mmpretrain.convert.ours import TRUST_HELP, read_run, write_folder
 from mmpretrain.model.config import resolve_model_config
 
 PROG = "mmpretrain-convert"
@@ -54,6 +56,8 @@ def parse_args(argv, prog: str = PROG):
         s.add_argument("--image-size", type=int, default=None,
                            help="resize the position embedding for this input size in pixels (bicubic on the "
                                 "patch grid, class token kept), e.g. 336 for a 224 px model")  # fmt: skip
+        if name in ("to-hf", "to-openclip"):
+            s.add_argument("--trust-pickles", action="store_true", help=TRUST_HELP)
         if name == "to-openclip":
             s.add_argument("--name", default="mmpretrain",
                            help="OpenCLIP model name: config goes to OUT/<name>.json (default mmpretrain)")  # fmt: skip
@@ -65,8 +69,8 @@ def parse_args(argv, prog: str = PROG):
 
 def run(args) -> str:
     dtype = parse_dtype(args.dtype)
-    if args.command == "consolidate":
-        sd, cfg = read_run(args.src, dtype)
+    if args.command == "consolidate":  # the run's own hand-off: its DeepSpeed pickles are read as DeepSpeed does
+        sd, cfg = read_run(args.src, dtype, trust_pickles=True)
     elif args.command == "from-openclip" and args.config is not None:
         sd, model_cfg = openclip.read_openclip(args.config, args.src, dtype)
         cfg = Config(model=model_cfg)
@@ -80,7 +84,7 @@ def run(args) -> str:
         sd, model_cfg = hf.read_hf(args.src, dtype)
         cfg = Config(model=model_cfg)
     else:
-        sd, cfg = load.read_any(args.src, dtype)
+        sd, cfg = load.read_any(args.src, dtype, trust_pickles=args.trust_pickles)
     model_cfg = cfg.model
     if args.image_size is not None:
         sd, model_cfg = resize.resize_position_embedding(sd, resolve_model_config(model_cfg), args.image_size)

@@ -6,8 +6,12 @@
     OpenCLIP folder                      one model-config *.json + one weights file
 
 `load_any(path) -> (model, Config)` gives the two towers (`mmpretrain.checkpoint.load_model` also a run's objective
-heads, which need the objectives' code). A Config built from an HF / OpenCLIP folder has our defaults everywhere
-but `model`.
+heads, which need the objectives' code). A Config built from an HF / OpenCLIP / consolidated folder has our defaults
+everywhere but `model`; one from a run has our default `data:` (a loaded folder never supplies data paths).
+
+Trust: HF, OpenCLIP and consolidated weights load through safetensors or torch.load(weights_only=True); a run's
+DeepSpeed pickles load weights-only (stage 0) or not at all (ZeRO 1-3) unless ``trust_pickles`` (the commands'
+`--trust-pickles`) says the folder is trusted like code: mmpretrain/convert/ours.py.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from mmpretrain.model import build_model
 from mmpretrain.run_folder import is_run
 
 
-def read_any(path: str, dtype: torch.dtype = torch.float32):
-    """(our state dict in dtype, Config) from any supported source; one-line ValueError otherwise."""
+def read_any(path: str, dtype: torch.dtype = torch.float32, trust_pickles: bool = False):
+    """(our state dict in dtype, Config) from any supported source; one-line ValueError otherwise. ``trust_pickles``:
+    a run folder's DeepSpeed pickles may be unpickled (module docstring)."""
     if not os.path.isdir(path):
         raise ValueError(f"{path}: no such folder")
     if is_run(path):
-        return read_run(path, dtype)
+        return read_run(path, dtype, trust_pickles=trust_pickles)
     if is_consolidated(path):
         return read_consolidated(path, dtype)
     if is_hf_folder(path):
@@ -45,10 +50,10 @@ def read_any(path: str, dtype: torch.dtype = torch.float32):
     )
 
 
-def load_any(path: str):
+def load_any(path: str, trust_pickles: bool = False):
     """(fp32 model in eval mode, Config) from any supported source; the weights load strictly (objective heads,
     training-only, are dropped with a warning)."""
-    sd, cfg = read_any(path, torch.float32)
+    sd, cfg = read_any(path, torch.float32, trust_pickles=trust_pickles)
     sd = drop_heads(sd, path)
     model = build_model(cfg.model)
     model.load_state_dict(sd, strict=True)

@@ -3,24 +3,30 @@
 `consolidate` turns the first into the second; the consolidated folder::
 
     model.safetensors   our parameter names, whole tensors, in the chosen dtype
-    config.yaml         the run's resolved config (only `model:` is needed to rebuild the model)
+    config.yaml         the model's config only (`model:`): no data paths, no command, nothing from the environment
 
 ZeRO 1-3 go through DeepSpeed's own consolidation (`get_fp32_state_dict_from_zero_checkpoint`,
 lazy mode: DeepSpeed loads the ranks' flat fp32 shards and each whole tensor is assembled from them
 only when converted, so no second full fp32 copy is built next to the output). Stage 0 keeps whole
-weights in `mp_rank_00_model_states.pt`, which is memory-mapped. Both are pickles from our own run
-(trusted like code, see mmpretrain/checkpoint.py); everything read back from the output goes
-through safetensors.
+weights in `mp_rank_00_model_states.pt`, which is memory-mapped.
+
+Trust. DeepSpeed's files are pickles, and unpickling can run code. `consolidate` is the run's own hand-off and
+reads them as DeepSpeed does; every other reader (`read_run`, and through it evaluation, export, adapt,
+`model.init_from`, a distillation teacher, to-hf / to-openclip) reads a stage-0 file with
+`torch.load(weights_only=True)` (tensors and plain containers only, never code) and refuses ZeRO 1-3 shards,
+naming the file and `--trust-pickles` (`trust_pickles=True`), which says the folder is trusted like code.
+Everything read back from a consolidated folder goes through safetensors, and only its `model:` config is used.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 from omegaconf import OmegaConf
 
-from mmpretrain.config import Config, from_dict
+from mmpretrain.config import Config, from_dict, to_dict, without_data
 from mmpretrain.convert.common import (
     HEADS,
     atomic_folder,
@@ -44,17 +50,43 @@ def expected_shapes(model_cfg) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def _run_state_dict(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
+TRUST_FLAG = "--trust-pickles"  # the command-line flag; trust_pickles=True in Python, a `trust_pickles` key in a config
+TRUST_HELP = (
+    "SRC/CHECKPOINT is a run folder you trust like code: its DeepSpeed pickles may be unpickled (which can run code). "
+    "Without it a stage-0 run loads weights-only and a ZeRO 1-3 run is refused; HF, OpenCLIP and consolidated "
+    "folders never need it"
+)
+
+
+def untrusted(path: str, why: str) -> ValueError:
+    """The error of a pickle read without trust: names the file and the flag."""
+    return ValueError(
+        f"{path}: {why}; unpickling it can run code, so it is read only for a folder you trust like code: pass "
+        f"{TRUST_FLAG} (trust_pickles=True) if it is yours, or use its consolidated folder (mmpretrain-convert "
+        "consolidate RUN OUT, on the machine that trained it)"
+    )
+
+
+def _run_state_dict(step_dir: str, stage: int, trust_pickles: bool) -> dict[str, torch.Tensor]:
     """fp32 (stage 1-3) or saved-dtype (stage 0) weights; tensors may be lazy (read on access)."""
     if stage == 0:
         path = os.path.join(step_dir, "mp_rank_00_model_states.pt")
         if not os.path.isfile(path):
             raise ValueError(f"{path}: missing, the checkpoint is incomplete")
-        try:
-            states = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-            return states["module"]
+        try:  # DeepSpeed's stage-0 file holds tensors, numbers, strings and containers: weights_only reads it
+            states = torch.load(path, map_location="cpu", weights_only=not trust_pickles, mmap=True)
+        except pickle.UnpicklingError as e:
+            if trust_pickles:
+                raise ValueError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise untrusted(path, "holds Python objects that a weights-only load refuses") from None
         except Exception as e:
             raise ValueError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+            raise ValueError(f"{path}: not a DeepSpeed model-states file (no 'module' state dict)")
+        return states["module"]
+    if not trust_pickles:  # DeepSpeed's consolidation unpickles every rank's files without restriction
+        raise untrusted(os.path.join(step_dir, "*_optim_states.pt"), f"a ZeRO-{stage} checkpoint, which only "
+                        "DeepSpeed's pickle loader reads")  # fmt: skip
     # only ZeRO 1-3 need DeepSpeed here; importing it picks an accelerator, which a stage-0 or HF read should not do
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -65,14 +97,18 @@ def _run_state_dict(step_dir: str, stage: int) -> dict[str, torch.Tensor]:
         raise ValueError(f"{step_dir}: DeepSpeed could not consolidate it ({type(e).__name__}: {e})") from None
 
 
-def read_run(path: str, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], Config]:
+def read_run(
+    path: str, dtype: torch.dtype = torch.float32, trust_pickles: bool = False
+) -> tuple[dict[str, torch.Tensor], Config]:
     """(state dict in dtype, Config) from a run folder or a step folder; keys and shapes checked against the config.
 
+    Without ``trust_pickles`` a stage-0 checkpoint is read weights-only and a ZeRO 1-3 one is refused (module
+    docstring). The Config has our default `data:` section: a folder's data paths are never used.
     The objective heads' keys (heads.<term>.*, training-only) are passed through unchecked (model.init_from
     may load them); every writer of another format and `load_any` drop them."""
     step_dir = find_step_dir(path)
-    cfg = meta_config(step_dir)
-    sd = _run_state_dict(step_dir, cfg.engine.zero_stage)
+    cfg = without_data(meta_config(step_dir))
+    sd = _run_state_dict(step_dir, cfg.engine.zero_stage, trust_pickles)
     out = {}
     for k in list(sd):
         v = sd.pop(k)  # drop our reference as we go: a lazy tensor is materialized once, then cast
@@ -84,18 +120,21 @@ def read_run(path: str, dtype: torch.dtype = torch.float32) -> tuple[dict[str, t
 
 
 def consolidate(path: str, out_dir: str, dtype: torch.dtype = torch.float32, force: bool = False) -> str:
-    """Run / step folder -> out_dir with model.safetensors + config.yaml. Returns out_dir."""
-    sd, cfg = read_run(path, dtype)
+    """Run / step folder -> out_dir with model.safetensors + config.yaml. Returns out_dir.
+
+    The run's own hand-off: its DeepSpeed pickles are read as DeepSpeed does (run it on runs you trust)."""
+    sd, cfg = read_run(path, dtype, trust_pickles=True)
     write_folder(sd, cfg, out_dir, force)
     return out_dir
 
 
 def write_folder(sd: dict[str, torch.Tensor], cfg, out_dir: str, force: bool = False) -> None:
-    """Our consolidated layout: model.safetensors + config.yaml (cfg: a Config); objective heads are dropped."""
+    """Our consolidated layout: model.safetensors + config.yaml (cfg: a Config; only its `model:` section is
+    written, `${oc.env:VAR}` values redacted); objective heads are dropped."""
     sd = drop_heads(sd, "consolidate")
     with atomic_folder(out_dir, force) as tmp:
         save_safetensors(sd, os.path.join(tmp, WEIGHTS))
-        OmegaConf.save(OmegaConf.structured(cfg), os.path.join(tmp, CONFIG))
+        OmegaConf.save(OmegaConf.create({"model": to_dict(cfg)["model"]}), os.path.join(tmp, CONFIG))
 
 
 def is_consolidated(path: str) -> bool:
@@ -103,15 +142,19 @@ def is_consolidated(path: str) -> bool:
 
 
 def read_consolidated(path: str, dtype: torch.dtype | None = None):
-    """(state dict, Config) from a consolidated folder; keys and shapes checked against its config."""
+    """(state dict, Config) from a consolidated folder; keys and shapes checked against its config. Only the
+    config's `model:` section is read (an older folder's other sections, data paths among them, are ignored); the
+    rest of the Config is our defaults."""
     cfg_path = os.path.join(path, CONFIG)
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{cfg_path}: no such file")
     try:
-        raw = OmegaConf.to_container(OmegaConf.load(cfg_path))
+        raw = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=False)
     except Exception as e:
         raise ValueError(f"{cfg_path}: unreadable YAML ({str(e).splitlines()[0]})") from None
-    cfg = from_dict(raw, cfg_path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise ValueError(f"{cfg_path}: no model: section")
+    cfg = from_dict({"model": raw["model"]}, cfg_path)
     sd = drop_heads(load_safetensors(os.path.join(path, WEIGHTS)), path)
     check_state_dict(sd, expected_shapes(cfg.model), os.path.join(path, WEIGHTS))
     return (cast(sd, dtype) if dtype is not None else sd), cfg

@@ -1,12 +1,15 @@
 """`python -m mmpretrain.eval` (also `mmpretrain-eval`, and the older `python -m mmpretrain.evaluate`).
 
-    python -m mmpretrain.eval outputs/demo                   # the run's eval sets (data.eval)
+    python -m mmpretrain.eval outputs/demo --config configs/demo.yaml   # the eval sets of your config (data.eval)
     python -m mmpretrain.eval outputs/demo/checkpoints/step_500 --zeroshot data/shapes/eval --output r.json
     torchrun --nproc_per_node=8 -m mmpretrain.eval RUN --retrieval /data/flickr30k
     python -m mmpretrain.eval RUN --imagenet /data/wds_imagenet1k --linear-probe /data/wds_cifar10
 
 Loads any checkpoint mmpretrain.convert reads (a run folder with its objective heads, a step folder, a
 consolidated, Hugging Face or OpenCLIP folder), evaluates on every rank and prints a table on rank 0.
+Trust: the eval sets (and the eval settings) come only from the command line and from --config, a YAML of your
+own; the loaded folder supplies the model alone (its data paths, and any `pipe:` command in them, are never used).
+A run folder's DeepSpeed pickles are unpickled only with --trust-pickles (mmpretrain/convert/ours.py).
 Keys: mmpretrain.eval.suite; `zeroshot/imagenet1k/...` for --imagenet, `linear_probe/<folder>/...` for
 --linear-probe. User errors print one line and exit 2.
 """
@@ -22,6 +25,9 @@ import torch
 
 from mmpretrain import checkpoint
 from mmpretrain.atomic import write_atomic
+from mmpretrain.config import Config, merge_config
+from mmpretrain.convert.ours import TRUST_HELP
+from mmpretrain.data import with_synthetic_data
 from mmpretrain.data.config import DataConfig
 from mmpretrain.data.tokenizer import Tokenizer
 from mmpretrain.distributed import destroy, env_rank_world, init_distributed
@@ -47,20 +53,26 @@ def parse_args(argv):
         help="run folder (uses checkpoints/latest), checkpoints/step_<N> folder, consolidated folder, "
         "Hugging Face CLIP/SigLIP folder or OpenCLIP folder",
     )
-    p.add_argument("--zeroshot", help="zero-shot set root; replaces the run's data.eval sets")
-    p.add_argument("--retrieval", help="retrieval set root; replaces the run's data.eval sets")
+    p.add_argument(
+        "--config",
+        metavar="YAML",
+        help="your config (e.g. the one you trained with): its data.eval sets and eval settings are used; the "
+        "checkpoint folder's own data paths never are",
+    )
+    p.add_argument("--zeroshot", help="zero-shot set root; replaces the data.eval sets of --config")
+    p.add_argument("--retrieval", help="retrieval set root; replaces the data.eval sets of --config")
     p.add_argument(
         "--imagenet",
         help="ImageNet-1k validation set root (tars with .cls only): zero-shot with open_clip's class names "
-        "and 80 OpenAI templates; replaces the run's data.eval sets",
+        "and 80 OpenAI templates; replaces the data.eval sets of --config",
     )
     p.add_argument(
         "--linear-probe",
         metavar="ROOT",
         help="labeled set with ROOT/train and ROOT/test: logistic-regression probe on frozen image features; "
-        "replaces the run's data.eval sets",
+        "replaces the data.eval sets of --config",
     )
-    p.add_argument("--split", help="shard folder under each root (default: data.eval.split of the run)")
+    p.add_argument("--split", help="shard folder under each root (default: data.eval.split of --config)")
     p.add_argument("--batch-size", type=int, help="images per forward pass per rank (default: data.eval.batch_size)")
     p.add_argument("--num-workers", type=int, help="image decoding workers per rank (default: eval.num_workers)")
     p.add_argument(
@@ -69,6 +81,7 @@ def parse_args(argv):
         f"(default {DataConfig.max_image_pixels:,}; the checkpoint folder's data settings are not used for this)",
     )  # fmt: skip
     p.add_argument("--output", help="also write the results here as JSON (replaced in one rename)")
+    p.add_argument("--trust-pickles", action="store_true", help=TRUST_HELP)
     return p.parse_args(argv)
 
 
@@ -76,8 +89,10 @@ def run(args) -> dict[str, float]:
     """Load, evaluate, return the results (on every rank); user errors raise ValueError."""
     if not Path(args.checkpoint).is_dir():
         raise ValueError(f"checkpoint: no such folder '{args.checkpoint}'")
-    model, cfg = checkpoint.load_model(args.checkpoint)
-    data_cfg, eval_cfg = cfg.data.eval, cfg.eval
+    model, cfg = checkpoint.load_model(args.checkpoint, trust_pickles=args.trust_pickles)
+    # the sets come from the user's own config or flags, never from the loaded folder (it supplies cfg.model)
+    own = merge_config(args.config) if args.config is not None else Config()
+    data_cfg, eval_cfg = with_synthetic_data(own.data).eval, own.eval
     named = (args.zeroshot, args.retrieval, args.imagenet, args.linear_probe)
     if any(r is not None for r in named):  # sets named here replace the run's (and their names)
         data_cfg.zeroshot, data_cfg.retrieval = args.zeroshot, args.retrieval
@@ -92,8 +107,8 @@ def run(args) -> dict[str, float]:
         raise ValueError(f"--max-image-pixels: must be >= 1 (got {args.max_image_pixels})")
     if all(r is None for r in (data_cfg.zeroshot, data_cfg.retrieval, args.imagenet, args.linear_probe)):
         raise ValueError(
-            f"{args.checkpoint}: the run names no eval set (data.eval); "
-            "pass --zeroshot, --retrieval, --imagenet or --linear-probe"
+            "no eval set named: pass --zeroshot, --retrieval, --imagenet or --linear-probe, or --config with your "
+            f"YAML's data.eval (the sets of {args.checkpoint}'s own config are not used)"
         )
     data_cfg.validate("data.eval")  # missing folders and files, named
     eval_cfg.validate("eval")

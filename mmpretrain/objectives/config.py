@@ -84,6 +84,8 @@ class DistillTermConfig(TermConfig):
     feature_weight: float = 0.0  # weight of the feature regression inside this term (0 = KL only)
     feature_loss: str = "cosine"  # cosine (1 - cos) | mse (squared distance); projected when widths differ
     chunk_size: Optional[int] = None  # rows per chunk of the KL (memory ~ 16 * chunk * B bytes); None: loss.chunk_size
+    trust_pickles: bool = False  # the teacher is a run folder trusted like code: its DeepSpeed pickles may be
+    # unpickled (needed for a ZeRO 1-3 teacher run; a stage-0 run loads weights-only without it)
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)

@@ -230,7 +230,7 @@ class DistillTerm(Term):
         if self._source is None:
             try:
                 # through the module: tests swap convert.read_any; cast in setup (the logit scale stays fp32)
-                sd, cfg = convert.read_any(self.cfg.teacher, torch.float32)
+                sd, cfg = convert.read_any(self.cfg.teacher, torch.float32, trust_pickles=self.cfg.trust_pickles)
             except ValueError as e:
                 raise ValueError(f"{self._prefix()}.teacher: {e}") from None
             self._source = drop_heads(sd, self.cfg.teacher)  # a run's training-only objective heads (heads.<term>.*)
