@@ -2,10 +2,10 @@
 
 The reproduction: a token in a `pipe:curl -H 'Authorization: Bearer ${oc.env:HF_TOKEN}' ...` shard url was
 resolved and written in plain text to config.yaml, every meta.json, the wandb config, the consolidated config.yaml
-and the restart check's message. Here a one-process run reads its shards through such a `pipe:` command (the token
-rides along as an argument of `true`), saves a checkpoint, logs to an offline wandb run, is consolidated and then restarted
-with another url: the token is used (the run reads its data) but appears in no file of the run or the consolidated
-folder, nor in the restart's error; config.yaml keeps `${oc.env:...}` as written.
+and the restart check's message. Here a one-process run reads its shards through such a `pipe:` command (the
+token rides along as an argument of `true`), saves a checkpoint, logs to an offline wandb run, is consolidated and
+then restarted with another url: the token is used (the run reads its data) but appears in no file of the run or
+the consolidated folder, nor in the restart's error; config.yaml keeps `${oc.env:...}` as written.
 """
 
 import os
