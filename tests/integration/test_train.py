@@ -134,10 +134,12 @@ def test_siglip_bf16_with_grad_cache_trains(shapes_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_cli_on_the_run_folder_reproduces_the_final_eval(runs, tmp_path):
-    """python -m mmpretrain.eval RUN loads the last checkpoint and gets the numbers training logged."""
+    """python -m mmpretrain.eval RUN --config (the config it was trained with) loads the last checkpoint (stage 0:
+    weights-only, no --trust-pickles) and gets the numbers training logged."""
     out_json = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, "-m", "mmpretrain.eval", runs["full"], "--output", str(out_json)],
-                          env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    own = os.path.join(runs["full"], "config.yaml")
+    proc = subprocess.run([sys.executable, "-m", "mmpretrain.eval", runs["full"], "--config", own, "--output",
+                           str(out_json)], env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out_json.read_text())
     logged = json.load(open(os.path.join(runs["full"], "eval.json")))

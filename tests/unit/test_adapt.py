@@ -161,7 +161,7 @@ def test_cli_writes_results_and_safetensors(trained, sets, tmp_path, monkeypatch
 
     model, _ = trained
     cfg = Config(model=resolve_model_config(ModelConfig(name="tiny")))
-    monkeypatch.setattr(mmpretrain.convert, "load_any", lambda path: (copy.deepcopy(model), cfg))
+    monkeypatch.setattr(mmpretrain.convert, "load_any", lambda path, **kw: (copy.deepcopy(model), cfg))
     pool, test = sets
     out = tmp_path / "out"
     argv = [str(tmp_path), "--train", pool, "--test", test, "--train-split", "test", "--method", "coop",
@@ -184,7 +184,7 @@ def test_cli_errors_name_the_bad_path_or_key(trained, sets, tmp_path, monkeypatc
     from mmpretrain.config import Config
 
     cfg = Config(model=resolve_model_config(ModelConfig(name="tiny")))
-    monkeypatch.setattr(mmpretrain.convert, "load_any", lambda path: (copy.deepcopy(trained[0]), cfg))
+    monkeypatch.setattr(mmpretrain.convert, "load_any", lambda path, **kw: (copy.deepcopy(trained[0]), cfg))
     args = {
         "--train": sets[0],
         "--test": sets[1],

@@ -275,8 +275,8 @@ def test_teacher_run_objective_heads_are_dropped(consolidated_teacher, monkeypat
 
     read_any = convert.read_any
 
-    def with_heads(path, dtype):
-        sd, cfg = read_any(path, dtype)
+    def with_heads(path, dtype, **kw):
+        sd, cfg = read_any(path, dtype, **kw)
         return {**sd, "heads.mim.proj.weight": torch.zeros(3, 3)}, cfg
 
     monkeypatch.setattr(convert, "read_any", with_heads)

@@ -27,7 +27,7 @@ def test_cli_missing_checkpoint_folder(tmp_path, capsys):
 
 def test_cli_bad_eval_sets(tiny_run, tmp_path, sets, monkeypatch, capsys):
     zs, rt, _ = sets
-    monkeypatch.setattr(mmpretrain.checkpoint, "load_model", lambda path: copy.deepcopy(tiny_run))
+    monkeypatch.setattr(mmpretrain.checkpoint, "load_model", lambda path, **kw: copy.deepcopy(tiny_run))
     no_classnames = tmp_path / "no_classnames"
     shutil.copytree(os.path.join(zs, "test"), no_classnames / "test")
     for args, named in [
@@ -54,23 +54,32 @@ def test_cli_error_is_one_line_without_traceback(tmp_path, module):
 
 
 def test_cli_prints_table_and_writes_json(tiny_run, shapes_dataset, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(mmpretrain.checkpoint, "load_model", lambda path: copy.deepcopy(tiny_run))
+    monkeypatch.setattr(mmpretrain.checkpoint, "load_model", lambda path, **kw: copy.deepcopy(tiny_run))
     out = tmp_path / "out" / "results.json"
-    assert main([str(tmp_path), "--batch-size", "16", "--num-workers", "0", "--output", str(out)]) == 0
+    # the sets come from the user's own config (the loaded folder's never are: tests/security)
+    own = tmp_path / "own.yaml"
+    own.write_text(
+        f"data:\n  eval: {{zeroshot: {shapes_dataset.zeroshot_root}, retrieval: {shapes_dataset.retrieval_root}}}\n"
+    )
+    args = ["--config", str(own), "--batch-size", "16", "--num-workers", "0", "--output", str(out)]
+    assert main([str(tmp_path), *args]) == 0
     results = json.loads(out.read_text())
     zs = set_name(shapes_dataset.zeroshot_root)
     printed = capsys.readouterr().out
     assert f"zeroshot/{zs}/top1" in printed and f"{results[f'zeroshot/{zs}/top1']:.4f}" in printed
-    assert len(results) == 3 + 8  # the run's two sets: top1/top5/num_samples + 6 recalls and 2 counts
+    assert len(results) == 3 + 8  # the config's two sets: top1/top5/num_samples + 6 recalls and 2 counts
 
-    # sets named on the command line replace the run's
-    assert main([str(tmp_path), "--zeroshot", shapes_dataset.zeroshot_root, "--output", str(out)]) == 0
+    # sets named on the command line replace the config's
+    assert (
+        main([str(tmp_path), "--config", str(own), "--zeroshot", shapes_dataset.zeroshot_root, "--output", str(out)])
+        == 0
+    )
     assert sorted(json.loads(out.read_text())) == sorted(k for k in results if k.startswith("zeroshot/"))
 
 
 def test_imagenet_cli_keys(tiny_run, tmp_path, monkeypatch):
     """The CLI path with the real tiny model; a 3-class stand-in for open_clip's lists keeps it fast."""
-    monkeypatch.setattr(mmpretrain.checkpoint, "load_model", lambda path: copy.deepcopy(tiny_run))
+    monkeypatch.setattr(mmpretrain.checkpoint, "load_model", lambda path, **kw: copy.deepcopy(tiny_run))
     monkeypatch.setattr(
         mmpretrain.eval.zeroshot,
         "imagenet_classes_and_templates",
@@ -87,7 +96,7 @@ def test_imagenet_cli_keys(tiny_run, tmp_path, monkeypatch):
 
 
 def test_imagenet_without_open_clip_is_one_line_error(tiny_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(mmpretrain.checkpoint, "load_model", lambda path: copy.deepcopy(tiny_run))
+    monkeypatch.setattr(mmpretrain.checkpoint, "load_model", lambda path, **kw: copy.deepcopy(tiny_run))
     monkeypatch.setitem(sys.modules, "open_clip.zero_shot_metadata", None)  # import fails as if not installed
     (tmp_path / "imagenet").mkdir()
     assert main([str(tmp_path), "--imagenet", str(tmp_path / "imagenet")]) == 2
@@ -112,7 +121,10 @@ def test_cli_loads_a_runs_itm_head_and_reranks(shapes_dataset, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     trained = json.load(open(out / "eval.json"))
-    assert main([str(out), "--num-workers", "0", "--output", str(tmp_path / "r.json")]) == 0
+    # the recipe's eval settings (eval.itm_rerank_k) from its YAML, the sets from the command line
+    recipe = os.path.join(repo, "configs", "recipes", "itm-tiny.yaml")
+    sets = ["--config", recipe, "--zeroshot", ds.zeroshot_root, "--retrieval", ds.retrieval_root]
+    assert main([str(out), *sets, "--num-workers", "0", "--output", str(tmp_path / "r.json")]) == 0
     got = json.load(open(tmp_path / "r.json"))
     name = set_name(ds.retrieval_root)
     assert f"retrieval/{name}/itm_rerank/image_to_text_R@1" in got

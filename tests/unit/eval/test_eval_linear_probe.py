@@ -27,7 +27,7 @@ def test_linear_probe_oracle_features(sets, tmp_path):
 
 def test_linear_probe_shapes_end_to_end(tiny_run, shapes_dataset, tmp_path, monkeypatch, capsys):
     """A random tiny CLIP through the CLI: the shapes zero-shot tars serve as both splits."""
-    monkeypatch.setattr(mmpretrain.checkpoint, "load_model", lambda path: copy.deepcopy(tiny_run))
+    monkeypatch.setattr(mmpretrain.checkpoint, "load_model", lambda path, **kw: copy.deepcopy(tiny_run))
     root = tmp_path / "shapes_probe"
     for split in ("train", "test"):
         shutil.copytree(os.path.join(shapes_dataset.zeroshot_root, "test"), root / split)
