@@ -37,7 +37,7 @@ SECTIONS = """\
 config (dataclass defaults, then CONFIG, then KEY=VALUE overrides; a dotted key names any value):
   output_dir   the run folder (default outputs/run)
   model        name (a size: tiny, ViT-B-16, siglip-B-16 ...), family, embed_dim, attention, grad_checkpointing,
-               lock_image, init_from, init_logit_scale, init_logit_bias;
+               lock_image, init_from, trust_pickles (init_from may unpickle), init_logit_scale, init_logit_bias;
                model.vision: image_size, patch_size, width, layers, heads, mlp_dim, act, ln_eps, patch_dropout;
                model.text: kind, hf_config, vocab_size, context_length, width, layers, heads, mlp_dim, act, ln_eps
   data         num_workers, max_bad_fraction, bad_min_samples, max_image_pixels, max_member_bytes,
@@ -57,7 +57,8 @@ config (dataclass defaults, then CONFIG, then KEY=VALUE overrides; a dotted key 
 
 OUTPUTS = """\
 outputs (all in output_dir):
-  config.yaml            the resolved config; a restart must match it (only logging.* may change)
+  config.yaml            the resolved config (${oc.env:VAR} values written as such); a restart must match it (only
+                         logging.* may change)
   metrics.jsonl          one JSON line per log step (loss, lr, samples_per_s, skipped samples ...) and eval lines
   eval.json              the final zero-shot / retrieval results
   checkpoints/step_N/    DeepSpeed engine state + meta.json + RNG states; checkpoints/latest names the newest

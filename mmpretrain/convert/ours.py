@@ -62,8 +62,9 @@ def untrusted(path: str, why: str) -> ValueError:
     """The error of a pickle read without trust: names the file and the flag."""
     return ValueError(
         f"{path}: {why}; unpickling it can run code, so it is read only for a folder you trust like code: pass "
-        f"{TRUST_FLAG} (trust_pickles=True) if it is yours, or use its consolidated folder (mmpretrain-convert "
-        "consolidate RUN OUT, on the machine that trained it)"
+        f"{TRUST_FLAG} if it is yours (model.trust_pickles=true for model.init_from, loss.terms.distill.trust_pickles"
+        "=true for a teacher, trust_pickles=True in Python), or use its consolidated folder (mmpretrain-convert "
+        "consolidate RUN OUT, run by whoever trained it)"
     )
 
 
