@@ -12,6 +12,7 @@ is what a run writes to ``<output_dir>/config.yaml`` and what a restart compares
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
@@ -28,7 +29,7 @@ from mmpretrain.engine_config import EngineConfig, OptimConfig
 from mmpretrain.eval.config import EvalConfig
 from mmpretrain.logging_config import LoggingConfig
 from mmpretrain.model.config import ModelConfig, resolve_model_config
-from mmpretrain.objectives.config import LossConfig, check_run
+from mmpretrain.objectives.config import TERM_CONFIGS, LossConfig, check_run
 
 
 class ConfigError(ValueError):
@@ -272,10 +273,18 @@ def to_dict(cfg: Config) -> dict:
     return redact(OmegaConf.to_container(OmegaConf.structured(cfg)))
 
 
-def without_data(cfg: Config) -> Config:
-    """A loaded folder's config with our default `data:` section: data paths (and any `pipe:` command in them) come
-    only from the user's own YAML or command line, never from a folder being loaded."""
-    return dataclasses.replace(cfg, data=DataConfig())
+def as_loaded(cfg: Config) -> Config:
+    """A loaded folder's config as a reader may use it: our default `data:` section (data paths, and any `pipe:`
+    command in them, come only from the user's own YAML or command line) and no trust granted (its
+    `trust_pickles` keys are off: a folder cannot declare itself, or a teacher it names, trusted)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.data = DataConfig()
+    cfg.model.trust_pickles = False
+    for name in TERM_CONFIGS:
+        term = getattr(cfg.loss.terms, name, None) if cfg.loss.terms is not None else None
+        if term is not None and hasattr(term, "trust_pickles"):
+            term.trust_pickles = False
+    return cfg
 
 
 def from_dict(raw: dict, source: str) -> Config:

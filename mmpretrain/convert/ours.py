@@ -26,7 +26,7 @@ import pickle
 import torch
 from omegaconf import OmegaConf
 
-from mmpretrain.config import Config, from_dict, to_dict, without_data
+from mmpretrain.config import Config, as_loaded, from_dict, to_dict
 from mmpretrain.convert.common import (
     HEADS,
     atomic_folder,
@@ -104,11 +104,11 @@ def read_run(
     """(state dict in dtype, Config) from a run folder or a step folder; keys and shapes checked against the config.
 
     Without ``trust_pickles`` a stage-0 checkpoint is read weights-only and a ZeRO 1-3 one is refused (module
-    docstring). The Config has our default `data:` section: a folder's data paths are never used.
+    docstring). The Config is `as_loaded`: our default `data:` (a folder's data paths are never used), no trust.
     The objective heads' keys (heads.<term>.*, training-only) are passed through unchecked (model.init_from
     may load them); every writer of another format and `load_any` drop them."""
     step_dir = find_step_dir(path)
-    cfg = without_data(meta_config(step_dir))
+    cfg = as_loaded(meta_config(step_dir))
     sd = _run_state_dict(step_dir, cfg.engine.zero_stage, trust_pickles)
     out = {}
     for k in list(sd):
@@ -155,7 +155,7 @@ def read_consolidated(path: str, dtype: torch.dtype | None = None):
         raise ValueError(f"{cfg_path}: unreadable YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
         raise ValueError(f"{cfg_path}: no model: section")
-    cfg = from_dict({"model": raw["model"]}, cfg_path)
+    cfg = as_loaded(from_dict({"model": raw["model"]}, cfg_path))
     sd = drop_heads(load_safetensors(os.path.join(path, WEIGHTS)), path)
     check_state_dict(sd, expected_shapes(cfg.model), os.path.join(path, WEIGHTS))
     return (cast(sd, dtype) if dtype is not None else sd), cfg

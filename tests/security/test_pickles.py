@@ -94,6 +94,25 @@ def test_crafted_pickle_runs_nothing_without_the_flag(zero_stage, model_cfg, tmp
     assert marker.exists() or zero_stage != 0  # ZeRO 3: DeepSpeed refuses the fake shards before it unpickles them
 
 
+def test_a_folder_cannot_declare_itself_trusted(model_cfg, tmp_path, shapes_dataset, capsys):
+    """A run folder (a loadable stage-0 checkpoint) whose meta.json names a crafted teacher with trust_pickles=true:
+    evaluating it builds the distill head from that config, but the folder's trust keys are switched off."""
+    marker = tmp_path / "pwned"
+    teacher = hostile_folder(tmp_path, marker, model_cfg, zero_stage=0)
+    step = tmp_path / "run" / "checkpoints" / "step_1"
+    step.mkdir(parents=True)
+    distill = {"teacher": teacher, "feature_weight": 1.0, "trust_pickles": True}
+    config = {"model": {**dataclasses.asdict(model_cfg), "trust_pickles": True}, "engine": {"zero_stage": 0},
+              "loss": {"terms": {"clip": {}, "distill": distill}}}  # fmt: skip
+    (step / "meta.json").write_text(json.dumps({"step": 1, "config": config}))
+    torch.save({"module": build_model(model_cfg).state_dict()}, step / "mp_rank_00_model_states.pt")
+    (step.parent / "latest").write_text("step_1")
+    assert eval_main([str(tmp_path / "run"), "--zeroshot", shapes_dataset.zeroshot_root, "--num-workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.terms.distill.teacher" in err and refused(err, "mp_rank_00_model_states.pt"), err
+    assert not marker.exists()
+
+
 def test_a_real_stage0_run_and_its_consolidated_folder_load_without_the_flag(model_cfg, tmp_path):
     """What DeepSpeed writes at stage 0 (tensors, numbers, strings, containers) passes weights_only; consolidating
     one's own run needs no flag, and its output is safetensors + the model's config."""
