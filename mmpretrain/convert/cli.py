@@ -11,7 +11,7 @@ The same command as ``python -m mmpretrain.convert`` or, in a checkout, ``python
 SRC of consolidate is a run folder (its checkpoints/latest) or a checkpoints/step_<N> folder, of
 any ZeRO stage and world size: the run's own hand-off, which reads its DeepSpeed pickles (run it on
 runs you trust). SRC of to-hf / to-openclip is any source `read_any` knows (run, step, consolidated,
-HF or OpenCLIP folder); a run's pickles are read weights-only (stage 0) or, for ZeRO 1-3, only with
+HF or OpenCLIP folder); a run's pickles are checked weights-only first, and a file that fails needs
 --trust-pickles. from-hf / from-openclip write our consolidated layout
 (model.safetensors + config.yaml), which `python -m mmpretrain.eval` and these commands read.
 Output is written to a temporary folder and renamed into place; an existing non-empty OUT is

@@ -10,7 +10,7 @@ heads, which need the objectives' code). A Config built from an HF / OpenCLIP / 
 everywhere but `model`; one from a run has our default `data:` (a loaded folder never supplies data paths).
 
 Trust: HF, OpenCLIP and consolidated weights load through safetensors or torch.load(weights_only=True); a run's
-DeepSpeed pickles load weights-only (stage 0) or not at all (ZeRO 1-3) unless ``trust_pickles`` (the commands'
+DeepSpeed pickles load only after a weights-only read of each passes, unless ``trust_pickles`` (the commands'
 `--trust-pickles`) says the folder is trusted like code: mmpretrain/convert/ours.py.
 """
 

@@ -13,13 +13,20 @@ weights in `mp_rank_00_model_states.pt`, which is memory-mapped.
 Trust. DeepSpeed's files are pickles, and unpickling can run code. `consolidate` is the run's own hand-off and
 reads them as DeepSpeed does; every other reader (`read_run`, and through it evaluation, export, adapt,
 `model.init_from`, a distillation teacher, to-hf / to-openclip) reads a stage-0 file with
-`torch.load(weights_only=True)` (tensors and plain containers only, never code) and refuses ZeRO 1-3 shards,
-naming the file and `--trust-pickles` (`trust_pickles=True`), which says the folder is trusted like code.
+`torch.load(weights_only=True)` (tensors and plain containers only, never code). ZeRO 1-3 files are first each
+read the same way (allowed beyond tensors and plain values: DeepSpeed's ZeroStageEnum, its loss-scaler classes
+and its fragment_address dataclass, plain attribute holders without custom unpickling); only when every one
+passes does DeepSpeed's
+own loader, which unpickles freely, read those same bytes. A file that a weights-only read refuses stops the
+load with an error naming it and `--trust-pickles` (`trust_pickles=True`), which says the folder is trusted like
+code (then nothing is checked). A folder that can change while it is read (someone else writing to it) is not
+covered by that check: copy it first.
 Everything read back from a consolidated folder goes through safetensors, and only its `model:` config is used.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 
@@ -53,8 +60,8 @@ def expected_shapes(model_cfg) -> dict[str, torch.Size]:
 TRUST_FLAG = "--trust-pickles"  # the command-line flag; trust_pickles=True in Python, a `trust_pickles` key in a config
 TRUST_HELP = (
     "SRC/CHECKPOINT is a run folder you trust like code: its DeepSpeed pickles may be unpickled (which can run code). "
-    "Without it a stage-0 run loads weights-only and a ZeRO 1-3 run is refused; HF, OpenCLIP and consolidated "
-    "folders never need it"
+    "Without it a run's files are read weights-only, and one that needs more is refused; HF, OpenCLIP and "
+    "consolidated folders never need it"
 )
 
 
@@ -66,6 +73,26 @@ def untrusted(path: str, why: str) -> ValueError:
         "=true for a teacher, trust_pickles=True in Python), or use its consolidated folder (mmpretrain-convert "
         "consolidate RUN OUT, run by whoever trained it)"
     )
+
+
+def _check_weights_only(step_dir: str) -> None:
+    """Read every DeepSpeed file of a ZeRO 1-3 step folder weights-only (memory-mapped; an enum and three plain
+    attribute-holder classes of DeepSpeed allowed); the first one refused raises, naming it and the trust flag. When
+    all pass they hold data only, and DeepSpeed's loader reads the same bytes without running anything."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # none defines __setstate__ or __reduce__: unpickling them only sets attributes
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    for path in sorted(glob.glob(os.path.join(step_dir, "*_states.pt"))):  # what zero_to_fp32 reads
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            raise untrusted(path, "holds Python objects that a weights-only load refuses") from None
+        except Exception as e:
+            raise ValueError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 def _run_state_dict(step_dir: str, stage: int, trust_pickles: bool) -> dict[str, torch.Tensor]:
@@ -85,11 +112,11 @@ def _run_state_dict(step_dir: str, stage: int, trust_pickles: bool) -> dict[str,
         if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
             raise ValueError(f"{path}: not a DeepSpeed model-states file (no 'module' state dict)")
         return states["module"]
-    if not trust_pickles:  # DeepSpeed's consolidation unpickles every rank's files without restriction
-        raise untrusted(os.path.join(step_dir, "*_optim_states.pt"), f"a ZeRO-{stage} checkpoint, which only "
-                        "DeepSpeed's pickle loader reads")  # fmt: skip
     # only ZeRO 1-3 need DeepSpeed here; importing it picks an accelerator, which a stage-0 or HF read should not do
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if not trust_pickles:  # DeepSpeed's consolidation unpickles every rank's files without restriction
+        _check_weights_only(step_dir)
 
     root, tag = os.path.split(os.path.normpath(step_dir))
     try:
@@ -103,7 +130,7 @@ def read_run(
 ) -> tuple[dict[str, torch.Tensor], Config]:
     """(state dict in dtype, Config) from a run folder or a step folder; keys and shapes checked against the config.
 
-    Without ``trust_pickles`` a stage-0 checkpoint is read weights-only and a ZeRO 1-3 one is refused (module
+    Without ``trust_pickles`` every DeepSpeed file is read weights-only first, and one refused there raises (module
     docstring). The Config is `as_loaded`: our default `data:` (a folder's data paths are never used), no trust.
     The objective heads' keys (heads.<term>.*, training-only) are passed through unchecked (model.init_from
     may load them); every writer of another format and `load_any` drop them."""

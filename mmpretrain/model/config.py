@@ -95,7 +95,7 @@ class ModelConfig:
     init_from: Optional[str] = None  # start a fresh run from these weights: a run, step, consolidated, HF or
     # OpenCLIP folder (read with safetensors / weights_only); sizes must match. Ignored when resuming.
     trust_pickles: bool = False  # model.init_from is a run folder trusted like code: its DeepSpeed pickles may be
-    # unpickled (needed for ZeRO 1-3 runs; a stage-0 run loads weights-only without it)
+    # unpickled without the weights-only check (needed only where that check refuses a file)
     init_logit_scale: Optional[float] = None  # log of the initial logit scale; None: log(1/0.07) clip, log(10) siglip
     init_logit_bias: Optional[float] = None  # initial logit bias, siglip only (clip: must stay None); None: -10
 

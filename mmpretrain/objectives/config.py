@@ -85,7 +85,7 @@ class DistillTermConfig(TermConfig):
     feature_loss: str = "cosine"  # cosine (1 - cos) | mse (squared distance); projected when widths differ
     chunk_size: Optional[int] = None  # rows per chunk of the KL (memory ~ 16 * chunk * B bytes); None: loss.chunk_size
     trust_pickles: bool = False  # the teacher is a run folder trusted like code: its DeepSpeed pickles may be
-    # unpickled (needed for a ZeRO 1-3 teacher run; a stage-0 run loads weights-only without it)
+    # unpickled without the weights-only check (needed only where that check refuses a file)
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)

@@ -61,7 +61,7 @@ def refused(err: str, name: str) -> bool:
 def test_crafted_pickle_runs_nothing_without_the_flag(zero_stage, model_cfg, tmp_path, shapes_dataset, capsys):
     marker = tmp_path / "pwned"
     folder = hostile_folder(tmp_path, marker, model_cfg, zero_stage)
-    named = "mp_rank_00_model_states.pt" if zero_stage == 0 else "_optim_states.pt"
+    named = "mp_rank_00_model_states.pt"  # ZeRO 3: every *_states.pt is checked weights-only first, this one first
     zs = shapes_dataset.zeroshot_root
 
     commands = [
