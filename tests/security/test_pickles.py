@@ -4,11 +4,15 @@ The reproduction: an HF-looking folder plus a `meta.json` and a crafted `mp_rank
 through `export` (and `evaluate`, `adapt`, `to-hf`, `model.init_from`, a distillation teacher took the same path).
 Here the crafted file's `__reduce__` would create a marker file: through every public entry point it must not run,
 and the error names the file and `--trust-pickles`. With the flag (and only then) the folder's pickles are read as
-DeepSpeed does. A legitimate stage-0 run and a consolidated folder load without the flag.
+DeepSpeed does. A legitimate stage-0 run, a real one-process ZeRO-1 run and a consolidated folder load without the
+flag; the ZeRO-1 run with its optimizer shard swapped for a crafted one is refused, naming it.
 """
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -23,6 +27,10 @@ from mmpretrain.loop import init_weights
 from mmpretrain.model import ModelConfig, build_model, resolve_model_config
 from mmpretrain.objectives import Objective
 from mmpretrain.objectives.config import ClipTermConfig, DistillTermConfig, TermsConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "tests", "integration", "tiny.yaml")
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class Payload:
@@ -134,3 +142,27 @@ def test_a_real_stage0_run_and_its_consolidated_folder_load_without_the_flag(mod
     model, _ = load_any(out)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, sd[k], msg=k)
+
+
+def test_a_real_zero1_run_loads_without_the_flag_and_a_tampered_shard_is_refused(shapes_dataset, tmp_path, capsys):
+    """A one-process ZeRO-1 run: every file passes the weights-only check, so evaluation needs no flag; with its
+    optimizer shard swapped for a crafted one, the command stops naming that file and nothing runs."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mmpretrain.train", TINY, f"output_dir={run}", "engine.zero_stage=1",
+           f"data.train.urls={shapes_dataset.train_urls}", "train.steps=1", "checkpoint.every_steps=1",
+           "data.num_workers=0"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    sets = ["--zeroshot", shapes_dataset.zeroshot_root, "--num-workers", "0"]
+    assert eval_main([str(run), *sets]) == 0
+    capsys.readouterr()
+
+    marker = tmp_path / "pwned"
+    shard = run / "checkpoints" / "step_1" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": Payload(str(marker))}, shard)
+    assert eval_main([str(run), *sets]) == 2
+    err = capsys.readouterr().err
+    assert refused(err, shard.name), err
+    assert not marker.exists()
