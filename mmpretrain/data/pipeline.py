@@ -91,6 +91,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..config import redact
 from ..signals import ignore_stop_signals
 from .config import DataConfig, TrainDataConfig, expand_shard_spec, source_names
 from .shards import OVERSIZED, natural_key, read_tar_samples
@@ -208,7 +209,9 @@ class FaultCounter:
         stats = self.stats
         stats["read"] += 1
         stats["skipped"][reason] += 1
-        url = str(url)
+        # the url (a pipe: command may carry an ${oc.env:...} token) and the error as they are written down: the
+        # counts go to meta.json and the log, the message to stderr
+        url, detail = redact(str(url)), redact(str(detail))
         stats["bad_shards"][url] = stats["bad_shards"].get(url, 0) + 1
         self.total += 1
         self.consecutive += 1

@@ -12,7 +12,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from mmpretrain.config import load_config
 from mmpretrain.convert import consolidate
+from mmpretrain.data import check_bad_fraction
+from mmpretrain.data.pipeline import DataFaultError, FaultCounter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "tests", "integration", "tiny.yaml")
@@ -53,3 +58,21 @@ def test_oc_env_values_are_never_written(shapes_dataset, tmp_path):
     consolidated = consolidate(run, str(tmp_path / "consolidated"))
     for folder in (run, consolidated):
         assert files_holding(folder, SECRET.encode()) == []
+
+
+def test_a_broken_shard_is_counted_and_named_without_the_token(monkeypatch, caplog):
+    """A shard whose pipe: command fails is counted under its url in the data stats (meta.json holds them) and
+    named in the log and the error: the url as the config wrote it, token redacted."""
+    monkeypatch.setenv("MMP_TEST_TOKEN", SECRET)
+    url = "pipe:curl -sf -u user:${oc.env:MMP_TEST_TOKEN} https://example.invalid/0.tar"
+    cfg = load_config(TINY, [f"data.train.urls={url}"])
+    resolved = cfg.data.train.urls
+    assert SECRET in resolved  # the command gets the token
+    counter = FaultCounter("worker 0")
+    counter.fault("unreadable_shard", resolved, f"command {resolved!r} exited with 22")
+    stats = counter.take()
+    assert list(stats["bad_shards"]) == [url]
+    assert SECRET not in caplog.text and "${oc.env:MMP_TEST_TOKEN}" in caplog.text
+    with pytest.raises(DataFaultError) as e:
+        check_bad_fraction(stats, max_bad_fraction=0.0, min_samples=1)
+    assert SECRET not in str(e.value) and url in str(e.value)
