@@ -94,7 +94,7 @@ def run(args) -> dict[str, float]:
     own = merge_config(args.config) if args.config is not None else Config()
     data_cfg, eval_cfg = with_synthetic_data(own.data).eval, own.eval
     named = (args.zeroshot, args.retrieval, args.imagenet, args.linear_probe)
-    if any(r is not None for r in named):  # sets named here replace the run's (and their names)
+    if any(r is not None for r in named):  # sets named here replace the config's (and their names)
         data_cfg.zeroshot, data_cfg.retrieval = args.zeroshot, args.retrieval
         data_cfg.zeroshot_name = data_cfg.retrieval_name = None
     if args.split is not None:
