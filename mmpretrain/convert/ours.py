@@ -27,6 +27,7 @@ Everything read back from a consolidated folder goes through safetensors, and on
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 import pickle
 
@@ -75,16 +76,22 @@ def untrusted(path: str, why: str) -> ValueError:
     )
 
 
-def _check_weights_only(step_dir: str) -> None:
-    """Read every DeepSpeed file of a ZeRO 1-3 step folder weights-only (memory-mapped; an enum and three plain
-    attribute-holder classes of DeepSpeed allowed); the first one refused raises, naming it and the trust flag. When
-    all pass they hold data only, and DeepSpeed's loader reads the same bytes without running anything."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+# What DeepSpeed's ZeRO 1-3 files hold beyond tensors and plain values: an enum and three attribute holders, none
+# with __setstate__ or __reduce__ of its own (unpickling them only sets attributes). Named, not imported: importing
+# DeepSpeed picks an accelerator, which a stage-0 or HF read should not do.
+SAFE_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
 
-    # none defines __setstate__ or __reduce__: unpickling them only sets attributes
-    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+def _check_weights_only(step_dir: str) -> None:
+    """Read every DeepSpeed file of a ZeRO 1-3 step folder weights-only (memory-mapped; SAFE_GLOBALS
+    allowed); the first one refused raises, naming it and the trust flag. When all pass they hold data only, and
+    DeepSpeed's loader reads the same bytes without running anything."""
+    allowed = [getattr(importlib.import_module(g.rsplit(".", 1)[0]), g.rsplit(".", 1)[1]) for g in SAFE_GLOBALS]
     for path in sorted(glob.glob(os.path.join(step_dir, "*_states.pt"))):  # what zero_to_fp32 reads
         try:
             with torch.serialization.safe_globals(allowed):
