@@ -137,3 +137,18 @@ def test_diff_configs_lists_dotted_keys():
 def test_the_model_config_knows_the_kernels_attention_impls():
     """model/config.py keeps its own copy (a config module imports no project code): it must match."""
     assert model_config.ATTENTION_IMPLS == kernels.ATTENTION_IMPLS
+
+
+def test_oc_env_values_are_written_back_as_written_and_a_restart_matches(tmp_path, monkeypatch):
+    """`${oc.env:VAR}` is resolved for the run but dumped as written; reading the dump resolves nothing, so a restart
+    with the same settings (and the variable still set) finds no difference."""
+    monkeypatch.setenv("MMP_UNIT_TOKEN", "tok-123456")
+    cfg = load_config(None, ["data.train.urls=pipe:curl -u u:${oc.env:MMP_UNIT_TOKEN} https://h/0.tar"])
+    assert cfg.data.train.urls == "pipe:curl -u u:tok-123456 https://h/0.tar"
+    text = to_yaml(cfg)
+    assert "tok-123456" not in text and "u:${oc.env:MMP_UNIT_TOKEN}" in text
+    (tmp_path / "config.yaml").write_text(text)
+    monkeypatch.delenv("MMP_UNIT_TOKEN")  # a reader without the variable: nothing to resolve, nothing fails
+    back = from_yaml_file(str(tmp_path / "config.yaml"))
+    assert back.data.train.urls == "pipe:curl -u u:${oc.env:MMP_UNIT_TOKEN} https://h/0.tar"
+    assert diff_configs(to_dict(back), to_dict(cfg)) == []
