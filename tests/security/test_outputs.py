@@ -56,7 +56,7 @@ def test_export_refuses_a_non_empty_output(old_output, tmp_path, monkeypatch, ca
 
 def test_export_failing_with_force_keeps_the_old_output(old_output, tmp_path, monkeypatch):
     before = snapshot(old_output)
-    monkeypatch.setattr(export, "load_any", lambda path: (None, Config()))
+    monkeypatch.setattr(export, "load_any", lambda path, **kw: (None, Config()))
 
     def half_written(model, model_cfg, out_dir, **kw):
         open(os.path.join(out_dir, "image_encoder.pt2"), "wb").write(b"half")
@@ -83,7 +83,7 @@ def test_adapt_refuses_a_non_empty_output(old_output, tmp_path, monkeypatch, cap
 def test_adapt_failing_with_force_keeps_the_old_output(old_output, tmp_path, monkeypatch):
     before = snapshot(old_output)
     cfg = Config(model=resolve_model_config(ModelConfig(name="tiny")))
-    monkeypatch.setattr(adapt.convert, "load_any", lambda path: (RandomTwoTower(), cfg))
+    monkeypatch.setattr(adapt.convert, "load_any", lambda path, **kw: (RandomTwoTower(), cfg))
     monkeypatch.setattr(adapt, "adapt", lambda *a, **kw: ({"num_train": 1}, {}, {}))
 
     def disk_full(tensors, path, metadata=None):
