@@ -95,6 +95,16 @@ def gather_data_stats(window: dict) -> dict:
     return total
 
 
+def gather_data_position(local: dict | None) -> dict:
+    """Every stream's state, for the checkpoint: each rank's loader holds its own streams' (a collective)."""
+    if not local:
+        return {}  # the per-rank loader (data.num_streams=0) has no state: it resumes by replay
+    streams: dict = {}
+    for part in all_gather_object(local):  # collective
+        streams.update(part["streams"])
+    return {"num_streams": local["num_streams"], "streams": streams}
+
+
 def data_metrics(total: dict, window: dict) -> dict:
     """Flat metrics: samples read and skipped (run totals, by reason) and this window's share of each source."""
     skipped = total.get("skipped", {})
@@ -225,7 +235,11 @@ def open_log(cfg: Config, state: TrainState, resumed: bool, dist_info, cfg_dict:
                         config=cfg_dict, start_step=state.step, total_steps=cfg.train.steps)  # fmt: skip
     if resumed:
         log.write(f"resumed from {checkpoint.checkpoint_root(cfg.output_dir)}/step_{state.step}")
-        if state.world_size != dist_info.world_size:
+        if state.world_size != dist_info.world_size and state.data_position:
+            log.write(f"the checkpoint was written by {state.world_size} ranks, this launch has "
+                      f"{dist_info.world_size}: weights, optimizer state and the data order continue (the global "
+                      f"order of {state.data_position['num_streams']} data streams)")  # fmt: skip
+        elif state.world_size != dist_info.world_size:
             log.write(f"the checkpoint was written by {state.world_size} ranks, this launch has "
                       f"{dist_info.world_size}: weights and optimizer state continue; the data order from here on "
                       "is that of the new world size")  # fmt: skip
@@ -246,11 +260,14 @@ def install_stopper(cfg: Config, is_main: bool, log) -> StopRequest:
     return stopper
 
 
-def train_loader(cfg: Config, tokenizer, dist_info, start_batch: int):
+def train_loader(cfg: Config, tokenizer, dist_info, state: TrainState):
+    """This rank's loader from the run's data position: seeking to the streams' states where the checkpoint has
+    them, else replaying the batches consumed so far."""
     world = dist_info.world_size
     return build_train_loader(cfg.data, tokenizer=tokenizer, image_size=cfg.model.vision.image_size,
                               batch_size=cfg.train.batch_size // world, rank=dist_info.rank, world_size=world,
-                              seed=cfg.train.seed, start_batch=start_batch)  # fmt: skip
+                              seed=cfg.train.seed, start_batch=state.batches_consumed_per_rank,
+                              data_state=state.data_position)  # fmt: skip
 
 
 def log_window(cfg: Config, state: TrainState, window: LogWindow, res: StepResult, log, lr: float) -> dict:
@@ -293,12 +310,14 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
                            grad_clip=cfg.optim.grad_clip, loss_cfg=cfg.loss, device=dist_info.device,
                            injector=injector)  # fmt: skip
     tokenizer = Tokenizer(context_length=cfg.model.text.context_length)
-    batches = iter(train_loader(cfg, tokenizer, dist_info, start_batch=state.step))
+    batches = iter(train_loader(cfg, tokenizer, dist_info, state))
+    data_state = None  # this rank's streams' states after the last batch it consumed
     key_path = os.path.join(cfg.output_dir, f"sample_keys_rank{rank}.jsonl")
     key_log = open(key_path, "a") if cfg.logging.sample_keys else None
     skips = SkipTracker(cfg.train.max_skips_in_a_row, total=state.skipped_steps)
 
     def save() -> str:  # a collective: every rank writes its part
+        state.data_position = gather_data_position(data_state)  # collective
         return checkpoint.save(engine, cfg.output_dir, state.step, state.state_dict(cfg_dict), rank,
                                cfg.checkpoint.keep_last, before_commit=injector.during_save)  # fmt: skip
 
@@ -307,6 +326,7 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
     while state.step < cfg.train.steps and not stop:
         t0 = time.perf_counter()
         batch = next(batches)
+        data_state = batch.get("data_state")
         window.wait += time.perf_counter() - t0
         injector.begin_step(state.step + 1)
         res = train_step(batch, state.step + 1, stopper.requested())

@@ -5,7 +5,11 @@ the run id. ``TrainState.state_dict()`` is what each checkpoint's meta.json hold
 meta.json keys (unchanged since the first release; converters and tools read ``config``)::
 
     step, samples_seen, config, world_size, wandb_run_id, data_stats, skipped_steps,
-    data: {batches_consumed_per_rank}
+    data: {batches_consumed_per_rank, num_streams, streams}
+
+``data.streams`` is the data position as state: every virtual stream's position (mmpretrain/data/streams.py),
+gathered over ranks when the checkpoint is written, so that any world size resumes from it by seeking (it is
+absent with data.num_streams=0 and in older checkpoints: those resume by replaying ``batches_consumed_per_rank``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ class TrainState:
     world_size: int = 1  # ranks of the launch that wrote this state
     data_stats: dict = field(default_factory=dict)  # samples read / skipped by reason and shard, per source
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, over the whole run
+    data_position: dict = field(default_factory=dict)  # {"num_streams": V, "streams": {index: state}}, or {}
 
     @property
     def batches_consumed_per_rank(self) -> int:
@@ -41,7 +46,7 @@ class TrainState:
             "wandb_run_id": self.run_id,
             "data_stats": self.data_stats,
             "skipped_steps": self.skipped_steps,
-            "data": {"batches_consumed_per_rank": self.batches_consumed_per_rank},
+            "data": {"batches_consumed_per_rank": self.batches_consumed_per_rank, **self.data_position},
         }
 
     @classmethod
@@ -53,4 +58,5 @@ class TrainState:
             world_size=meta["world_size"],
             data_stats=meta.get("data_stats", {}),
             skipped_steps=meta.get("skipped_steps", 0),
+            data_position={k: v for k, v in meta.get("data", {}).items() if k in ("num_streams", "streams")},
         )

@@ -221,6 +221,13 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     num_workers: int = 2
     """DataLoader worker processes per rank (0: load in the training process)."""
+    num_streams: Optional[int] = None
+    """Virtual streams of the global sample order (a run's constant): the global batch is an equal share of each,
+    ranks x data workers own whole streams, so the batches do not depend on the launch (resume on another world
+    size). Must divide train.batch_size and be a multiple of ranks x max(1, num_workers); in epoch mode at most the
+    shards of each source. Memory: a worker holds num_streams / (ranks x workers) shuffle buffers. null: the largest
+    power of two <= 16 that the batch and the shards allow. 0: the per-rank order of earlier versions (tied to the
+    world size, resumed by replay)."""
     max_bad_fraction: float = 0.1
     """Stop training (DataFaultError) when broken samples / samples read (all ranks, since the start of this
     launch) exceeds it. Broken: every skipped sample, unreadable shard and truncated tar (DATA_FAULT_REASONS).
@@ -247,6 +254,8 @@ class DataConfig:
     def validate(self, prefix: str) -> None:
         if self.num_workers < 0:
             raise ValueError(f"{prefix}.num_workers: must be >= 0 (got {self.num_workers})")
+        if self.num_streams is not None and self.num_streams < 0:
+            raise ValueError(f"{prefix}.num_streams: must be >= 0 or null (got {self.num_streams})")
         if self.train.urls is None and self.train.sources is None and self.synthetic.root is None:
             raise ValueError(f"{prefix}.train.urls: required (or set {prefix}.synthetic.root for synthetic data)")
         for name in ("max_member_bytes", "max_caption_bytes"):

@@ -594,7 +594,7 @@ class TrainLoader:
         return iter(self.dataloader)
 
 
-def build_train_loader(
+def build_rank_loader(
     cfg: DataConfig,
     *,
     tokenizer: Tokenizer,
@@ -606,7 +606,9 @@ def build_train_loader(
     start_batch: int = 0,
     num_epochs: int | None = None,
 ) -> TrainLoader:
-    """The train loader of one rank; ``batch_size`` is per rank. See the module docstring.
+    """The per-rank train loader (data.num_streams=0, and finite passes); ``batch_size`` is per rank. See the module
+    docstring: its order depends on the world size and worker count, and it resumes by replay. The global order is
+    streams.build_train_loader's.
 
     ``num_epochs``: None (training) streams forever; N ends after N passes over the shards (epoch mode with
     data.train.urls only; for scanning shards and tests), with a last short batch holding the last counts.

@@ -211,6 +211,7 @@ _MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "dir/key.ext.gz" ->
 
 
 COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+_READER_KEYS = 3  # __key__, __url__, __offset__: a sample with nothing else has no member
 OVERSIZED = "__oversized__"  # key of a sample that had a member over its limit: (extension, bytes, limit)
 
 
@@ -271,8 +272,12 @@ def read_tar_samples(
     max_member_bytes: int | None = None,
     member_limits: dict[str, int] | None = None,
     allow_compressed: bool = False,
+    start: int = 0,
 ) -> Iterator[dict[str, Any]]:
-    """Samples of one tar shard: ``{"__key__", "__url__", <ext>: bytes ...}``; members with one key in a row.
+    """Samples of one tar shard: ``{"__key__", "__url__", "__offset__", "__next__", <ext>: bytes ...}``; members
+    with one key in a row. ``__offset__`` is the byte offset of the sample's first tar header, ``__next__`` that of
+    the next sample (-1 after the shard's last one); ``start`` (such an offset) begins reading there: a local,
+    uncompressed shard is seeked, any other is read from its start with the samples before ``start`` passed over.
 
     Shard-level faults go to ``on_fault(reason, url, detail)``: "unreadable_shard" when the shard cannot be
     opened or is not a tar from its first block on, "truncated_tar" once when the stream breaks later (the
@@ -302,6 +307,10 @@ def read_tar_samples(
             on_fault("compressed_tar", url, f"a {kind}-compressed stream (set data.allow_compressed_tars=true to "
                      "read gzip/bzip2/xz; the per-member limits still hold)")  # fmt: skip
             return
+        base = 0  # the stream's byte offset in the shard
+        if start > 0 and kind is None and stream.seekable():
+            stream.seek(start)
+            head, base = b"", start
         reader = io.BufferedReader(_Prefixed(head, stream), buffer_size=1 << 16)
         try:
             mode = "r|*" if allow_compressed else "r|"
@@ -318,11 +327,14 @@ def read_tar_samples(
                 match = _MEMBER_NAME.match(info.name)
                 if not info.isreg() or match is None or os.path.basename(info.name).startswith("__"):
                     continue  # directories, links, webdataset's __meta__ members
+                if base + info.offset < start:
+                    continue  # before the resume point (a stream that cannot seek)
                 key, ext = match.group(1), match.group(2).lower()
                 if sample is None or key != sample["__key__"]:
-                    if sample is not None and len(sample) > 2:
+                    if sample is not None and len(sample) > _READER_KEYS:
+                        sample["__next__"] = base + info.offset
                         yield sample
-                    sample = {"__key__": key, "__url__": url}
+                    sample = {"__key__": key, "__url__": url, "__offset__": base + info.offset}
                 if keep is not None and ext not in keep:
                     sample.setdefault("__unread__", True)  # still a sample: judged (and counted) by the caller
                     continue  # tarfile passes over the member's data in blocks: nothing is kept
@@ -338,7 +350,8 @@ def read_tar_samples(
             on_fault("truncated_tar", url, f"{type(exn).__name__}: {exn}")
             if in_data:
                 sample = None
-        if sample is not None and len(sample) > 2:  # more than __key__ and __url__
+        if sample is not None and len(sample) > _READER_KEYS:  # more than __key__, __url__ and __offset__
+            sample["__next__"] = -1
             yield sample
     finally:
         try:

@@ -20,7 +20,8 @@ STEPS = 6
 
 # First losses of the tiny CLIP on the session's shapes shards (seed 0, batch 16, fp32).
 # A refactor that changes them changed the math or the data order: update only on purpose.
-PINNED_LOSSES = [3.0782155990600586, 2.8537890911102295, 2.778383731842041]
+# (Changed with the global sample order over data.num_streams streams: every batch draws from all 4 streams.)
+PINNED_LOSSES = [3.2477381229400635, 3.063812494277954, 2.7373199462890625]
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -85,6 +86,9 @@ def test_run_folder_explains_itself(runs):
     out = runs["resumed"]
     meta = json.load(open(os.path.join(find_step_dir(out), "meta.json")))
     assert meta["step"] == STEPS and meta["samples_seen"] == STEPS * 16 and meta["world_size"] == 1
+    # the data position as state: the 4 streams of the 4 shards (data.num_streams=null), each with its position
+    assert meta["data"]["num_streams"] == 4 and sorted(meta["data"]["streams"]) == ["0", "1", "2", "3"]
+    assert all(s["position"] == STEPS * 16 // 4 for s in meta["data"]["streams"].values())
     assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == f"step_{STEPS}"
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step_3", "step_6"]
     assert os.path.isfile(os.path.join(out, "config.yaml"))

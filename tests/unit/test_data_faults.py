@@ -93,7 +93,8 @@ def test_endless_stream_over_faulty_shards_gives_each_good_sample_once_per_epoch
     spec, expected, manifest = faulty
     good = manifest["good_captions"]
     cfg = loader_cfg(spec, max_image_pixels=manifest["max_image_pixels"], shuffle_buffer=50)
-    batches = batches_of(cfg, tokenizer, batch_size=len(good), n=3)  # one rank, one worker: a batch is an epoch
+    cfg.num_streams = 1
+    batches = batches_of(cfg, tokenizer, batch_size=len(good), n=3)  # one stream: a batch is an epoch
     for b in batches:
         assert sorted(captions([b], tokenizer)) == sorted(good)
     # counts arrive with the batch read after them: all 3 epochs' tar-level faults are in (the decode
@@ -159,7 +160,10 @@ def test_truncated_tar_counting_rule(tmp_path):
     assert [s["__key__"] for s in samples] == ["k0", "k1"] and faults == {"truncated_tar": 1}
     # cut inside k2.txt's header: k2 keeps its jpg (judged later: no_caption), one fault
     samples, faults = cut_at(members["k2.txt"].offset + 100)
-    assert [(s["__key__"], sorted(s)) for s in samples][-1] == ("k2", ["__key__", "__url__", "jpg"])
+    assert [(s["__key__"], sorted(s)) for s in samples][-1] == (
+        "k2",
+        ["__key__", "__next__", "__offset__", "__url__", "jpg"],
+    )
     assert len(samples) == 3 and faults == {"truncated_tar": 1}
     # cut exactly at a member boundary, or only the end-of-archive blocks missing: tarfile alone would not notice
     samples, faults = cut_at(members["k3.jpg"].offset)

@@ -49,6 +49,7 @@ def take(cfg, tokenizer, n, **kw):
 def test_weights_are_sample_shares(two_sources, tokenizer):
     a, b = two_sources
     cfg = mix_cfg([SourceConfig(urls=a, weight=3.0, name="alpha"), SourceConfig(urls=b, weight=1.0)])
+    cfg.num_streams = 1  # one stream: its samples in the batches' order (several interleave in every batch)
     batches = take(cfg, tokenizer, 40, batch_size=50)  # 2000 samples
     caps = captions(batches, tokenizer)
     n, p = len(caps), 3 / 4
@@ -146,7 +147,11 @@ def test_config_errors_name_the_key(two_sources, tmp_path):
 def test_every_worker_needs_a_shard_of_every_source(two_sources, tokenizer):
     a, b = two_sources  # b has 2 shards: 2 ranks x 2 workers cannot all get one in epoch mode
     cfg = mix_cfg([SourceConfig(urls=a), SourceConfig(urls=b)], num_workers=2)
+    cfg.num_streams = 0  # the per-rank loader
     with pytest.raises(ValueError, match=r"^data\.train\.sources\[1\]\.urls: 2 shards cannot feed 2 ranks x 2"):
+        take(cfg, tokenizer, 1, batch_size=4, world_size=2)
+    cfg.num_streams = 4  # the global order: every stream needs a shard of every source
+    with pytest.raises(ValueError, match=r"^data\.train\.sources\[1\]\.urls: 2 shards cannot feed data\.num_str"):
         take(cfg, tokenizer, 1, batch_size=4, world_size=2)
 
 
