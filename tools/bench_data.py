@@ -27,6 +27,14 @@ Each round runs every pipeline once over every image (new seeds each round), int
 from other processes hits all of them alike; a cell is the median over rounds, and "x tv" is the
 median of the per-round ratios of img/s/core to torchvision's (ratios taken side by side are what
 survive a noisy machine). A stage breakdown (CPU ms per image) of the fast train path follows the table.
+
+``--loader``: the whole train loader of one data worker instead (in this process, ``data.num_workers=0``: tar
+reading, checks, shuffle buffer, decode + augment, tokenize, collate), on --loader-shards copies of the first
+size's tar: the per-rank loader (``data.num_streams=0``, replay resume) side by side with the global order
+(data/streams.py) where the worker owns 1 and 4 streams. The buffers' first fill is not timed (one batch first);
+then --loader-steps batches of --batch. img/s/core as above; "x per-rank" is the median per-round ratio. Then the
+resume cost: samples read from the tars and seconds until the first batch of a restart at step 50 and at step
+1000, from the data state and by replay.
 """
 
 from __future__ import annotations
@@ -163,6 +171,78 @@ def stage_ms(datas: list[bytes], size: int, scale: tuple[float, float], batch: i
     return out
 
 
+def _loader(urls: str, num_streams: int, batch: int, image_size: int, scale, **kw):
+    from mmpretrain.data import DataConfig, Tokenizer, TrainDataConfig, build_train_loader
+
+    cfg = DataConfig(num_workers=0, num_streams=num_streams)
+    cfg.train = TrainDataConfig(urls=urls, shuffle_buffer=64, crop_scale=list(scale))
+    return build_train_loader(cfg, tokenizer=Tokenizer(context_length=77), image_size=image_size, batch_size=batch,
+                              rank=0, world_size=1, seed=0, **kw)  # fmt: skip
+
+
+def loader_bench(path: str, args, scale) -> None:
+    """The --loader table and the resume cost (see the module docstring)."""
+    import mmpretrain.data.streams as streams_module
+
+    folder = os.path.join(os.path.dirname(path), "loader_shards")
+    os.makedirs(folder, exist_ok=True)
+    for i in range(args.loader_shards):
+        shard = os.path.join(folder, f"shard-{i:06d}.tar")
+        if not os.path.exists(shard):
+            os.link(path, shard)  # the same tar under other names: keys repeat, urls differ
+    urls = os.path.join(folder, f"shard-{{000000..{args.loader_shards - 1:06d}}}.tar")
+    variants = {"per-rank loader (num_streams=0)": 0, "global order, 1 stream a worker": 1,
+                "global order, 4 streams a worker": 4}  # fmt: skip
+    rates: dict = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, num_streams in variants.items():
+            it = iter(_loader(urls, num_streams, args.batch, args.image_size, scale))
+            next(it)  # the shuffle buffers fill: not timed
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(args.loader_steps):
+                next(it)
+            n = args.loader_steps * args.batch
+            rates[name].append((n / (time.process_time() - c0), n / (time.perf_counter() - t0)))
+    ref = [c for c, _ in rates["per-rank loader (num_streams=0)"]]
+    print(f"\n{os.path.basename(path)} x {args.loader_shards} shards, batch {args.batch}, shuffle buffer 64, "
+          f"{args.loader_steps} batches a round, {args.rounds} rounds; {machine()}")  # fmt: skip
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n")
+    print("| loader (one worker) | img/s/core | x per-rank | wall img/s |\n|---|---:|---:|---:|")
+    for name, values in rates.items():
+        cpu, wall = zip(*values)
+        ratio = statistics.median(a / b for a, b in zip(cpu, ref))
+        print(f"| {name} | {statistics.median(cpu):.0f} | {ratio:.2f}x | {statistics.median(wall):.0f} |")
+
+    reads = [0]
+    real = streams_module.read_tar_samples
+
+    def counting(*a, **kw):
+        for sample in real(*a, **kw):
+            reads[0] += 1
+            yield sample
+
+    print("\n| restart at step | from the data state: samples read, s | by replay: samples read, s |\n|---|---:|---:|")
+    small = 8  # 8 streams of 8 images a batch
+    it = iter(_loader(urls, 8, small, args.image_size, scale))
+    states = {}
+    for step in range(1, 1001):
+        batch = next(it)
+        if step in (50, 1000):
+            states[step] = batch["data_state"]
+    streams_module.read_tar_samples = counting
+    try:
+        for step, state in states.items():
+            cells = []
+            for kw in ({"data_state": state}, {"start_batch": step}):
+                reads[0], t0 = 0, time.perf_counter()
+                next(iter(_loader(urls, 8, small, args.image_size, scale, **kw)))
+                cells.append(f"{reads[0]}, {time.perf_counter() - t0:.2f}")
+            buffered = sum(len(c["buffer"]) for v in state["streams"].values() for c in v["sources"])
+            print(f"| {step} (batch {small}, 8 streams, {buffered} samples buffered) | {cells[0]} | {cells[1]} |")
+    finally:
+        streams_module.read_tar_samples = real
+
+
 def machine() -> str:
     try:
         model = next(
@@ -185,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--loader", action="store_true", help="bench the train loader of one worker (see above)")
+    p.add_argument("--loader-shards", type=int, default=24, help="--loader: copies of the tar")
+    p.add_argument("--loader-steps", type=int, default=8, help="--loader: batches timed a round")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
@@ -192,6 +275,12 @@ def main(argv: list[str] | None = None) -> None:
 
     tmp = None if args.workdir else tempfile.TemporaryDirectory()
     paths = build_tars(args.workdir or tmp.name, sizes, args.num_images, args.quality)
+    if args.loader:
+        loader_bench(paths[sizes[0]], args, scale)
+        print(f"\ncommand: python {' '.join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:]))}")
+        if tmp is not None:
+            tmp.cleanup()
+        return
     datas = {s: read_jpegs(paths[s]) for s in sizes}
     fns = pipelines(args.image_size, scale)
     for s in sizes:  # warm-up: imports, first-call allocations

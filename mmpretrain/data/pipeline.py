@@ -1,5 +1,9 @@
 """WebDataset train loader (infinite, deterministic, exactly resumable) and clip_benchmark eval sets.
 
+Training reads through streams.py's global order (data.num_streams virtual streams, resumed by seeking); it is
+built from this module's parts: shard lists, the member checks, fault counting and the per-rank loader below,
+which stays as data.num_streams=0, for finite passes (``num_epochs``) and as the replay reference.
+
 Train stream of one DataLoader worker (``W = max(1, num_workers)`` workers per rank):
 
     shard urls   epoch mode: epoch e shuffles all shards with seed (seed, e), the same order on every

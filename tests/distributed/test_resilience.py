@@ -5,7 +5,8 @@ torchrun "nodes" (c10d rendezvous on localhost); and one chain of four launches 
 killed with SIGKILL (every process: launcher, ranks, data workers) at seeded random steps, stopped
 with SIGUSR1 through launch/torchrun.sh, and killed again in the middle of a checkpoint write. The
 chain must read as the reference: the same losses and the same sample keys in every step.
-A second chain injects non-finite steps under ZeRO-2 and changes the world size 2 -> 1 -> 2.
+A second chain injects non-finite steps under ZeRO-2 and changes the world size 2 -> 1 -> 2; a third changes it
+2 -> 1 -> 2 and must see the reference's global batches (the global sample order, mmpretrain/data/streams.py).
 """
 
 import json
@@ -244,6 +245,32 @@ def test_killed_stopped_and_killed_mid_save_run_equals_uninterrupted(reference, 
     a, b = load_state_dict(find_step_dir(reference)), load_state_dict(find_step_dir(out))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_world_size_2_1_2_sees_the_uninterrupted_global_batches(reference, shapes_dataset, tmp_path):
+    """Stopped after step 5 on 2 ranks, continued to step 13 on 1 rank, finished on 2 ranks: every step's global
+    batch (both ranks' keys together) is the reference's, as a set, and the losses agree up to summation order."""
+    out = str(tmp_path / "ws212")
+    args = keyed_args(shapes_dataset, out)
+    ok(run(torchrun(*args, "--stop-after-steps", "5")))
+    text = ok(run([sys.executable, "-m", "mmpretrain.train", *args, "--stop-after-steps", "8"])).stdout
+    assert "written by 2 ranks, this launch has 1: weights, optimizer state and the data order continue" in text
+    ok(run(torchrun(*args)))
+
+    def global_batches(folder):
+        steps: dict = {}
+        for r in (0, 1):
+            for step, keys in keys_by_step(folder, r).items():
+                steps.setdefault(step, []).extend(keys)
+        return steps
+
+    ref, got = global_batches(reference), global_batches(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert len(got[step]) == len(set(got[step])) == 16 and set(got[step]) == set(ref[step]), f"step {step}"
+    for a, b in zip(metrics(reference), metrics(out)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), f"step {a['step']}"
 
 
 @pytest.mark.slow
