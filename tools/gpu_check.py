@@ -350,7 +350,9 @@ def stage_data(ctx) -> dict:
         "make_s": time.perf_counter() - t0,
         "mb_per_image": sum(os.path.getsize(p) for p in glob.glob(os.path.join(folder, "*.tar"))) / n_images / 1e6,
     }
-    workers = 2 if ctx.dry else max(1, cores - 2)
+    # a power of two, so that ranks x workers divides data.num_streams (16 here: the largest power of two <= 16
+    # dividing the batch and the shards)
+    workers = 2 if ctx.dry else 1 << (max(1, cores - 2).bit_length() - 1)
     batch = 32 if ctx.dry else 256
     # the loader alone: samples/s with `workers` processes (224 px train transform, resampled shards)
     from mmpretrain.config import load_config

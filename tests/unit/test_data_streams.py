@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import mmpretrain.data.streams as streams_module
-from mmpretrain.data import DataConfig, Tokenizer, TrainDataConfig, build_train_loader
+from mmpretrain.data import DataConfig, SourceConfig, Tokenizer, TrainDataConfig, build_train_loader
 from mmpretrain.data.shards import ShardWriter, encode_image, read_tar_samples
 from mmpretrain.data.streams import auto_num_streams
 
@@ -50,16 +50,17 @@ def loader(cfg, tokenizer, *, global_batch=8, rank=0, world_size=1, data_state=N
 
 
 def run_world(cfg, tokenizer, world_size, steps, data_state=None, global_batch=8):
-    """Global batches (as sets of keys) of ``steps`` steps on ``world_size`` simulated ranks, and the data state
+    """Global batches (as sorted lists of keys) of ``steps`` steps on ``world_size`` simulated ranks, and the data state
     after them gathered over ranks (as the train loop saves it)."""
     per_rank = []
     for rank in range(world_size):
         it = iter(loader(cfg, tokenizer, global_batch=global_batch, rank=rank, world_size=world_size,
                          data_state=data_state))  # fmt: skip
         per_rank.append([next(it) for _ in range(steps)])
-    batches = [set().union(*(r[s]["keys"] for r in per_rank)) for s in range(steps)]
-    for s in range(steps):  # ranks take disjoint slices of equal size
-        assert sum(len(r[s]["keys"]) for r in per_rank) == global_batch == len(batches[s])
+    # a global batch as a multiset of keys (sorted): resampled shards and small sources may repeat a sample
+    batches = [sorted(k for r in per_rank for k in r[s]["keys"]) for s in range(steps)]
+    for s in range(steps):  # ranks take slices of equal size
+        assert all(len(r[s]["keys"]) == global_batch // world_size for r in per_rank)
     state = {"num_streams": per_rank[0][-1]["data_state"]["num_streams"], "streams": {}}
     for r in per_rank:
         state["streams"].update(r[-1]["data_state"]["streams"])
@@ -115,6 +116,23 @@ def test_resume_from_state_equals_replay_and_images_match(items, tokenizer):
         for got in (next(resumed), next(replayed)):
             assert got["keys"] == want["keys"]
             assert (got["image"] == want["image"]).all() and (got["text"] == want["text"]).all()  # same crops
+
+
+@pytest.mark.parametrize("mode", ["sources", "resampled"])
+def test_mixtures_and_resampled_shards_resume_on_another_world_size(items, tmp_path, tokenizer, mode):
+    """Two weighted sources (each stream draws its source per sample), or shards drawn with replacement: the same
+    global batches on 1 and 2 ranks, and across a 2 -> 1 resume from the state."""
+    cfg = DataConfig(num_workers=0, num_streams=4)
+    if mode == "sources":
+        other = write_items(tmp_path, 4, 5)
+        cfg.train = TrainDataConfig(sources=[SourceConfig(items, weight=2.0), SourceConfig(other, name="b")],
+                                    shuffle_buffer=3)  # fmt: skip
+    else:
+        cfg.train = TrainDataConfig(urls=items, resampled=True, samples_per_epoch=96, shuffle_buffer=3)
+    full, _ = run_world(cfg, tokenizer, 1, 14)
+    a, state = run_world(cfg, tokenizer, 2, 6)
+    b, _ = run_world(cfg, tokenizer, 1, 8, data_state=state)
+    assert a + b == full
 
 
 def count_reads(monkeypatch) -> list:
