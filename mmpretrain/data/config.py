@@ -78,9 +78,9 @@ class TrainDataConfig:
     them), e.g. ``/data/laion/{000000..041407}.tar``. Several sources may be separated by ``::`` (one shard
     pool; see ``source_weights``). Exclusive with ``sources``."""
     sources: Optional[list[SourceConfig]] = None
-    """Several sources mixed by SAMPLE share: each DataLoader worker reads every source as its own stream
-    (own shard order and shuffle buffer: memory is sources x shuffle_buffer samples) and a seeded RNG picks
-    the source of every next sample with probability weight / sum of weights. Exclusive with ``urls``.
+    """Several sources mixed by SAMPLE share: each stream (data.num_streams) reads every source on its own
+    (own shard order and shuffle buffer: memory is sources x shuffle_buffer samples a stream) and a seeded draw
+    picks the source of every next sample with probability weight / sum of weights. Exclusive with ``urls``.
     On the command line, quote brace specs inside the list:
     ``data.train.sources=[{urls: '/laion/{0..99}.tar', weight: 3}, {urls: '/cc12m/{0..9}.tar', name: cc12m}]``."""
     resampled: bool = False
@@ -93,7 +93,8 @@ class TrainDataConfig:
     """Nominal epoch size in samples (all ranks together). Required in resampled mode, where there is no natural
     epoch; the loader streams forever, and the train loop uses it to report epochs."""
     shuffle_buffer: int = 1000
-    """Samples held by each worker's shuffle buffer (memory: this many encoded samples per worker)."""
+    """Samples held by each stream's shuffle buffer, one per source (data.num_streams: a worker holds num_streams /
+    (ranks x workers) streams; data.num_streams=0: one stream a worker). Memory: this many encoded samples each."""
     image_key: str = "jpg;png;webp"
     """Tar member extensions tried in order for the image."""
     text_key: str = "txt"
@@ -225,9 +226,10 @@ class DataConfig:
     """Virtual streams of the global sample order (a run's constant): the global batch is an equal share of each,
     ranks x data workers own whole streams, so the batches do not depend on the launch (resume on another world
     size). Must divide train.batch_size and be a multiple of ranks x max(1, num_workers); in epoch mode at most the
-    shards of each source. Memory: a worker holds num_streams / (ranks x workers) shuffle buffers. null: the largest
-    power of two <= 16 that the batch and the shards allow. 0: the per-rank order of earlier versions (tied to the
-    world size, resumed by replay)."""
+    shards of each source. Memory: a worker holds num_streams / (ranks x workers) shuffle buffers. null: chosen at
+    the run's first launch and kept in its checkpoints: the largest power of two <= 16 that the batch and the shards
+    allow for up to 16 ranks x workers (powers of two), else ranks x workers (one stream a worker); a resume may use
+    any divisor of it. 0: the per-rank order of earlier versions (tied to the world size, resumed by replay)."""
     max_bad_fraction: float = 0.1
     """Stop training (DataFaultError) when broken samples / samples read (all ranks, since the start of this
     launch) exceeds it. Broken: every skipped sample, unreadable shard and truncated tar (DATA_FAULT_REASONS).

@@ -69,47 +69,50 @@ log = logging.getLogger(__name__)
 # a stream whose shards gave no usable sample this many epochs in a row stops the run (DataFaultError): it could
 # never fill its share of a batch. One empty epoch is not enough: each epoch deals the stream other shards
 MAX_EMPTY_EPOCHS = 10
-MAX_AUTO_STREAMS = 16  # data.num_streams=null: the largest power of two up to this that the data and batch allow
+MAX_AUTO_STREAMS = 16  # data.num_streams=null: at most this many streams, or ranks x workers when that is more
 _UNIT = float(2**63)  # mix_seed is 63 bits: mix_seed(...) / _UNIT is uniform in [0, 1)
 
 
-def auto_num_streams(train: TrainDataConfig, global_batch: int) -> int:
-    """data.num_streams=null: the largest power of two <= MAX_AUTO_STREAMS that divides the global batch and, in
-    epoch mode, is at most the shards of the smallest source (every stream needs a shard an epoch). A function of
-    the data and the global batch only, so every launch of a run agrees."""
-    most = MAX_AUTO_STREAMS
+def auto_num_streams(train: TrainDataConfig, global_batch: int, slots: int = 1) -> int:
+    """data.num_streams=null at a run's first launch: the largest slots x 2^k <= max(MAX_AUTO_STREAMS, slots)
+    (``slots`` = ranks x workers) that divides the global batch and, in epoch mode, is at most the shards of the
+    smallest source (every stream needs a shard an epoch); ``slots`` when none does (check_num_streams then says
+    why). For 1, 2, 4, 8 or 16 slots that is one number, the largest power of two <= 16 the batch and the shards
+    allow, so those launches share one order; above 16 slots it is the slots themselves (one stream a worker). The
+    checkpoint keeps the number: later launches use it, and may have any divisor of it as their slots."""
+    most = max(MAX_AUTO_STREAMS, slots)
     if not train.resampled:
         specs = [train.urls] if train.sources is None else [s.urls for s in train.sources]
         most = min([most] + [sum(len(g) for g in expand_shard_spec(spec)) for spec in specs if spec])
-    num = 1
-    while num * 2 <= most and global_batch % (num * 2) == 0:
+    best, num = slots, slots
+    while num <= most:
+        if global_batch % num == 0:
+            best = num
         num *= 2
-    return num
+    return best
 
 
 def check_num_streams(train: TrainDataConfig, num_streams: int, *, global_batch: int, world_size: int,
                       num_workers: int) -> None:  # fmt: skip
     """ValueError naming the keys when V streams cannot make this launch's batches."""
     slots = world_size * max(1, num_workers)
-    if global_batch % num_streams:
-        raise ValueError(f"data.num_streams={num_streams} must divide train.batch_size={global_batch} (every stream "
-                         "gives the same number of samples to each global batch)")  # fmt: skip
     if num_streams % slots:
         raise ValueError(
             f"data.num_streams={num_streams} must be a multiple of ranks x data workers ({world_size} x "
             f"{max(1, num_workers)} = {slots}: each owns whole streams); change data.num_workers, or choose "
             "data.num_streams for the largest launch at the run's start (it cannot change within a run)"
         )
-    if train.resampled:
-        return
     counted = [("data.train.urls", train.urls)] if train.sources is None else [
         (f"data.train.sources[{i}].urls", s.urls) for i, s in enumerate(train.sources)]  # fmt: skip
-    for key, spec in counted:
+    for key, spec in counted if not train.resampled else []:
         num_shards = sum(len(g) for g in expand_shard_spec(spec))
         if num_shards < num_streams:
             raise ValueError(f"{key}: {num_shards} shards cannot feed data.num_streams={num_streams} streams (every "
                              "stream needs one shard an epoch); add shards, lower data.num_streams or set "
                              "data.train.resampled=true")  # fmt: skip
+    if global_batch % num_streams:
+        raise ValueError(f"data.num_streams={num_streams} must divide train.batch_size={global_batch} (every stream "
+                         "gives the same number of samples to each global batch)")  # fmt: skip
 
 
 class SourceCursor:
@@ -398,11 +401,21 @@ def build_train_loader(
     if batch_size < 1 or start_batch < 0:
         raise ValueError(f"batch_size must be >= 1 and start_batch >= 0 (got {batch_size}, {start_batch})")
     global_batch = batch_size * world_size
-    num_streams = cfg.num_streams or auto_num_streams(train, global_batch)
-    check_num_streams(train, num_streams, global_batch=global_batch, world_size=world_size,
-                      num_workers=cfg.num_workers)  # fmt: skip
+    slots = world_size * max(1, cfg.num_workers)
+    has_state = bool(data_state and data_state.get("streams"))
+    # the run's number: the config's, else the checkpoint's (chosen at the first launch), else chosen now
+    num_streams = cfg.num_streams or (data_state["num_streams"] if has_state else None)
+    num_streams = num_streams or auto_num_streams(train, global_batch, slots)
+    try:
+        check_num_streams(train, num_streams, global_batch=global_batch, world_size=world_size,
+                          num_workers=cfg.num_workers)  # fmt: skip
+    except ValueError as e:
+        if cfg.num_streams is None:  # say where the number came from
+            took = "the checkpoint's number" if has_state else f"chosen for {slots} ranks x workers"
+            raise ValueError(f"{e} [data.num_streams=null took {num_streams}: {took}]") from None
+        raise
     streams_state = None
-    if data_state and data_state.get("streams"):
+    if has_state:
         if data_state.get("num_streams") != num_streams or len(data_state["streams"]) != num_streams:
             raise ValueError(f"data resume: the checkpoint holds {len(data_state['streams'])} of "
                              f"{data_state.get('num_streams')} streams' states, this run has data.num_streams="

@@ -101,7 +101,8 @@ def test_resume_2_to_1_to_2_ranks_sees_the_uninterrupted_batches(items, tokenize
     cfg = make_cfg(items)
     full, _ = run_world(cfg, tokenizer, 1, 30)  # over 2 epochs
     a, state = run_world(cfg, tokenizer, 2, 7)
-    b, state = run_world(cfg, tokenizer, 1, 11, data_state=state)
+    # data.num_streams=null (8 here) defers to the checkpoint's number, chosen at the run's first launch
+    b, state = run_world(make_cfg(items, num_streams=None), tokenizer, 1, 11, data_state=state)
     c, _ = run_world(cfg, tokenizer, 2, 12, data_state=state)
     assert a + b + c == full
 
@@ -182,5 +183,12 @@ def test_num_streams_errors_name_the_key(items, tokenizer):
     with pytest.raises(ValueError, match=r"data\.train\.urls: 16 shards cannot feed data\.num_streams=32"):
         loader(make_cfg(items, num_streams=32), tokenizer, global_batch=32)
     cfg = make_cfg(items, num_streams=None)
-    assert auto_num_streams(cfg.train, 8) == 8 and auto_num_streams(cfg.train, 96) == 16
-    assert auto_num_streams(cfg.train, 6) == 2
+    # a power of two up to 16 that the batch and the 16 shards allow, the same for 1, 2, 4 or 8 ranks x workers
+    assert [auto_num_streams(cfg.train, 8, slots) for slots in (1, 2, 4, 8)] == [8] * 4
+    assert auto_num_streams(cfg.train, 96) == 16 and auto_num_streams(cfg.train, 6) == 2
+    assert auto_num_streams(cfg.train, 48, 3) == 12  # 3 slots: 3 x 2^k
+    resampled = TrainDataConfig(urls=items, resampled=True, samples_per_epoch=96)
+    assert auto_num_streams(resampled, 4096, 64) == 64  # more slots than 16: one stream a worker
+    assert auto_num_streams(cfg.train, 4096, 64) == 64  # not enough shards: the check says so
+    with pytest.raises(ValueError, match=r"^data\.train\.urls: 16 shards cannot feed data\.num_streams=64"):
+        loader(cfg, tokenizer, global_batch=4096, world_size=64)
