@@ -228,8 +228,9 @@ class DataConfig:
     size). Must divide train.batch_size and be a multiple of ranks x max(1, num_workers); in epoch mode at most the
     shards of each source. Memory: a worker holds num_streams / (ranks x workers) shuffle buffers. null: chosen at
     the run's first launch and kept in its checkpoints: the largest power of two <= 16 that the batch and the shards
-    allow for up to 16 ranks x workers (powers of two), else ranks x workers (one stream a worker); a resume may use
-    any divisor of it. 0: the per-rank order of earlier versions (tied to the world size, resumed by replay)."""
+    allow (preferring one that divides the shard count: equal streams) for up to 16 ranks x workers (powers of two),
+    else ranks x workers (one stream a worker); a resume may use any divisor of it. 0: the per-rank order of
+    earlier versions (tied to the world size, resumed by replay)."""
     max_bad_fraction: float = 0.1
     """Stop training (DataFaultError) when broken samples / samples read (all ranks, since the start of this
     launch) exceeds it. Broken: every skipped sample, unreadable shard and truncated tar (DATA_FAULT_REASONS).

@@ -76,20 +76,19 @@ _UNIT = float(2**63)  # mix_seed is 63 bits: mix_seed(...) / _UNIT is uniform in
 def auto_num_streams(train: TrainDataConfig, global_batch: int, slots: int = 1) -> int:
     """data.num_streams=null at a run's first launch: the largest slots x 2^k <= max(MAX_AUTO_STREAMS, slots)
     (``slots`` = ranks x workers) that divides the global batch and, in epoch mode, is at most the shards of the
-    smallest source (every stream needs a shard an epoch); ``slots`` when none does (check_num_streams then says
-    why). For 1, 2, 4, 8 or 16 slots that is one number, the largest power of two <= 16 the batch and the shards
-    allow, so those launches share one order; above 16 slots it is the slots themselves (one stream a worker). The
-    checkpoint keeps the number: later launches use it, and may have any divisor of it as their slots."""
-    most = max(MAX_AUTO_STREAMS, slots)
+    smallest source (every stream needs a shard an epoch), preferring one that divides every source's shard count
+    (streams of equal size: a stream with fewer samples runs through its epochs faster, so its samples would come
+    more often); ``slots`` when none fits (check_num_streams then says why). For 1, 2, 4, 8 or 16 slots that is
+    mostly one number, so those launches share one order; above 16 slots it is the slots themselves (one stream a
+    worker). The checkpoint keeps the number: later launches use it, and may have any divisor of it as slots."""
+    counts = []
     if not train.resampled:
         specs = [train.urls] if train.sources is None else [s.urls for s in train.sources]
-        most = min([most] + [sum(len(g) for g in expand_shard_spec(spec)) for spec in specs if spec])
-    best, num = slots, slots
-    while num <= most:
-        if global_batch % num == 0:
-            best = num
-        num *= 2
-    return best
+        counts = [sum(len(g) for g in expand_shard_spec(spec)) for spec in specs if spec]
+    most = min([max(MAX_AUTO_STREAMS, slots), *counts])
+    fits = [slots << k for k in range(64) if (slots << k) <= most and global_batch % (slots << k) == 0]
+    even = [num for num in fits if all(count % num == 0 for count in counts)]
+    return max(even or fits or [slots])
 
 
 def check_num_streams(train: TrainDataConfig, num_streams: int, *, global_batch: int, world_size: int,

@@ -186,7 +186,9 @@ def test_num_streams_errors_name_the_key(items, tokenizer):
     # a power of two up to 16 that the batch and the 16 shards allow, the same for 1, 2, 4 or 8 ranks x workers
     assert [auto_num_streams(cfg.train, 8, slots) for slots in (1, 2, 4, 8)] == [8] * 4
     assert auto_num_streams(cfg.train, 96) == 16 and auto_num_streams(cfg.train, 6) == 2
-    assert auto_num_streams(cfg.train, 48, 3) == 12  # 3 slots: 3 x 2^k
+    assert auto_num_streams(cfg.train, 48, 3) == 12  # 3 slots: 3 x 2^k (none divides the 16 shards: the largest)
+    twenty = TrainDataConfig(urls=items.replace("000015", "000019"))  # 20 shards (unchecked: only counted)
+    assert auto_num_streams(twenty, 128) == 4  # streams of 5 shards each, not 16 streams of 1 or 2
     resampled = TrainDataConfig(urls=items, resampled=True, samples_per_epoch=96)
     assert auto_num_streams(resampled, 4096, 64) == 64  # more slots than 16: one stream a worker
     assert auto_num_streams(cfg.train, 4096, 64) == 64  # not enough shards: the check says so
