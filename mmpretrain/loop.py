@@ -235,6 +235,12 @@ def open_log(cfg: Config, state: TrainState, resumed: bool, dist_info, cfg_dict:
                         config=cfg_dict, start_step=state.step, total_steps=cfg.train.steps)  # fmt: skip
     if resumed:
         log.write(f"resumed from {checkpoint.checkpoint_root(cfg.output_dir)}/step_{state.step}")
+        if state.data_position:
+            log.write(f"data: each of the {state.data_position['num_streams']} streams continues at its recorded "
+                      "position (its shuffle buffer is read back; nothing is replayed)")  # fmt: skip
+        elif state.step:
+            log.write(f"data: the checkpoint has no stream positions (data.num_streams=0 or an older version): "
+                      f"replaying {state.step} batches per rank to get there")  # fmt: skip
         if state.world_size != dist_info.world_size and state.data_position:
             log.write(f"the checkpoint was written by {state.world_size} ranks, this launch has "
                       f"{dist_info.world_size}: weights, optimizer state and the data order continue (the global "

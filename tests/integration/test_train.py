@@ -79,6 +79,7 @@ def test_restart_continues_to_same_losses_and_weights(runs):
         torch.testing.assert_close(sd_resumed[k], sd_full[k], rtol=1e-6, atol=1e-6, msg=k)
     # the run did train: weights moved away from the step-3 checkpoint
     assert "stopped at step 3/6" in runs["first"].stdout and "resumed from" in runs["second"].stdout
+    assert "data: each of the 4 streams continues at its recorded position" in runs["second"].stdout
 
 
 @pytest.mark.slow
