@@ -1,9 +1,10 @@
 """The train loader's global sample order: a fixed number of virtual streams, whose position is state.
 
 The run's samples flow through ``V = data.num_streams`` virtual streams, a number that belongs to the run (not
-to the launch). Stream v is what one worker of the per-rank loader (pipeline.py) was, for "rank v of V, worker
-0 of 1": epoch e shuffles all shards with seed (seed, e) and stream v reads every V-th of them from v (resampled
-mode: draws shards with replacement, seeded by v); each source it reads has its own shuffle buffer; with
+to the launch: null chooses it at the first launch, auto_num_streams, and the checkpoint keeps it). Stream v reads
+the shards that rank v of V with one worker reads in the per-rank loader (pipeline.py): epoch e shuffles all
+shards with seed (seed, e) and stream v takes every V-th of them from v (resampled mode: draws shards with
+replacement, seeded by v); each source it reads has its own shuffle buffer; with
 data.train.sources a seeded draw per sample picks the source. Every random choice is a hash of (seed, stream,
 counter) -- a pick of the shuffle buffer, a source draw, a resampled shard, the crop of the stream's n-th
 sample -- so a stream's whole state is a few counters, where it is in its shards and the keys in its buffers.
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,8 +63,6 @@ from .pipeline import (
 from .shards import read_tar_samples
 from .tokenizer import Tokenizer
 from .transforms import ImageTooLargeError, TrainTransform
-
-log = logging.getLogger(__name__)
 
 # a stream whose shards gave no usable sample this many epochs in a row stops the run (DataFaultError): it could
 # never fill its share of a batch. One empty epoch is not enough: each epoch deals the stream other shards
