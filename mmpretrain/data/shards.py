@@ -308,7 +308,7 @@ def read_tar_samples(
                      "read gzip/bzip2/xz; the per-member limits still hold)")  # fmt: skip
             return
         base = 0  # the stream's byte offset in the shard
-        if start > 0 and kind is None and stream.seekable():
+        if start > 0 and kind is None and getattr(stream, "seekable", lambda: False)():  # a pipe cannot
             stream.seek(start)
             head, base = b"", start
         reader = io.BufferedReader(_Prefixed(head, stream), buffer_size=1 << 16)

@@ -40,7 +40,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..signals import ignore_stop_signals
-from .config import DataConfig, TrainDataConfig, expand_shard_spec
+from .config import DataConfig, TrainDataConfig, expand_shard_spec, is_remote
 from .pipeline import (
     _CROP,
     _MIX,
@@ -139,22 +139,40 @@ class SourceCursor:
         if state is not None:
             self.epoch, self.shard, self.offset = state["epoch"], state["shard"], state["offset"]
             self.picks, self.usable, self.empty_epochs = state["picks"], state["usable"], state["empty_epochs"]
-            self.buffer = [self._read_back(self.urls[i], offset) for i, offset in state["buffer"]]
+            self.buffer = self._read_back(state["buffer"])
 
     def state(self) -> dict:
         buffer = [[self.url_index[s["__url__"]], s["__offset__"]] for s in self.buffer]
         return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset, "picks": self.picks,
                 "usable": self.usable, "empty_epochs": self.empty_epochs, "buffer": buffer}  # fmt: skip
 
-    def _read_back(self, url: str, offset: int) -> dict:
-        """The buffered sample at ``offset`` of ``url``, read again (it passed the checks when first read)."""
-        for sample in read_tar_samples(url, lambda *fault: None, keep=self.keep, start=offset, **self.limits):
-            if sample["__offset__"] == offset and sample_fault(sample, self.image_keys, self.cfg.text_key) is None:
-                sample["__source__"] = self.name_of[url]
-                return sample
-            break
-        raise ValueError(f"data resume: {url} has no usable sample at byte {offset} any more (were the shards "
-                         "rewritten since the checkpoint?)")  # fmt: skip
+    def _read_back(self, entries: list[list[int]]) -> list[dict]:
+        """The buffered samples ([url index, byte offset] each, in buffer order), read again (they passed the checks
+        when first read): a local shard is seeked to each; a remote one (pipe:, http) is read once, from its first
+        wanted sample on, so a shard in flight costs one read of at most itself."""
+        wanted: dict[int, set[int]] = {}
+        for i, offset in entries:
+            wanted.setdefault(i, set()).add(offset)
+        found: dict[tuple[int, int], dict] = {}
+        for i, offsets in wanted.items():
+            url = self.urls[i]
+            remote = is_remote(url)
+            for start in [min(offsets)] if remote else sorted(offsets):
+                todo = set(offsets) if remote else {start}
+                for sample in read_tar_samples(url, lambda *fault: None, keep=self.keep, start=start, **self.limits):
+                    offset = sample["__offset__"]
+                    if offset in todo and sample_fault(sample, self.image_keys, self.cfg.text_key) is None:
+                        sample["__source__"] = self.name_of[url]
+                        found[i, offset] = sample
+                    todo.discard(offset)
+                    if not todo or offset > max(todo):
+                        break
+        missing = [(self.urls[i], offset) for i, offset in entries if (i, offset) not in found]
+        if missing:
+            raise ValueError(f"data resume: {len(missing)} buffered samples are not in their shards any more, e.g. "
+                             f"{missing[0][0]} at byte {missing[0][1]} (were the shards rewritten since the "
+                             "checkpoint?)")  # fmt: skip
+        return [dict(found[i, offset]) for i, offset in entries]  # resampled shards may buffer a sample twice
 
     def _shard_url(self) -> str | None:
         """The url of shard number ``self.shard`` of this epoch; None after the epoch's last shard."""

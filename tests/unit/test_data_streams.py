@@ -136,6 +136,17 @@ def test_mixtures_and_resampled_shards_resume_on_another_world_size(items, tmp_p
     assert a + b == full
 
 
+def test_remote_shards_resume_reading_each_shard_in_flight_once(items, tokenizer, monkeypatch):
+    """pipe: shards cannot seek: the buffered samples of a shard are read back in one pass over it."""
+    cfg = make_cfg("pipe:cat " + items, shuffle_buffer=6)
+    it = iter(loader(cfg, tokenizer))
+    full = [next(it) for _ in range(8)]
+    reads = count_reads(monkeypatch)
+    resumed = iter(loader(cfg, tokenizer, data_state=full[3]["data_state"]))
+    assert [next(resumed)["keys"] for _ in range(4)] == [b["keys"] for b in full[4:]]
+    assert reads[0] <= 4 * 2 * 6 + 8 * 4  # at most 2 shards of 6 samples a stream read back, then 4 batches' reads
+
+
 def count_reads(monkeypatch) -> list:
     """Samples the train loader reads from tars (every sample a tar reader yields), counted in-process."""
     reads = [0]
