@@ -40,7 +40,7 @@ config (dataclass defaults, then CONFIG, then KEY=VALUE overrides; a dotted key 
                lock_image, init_from, trust_pickles (init_from may unpickle), init_logit_scale, init_logit_bias;
                model.vision: image_size, patch_size, width, layers, heads, mlp_dim, act, ln_eps, patch_dropout;
                model.text: kind, hf_config, vocab_size, context_length, width, layers, heads, mlp_dim, act, ln_eps
-  data         num_workers, max_bad_fraction, bad_min_samples, max_image_pixels, max_member_bytes,
+  data         num_workers, num_streams, max_bad_fraction, bad_min_samples, max_image_pixels, max_member_bytes,
                max_caption_bytes, allow_compressed_tars, decode;
                data.train: urls, sources, resampled, source_weights, samples_per_epoch, shuffle_buffer,
                image_key, text_key, crop_scale;
