@@ -1,0 +1,106 @@
+"""Worker for test_plan.py: under each ZeRO stage in turn (one launch), three train steps of the tiny model with
+every torch.distributed collective counted (bytes of the buffer each call sees, as mmpretrain.plan counts them)
+and the peak of torch's CPU allocator (the profiler's running total) from the model's build to the last step.
+
+    torchrun --nproc_per_node=2 tests/distributed/plan_worker.py OUT.json 0:8 1:8 2:8 3:8 0:512
+
+Each argument is STAGE:GLOBAL_BATCH (a large batch makes the activations most of the peak).
+"""
+
+import gc
+import json
+import sys
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
+
+COUNTED: Counter = Counter()
+COUNTING = [False]
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+# op -> the buffer's bytes from the call's arguments (all-reduce: the tensor; all-gather: the output; reduce-scatter:
+# the input). Wrapped before DeepSpeed starts: its TorchBackend keeps references to these functions.
+SIZES = {
+    "all_reduce": ("all_reduce", lambda *a, **k: _nbytes(k.get("tensor", a[0] if a else None))),
+    "all_gather_into_tensor": ("all_gather", lambda *a, **k: _nbytes(k.get("output_tensor", a[0] if a else None))),
+    "all_gather": ("all_gather", lambda *a, **k: sum(_nbytes(t) for t in k.get("tensor_list", a[0] if a else []))),
+    "reduce_scatter_tensor": ("reduce_scatter", lambda *a, **k: _nbytes(k.get("input", a[1] if len(a) > 1 else None))),
+    "reduce_scatter": ("reduce_scatter", lambda *a, **k: sum(_nbytes(t) for t in k.get("input_list", a[1]))),
+    "broadcast": ("broadcast", lambda *a, **k: _nbytes(k.get("tensor", a[0] if a else None))),
+}
+
+
+def _wrap(fn_name, op, size):
+    orig = getattr(dist, fn_name)
+
+    def counted(*args, **kwargs):
+        if COUNTING[0]:
+            COUNTED[op] += size(*args, **kwargs)
+        return orig(*args, **kwargs)
+
+    setattr(dist, fn_name, counted)
+
+
+for _name, (_op, _size) in SIZES.items():
+    _wrap(_name, _op, _size)
+
+from mmpretrain.config import load_config  # noqa: E402  (after the wrapping: DeepSpeed binds at import)
+from mmpretrain.distributed import destroy, init_distributed  # noqa: E402
+from mmpretrain.engine import build_engine  # noqa: E402
+from mmpretrain.model import build_model  # noqa: E402
+from mmpretrain.objectives import Objective  # noqa: E402
+from mmpretrain.step import TrainStep  # noqa: E402
+
+
+def run_stage(stage: int, global_batch: int, info) -> dict:
+    cfg = load_config(None, ["model.name=tiny", f"train.batch_size={global_batch}", "optim.warmup_steps=1",
+                             "data.synthetic.root=unused", f"engine.zero_stage={stage}"])  # fmt: skip
+    per_rank = global_batch // info.world_size
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.manual_seed(0)
+        engine = build_engine(build_model(cfg.model), cfg.optim, cfg.engine, micro_batch_size=per_rank, total_steps=4)
+        step = TrainStep(engine, Objective(cfg), cfg.engine, grad_clip=cfg.optim.grad_clip, loss_cfg=cfg.loss,
+                         device=info.device)  # fmt: skip
+        size, ctx, vocab = cfg.model.vision.image_size, cfg.model.text.context_length, cfg.model.text.vocab_size
+        for i in range(3):  # the last step is steady state (ZeRO-3 traces its fetch order in the first)
+            g = torch.Generator().manual_seed(100 + i + info.rank)
+            tokens = torch.randint(1, vocab - 2, (per_rank, ctx), generator=g)
+            tokens[:, -1] = vocab - 1
+            COUNTED.clear()
+            COUNTING[0] = i == 2
+            res = step({"image": torch.randn(per_rank, 3, size, size, generator=g), "text": tokens}, i + 1)
+            COUNTING[0] = False
+            assert not res.skipped
+        del engine, step
+    return {"collectives": dict(COUNTED), "peak_bytes": peak_allocated(prof)}
+
+
+def peak_allocated(prof) -> int:
+    """The highest running total of the profiler's memory events (allocations +, frees -) in time order."""
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())  # fmt: skip
+    total = peak = 0
+    for e in events:
+        total += e.nbytes()
+        peak = max(peak, total)
+    return peak
+
+
+def main(out_path, runs):
+    info = init_distributed()
+    results = {run: run_stage(*map(int, run.split(":")), info) for run in runs}
+    if info.rank == 0:
+        with open(out_path, "w") as f:
+            json.dump({"world_size": info.world_size, "runs": results}, f)
+    destroy()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
