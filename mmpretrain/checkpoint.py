@@ -7,21 +7,35 @@ Layout of ``<output_dir>/checkpoints/``::
         rng_rank<R>.pt       torch / CUDA / numpy / python RNG states of rank R
     latest                   text file naming the newest complete tag
 
-``latest`` is replaced with an atomic rename only after every rank finished writing, so a
-kill during a save leaves it on the previous complete checkpoint. DeepSpeed's shards are
-pickles: a run folder is trusted like code. The RNG files hold plain values and load with
-weights_only=True. The folder's layout and its readers (latest tag, step folders, meta.json)
-are in mmpretrain.run_folder; this module adds what needs the engine.
+``latest`` is replaced with an atomic rename only after every rank's files are written and
+fsync'd, so a kill during a save leaves it on the previous complete checkpoint. DeepSpeed's
+shards are pickles: a run folder is trusted like code. The RNG files hold plain values and load with
+weights_only=True.
+
+Background saves (``checkpoint.async_save``, the default): the step stalls only while DeepSpeed
+builds its state dicts and ``BackgroundSaver`` copies their tensors to host memory (DeepSpeed's
+checkpoint engine is swapped for one that keeps what it is given); a thread per rank then writes
+the files (temporary name, fsync, rename), fsyncs the folder and leaves ``done_rank<R>``. Rank 0's
+thread waits for every rank's marker on the shared file system, then writes meta.json and moves
+``latest``. No collective runs outside the main thread. One save is in flight at a time: the next
+save, and the end of the run, wait for it. The host copy costs one checkpoint's size of host
+memory while the write runs. (DeepSpeed's own DecoupledCheckpointEngine needs its aio/GDS writer
+ops, which CPU builds lack, and writes ``latest`` itself at the next optimizer step; PyTorch's
+``dcp.async_save`` writes its own format. This is their staging-then-writer-thread design over
+DeepSpeed's files.) The folder's layout and its readers (latest tag,
+step folders, meta.json) are in mmpretrain.run_folder; this module adds what needs the engine.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -91,32 +105,168 @@ def load_rng_state(path: str) -> dict:
         raise ValueError(f"{path}: not a readable RNG state ({why}); delete it to resume without it") from None
 
 
-def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: int, before_commit=None) -> str:
-    """Save on every rank (a collective); returns the tag. ``meta`` must be the same on all ranks.
+DONE = "done_rank{rank}"  # a rank's files in a step folder are complete and durable (background saves)
 
-    Order: DeepSpeed's files and the RNG states of every rank, then meta.json, then (after a
-    barrier) ``latest``. A step folder without meta.json is incomplete and is never resumed from.
-    ``before_commit(step)`` runs just before meta.json is written (fault injection in tests).
+
+def _write_durable(obj, path: str) -> None:
+    """torch.save to a temporary name, fsync, rename: the file is whole or absent."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the renames into the folder are durable
+    finally:
+        os.close(fd)
+
+
+def _host_copy(obj):
+    """A deep copy of a state dict whose tensors are copies in host memory (a snapshot the step may not change).
+    Each storage is copied once and the tensors stay views of it, so the file is what torch.save would write."""
+    memo: dict = {}
+    storages: dict = {}
+
+    def visit(o):
+        if isinstance(o, torch.Tensor):
+            st = o.untyped_storage()
+            key = (st.device, st.data_ptr())
+            if key not in storages:
+                storages[key] = st.cpu() if st.device.type != "cpu" else st.clone()
+            view = torch.empty(0, dtype=o.dtype).set_(storages[key], o.storage_offset(), o.size(), o.stride())
+            memo[id(o)] = view
+        elif isinstance(o, dict):
+            for v in o.values():
+                visit(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                visit(v)
+
+    visit(obj)
+    return copy.deepcopy(obj, memo)  # tensors come from the memo; containers and the rest are copied
+
+
+class _Capture:
+    """Stands in for DeepSpeed's checkpoint engine during a save: ``save(state_dict, path)`` keeps a host copy
+    (background) or writes durably at once (synchronous); everything else is the real engine's."""
+
+    def __init__(self, inner, keep: bool):
+        self.inner, self.keep, self.files = inner, keep, []
+
+    def save(self, state_dict, path: str) -> None:
+        if self.keep:
+            self.files.append((path, _host_copy(state_dict)))
+        else:
+            _write_durable(state_dict, path)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class BackgroundSaver:
+    """At most one checkpoint write in flight on this rank; ``wait()`` joins it and re-raises its error."""
+
+    def __init__(self, timeout_s: float = 3600.0):
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.timeout_s = timeout_s  # how long rank 0 waits for the other ranks' markers
+
+    def start(self, fn) -> None:
+        self.wait()
+
+        def run():
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001  (kept for the main thread)
+                self.error = e
+
+        # daemon: a run that ends without wait() (an error, a second Ctrl-C) abandons the write, as a kill would
+        self.thread = threading.Thread(target=run, name="checkpoint-writer", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> None:
+        while self.thread is not None and self.thread.is_alive():
+            self.thread.join(0.2)  # in slices: a signal (the second Ctrl-C) still interrupts the main thread
+        self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise RuntimeError(f"the background checkpoint write failed: {error}") from error
+
+
+def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: int, before_commit=None,
+         saver: BackgroundSaver | None = None, world_size: int = 1) -> tuple[str, float]:  # fmt: skip
+    """Save on every rank (a collective); returns (tag, seconds the caller was blocked). ``meta`` must be the same
+    on all ranks. With ``saver`` the files are written in the background (see the module docstring).
+
+    Order: DeepSpeed's files and the RNG states of every rank, each fsync'd, then meta.json, then ``latest``. A step
+    folder without meta.json is incomplete and is never resumed from. ``before_commit(step)`` runs after this rank's
+    files are written, before its part is marked complete (fault injection in tests).
     """
+    t0 = time.perf_counter()
+    if saver is not None:
+        saver.wait()  # the previous save is committed before this one starts (and before pruning can race it)
     root = checkpoint_root(output_dir)
     tag = step_tag(step)
     tag_dir = os.path.join(root, tag)
-    if rank == 0 and os.path.exists(os.path.join(tag_dir, META)):
-        # left by a save that was killed: DeepSpeed writes over the folder, but a stale meta.json must not
-        # make it look complete (only rank 0 writes meta.json, after the barrier below)
-        os.remove(os.path.join(tag_dir, META))
-    # the (empty) universal-checkpoint marker lets ds_to_universal convert this save for another world size
-    engine.save_checkpoint(root, tag=tag, save_latest=False, client_state={UNIVERSAL_CHECKPOINT_INFO: {}})
-    torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
-    barrier()  # every rank has written its shards and RNG state
-    if before_commit is not None:
-        before_commit(step)
-    if rank == 0:
-        write_atomic(os.path.join(tag_dir, META), json.dumps({"step": step, **meta}, indent=1))
-        write_atomic(os.path.join(root, LATEST), tag)
-        _prune(output_dir, keep_last, keep=tag)
-    barrier()
-    return tag
+    os.makedirs(tag_dir, exist_ok=True)
+    done = os.path.join(tag_dir, DONE.format(rank=rank))
+    for stale in (done, *([os.path.join(tag_dir, META)] if rank == 0 else [])):
+        # left by a save that was killed: DeepSpeed writes over the folder, but a stale meta.json or marker must not
+        # make it look complete
+        if os.path.exists(stale):
+            os.remove(stale)
+    barrier()  # no stale marker is left when any rank's writer starts
+    capture = _Capture(engine.checkpoint_engine, keep=saver is not None)
+    engine.checkpoint_engine = capture
+    try:
+        # the (empty) universal-checkpoint marker lets ds_to_universal convert this save for another world size
+        engine.save_checkpoint(root, tag=tag, save_latest=False, client_state={UNIVERSAL_CHECKPOINT_INFO: {}})
+    finally:
+        engine.checkpoint_engine = capture.inner
+    files = [*capture.files, (os.path.join(tag_dir, f"rng_rank{rank}.pt"), rng_state())]
+    record = json.dumps({"step": step, **meta}, indent=1)
+
+    def write_and_commit():
+        for path, obj in files:
+            _write_durable(obj, path)
+        _fsync_dir(tag_dir)
+        if before_commit is not None:
+            before_commit(step)
+        if saver is None:
+            barrier()  # every rank's files are durable
+        else:
+            write_atomic(done, "written and fsync'd\n")
+            if rank == 0:
+                _wait_for_markers(tag_dir, world_size, saver.timeout_s)
+        if rank == 0:
+            write_atomic(os.path.join(tag_dir, META), record)
+            write_atomic(os.path.join(root, LATEST), tag)
+            _fsync_dir(root)
+            _prune(output_dir, keep_last, keep=tag)
+
+    if saver is None:
+        write_and_commit()
+        barrier()
+    else:
+        saver.start(write_and_commit)
+    return tag, time.perf_counter() - t0
+
+
+def _wait_for_markers(tag_dir: str, world_size: int, timeout_s: float) -> None:
+    """Rank 0's writer: until every rank's part of this checkpoint is durable (their markers on the shared disk)."""
+    deadline = time.monotonic() + timeout_s
+    missing = list(range(world_size))
+    while missing:
+        missing = [r for r in missing if not os.path.isfile(os.path.join(tag_dir, DONE.format(rank=r)))]
+        if missing and time.monotonic() > deadline:
+            raise TimeoutError(f"{tag_dir}: ranks {missing} did not finish writing within {timeout_s:.0f} s")
+        if missing:
+            time.sleep(0.05)
 
 
 def _prune(output_dir: str, keep_last: int, keep: str) -> None:

@@ -10,6 +10,10 @@ class CheckpointConfig:
     """Save every N optimizer steps (0 = only at the end of the run)."""
     keep_last: int = 2
     """Keep this many newest checkpoints; older step_* folders are deleted after a save."""
+    async_save: bool = True
+    """Write checkpoints in the background: the step stalls only while the state is copied to host memory (one
+    checkpoint's size of host memory while the write runs); ``latest`` moves once every rank's files are durable.
+    false: write and fsync before training continues. The stall of each save is logged as checkpoint/stall_s."""
 
     def validate(self, prefix: str) -> None:
         if self.every_steps < 0:

@@ -322,10 +322,15 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
     key_log = open(key_path, "a") if cfg.logging.sample_keys else None
     skips = SkipTracker(cfg.train.max_skips_in_a_row, total=state.skipped_steps)
 
-    def save() -> str:  # a collective: every rank writes its part
+    saver = checkpoint.BackgroundSaver(cfg.engine.dist_timeout_s) if cfg.checkpoint.async_save else None
+
+    def save() -> str:  # a collective: every rank writes its part (in the background with checkpoint.async_save)
         state.data_position = gather_data_position(data_state)  # collective
-        return checkpoint.save(engine, cfg.output_dir, state.step, state.state_dict(cfg_dict), rank,
-                               cfg.checkpoint.keep_last, before_commit=injector.during_save)  # fmt: skip
+        tag, stall_s = checkpoint.save(engine, cfg.output_dir, state.step, state.state_dict(cfg_dict), rank,
+                                       cfg.checkpoint.keep_last, before_commit=injector.during_save, saver=saver,
+                                       world_size=world)  # fmt: skip
+        log.log(state.step, {"checkpoint/stall_s": stall_s})  # how long the step waited for this save
+        return tag
 
     last, window = {}, LogWindow()
     start_step, saved_at, stop = state.step, (f"step_{state.step}" if resumed else None), False
@@ -356,6 +361,8 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
 
     if saved_at != f"step_{state.step}" and state.step > start_step:
         saved_at = save()
+    if saver is not None:
+        saver.wait()  # the last checkpoint is durable and `latest` names it (a second Ctrl-C abandons it)
     stopped_on_request = stop and res.stop
     if stopped_on_request:
         log.write(f"stopped on request ({stopper.reason() if stopper.requested() else 'another rank'}) after step "
