@@ -19,11 +19,13 @@ the files (temporary name, fsync, rename), fsyncs the folder and leaves ``done_r
 thread waits for every rank's marker on the shared file system, then writes meta.json and moves
 ``latest``. No collective runs outside the main thread. One save is in flight at a time: the next
 save, and the end of the run, wait for it. The host copy costs one checkpoint's size of host
-memory while the write runs. (DeepSpeed's own DecoupledCheckpointEngine needs its aio/GDS writer
-ops, which CPU builds lack, and writes ``latest`` itself at the next optimizer step; PyTorch's
-``dcp.async_save`` writes its own format. This is their staging-then-writer-thread design over
-DeepSpeed's files.) The folder's layout and its readers (latest tag,
-step folders, meta.json) are in mmpretrain.run_folder; this module adds what needs the engine.
+memory, kept for the run: every save copies into the same buffers (no page faults in the stall).
+(DeepSpeed's own DecoupledCheckpointEngine needs its aio/GDS writer ops, which CPU builds lack,
+and writes ``latest`` itself at the next optimizer step; PyTorch's ``dcp.async_save`` writes its
+own format. This is their staging-then-writer-thread design over DeepSpeed's files.)
+
+The folder's layout and its readers (latest tag, step folders, meta.json) are in
+mmpretrain.run_folder; this module adds what needs the engine.
 """
 
 from __future__ import annotations
@@ -126,18 +128,32 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _host_copy(obj):
+def _host_copy(obj, staging: dict | None = None, name: str = ""):
     """A deep copy of a state dict whose tensors are copies in host memory (a snapshot the step may not change).
-    Each storage is copied once and the tensors stay views of it, so the file is what torch.save would write."""
+    Each storage is copied once and the tensors stay views of it, so the file is what torch.save would write.
+
+    ``staging``: host buffers kept from the previous save, keyed by (file name, storage index); a storage of the
+    same size is copied into its buffer instead of into fresh memory (no page faults: the stall is the copy alone).
+    """
     memo: dict = {}
     storages: dict = {}
+
+    def host_storage(st):
+        key = (name, len(storages))
+        buf = staging.get(key) if staging is not None else None
+        if buf is None or buf.nbytes() != st.nbytes():
+            buf = torch.UntypedStorage(st.nbytes())  # on the host
+            if staging is not None:
+                staging[key] = buf
+        buf.copy_(st)
+        return buf
 
     def visit(o):
         if isinstance(o, torch.Tensor):
             st = o.untyped_storage()
             key = (st.device, st.data_ptr())
             if key not in storages:
-                storages[key] = st.cpu() if st.device.type != "cpu" else st.clone()
+                storages[key] = host_storage(st)
             view = torch.empty(0, dtype=o.dtype).set_(storages[key], o.storage_offset(), o.size(), o.stride())
             memo[id(o)] = view
         elif isinstance(o, dict):
@@ -155,12 +171,12 @@ class _Capture:
     """Stands in for DeepSpeed's checkpoint engine during a save: ``save(state_dict, path)`` keeps a host copy
     (background) or writes durably at once (synchronous); everything else is the real engine's."""
 
-    def __init__(self, inner, keep: bool):
-        self.inner, self.keep, self.files = inner, keep, []
+    def __init__(self, inner, staging: dict | None):
+        self.inner, self.staging, self.files = inner, staging, []
 
     def save(self, state_dict, path: str) -> None:
-        if self.keep:
-            self.files.append((path, _host_copy(state_dict)))
+        if self.staging is not None:
+            self.files.append((path, _host_copy(state_dict, self.staging, os.path.basename(path))))
         else:
             _write_durable(state_dict, path)
 
@@ -175,6 +191,7 @@ class BackgroundSaver:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.timeout_s = timeout_s  # how long rank 0 waits for the other ranks' markers
+        self.staging: dict = {}  # host buffers reused by every save (one checkpoint's size of host memory)
 
     def start(self, fn) -> None:
         self.wait()
@@ -221,7 +238,7 @@ def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: i
         if os.path.exists(stale):
             os.remove(stale)
     barrier()  # no stale marker is left when any rank's writer starts
-    capture = _Capture(engine.checkpoint_engine, keep=saver is not None)
+    capture = _Capture(engine.checkpoint_engine, staging=saver.staging if saver is not None else None)
     engine.checkpoint_engine = capture
     try:
         # the (empty) universal-checkpoint marker lets ds_to_universal convert this save for another world size

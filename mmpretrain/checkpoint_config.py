@@ -12,7 +12,7 @@ class CheckpointConfig:
     """Keep this many newest checkpoints; older step_* folders are deleted after a save."""
     async_save: bool = True
     """Write checkpoints in the background: the step stalls only while the state is copied to host memory (one
-    checkpoint's size of host memory while the write runs); ``latest`` moves once every rank's files are durable.
+    checkpoint's size of host memory, kept for the run); ``latest`` moves once every rank's files are durable.
     false: write and fsync before training continues. The stall of each save is logged as checkpoint/stall_s."""
 
     def validate(self, prefix: str) -> None:
