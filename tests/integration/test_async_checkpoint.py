@@ -42,13 +42,28 @@ def batch(cfg, seed):
     return {"image": torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8, generator=g), "text": tokens}
 
 
-def test_background_save_writes_the_state_at_the_save_and_commits_after_the_files(tmp_path, monkeypatch):
+def engine_and_step():
     cfg = load_config(TINY, ["train.batch_size=8", "data.synthetic.root=unused"])
     info = init_distributed()
     torch.manual_seed(0)
     engine = build_engine(build_model(cfg.model), cfg.optim, cfg.engine, micro_batch_size=8, total_steps=10)
     step = TrainStep(engine, Objective(cfg), cfg.engine, grad_clip=1.0, loss_cfg=cfg.loss, device=info.device)
     step(batch(cfg, 0), 1)
+    return cfg, engine, step
+
+
+def test_a_synchronous_save_is_committed_when_it_returns(tmp_path):
+    _, engine, _ = engine_and_step()
+    tag, stall_s = checkpoint.save(engine, str(tmp_path), 1, {"world_size": 1}, 0, keep_last=2)
+    step_dir = os.path.join(str(tmp_path), "checkpoints", tag)
+    assert checkpoint.latest_tag(str(tmp_path)) == tag and stall_s > 0
+    assert not [f for f in os.listdir(step_dir) if f.startswith("done_rank") or ".tmp" in f]
+    saved = checkpoint.load_state_dict(step_dir)
+    assert all(torch.equal(saved[k], v) for k, v in engine.module.state_dict().items())
+
+
+def test_background_save_writes_the_state_at_the_save_and_commits_after_the_files(tmp_path, monkeypatch):
+    cfg, engine, step = engine_and_step()
     at_save = {k: v.clone() for k, v in engine.module.state_dict().items()}
 
     release = threading.Event()
