@@ -24,8 +24,10 @@ Injected faults (tests only). ``MMPRETRAIN_INJECT`` is a comma-separated list of
     nan_loss@5        the loss of step 5 is NaN (on every rank, or only ``:rank``)
     nan_grad@5        the gradient of one parameter is NaN in step 5, finite loss
     raise@5:1         rank 1 raises RuntimeError in step 5
-    slow_save@6       the save at step 6 sleeps 600 s after DeepSpeed wrote its files, before
-                      meta.json / ``latest`` (to kill a run in the middle of a checkpoint write)
+    slow_save@6       the save at step 6 sleeps 600 s after this rank's files are written, before
+                      its part is marked complete and meta.json / ``latest`` are written (to kill a run
+                      in the middle of a checkpoint write; with checkpoint.async_save the sleep is in
+                      the writer thread and training goes on until the next save waits for it)
 """
 
 from __future__ import annotations

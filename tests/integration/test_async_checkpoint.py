@@ -107,18 +107,24 @@ def stall_lines(out):
 def test_sigkill_during_the_background_write_resumes_from_the_previous_checkpoint(shapes_dataset, tmp_path):
     out = str(tmp_path / "run")
     env = {**ENV, "MMPRETRAIN_INJECT": "slow_save@4"}  # the writer sleeps after step_4's files, before its marker
-    proc = subprocess.Popen(command(shapes_dataset, out), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    log = open(tmp_path / "killed.log", "w")  # a file, not a pipe: a full pipe would stall the run
+    proc = subprocess.Popen(command(shapes_dataset, out), env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
     step4 = os.path.join(out, "checkpoints", "step_4")
+
+    def writing_step4():  # its files are written (the writer now sleeps) and the loop logged both stalls
+        logged = os.path.exists(os.path.join(out, "metrics.jsonl")) and len(stall_lines(out)) >= 2
+        return logged and os.path.isfile(os.path.join(step4, "rng_rank0.pt"))
+
     deadline = time.time() + 240
-    while not (os.path.isfile(os.path.join(step4, "rng_rank0.pt")) and len(stall_lines(out) if os.path.exists(
-            os.path.join(out, "metrics.jsonl")) else []) >= 2):  # fmt: skip
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+    while not writing_step4():
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
         assert time.time() < deadline, "the run did not reach the save at step 4"
         time.sleep(0.05)
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)  # the process and its data worker, mid-write
-    proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    log.close()
     assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step_2"
     assert not os.path.exists(os.path.join(step4, "meta.json")) and not os.path.exists(
         os.path.join(step4, "done_rank0")
