@@ -11,8 +11,9 @@ e_w bytes of a weight / gradient element (2 under bf16 weights, else 4).
 Collectives of one optimizer step, per rank, in the bytes of the buffer each call sees (all-reduce: the tensor;
 all-gather: its output; reduce-scatter: its input)::
 
-    loss (CLIP)    all-gather texts B x D x e_f, all-reduce (B + 1) fp64 column sums + loss, reduce-scatter
-                   the text gradients B x D x e_f in backward (SigLIP: one fp64 in the all-reduce)
+    loss (CLIP)    all-gather texts B x D fp32 (features are fp32 under every precision), all-reduce (B + 1) fp64
+                   column sums + loss, reduce-scatter the text gradients B x D fp32 in backward (SigLIP: one
+                   fp64 in the all-reduce)
     step flags     all-reduce (2 + [norm] + 1 + terms) fp32: TrainStep's one collective
     ZeRO 0         all-reduce of the gradients, P x e_w (DeepSpeed's flat buckets)
     ZeRO 1 / 2     all-reduce of the gradients, P x e_w (DeepSpeed 0.19.8 reduces whole buckets, then keeps its
@@ -22,14 +23,18 @@ all-gather: its output; reduce-scatter: its input)::
                    while P <= stage3_max_live_parameters (our engine config: 1e9, so the backward reuses the
                    forward's gather), else twice (forward and backward); reduce-scatter of the gradients (same
                    padding); two fp64 scalars
+    amp_bf16       DeepSpeed's torch_autocast moves the parameters of Linear / Conv modules (its "lower
+                   precision safe modules") in bf16 at ZeRO 1-3: their gradients in the ZeRO 1/2 all-reduce, their
+                   weights and gradients in ZeRO 3's all-gather and reduce-scatter; the rest stays fp32
 
 Wire bytes (what the interconnect carries per GPU, ring algorithms): all-reduce 2 (W-1)/W, all-gather and
 reduce-scatter (W-1)/W of those buffer bytes.
 
 Memory per GPU: persistent (weights, fp32 master copy, AdamW's two moments, DeepSpeed's gradient buffers) plus
 the larger of two moments of the step: the end of the forward (activations, the loss's buffers, ZeRO-3's gathered
-weights) and the end of the backward (gradients, DeepSpeed's reduce bucket: 5e8 elements at ZeRO 1-3, the flat
-all-reduce copy at ZeRO 0 on more than one rank). Activations are what autograd saves per token of each block::
+weights) and the end of the backward (gradients, DeepSpeed's reduce bucket: 5e8 elements at ZeRO 1-3, a second
+one for amp_bf16's bf16 gradients (5e8 x 4 bytes at ZeRO 1/2, x 2 at ZeRO 3, as measured), the flat all-reduce copy
+at ZeRO 0 on more than one rank). Activations are what autograd saves per token of each block::
 
     fp32            (9 D + 2 F) x 4 bytes: LN input and output, QKV, attention output and its reshaped copy,
                     the residual, LN2 output, MLP hidden before and after the activation (F = mlp_dim)
@@ -53,10 +58,14 @@ from mmpretrain.model import build_model, param_groups
 from mmpretrain.model.config import ModelConfig, resolve_model_config
 
 GIB = 2**30
+SAFE_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)  # DeepSpeed's torch_autocast
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size default (elements): ZeRO 1-3's gradient bucket
 ADAM_BYTES = 8  # two fp32 moments per parameter
 # Measured train step rates on one H200 (docs/benchmarks.md, 2026-12-04): (model, precision) -> samples/s/GPU
 MEASURED_RATES = {("ViT-B-16", "amp_bf16"): 2244.0, ("ViT-L-14", "bf16"): 605.0}
+# Those rates are of compiled blocks; under ZeRO 3 engine.compile (auto) leaves them eager. Our eager rate was not
+# measured: OpenCLIP's eager / compiled ratio on the same H200 (1872 / 2745 samples/s, ViT-B/16) stands in for it.
+EAGER_FACTOR = 1872.0 / 2745.0
 
 
 @dataclass
@@ -67,6 +76,7 @@ class Params:
     sizes: list  # numel of each parameter
     groups: list  # numel of each optimizer group (decayed, not decayed)
     matmul: int  # parameters of 2-D weights (autocast copies them to bf16)
+    safe: list  # per parameter: whether it belongs to a Linear / Conv module (DeepSpeed's autocast moves it in bf16)
 
 
 @dataclass
@@ -114,7 +124,19 @@ def count_params(model_cfg: ModelConfig) -> Params:
     sizes = [p.numel() for p in model.parameters() if p.requires_grad]
     groups = [sum(p.numel() for p in g["params"]) for g in param_groups(model, 0.1)]
     matmul = sum(p.numel() for p in model.parameters() if p.requires_grad and p.dim() == 2)
-    return Params(total=sum(sizes), sizes=sizes, groups=groups, matmul=matmul)
+    safe_ids = {id(p) for m in model.modules() if isinstance(m, SAFE_MODULES) for p in m.parameters(recurse=False)}
+    safe = [id(p) in safe_ids for p in model.parameters() if p.requires_grad]
+    return Params(total=sum(sizes), sizes=sizes, groups=groups, matmul=matmul, safe=safe)
+
+
+def grad_bytes(params: Params, precision: str, stage: int, sizes: list | None = None) -> int:
+    """Bytes of the given parameter sizes (default: each parameter's numel) in the dtype ZeRO communicates."""
+    sizes = params.sizes if sizes is None else sizes
+    if precision in ("bf16", "fp16"):
+        return 2 * sum(sizes)
+    if precision == "amp_bf16" and stage >= 1:
+        return sum(n * (2 if safe else 4) for n, safe in zip(sizes, params.safe))
+    return 4 * sum(sizes)
 
 
 def _pad(n: int, multiple: int) -> int:
@@ -122,10 +144,6 @@ def _pad(n: int, multiple: int) -> int:
 
 
 def weight_bytes(precision: str) -> int:
-    return 2 if precision in ("bf16", "fp16") else 4
-
-
-def feature_bytes(precision: str) -> int:
     return 2 if precision in ("bf16", "fp16") else 4
 
 
@@ -138,7 +156,7 @@ def collectives(params: Params, *, world: int, stage: int, precision: str, globa
     """Every collective of one steady-state optimizer step on one rank (none in a world of one)."""
     if world == 1:
         return []
-    e_w, e_f = weight_bytes(precision), feature_bytes(precision)
+    e_w, e_f = weight_bytes(precision), 4
     B, D = global_batch, embed_dim
     out = [
         Collective("loss: all-gather texts", "all_gather", B * D * e_f),
@@ -149,15 +167,15 @@ def collectives(params: Params, *, world: int, stage: int, precision: str, globa
     if stage == 0:
         out.append(Collective("gradients: all-reduce", "all_reduce", params.total * e_w))
     elif stage in (1, 2):
-        out.append(Collective("gradients: all-reduce", "all_reduce", params.total * e_w))
+        out.append(Collective("gradients: all-reduce", "all_reduce", grad_bytes(params, precision, stage)))
         padded = [_pad(n, 2 * world) for n in params.groups if n]
         out.append(Collective("weights: all-gather", "all_gather", sum(padded) * e_w, calls=len(padded)))
         out.append(Collective("DeepSpeed norm / overflow (fp32)", "all_reduce", 2 * 4, calls=2))
     else:
-        padded = sum(_pad(n, world) for n in params.sizes)
+        padded = grad_bytes(params, precision, stage, [_pad(n, world) for n in params.sizes])
         passes = 1 if params.total <= max_live else 2
-        out.append(Collective("weights: all-gather", "all_gather", passes * padded * e_w, calls=passes))
-        out.append(Collective("gradients: reduce-scatter", "reduce_scatter", padded * e_w))
+        out.append(Collective("weights: all-gather", "all_gather", passes * padded, calls=passes))
+        out.append(Collective("gradients: reduce-scatter", "reduce_scatter", padded))
         out.append(Collective("DeepSpeed norm / overflow (fp64)", "all_reduce", 2 * 8, calls=2))
     return out
 
@@ -230,11 +248,13 @@ def memory(params: Params, model_cfg: ModelConfig, *, world: int, stage: int, pr
             backward["all-reduce flat copy"] = P * e
     else:
         backward["reduce bucket"] = REDUCE_BUCKET * e
+        if precision == "amp_bf16":
+            backward["reduce bucket, bf16 gradients"] = REDUCE_BUCKET * (2 if stage == 3 else 4)
         if stage == 1:
             backward["all-reduce flat copy"] = P * e
     if stage == 3:
         # the gathered weights stay for the backward while P <= max_live
-        gathered = min(P, int(max_live)) * e
+        gathered = int(grad_bytes(params, precision, stage) * min(1.0, max_live / P))
         forward["ZeRO-3 gathered weights"] = gathered
         backward["ZeRO-3 gathered weights"] = gathered
     moment = forward if sum(forward.values()) >= sum(backward.values()) else backward
@@ -282,7 +302,7 @@ def plan(model_name: str, *, global_batch: int, gpus: int, zero_stage: int, prec
         for c in colls:
             if c.name.startswith("weights: all-gather") and zero_stage == 3:
                 c.bytes *= 2 * accum
-    r = rate or default_rate(model_name, model_cfg, precision)
+    r = (rate or default_rate(model_name, model_cfg, precision)) * (EAGER_FACTOR if zero_stage == 3 else 1.0)
     compute = per_gpu / r * (1.33 if grad_ckpt else 1.0) * (1 + (1 / 3 if accum > 1 else 0))
     comm = sum(c.wire_bytes(gpus) for c in colls) / (bandwidth_gbs * 1e9)
     return Plan(model_name, global_batch, gpus, micro, accum, zero_stage, precision, grad_ckpt, params.total, parts,

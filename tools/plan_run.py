@@ -6,8 +6,8 @@ ZeRO stage, micro-batch and accumulation that fit (the model is in mmpretrain/pl
     python tools/plan_run.py --model ViT-L-14 --global-batch 32768 --gpus 512 --gpu-mem-gib 80 --recommend
 
 The step time is compute (the per-GPU samples at a measured rate: --rate, default the H200 numbers of
-docs/benchmarks.md, scaled by FLOPs for other sizes) plus communication (ring wire bytes over --bandwidth-gbs per
-GPU), without overlap: an upper bound.
+docs/benchmarks.md, scaled by FLOPs for other sizes; a rate of compiled blocks, x 0.68 under ZeRO 3, which runs them
+eager) plus communication (ring wire bytes over --bandwidth-gbs per GPU), without overlap: an upper bound.
 """
 
 import argparse
@@ -31,7 +31,12 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="amp_bf16", choices=PRECISIONS)
     ap.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (model.grad_checkpointing)")
     ap.add_argument("--micro-batch", type=int, default=None, help="per-GPU micro-batch (default: the whole share)")
-    ap.add_argument("--rate", type=float, default=None, help="measured samples/s per GPU at this model/precision")
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="measured samples/s per GPU at this model/precision, compiled blocks (ZeRO 0-2)",
+    )
     ap.add_argument("--bandwidth-gbs", type=float, default=50.0,
                     help="interconnect GB/s per GPU (default 50: 400 Gb/s InfiniBand per GPU)")  # fmt: skip
     ap.add_argument("--recommend", action="store_true", help="list every stage / checkpointing / micro-batch that fits")

@@ -2,9 +2,10 @@
 every torch.distributed collective counted (bytes of the buffer each call sees, as mmpretrain.plan counts them)
 and the peak of torch's CPU allocator (the profiler's running total) from the model's build to the last step.
 
-    torchrun --nproc_per_node=2 tests/distributed/plan_worker.py OUT.json 0:8 1:8 2:8 3:8 0:512
+    torchrun --nproc_per_node=2 tests/distributed/plan_worker.py OUT.json 0:8 1:8 2:8 3:8 0:512 3:8:amp_bf16
 
-Each argument is STAGE:GLOBAL_BATCH (a large batch makes the activations most of the peak).
+Each argument is STAGE:GLOBAL_BATCH[:PRECISION] (fp32 by default; a large batch makes the activations most of the
+peak).
 """
 
 import gc
@@ -58,10 +59,12 @@ from mmpretrain.objectives import Objective  # noqa: E402
 from mmpretrain.step import TrainStep  # noqa: E402
 
 
-def run_stage(stage: int, global_batch: int, info) -> dict:
+def run_stage(run: str, info) -> dict:
+    stage, global_batch, precision = (run.split(":") + ["fp32"])[:3]
     cfg = load_config(None, ["model.name=tiny", f"train.batch_size={global_batch}", "optim.warmup_steps=1",
-                             "data.synthetic.root=unused", f"engine.zero_stage={stage}"])  # fmt: skip
-    per_rank = global_batch // info.world_size
+                             "data.synthetic.root=unused", f"engine.zero_stage={stage}",
+                             f"engine.precision={precision}"])  # fmt: skip
+    per_rank = int(global_batch) // info.world_size
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         torch.manual_seed(0)
@@ -95,7 +98,7 @@ def peak_allocated(prof) -> int:
 
 def main(out_path, runs):
     info = init_distributed()
-    results = {run: run_stage(*map(int, run.split(":")), info) for run in runs}
+    results = {run: run_stage(run, info) for run in runs}
     if info.rank == 0:
         with open(out_path, "w") as f:
             json.dump({"world_size": info.world_size, "runs": results}, f)

@@ -1,5 +1,6 @@
 """mmpretrain.plan against measurement on 2 gloo ranks (one launch, plan_worker.py): the bytes of every collective
-kind per step equal the counted torch.distributed calls exactly under ZeRO 0-3, and the predicted peak memory is
+kind per step equal the counted torch.distributed calls exactly under ZeRO 0-3 (fp32; bf16 and amp_bf16 at some
+stages), and the predicted peak memory is
 within 15% of the CPU allocator's measured peak (the tiny model; at batch 8 the parameters and optimizer state are
 the peak, ZeRO 1-3's 2 GB reduce bucket dominating there; at batch 512 the activations are most of it)."""
 
@@ -16,7 +17,12 @@ from mmpretrain.plan import activation_bytes, collectives, count_params, memory,
 
 WORKER = os.path.join(os.path.dirname(__file__), "plan_worker.py")
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-RUNS = ["0:8", "1:8", "2:8", "3:8", "0:512"]
+RUNS = ["0:8", "1:8", "2:8", "3:8", "0:512", "0:8:bf16", "3:8:bf16", "0:8:amp_bf16", "1:8:amp_bf16", "3:8:amp_bf16"]
+
+
+def parse(run):
+    stage, batch, precision = (run.split(":") + ["fp32"])[:3]
+    return int(stage), int(batch), precision
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +45,8 @@ def tiny():
 @pytest.mark.parametrize("run", RUNS)
 def test_collective_bytes_equal_counted_calls(measured, tiny, run):
     cfg, params = tiny
-    stage, batch = map(int, run.split(":"))
-    predicted = op_totals(collectives(params, world=2, stage=stage, precision="fp32", global_batch=batch,
+    stage, batch, precision = parse(run)
+    predicted = op_totals(collectives(params, world=2, stage=stage, precision=precision, global_batch=batch,
                                       embed_dim=cfg.embed_dim, family=cfg.family))  # fmt: skip
     assert predicted == measured["runs"][run]["collectives"]
 
@@ -49,9 +55,9 @@ def test_collective_bytes_equal_counted_calls(measured, tiny, run):
 @pytest.mark.parametrize("run", RUNS)
 def test_peak_memory_within_15_percent(measured, tiny, run):
     cfg, params = tiny
-    stage, batch = map(int, run.split(":"))
-    _, peak = memory(params, cfg, world=2, stage=stage, precision="fp32", micro_batch=batch // 2, global_batch=batch,
-                     grad_ckpt=False)  # fmt: skip
+    stage, batch, precision = parse(run)
+    _, peak = memory(params, cfg, world=2, stage=stage, precision=precision, micro_batch=batch // 2,
+                     global_batch=batch, grad_ckpt=False)  # fmt: skip
     got = measured["runs"][run]["peak_bytes"]
     assert abs(peak - got) <= 0.15 * got, f"predicted {peak / 2**20:.1f} MiB, measured {got / 2**20:.1f} MiB"
 
