@@ -142,7 +142,9 @@ def _host_copy(obj, staging: dict | None = None, name: str = ""):
         key = (name, len(storages))
         buf = staging.get(key) if staging is not None else None
         if buf is None or buf.nbytes() != st.nbytes():
-            buf = torch.UntypedStorage(st.nbytes())  # on the host
+            # on the host; pinned for a device's storage (a direct DMA copy; not exercised on the CPU-only CI)
+            pinned = st.device.type != "cpu"
+            buf = torch.empty(st.nbytes(), dtype=torch.uint8, pin_memory=pinned).untyped_storage()
             if staging is not None:
                 staging[key] = buf
         buf.copy_(st)
