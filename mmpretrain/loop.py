@@ -299,8 +299,9 @@ def final_eval(engine, tokenizer, cfg: Config, dist_info, log, step: int) -> dic
     return results
 
 
-def train(cfg: Config, stop_after_steps: int = 0) -> dict:
-    """Run (or resume) training; returns the final metrics of this invocation."""
+def train(cfg: Config, stop_after_steps: int = 0, saver: checkpoint.BackgroundSaver | None = None) -> dict:
+    """Run (or resume) training; returns the final metrics of this invocation. ``saver``: the background checkpoint
+    writer (made here under checkpoint.async_save when not given; ``run`` gives one so that it can wait for it)."""
     check_restart(cfg)
     dist_info = init_distributed(cfg.engine.dist_timeout_s)
     rank, world = dist_info.rank, dist_info.world_size
@@ -322,7 +323,8 @@ def train(cfg: Config, stop_after_steps: int = 0) -> dict:
     key_log = open(key_path, "a") if cfg.logging.sample_keys else None
     skips = SkipTracker(cfg.train.max_skips_in_a_row, total=state.skipped_steps)
 
-    saver = checkpoint.BackgroundSaver(cfg.engine.dist_timeout_s) if cfg.checkpoint.async_save else None
+    if saver is None and cfg.checkpoint.async_save:
+        saver = checkpoint.BackgroundSaver(cfg.engine.dist_timeout_s)
 
     def save() -> str:  # a collective: every rank writes its part (in the background with checkpoint.async_save)
         state.data_position = gather_data_position(data_state)  # collective
@@ -428,22 +430,34 @@ def plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def finish_save(saver) -> None:
+    """Wait for a background checkpoint write in flight (bounded: no collective inside); a failure is printed."""
+    if saver is None:
+        return
+    try:
+        saver.wait()
+    except RuntimeError as e:
+        print(f"mmpretrain.train: {e}", file=sys.stderr, flush=True)
+
+
 # Errors every rank raises alike (decided by a collective): one line from rank 0, exit 1, no traceback.
 AGREED_ERRORS = (NonFiniteError, DataFaultError)
 
 
 def run(config: str, overrides: list[str], stop_after_steps: int = 0) -> int:
     """The command: load the config, train; returns the exit code (see mmpretrain.train). Rank 0 prints."""
-    rank, code = env_rank_world()[0], 0
+    rank, code, saver = env_rank_world()[0], 0, None
     try:
         cfg = load_config(config, overrides)
-        result = train(cfg, stop_after_steps=stop_after_steps)
+        saver = checkpoint.BackgroundSaver(cfg.engine.dist_timeout_s) if cfg.checkpoint.async_save else None
+        result = train(cfg, stop_after_steps=stop_after_steps, saver=saver)
         code = EXIT_STOPPED if result.get("stopped_on_request") else 0
     except ConfigError as e:
         if rank == 0:
             print(f"mmpretrain.train: error: {e}", file=sys.stderr, flush=True)
         code = 2
     except AGREED_ERRORS as e:
+        finish_save(saver)  # the last good checkpoint, which the message names, is committed before the exit
         if rank == 0:
             print(f"mmpretrain.train: error: {e}", file=sys.stderr, flush=True)
         code = 1
