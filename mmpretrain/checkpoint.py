@@ -12,14 +12,16 @@ fsync'd, so a kill during a save leaves it on the previous complete checkpoint. 
 shards are pickles: a run folder is trusted like code. The RNG files hold plain values and load with
 weights_only=True.
 
-Background saves (``checkpoint.async_save``, the default): the step stalls only while DeepSpeed
-builds its state dicts and ``BackgroundSaver`` copies their tensors to host memory (DeepSpeed's
-checkpoint engine is swapped for one that keeps what it is given); a thread per rank then writes
-the files (temporary name, fsync, rename), fsyncs the folder and leaves ``done_rank<R>``. Rank 0's
+Background saves (``checkpoint.async_save``, the default): DeepSpeed's checkpoint engine is
+swapped for one that keeps what it is given; a thread per rank copies those tensors to host
+memory while the next step's forward and backward run (ZeRO 0-2: the optimizer update waits for
+the copy; ZeRO 3 copies inside the save, its forward swaps parameter storage), then writes the
+files (temporary name, fsync, rename), fsyncs the folder and leaves ``done_rank<R>``. Rank 0's
 thread waits for every rank's marker on the shared file system, then writes meta.json and moves
 ``latest``. No collective runs outside the main thread. One save is in flight at a time: the next
 save, and the end of the run, wait for it. The host copy costs one checkpoint's size of host
-memory, kept for the run: every save copies into the same buffers (no page faults in the stall).
+memory, kept for the run: every save copies into the same buffers (no page faults). The stall
+(checkpoint/stall_s) is the time the training was blocked: in the save, and in the update's wait.
 (DeepSpeed's own DecoupledCheckpointEngine needs its aio/GDS writer ops, which CPU builds lack,
 and writes ``latest`` itself at the next optimizer step; PyTorch's ``dcp.async_save`` writes its
 own format. This is their staging-then-writer-thread design over DeepSpeed's files.)
@@ -170,43 +172,83 @@ def _host_copy(obj, staging: dict | None = None, name: str = ""):
 
 
 class _Capture:
-    """Stands in for DeepSpeed's checkpoint engine during a save: ``save(state_dict, path)`` keeps a host copy
-    (background) or writes durably at once (synchronous); everything else is the real engine's."""
+    """Stands in for DeepSpeed's checkpoint engine during a save; everything but ``save`` is the real engine's.
+    ``save(state_dict, path)`` writes durably at once (``mode="write"``: synchronous saves), or keeps the state dict
+    for the writer thread: as references that the thread copies to host memory before the next optimizer update
+    (``"refs"``), or copied to host memory now (``"copy"``: ZeRO 3, whose forward swaps parameter storage)."""
 
-    def __init__(self, inner, staging: dict | None):
-        self.inner, self.staging, self.files = inner, staging, []
+    def __init__(self, inner, mode: str, staging: dict | None):
+        self.inner, self.mode, self.staging, self.files = inner, mode, staging, []
 
     def save(self, state_dict, path: str) -> None:
-        if self.staging is not None:
+        if self.mode == "write":
+            _write_durable(state_dict, path)
+        elif self.mode == "copy":
             self.files.append((path, _host_copy(state_dict, self.staging, os.path.basename(path))))
         else:
-            _write_durable(state_dict, path)
+            self.files.append((path, state_dict))
+
+    def staged(self) -> list:
+        """(path, object) pairs whose tensors are in host memory (copied now where they were kept as references)."""
+        if self.mode != "refs":
+            return list(self.files)
+        return [(path, _host_copy(sd, self.staging, os.path.basename(path))) for path, sd in self.files]
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
 
 class BackgroundSaver:
-    """At most one checkpoint write in flight on this rank; ``wait()`` joins it and re-raises its error."""
+    """At most one checkpoint write in flight on this rank; ``wait()`` joins it and re-raises its error.
+
+    The thread first copies the state to host memory (``staged`` is set then), then writes. The optimizer update
+    after a save must wait for that copy (``wait_staged``, TrainStep's ``before_update``): until then the forward
+    and backward of the next step run beside the copy. ``pop_stall()`` gives (step, seconds the training was
+    blocked: in the save plus in ``wait_staged``) once the copy is done, for checkpoint/stall_s.
+    """
 
     def __init__(self, timeout_s: float = 3600.0):
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.timeout_s = timeout_s  # how long rank 0 waits for the other ranks' markers
         self.staging: dict = {}  # host buffers reused by every save (one checkpoint's size of host memory)
+        self.staged = threading.Event()
+        self.staged.set()
+        self.pending: list | None = None  # [step, seconds blocked] of the last save, until popped
 
-    def start(self, fn) -> None:
+    def start(self, stage, write) -> None:
+        """Run ``write(stage())`` in the writer thread; ``staged`` is set once ``stage`` returned (or failed)."""
         self.wait()
+        self.staged.clear()
 
         def run():
             try:
-                fn()
+                try:
+                    files = stage()
+                finally:
+                    self.staged.set()
+                write(files)
             except BaseException as e:  # noqa: BLE001  (kept for the main thread)
                 self.error = e
 
         # daemon: a run that ends without wait() (an error, a second Ctrl-C) abandons the write, as a kill would
         self.thread = threading.Thread(target=run, name="checkpoint-writer", daemon=True)
         self.thread.start()
+
+    def wait_staged(self) -> None:
+        """Block until the last save's state is in host memory (before anything changes it in place)."""
+        t0 = time.perf_counter()
+        while not self.staged.wait(0.2):  # in slices: a signal still interrupts the main thread
+            pass
+        if self.pending is not None:
+            self.pending[1] += time.perf_counter() - t0
+
+    def pop_stall(self) -> tuple[int, float] | None:
+        if self.pending is None or not self.staged.is_set():
+            return None
+        step, seconds = self.pending
+        self.pending = None
+        return step, seconds
 
     def wait(self) -> None:
         while self.thread is not None and self.thread.is_alive():
@@ -240,17 +282,20 @@ def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: i
         if os.path.exists(stale):
             os.remove(stale)
     barrier()  # no stale marker is left when any rank's writer starts
-    capture = _Capture(engine.checkpoint_engine, staging=saver.staging if saver is not None else None)
+    # ZeRO 0-2 leave the weights and optimizer state alone until the next update: the copy can run beside the next
+    # forward and backward. ZeRO 3's forward swaps parameter storage, so it copies now.
+    mode = "write" if saver is None else ("refs" if engine.zero_optimization_stage() < 3 else "copy")
+    capture = _Capture(engine.checkpoint_engine, mode, saver.staging if saver is not None else None)
     engine.checkpoint_engine = capture
     try:
         # the (empty) universal-checkpoint marker lets ds_to_universal convert this save for another world size
         engine.save_checkpoint(root, tag=tag, save_latest=False, client_state={UNIVERSAL_CHECKPOINT_INFO: {}})
     finally:
         engine.checkpoint_engine = capture.inner
-    files = [*capture.files, (os.path.join(tag_dir, f"rng_rank{rank}.pt"), rng_state())]
+    rng = (os.path.join(tag_dir, f"rng_rank{rank}.pt"), rng_state())
     record = json.dumps({"step": step, **meta}, indent=1)
 
-    def write_and_commit():
+    def write_and_commit(files):
         for path, obj in files:
             _write_durable(obj, path)
         _fsync_dir(tag_dir)
@@ -269,11 +314,13 @@ def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: i
             _prune(output_dir, keep_last, keep=tag)
 
     if saver is None:
-        write_and_commit()
+        write_and_commit([rng])
         barrier()
-    else:
-        saver.start(write_and_commit)
-    return tag, time.perf_counter() - t0
+        return tag, time.perf_counter() - t0
+    saver.start(lambda: [*capture.staged(), rng], write_and_commit)
+    stall = time.perf_counter() - t0
+    saver.pending = [step, stall]
+    return tag, stall
 
 
 def _wait_for_markers(tag_dir: str, world_size: int, timeout_s: float) -> None:

@@ -331,8 +331,15 @@ def train(cfg: Config, stop_after_steps: int = 0, saver: checkpoint.BackgroundSa
         tag, stall_s = checkpoint.save(engine, cfg.output_dir, state.step, state.state_dict(cfg_dict), rank,
                                        cfg.checkpoint.keep_last, before_commit=injector.during_save, saver=saver,
                                        world_size=world)  # fmt: skip
-        log.log(state.step, {"checkpoint/stall_s": stall_s})  # how long the step waited for this save
+        if saver is None:
+            log.log(state.step, {"checkpoint/stall_s": stall_s})  # how long the training waited for this save
+        else:
+            train_step.before_update = saver.wait_staged  # the update after the save waits for its host copy
         return tag
+
+    def log_stall() -> None:  # a background save's stall, once its copy is done: the save's time + the update's wait
+        if saver is not None and (done := saver.pop_stall()):
+            log.log(done[0], {"checkpoint/stall_s": done[1]})
 
     last, window = {}, LogWindow()
     start_step, saved_at, stop = state.step, (f"step_{state.step}" if resumed else None), False
@@ -343,6 +350,7 @@ def train(cfg: Config, stop_after_steps: int = 0, saver: checkpoint.BackgroundSa
         window.wait += time.perf_counter() - t0
         injector.begin_step(state.step + 1)
         res = train_step(batch, state.step + 1, stopper.requested())
+        log_stall()
         state.advance(cfg.train.batch_size)  # skipped steps count too: the data position stays step x batch
         if key_log is not None:
             key_log.write(json.dumps({"step": state.step, "keys": batch["keys"]}) + "\n")
@@ -365,6 +373,7 @@ def train(cfg: Config, stop_after_steps: int = 0, saver: checkpoint.BackgroundSa
         saved_at = save()
     if saver is not None:
         saver.wait()  # the last checkpoint is durable and `latest` names it (a second Ctrl-C abandons it)
+        log_stall()
     stopped_on_request = stop and res.stop
     if stopped_on_request:
         log.write(f"stopped on request ({stopper.reason() if stopper.requested() else 'another rank'}) after step "

@@ -60,6 +60,7 @@ class TrainStep:
         # we clip and take the norm (whole, averaged gradients in param.grad) where DeepSpeed does not
         self.norm_here = owns_clipping(engine_cfg) and engine.zero_optimization_stage() == 0
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
+        self.before_update = None  # called before each optimizer update (a background save's copy must finish first)
         self.guard = None
         if not self.norm_here:
             self.guard = StepGuard(engine.module, self.device, self.injector)
@@ -106,6 +107,8 @@ class TrainStep:
         if skipped:
             discard_gradients(self.engine)
             return StepResult(mean_loss, None, logit_scale, True, stop, terms)
+        if self.before_update is not None:
+            self.before_update()
         self.engine.step()
         if grad_norm is None:
             dnorm = self.engine.get_global_grad_norm()  # DeepSpeed's, computed in its step

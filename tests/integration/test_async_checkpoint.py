@@ -75,9 +75,12 @@ def test_background_save_writes_the_state_at_the_save_and_commits_after_the_file
     assert tag == "step_1" and stall_s > 0
     step_dir = os.path.join(out, "checkpoints", tag)
     assert checkpoint.latest_tag(out) is None and not os.path.exists(os.path.join(step_dir, "meta.json"))
+    step.before_update = saver.wait_staged  # as the loop sets it: the update waits for the host copy
     for i in range(2):  # training goes on while the write waits: the weights move
         step(batch(cfg, 1 + i), 2 + i)
     assert any(not torch.equal(v, engine.module.state_dict()[k]) for k, v in at_save.items())
+    got_step, stall_total = saver.pop_stall()  # the copy is done: the update waited for it
+    assert got_step == 1 and stall_total >= stall_s
     release.set()
     saver.wait()
     assert checkpoint.latest_tag(out) == "step_1" and os.path.isfile(os.path.join(step_dir, "done_rank0"))
@@ -89,7 +92,7 @@ def test_background_save_writes_the_state_at_the_save_and_commits_after_the_file
 
 def test_a_failed_background_write_is_raised_by_the_next_wait():
     saver = checkpoint.BackgroundSaver()
-    saver.start(lambda: open("/nonexistent-dir/x", "w"))
+    saver.start(list, lambda files: open("/nonexistent-dir/x", "w"))
     with pytest.raises(RuntimeError, match="background checkpoint write failed"):
         saver.wait()
 
