@@ -324,7 +324,7 @@ def test_nonfinite_steps_in_a_row_stop_with_the_checkpoint_intact(shapes_dataset
     assert err.startswith("mmpretrain.train: error: 3 steps in a row had a non-finite") and "steps 5-7" in err
     assert "checkpoints/step_4" in err
     assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step_4"
-    assert sorted(os.listdir(os.path.join(out, "checkpoints", "step_4"))) >= ["meta.json"]
+    assert "meta.json" in os.listdir(os.path.join(out, "checkpoints", "step_4"))
     assert not os.path.exists(os.path.join(out, "checkpoints", "step_6")) and not os.path.exists(
         os.path.join(out, "checkpoints", "step_7")
     )
