@@ -11,9 +11,10 @@ class CheckpointConfig:
     keep_last: int = 2
     """Keep this many newest checkpoints; older step_* folders are deleted after a save."""
     async_save: bool = True
-    """Write checkpoints in the background: the step stalls only while the state is copied to host memory (one
-    checkpoint's size of host memory, kept for the run); ``latest`` moves once every rank's files are durable.
-    false: write and fsync before training continues. The stall of each save is logged as checkpoint/stall_s."""
+    """Write checkpoints in the background: a thread copies the state to host memory beside the next step's forward
+    and backward (the optimizer update waits for the copy) and writes it; one checkpoint's share of host memory per
+    rank, kept for the run. ``latest`` moves once every rank's files are durable. false: write and fsync before
+    training continues. Each save logs checkpoint/stall_s (seconds the training was blocked by it)."""
 
     def validate(self, prefix: str) -> None:
         if self.every_steps < 0:
