@@ -51,7 +51,7 @@ config (dataclass defaults, then CONFIG, then KEY=VALUE overrides; a dotted key 
   optim        lr, min_lr, warmup_steps, schedule, weight_decay, beta1, beta2, eps, grad_clip
   engine       zero_stage (0-3), precision, compile, dist_timeout_s, cpu_threads
   train        batch_size (global, all ranks), steps, accum_steps (GradCache), seed, max_skips_in_a_row
-  checkpoint   every_steps, keep_last
+  checkpoint   every_steps, keep_last, async_save (write in the background; checkpoint/stall_s per save)
   eval         every_steps, top_k, recall_k, num_workers, itm_rerank_k
   logging      wandb (offline | online | disabled), project, run_name, log_every, progress, sample_keys"""
 
