@@ -99,9 +99,11 @@ def test_align_zero3_bf16_trains_evaluates_and_refuses_export(shapes_dataset, tm
     lines = launch(run, shapes_dataset, "engine.zero_stage=3", "engine.precision=bf16")
     assert [m["step"] for m in lines] == [1, 2] and all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
 
-    # The run folder (ZeRO-3 shards of the BERT tower) loads strictly and evaluates.
+    # The run folder (ZeRO-3 shards of the BERT tower) loads strictly (weights-only, no trust flag) and evaluates on
+    # the sets named on the command line (a folder's own data settings are never used)
     out_json = str(tmp_path / "eval.json")
-    assert evaluate_main([run, "--output", out_json]) == 0
+    sets = ["--zeroshot", shapes_dataset.zeroshot_root, "--retrieval", shapes_dataset.retrieval_root]
+    assert evaluate_main([run, *sets, "--output", out_json]) == 0
     got = json.load(open(out_json))
     assert 0 <= got["zeroshot/shapes/top1"] <= 1 and any(k.startswith("retrieval/") for k in got), got
 
