@@ -1,0 +1,103 @@
+"""Our VisionLanguageModel -> a transformers `LlavaForConditionalGeneration` folder (local disk).
+
+Key map (the layout of the installed transformers' LlavaForConditionalGeneration state dict, checked against a
+meta-device instance; transformers 5 dropped CLIPVisionModel's `vision_model.` level and renames older files):
+
+    ours                                   HF LlavaForConditionalGeneration
+    vision_tower.<k>                       model.vision_tower.<k>   (a CLIPVisionModel; our fused qkv_proj
+                                           split into q/k/v_proj as mmpretrain.convert.hf does; our tower's
+                                           `projection` is dropped: LLaVA never reads the pooled embedding)
+    projector.linear_1 / linear_2          model.multi_modal_projector.linear_1 / linear_2
+    language_model.model.<k>               model.language_model.<k>
+    language_model.lm_head.weight          lm_head.weight   (left out when the LM ties it to the embeddings)
+
+Config: LlavaConfig(vision_config = our tower's CLIPVisionConfig, text_config = the LM's config,
+image_token_index, image_seq_length = tokens per image, vision_feature_layer, vision_feature_select_strategy,
+projector_hidden_act "gelu", multimodal_projector_bias true). The LM's tokenizer is saved beside it when given.
+Not yet written: a LlavaProcessor (image processor + tokenizer + chat template).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mmpretrain.convert.common import atomic_folder, cast, check_state_dict, save_safetensors
+from mmpretrain.convert.hf import hf_config, to_hf_state_dict, write_preprocessor
+from mmpretrain.instruct.model import VisionLanguageModel
+
+VISION_DROPPED = ("vision_tower.projection.weight",)  # the pooled-embedding projection: not part of LLaVA
+
+
+def llava_config(model: VisionLanguageModel, dtype: torch.dtype = torch.float32):
+    """The transformers LlavaConfig for our model."""
+    from transformers import LlavaConfig
+
+    vision_config = hf_config(model.vision_cfg, dtype).vision_config
+    text_config = model.language_model.config
+    cfg = LlavaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_index=model.image_token_id,
+        image_seq_length=model.num_image_tokens,
+        projector_hidden_act=model.projector.act_name,
+        vision_feature_layer=model.feature_layer,
+        vision_feature_select_strategy=model.select_strategy,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+    cfg.architectures = ["LlavaForConditionalGeneration"]
+    cfg.dtype = dtype
+    return cfg
+
+
+def to_llava_state_dict(sd: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+    """Our VisionLanguageModel state dict -> LlavaForConditionalGeneration names; unknown keys raise."""
+    vision, out, unknown = {}, {}, []
+    for key, value in sd.items():
+        if key in VISION_DROPPED:
+            continue
+        if key.startswith("vision_tower."):
+            vision[key.removeprefix("vision_tower.")] = value
+        elif key.startswith("projector."):
+            out["model.multi_modal_projector." + key.removeprefix("projector.")] = value
+        elif key.startswith("language_model.model."):
+            out["model.language_model." + key.removeprefix("language_model.model.")] = value
+        elif key == "language_model.lm_head.weight":
+            if not tied:
+                out["lm_head.weight"] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"LLaVA export: keys with no place in LlavaForConditionalGeneration: {sorted(unknown)[:5]}")
+    out.update({"model.vision_tower." + k: v for k, v in to_hf_state_dict(vision, "clip").items()})
+    return out
+
+
+def llava_expected_shapes(cfg) -> dict[str, torch.Size]:
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(cfg)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)  # tied: saved once, as the embedding
+    return shapes
+
+
+def export_llava(
+    model: VisionLanguageModel, out_dir: str, tokenizer=None, dtype: torch.dtype = torch.float32, force: bool = False
+) -> str:
+    """Write config.json, model.safetensors, preprocessor_config.json (CLIPImageProcessor of our eval transform)
+    and, when given, the LM's tokenizer (a transformers tokenizer) to out_dir; strict keys and shapes."""
+    cfg = llava_config(model, dtype)
+    hf_sd = cast(to_llava_state_dict(model.state_dict(), cfg.tie_word_embeddings), dtype)
+    check_state_dict(hf_sd, llava_expected_shapes(cfg), "LLaVA export")
+    with atomic_folder(out_dir, force) as tmp:
+        save_safetensors(hf_sd, os.path.join(tmp, "model.safetensors"))
+        cfg.to_json_file(os.path.join(tmp, "config.json"))
+        write_preprocessor(tmp, model.vision_cfg.vision.image_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out_dir
