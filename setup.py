@@ -64,7 +64,10 @@ setup(
             "onnx>=1.17",
             "onnxscript>=0.2",
             "onnxruntime>=1.20",
+            "peft>=0.13",
         ],
+        # python -m mmpretrain.instruct: LoRA through peft
+        "instruct": ["peft>=0.13"],
         # python -m mmpretrain.export: ONNX files checked with onnxruntime
         "export": ["onnx>=1.17", "onnxscript>=0.2", "onnxruntime>=1.20"],
     },

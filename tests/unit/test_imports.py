@@ -45,7 +45,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                 "mmpretrain.plan")),
     ("commands", ("mmpretrain.train", "mmpretrain.loop", "mmpretrain.evaluate", "mmpretrain.eval",
                   "mmpretrain.eval.*", "mmpretrain.adapt", "mmpretrain.export", "mmpretrain.tools",
-                  "mmpretrain.tools.*", "mmpretrain.convert.cli", "mmpretrain.convert.__main__")),
+                  "mmpretrain.tools.*", "mmpretrain.convert.cli", "mmpretrain.convert.__main__",
+                  "mmpretrain.instruct", "mmpretrain.instruct.*")),
 ]
 # fmt: on
 
