@@ -6,8 +6,8 @@ import torch
 from transformers import LlamaConfig, LlavaForConditionalGeneration
 
 from mmpretrain.instruct.export import export_llava
-from mmpretrain.instruct.model import tiny_vlm
-from mmpretrain.model import ModelConfig
+from mmpretrain.instruct.model import build_language_model, build_vlm
+from mmpretrain.model import ModelConfig, build_model, resolve_model_config
 
 IMG, EOS = 5, 2
 
@@ -38,9 +38,6 @@ def inputs(P, S, seed):
     ids=["default-layer-2", "full-last-layer", "tied-embeddings"],
 )
 def test_llava_export_parity(tmp_path, kw):
-    from mmpretrain.instruct.model import build_language_model, build_vlm
-    from mmpretrain.model import build_model, resolve_model_config
-
     torch.manual_seed(0)
     cfg = resolve_model_config(ModelConfig(name="tiny"))
     lm = build_language_model(tiny_lm(tie_word_embeddings=kw.pop("tie", False)))

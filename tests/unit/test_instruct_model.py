@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from mmpretrain.instruct.model import causal_lm_loss, tiny_vlm
+from mmpretrain.instruct.model import build_language_model, build_vlm, causal_lm_loss, tiny_vlm
 from mmpretrain.instruct.template import IGNORE_INDEX
-from mmpretrain.model import ModelConfig
+from mmpretrain.model import ModelConfig, build_model, resolve_model_config
 
 IMG = 5
 
@@ -85,9 +85,6 @@ def test_answer_loss_trains_projector_and_lm_not_a_frozen_tower(model):
 @pytest.mark.parametrize("kw, match", [(dict(feature_layer=9), "feature_layer"),
                                        (dict(select_strategy="cls"), "select_strategy")])  # fmt: skip
 def test_bad_settings_raise(kw, match):
-    from mmpretrain.instruct.model import build_language_model, build_vlm
-    from mmpretrain.model import build_model, resolve_model_config
-
     cfg = resolve_model_config(ModelConfig(name="tiny"))
     with pytest.raises(ValueError, match=match):
         build_vlm(build_model(cfg), cfg, build_language_model(tiny_lm()), IMG, **kw)

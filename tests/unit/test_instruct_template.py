@@ -52,7 +52,7 @@ def test_multi_turn_two_images_system_turn():
     enc = encoder().encode(RECORD)
     # fmt: off
     want_ids = [BOS, 10, 11,                                   # bos, system "be brief"
-                12, IMG, IMG, IMG, 13, 14, 15, IMG, IMG, IMG, 16, 17, 15,   # USER: <image> what color ? <image> and this ?
+                12, IMG, IMG, IMG, 13, 14, 15, IMG, IMG, IMG, 16, 17, 15,  # USER: <image> what color ? <image> ...
                 18, 19, 20, EOS,                               # ASSISTANT: red blue </s>
                 12, 21, 15,                                    # USER: shape ?
                 18, 22, EOS]                                   # ASSISTANT: circle </s>
@@ -89,17 +89,28 @@ def test_prompt_is_the_training_prefix():
     [
         ({"conversations": [{"from": "human", "value": "shape ?"}]}, "no_assistant_turn"),
         ({"conversations": [{"from": "gpt", "value": "red"}]}, "bad_order"),
-        ({"image": "a.png", "conversations": [{"from": "human", "value": "shape ?"},
-                                              {"from": "gpt", "value": "red"}]}, "image_count_mismatch"),  # fmt: skip
-        ({"conversations": [{"from": "human", "value": "<image> shape ?"},
-                            {"from": "gpt", "value": "red"}]}, "image_count_mismatch"),  # fmt: skip
-        ({"conversations": [{"from": "human", "value": "shape ?"},
-                            {"from": "gpt", "value": "<image> red"}]}, "image_in_answer"),  # fmt: skip
+        (
+            {
+                "image": "a.png",
+                "conversations": [{"from": "human", "value": "shape ?"}, {"from": "gpt", "value": "red"}],
+            },
+            "image_count_mismatch",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "<image> shape ?"}, {"from": "gpt", "value": "red"}]},
+            "image_count_mismatch",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "shape ?"}, {"from": "gpt", "value": "<image> red"}]},
+            "image_in_answer",
+        ),
         ({"conversations": [{"from": "robot", "value": "x"}]}, "bad_turn"),
         ({"conversations": []}, "no_conversation"),
         ({}, "no_conversation"),
-        ({"image": 3, "conversations": [{"from": "human", "value": "shape ?"},
-                                        {"from": "gpt", "value": "red"}]}, "bad_image_field"),  # fmt: skip
+        (
+            {"image": 3, "conversations": [{"from": "human", "value": "shape ?"}, {"from": "gpt", "value": "red"}]},
+            "bad_image_field",
+        ),
     ],
 )
 def test_bad_records_raise_with_a_reason(record, reason):
