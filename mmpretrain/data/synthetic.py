@@ -86,6 +86,9 @@ class ShapeSample:
     bg: str
     shape: str
     size_word: str  # "small " / "large " / "" (with the trailing space, for the caption formats)
+    frac: float = 0.0  # circumradius / image side (0.22..0.45)
+    cx: float = 0.5  # shape centre / image side, from the left
+    cy: float = 0.5  # shape centre / image side, from the top
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
@@ -128,7 +131,7 @@ def make_shape_sample(rng: np.random.Generator, image_size: int) -> ShapeSample:
     img = img.resize((image_size, image_size), Image.Resampling.BOX)
     size_word = "small " if frac < 0.29 else "large " if frac > 0.38 else ""
     label = CLASSNAMES.index(f"{fg} {shape}")
-    return ShapeSample(img, label, fg, bg, shape, size_word)
+    return ShapeSample(img, label, fg, bg, shape, size_word, frac=float(frac), cx=float(cx / big), cy=float(cy / big))
 
 
 def caption(sample: ShapeSample, fmt_index: int) -> str:

@@ -1,0 +1,87 @@
+"""Config of `python -m mmpretrain.instruct CONFIG [a.b=c ...]` (defaults <- YAML <- overrides, OmegaConf).
+
+Each field says what it means; `validate()` raises ValueError naming the dotted key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mmpretrain.engine_config import EngineConfig, OptimConfig
+
+PARTS = ("projector", "lm", "vision")  # what a stage can train
+
+
+@dataclass
+class VisionArgs:
+    path: str = ""  # a folder `python -m mmpretrain.eval` loads (run, consolidated, HF, OpenCLIP); "" = fresh `name`
+    name: str = "tiny"  # a size of mmpretrain.model.SIZES, freshly initialized (path empty; tests, the twin)
+    feature_layer: int = -2  # hidden state the projector reads (transformers' vision_feature_layer)
+    select_strategy: str = "default"  # "default": drop the class token; "full": keep it
+
+
+@dataclass
+class LMArgs:
+    """A fresh Llama-style causal LM (AutoModelForCausalLM.from_config); a local folder is not wired yet."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    max_positions: int = 128  # also the longest conversation kept (longer ones are skipped and counted)
+
+
+@dataclass
+class StageConfig:
+    name: str = "instruct"
+    data: str = "vqa"  # "captions" (projector pre-training) or "vqa" (instruction tuning)
+    steps: int = 100  # optimizer steps
+    lr: float = 1e-3  # peak LR of this stage (warmup then cosine, optim.*)
+    train: list[str] = field(default_factory=lambda: ["projector", "lm"])  # parts it trains; the rest frozen
+
+
+@dataclass
+class VQAArgs:
+    num_caption_images: int = 2000  # stage "captions"
+    num_train_images: int = 4000  # stage "vqa": one question per image, the five types in turn
+    num_eval_images: int = 500  # held-out images, asked with training phrasings and with held-out phrasings
+    seed: int = 0
+
+
+@dataclass
+class InstructConfig:
+    output_dir: str = "runs/instruct"
+    seed: int = 0
+    batch_size: int = 32  # conversations per step
+    system: str = ""  # system prompt of the chat template ("" for none: the twin's conversations are short)
+    eval_max_new_tokens: int = 4
+    vision: VisionArgs = field(default_factory=VisionArgs)
+    lm: LMArgs = field(default_factory=LMArgs)
+    data: VQAArgs = field(default_factory=VQAArgs)
+    stages: list[StageConfig] = field(
+        default_factory=lambda: [
+            StageConfig(name="projector", data="captions", steps=100, lr=1e-3, train=["projector"]),
+            StageConfig(name="instruct", data="vqa", steps=300, lr=1e-3, train=["projector", "lm", "vision"]),
+        ]
+    )
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_steps=20, weight_decay=0.0))
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.vision.select_strategy not in ("default", "full"):
+            raise ValueError(f"vision.select_strategy must be default or full (got {self.vision.select_strategy!r})")
+        if not self.stages:
+            raise ValueError("stages must name at least one stage")
+        for i, s in enumerate(self.stages):
+            if s.data not in ("captions", "vqa"):
+                raise ValueError(f"stages.{i}.data must be captions or vqa (got {s.data!r})")
+            if s.steps < 1 or s.lr <= 0:
+                raise ValueError(f"stages.{i}.steps must be >= 1 and stages.{i}.lr > 0")
+            bad = sorted(set(s.train) - set(PARTS))
+            if bad or not s.train:
+                raise ValueError(f"stages.{i}.train must be a non-empty subset of {PARTS} (got {list(s.train)})")
+        self.optim.validate("optim")
+        self.engine.validate("engine")
