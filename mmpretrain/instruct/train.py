@@ -29,7 +29,7 @@ from mmpretrain.instruct.config import InstructConfig
 from mmpretrain.instruct.export import export_llava
 from mmpretrain.instruct.model import VisionLanguageModel, build_language_model
 from mmpretrain.instruct.template import IGNORE_INDEX, BadConversation, ChatTemplate, ConversationEncoder, HFTokenizer
-from mmpretrain.instruct.vqa import QUESTION_TYPES, make_captions, make_vqa, twin_tokenizer
+from mmpretrain.instruct.vqa import make_captions, make_vqa, twin_tokenizer
 from mmpretrain.model import ModelConfig, build_model, resolve_model_config
 
 LOG_EVERY = 10

@@ -128,5 +128,6 @@ def twin_tokenizer(template: ChatTemplate):
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", extra_special_tokens={"image_token": IMAGE_PLACEHOLDER})  # fmt: skip
+    special = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    extra = {"image_token": IMAGE_PLACEHOLDER}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, extra_special_tokens=extra, **special)
