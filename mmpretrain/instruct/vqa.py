@@ -1,13 +1,17 @@
 """A visual question set from the synthetic shapes (mmpretrain.data.synthetic): the tiny twin's data.
 
-Five question types, each with several phrasings; the last phrasing of each type is held out of training:
+Five question types, each with five phrasings; the last phrasing of each type is held out of training. A held-out
+phrasing is a new wording made of words the training phrasings use (the twin's LM starts from scratch: a word it
+never saw in training has an untrained embedding, which would test nothing but that):
 
-    type        answer                                   chance (always the most frequent answer)
-    color       the shape's color (8)                    1/8
-    shape       circle / square / triangle / cross       1/4
-    background  the background color (10, not the shape's color)   ~1/9
-    size        small / medium / large (radius < 0.29 / > 0.38 of the side)   ~0.40 (medium)
+    type        answers
+    color       the shape's color (8)
+    shape       circle / square / triangle / cross
+    background  the background color (10, never the shape's color)
+    size        small / medium / large (circumradius < 0.29 / > 0.38 of the side)
     position    left / middle / right (centre x < 0.45 / > 0.55 of the side)
+
+Chance per type (the most frequent answer's share on the eval split) is reported next to the accuracy in eval.json.
 
 Stage 1 (projector pre-training) reads caption conversations ("<image> describe the image ." -> a caption);
 stage 2 reads one question a record. Images of the train and eval splits come from different seed streams
@@ -31,15 +35,16 @@ from mmpretrain.instruct.template import IMAGE_PLACEHOLDER, ChatTemplate
 
 PHRASINGS = {
     "color": ["what color is the shape ?", "what is the color of the shape ?", "which color does the shape have ?",
-              "name the color of the shape .", "what colour is the object ?"],
+              "name the color of the shape .", "the shape is what color ?"],
     "shape": ["what shape is it ?", "which shape is drawn ?", "what kind of shape is in the image ?",
-              "name the shape .", "what is the object ?"],
+              "name the shape .", "what shape is drawn in the image ?"],
     "background": ["what color is the background ?", "what is the background color ?",
-                   "which color is behind the shape ?", "name the background color .", "what colour is the backdrop ?"],
+                   "which color is behind the shape ?", "name the background color .",
+                   "what is the color of the background ?"],
     "size": ["how big is the shape ?", "what size is the shape ?", "is the shape small , medium or large ?",
-             "describe the size of the shape .", "how large is the object ?"],
+             "describe the size of the shape .", "what is the size of the shape ?"],
     "position": ["where is the shape ?", "is the shape left , middle or right ?", "where is the shape placed ?",
-                 "which side is the shape on ?", "where is the object located ?"],
+                 "which side is the shape on ?", "where in the image is the shape ?"],
 }  # fmt: skip
 QUESTION_TYPES = tuple(PHRASINGS)
 CAPTION_PROMPT = "describe the image ."

@@ -1,0 +1,65 @@
+"""The synthetic shapes VQA set: answers follow the drawn sample, held-out phrasings and images, the word-level
+tokenizer round-trips, the exact-match evaluator counts what it should."""
+
+import numpy as np
+import torch
+
+from mmpretrain.data.synthetic import make_shape_sample
+from mmpretrain.instruct.template import ChatTemplate, ConversationEncoder, HFTokenizer
+from mmpretrain.instruct.train import evaluate
+from mmpretrain.instruct.vqa import PHRASINGS, QUESTION_TYPES, answer, make_vqa, twin_tokenizer, words
+
+
+def test_answers_follow_the_sample():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        s = make_shape_sample(rng, 32)
+        assert answer(s, "color") == s.fg and answer(s, "shape") == s.shape and answer(s, "background") == s.bg
+        assert answer(s, "size") == {"small ": "small", "large ": "large", "": "medium"}[s.size_word]
+        assert answer(s, "position") == ("left" if s.cx < 0.45 else "right" if s.cx > 0.55 else "middle")
+        assert s.frac <= s.cx <= 1 - s.frac
+
+
+def test_splits_and_phrasings_are_held_out():
+    train = make_vqa("train", 20, 32, seed=0)
+    held = make_vqa("eval", 20, 32, seed=0, phrasings="held_out")
+    assert not any(torch.equal(a["image_tensor"], b["image_tensor"]) for a in train for b in held)
+    asked = lambda recs: {r["conversations"][0]["value"].removeprefix("<image> ") for r in recs}  # noqa: E731
+    assert asked(held) == {p[-1] for p in PHRASINGS.values()}
+    assert not asked(train) & asked(held)
+    assert [r["qtype"] for r in train[:5]] == list(QUESTION_TYPES)
+    trained_words = {w for p in PHRASINGS.values() for q in p[:-1] for w in words(q)}
+    assert {w for p in PHRASINGS.values() for w in words(p[-1])} <= trained_words  # new wordings, known words
+
+
+def test_twin_tokenizer_round_trip_and_ids():
+    tok = twin_tokenizer(ChatTemplate())
+    assert [tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.convert_tokens_to_ids("<image>")] == [0, 1, 2, 4]
+    ids = tok("what color is the shape ?", add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids and tok.decode(ids) == "what color is the shape ?"
+
+
+class Oracle:
+    """Answers from a table keyed by the image's first pixel: right for some, wrong for others."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def generate(self, prompt, images, max_new_tokens, eos_id):
+        return self.table[float(images[0, 0, 0, 0])]
+
+
+def test_exact_match_evaluator():
+    tok = twin_tokenizer(ChatTemplate(system=""))
+    enc = ConversationEncoder(HFTokenizer(tok), image_token_id=4, num_image_tokens=2, template=ChatTemplate(system=""))
+    recs = make_vqa("eval", 4, 32, seed=0)
+    data = []
+    for i, r in enumerate(recs):
+        e = enc.encode(r)
+        data.append((e.input_ids, e.labels, torch.full((3, 32, 32), float(i)), r["qtype"]))
+    truth = [tok(r["conversations"][1]["value"], add_special_tokens=False)["input_ids"] + [2] for r in recs]
+    # 0: right; 1: right words, no eos; 2: right then more; 3: wrong
+    table = {0.0: truth[0], 1.0: truth[1][:-1], 2.0: truth[2][:-1] + [7, 2], 3.0: [5, 2]}
+    out = evaluate(Oracle(table), data, eos_id=2, max_new_tokens=4)
+    assert out["accuracy"] == {"color": 1.0, "shape": 0.0, "background": 0.0, "size": 0.0}
+    assert out["count"] == {"color": 1, "shape": 1, "background": 1, "size": 1}
