@@ -4,10 +4,13 @@ tokenizer round-trips, the exact-match evaluator counts what it should."""
 import numpy as np
 import torch
 
+from mmpretrain.convert import export_hf
 from mmpretrain.data.synthetic import make_shape_sample
+from mmpretrain.instruct.config import InstructConfig, VisionArgs
 from mmpretrain.instruct.template import ChatTemplate, ConversationEncoder, HFTokenizer
-from mmpretrain.instruct.train import evaluate
+from mmpretrain.instruct.train import build, evaluate
 from mmpretrain.instruct.vqa import PHRASINGS, QUESTION_TYPES, answer, make_vqa, twin_tokenizer, words
+from mmpretrain.model import ModelConfig, build_model, resolve_model_config
 
 
 def test_answers_follow_the_sample():
@@ -63,3 +66,15 @@ def test_exact_match_evaluator():
     out = evaluate(Oracle(table), data, eos_id=2, max_new_tokens=4)
     assert out["accuracy"] == {"color": 1.0, "shape": 0.0, "background": 0.0, "size": 0.0}
     assert out["count"] == {"color": 1, "shape": 1, "background": 1, "size": 1}
+
+
+def test_tower_from_a_folder_evaluation_loads(tmp_path):
+    """vision.path: the tower comes through mmpretrain.checkpoint.load_model (here an HF CLIP export)."""
+    torch.manual_seed(1)
+    cfg = resolve_model_config(ModelConfig(name="tiny"))
+    two_tower = build_model(cfg)
+    export_hf(two_tower.state_dict(), cfg, str(tmp_path / "hf"))
+    model = build(InstructConfig(vision=VisionArgs(path=str(tmp_path / "hf"))), twin_tokenizer(ChatTemplate()))
+    want = two_tower.vision_model.state_dict()
+    got = model.vision_tower.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
