@@ -23,9 +23,11 @@ import torch
 from omegaconf import OmegaConf
 
 from mmpretrain.checkpoint import load_model
+from mmpretrain.data.transforms import normalize_images
 from mmpretrain.distributed import env_rank_world, init_distributed, print0
 from mmpretrain.engine import build_engine, owns_clipping
 from mmpretrain.instruct.config import InstructConfig
+from mmpretrain.instruct.data import collate
 from mmpretrain.instruct.export import export_llava
 from mmpretrain.instruct.model import VisionLanguageModel, build_language_model
 from mmpretrain.instruct.template import IGNORE_INDEX, BadConversation, ChatTemplate, ConversationEncoder, HFTokenizer
@@ -67,7 +69,7 @@ def build(cfg: InstructConfig, tokenizer) -> VisionLanguageModel:
 
 
 def encode_all(encoder: ConversationEncoder, records: list[dict], skipped: Counter) -> list[tuple]:
-    """[(input_ids, labels, image (3, S, S), qtype)]; bad records counted in `skipped` by reason."""
+    """[(input_ids, labels, images uint8 (1, 3, S, S), qtype)]; bad records counted in `skipped` by reason."""
     out = []
     for r in records:
         try:
@@ -77,17 +79,6 @@ def encode_all(encoder: ConversationEncoder, records: list[dict], skipped: Count
             continue
         out.append((e.input_ids, e.labels, r["image_tensor"], r["qtype"]))
     return out
-
-
-def collate(items: list[tuple], pad_id: int) -> dict:
-    """Right-padded batch: input_ids, attention_mask, labels (B, L); images (B, 3, S, S), one per conversation."""
-    L = max(len(ids) for ids, *_ in items)
-    ids = torch.full((len(items), L), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), L), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(items), L), dtype=torch.long)
-    for i, (x, y, _, _) in enumerate(items):
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return dict(input_ids=ids, attention_mask=mask, labels=labels, images=torch.stack([it[2] for it in items]))
 
 
 def set_trainable(model: VisionLanguageModel, parts: list[str]) -> None:
@@ -125,10 +116,10 @@ def train_stage(model, stage, data: list[tuple], cfg: InstructConfig, pad_id: in
 def evaluate(model: VisionLanguageModel, data: list[tuple], eos_id: int, max_new_tokens: int) -> dict:
     """Exact match per question type: greedy answer ids up to eos == the reference answer's ids + eos."""
     hits, totals, answers = Counter(), Counter(), {}
-    for ids, labels, image, qtype in data:
+    for ids, labels, images, qtype in data:
         start = next(i for i, y in enumerate(labels) if y != IGNORE_INDEX)
         prompt = torch.tensor([ids[:start]])
-        got = model.generate(prompt, image[None], max_new_tokens=max_new_tokens, eos_id=eos_id)
+        got = model.generate(prompt, normalize_images(images), max_new_tokens=max_new_tokens, eos_id=eos_id)
         totals[qtype] += 1
         hits[qtype] += got == ids[start:]
         answers.setdefault(qtype, Counter())[tuple(ids[start:])] += 1

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from mmpretrain.data.synthetic import CAPTION_FORMATS, COLORS, SHAPES, caption, make_shape_sample
-from mmpretrain.data.transforms import CLIP_MEAN, CLIP_STD
 from mmpretrain.instruct.template import IMAGE_PLACEHOLDER, ChatTemplate
 
 PHRASINGS = {
@@ -66,9 +65,8 @@ def answer(sample, qtype: str) -> str:
 
 
 def image_tensor(image) -> torch.Tensor:
-    """A PIL image at the tower's size -> (3, S, S) CLIP-normalized (the eval transform's rescale + normalize)."""
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    """A PIL image at the tower's size -> uint8 (1, 3, S, S): one image of a record, as instruct.data gives them."""
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()[None]
 
 
 def _record(question: str, ans: str) -> dict:

@@ -59,7 +59,7 @@ def test_exact_match_evaluator():
     data = []
     for i, r in enumerate(recs):
         e = enc.encode(r)
-        data.append((e.input_ids, e.labels, torch.full((3, 32, 32), float(i)), r["qtype"]))
+        data.append((e.input_ids, e.labels, torch.full((1, 3, 32, 32), float(i)), r["qtype"]))
     truth = [tok(r["conversations"][1]["value"], add_special_tokens=False)["input_ids"] + [2] for r in recs]
     # 0: right; 1: right words, no eos; 2: right then more; 3: wrong
     table = {0.0: truth[0], 1.0: truth[1][:-1], 2.0: truth[2][:-1] + [7, 2], 3.0: [5, 2]}
