@@ -39,6 +39,8 @@ class StageConfig:
     steps: int = 100  # optimizer steps
     lr: float = 1e-3  # peak LR of this stage (warmup then cosine, optim.*)
     train: list[str] = field(default_factory=lambda: ["projector", "lm"])  # parts it trains; the rest frozen
+    lora_rank: int = 0  # > 0: the LM trains LoRA adapters of this rank (peft) instead of its weights ("lm" in train)
+    lora_alpha: float = 16.0  # LoRA scale numerator: the update is (lora_alpha / lora_rank) B A
 
 
 @dataclass
@@ -83,5 +85,7 @@ class InstructConfig:
             bad = sorted(set(s.train) - set(PARTS))
             if bad or not s.train:
                 raise ValueError(f"stages.{i}.train must be a non-empty subset of {PARTS} (got {list(s.train)})")
+            if s.lora_rank < 0 or (s.lora_rank > 0 and "lm" not in s.train):
+                raise ValueError(f"stages.{i}.lora_rank must be >= 0, and > 0 only when stages.{i}.train has lm")
         self.optim.validate("optim")
         self.engine.validate("engine")

@@ -29,6 +29,7 @@ from mmpretrain.engine import build_engine, owns_clipping
 from mmpretrain.instruct.config import InstructConfig
 from mmpretrain.instruct.data import collate
 from mmpretrain.instruct.export import export_llava
+from mmpretrain.instruct.lora import add_lora, has_lora, merge_lora
 from mmpretrain.instruct.model import VisionLanguageModel, build_language_model
 from mmpretrain.instruct.template import IGNORE_INDEX, BadConversation, ChatTemplate, ConversationEncoder, HFTokenizer
 from mmpretrain.instruct.vqa import make_captions, make_vqa, twin_tokenizer
@@ -82,13 +83,21 @@ def encode_all(encoder: ConversationEncoder, records: list[dict], skipped: Count
 
 
 def set_trainable(model: VisionLanguageModel, parts: list[str]) -> None:
+    """Train the named parts, freeze the rest; an LM with LoRA adapters trains the adapters only."""
     modules = {"projector": model.projector, "lm": model.language_model, "vision": model.vision_tower}
     for name, module in modules.items():
         for p in module.parameters():
             p.requires_grad_(name in parts)
+    if has_lora(model):
+        for name, p in model.language_model.named_parameters():
+            p.requires_grad_("lm" in parts and "lora_" in name)
 
 
 def train_stage(model, stage, data: list[tuple], cfg: InstructConfig, pad_id: int, log, offset: int) -> None:
+    if stage.lora_rank and not has_lora(model):
+        add_lora(model, stage.lora_rank, stage.lora_alpha)
+    elif not stage.lora_rank:
+        merge_lora(model)  # a stage after a LoRA stage trains the merged weights
     set_trainable(model, stage.train)
     optim = dataclasses.replace(cfg.optim, lr=stage.lr, min_lr=min(cfg.optim.min_lr, stage.lr))
     engine = build_engine(model, optim, cfg.engine, micro_batch_size=cfg.batch_size, total_steps=stage.steps)
@@ -161,7 +170,7 @@ def run(cfg: InstructConfig) -> dict:
     result["total_s"] = round(time.time() - t0, 1)
     with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
-    export_llava(model, os.path.join(cfg.output_dir, "llava"), tokenizer=tokenizer, force=True)
+    export_llava(merge_lora(model), os.path.join(cfg.output_dir, "llava"), tokenizer=tokenizer, force=True)
     print0(json.dumps(result))
     return result
 

@@ -1,6 +1,6 @@
-"""`python -m mmpretrain.instruct` end to end on a few steps: both stages run on the engine, the loss falls, the
-outputs are written and the LLaVA export loads with its tokenizer (issue 19; the full twin's numbers:
-docs/instruct.md)."""
+"""`python -m mmpretrain.instruct` end to end on a few steps: both stages run on the engine (the second with LoRA on
+the LM), the loss falls, the outputs are written and the (merged) LLaVA export loads with its tokenizer (issue 19;
+the full twin's numbers: docs/instruct.md)."""
 
 import json
 import os
@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_instruct_command_two_stages(tmp_path):
     out = tmp_path / "run"
     stages = ("stages=[{name: captions, data: captions, steps: 5, lr: 1e-3, train: [projector]},"
-              "{name: instruct, data: vqa, steps: 40, lr: 2e-3, train: [projector, lm, vision]}]")  # fmt: skip
+              "{name: instruct, data: vqa, steps: 40, lr: 2e-3, train: [projector, lm, vision],"
+              " lora_rank: 4}]")  # fmt: skip
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline")
     sizes = ["data.num_caption_images=64", "data.num_train_images=200", "data.num_eval_images=10"]
     cmd = [sys.executable, "-m", "mmpretrain.instruct", "configs/instruct/tiny.yaml", f"output_dir={out}", stages,
