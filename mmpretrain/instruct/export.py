@@ -14,11 +14,14 @@ meta-device instance; transformers 5 dropped CLIPVisionModel's `vision_model.` l
 Config: LlavaConfig(vision_config = our tower's CLIPVisionConfig, text_config = the LM's config,
 image_token_index, image_seq_length = tokens per image, vision_feature_layer, vision_feature_select_strategy,
 projector_hidden_act "gelu", multimodal_projector_bias true). The LM's tokenizer is saved beside it when given.
-Not yet written: a LlavaProcessor (image processor + tokenizer + chat template).
+With a template, our ChatTemplate's fields go to instruct_template.json. Not yet written: a LlavaProcessor (image
+processor + tokenizer + a Jinja chat template).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 import torch
@@ -26,7 +29,9 @@ import torch
 from mmpretrain.convert.common import atomic_folder, cast, check_state_dict, save_safetensors
 from mmpretrain.convert.hf import hf_config, to_hf_state_dict, write_preprocessor
 from mmpretrain.instruct.model import VisionLanguageModel
+from mmpretrain.instruct.template import ChatTemplate
 
+TEMPLATE_FILE = "instruct_template.json"  # our ChatTemplate's fields (no LlavaProcessor chat template yet)
 VISION_DROPPED = ("vision_tower.projection.weight",)  # the pooled-embedding projection: not part of LLaVA
 
 
@@ -87,10 +92,16 @@ def llava_expected_shapes(cfg) -> dict[str, torch.Size]:
 
 
 def export_llava(
-    model: VisionLanguageModel, out_dir: str, tokenizer=None, dtype: torch.dtype = torch.float32, force: bool = False
+    model: VisionLanguageModel,
+    out_dir: str,
+    tokenizer=None,
+    template: ChatTemplate | None = None,
+    dtype: torch.dtype = torch.float32,
+    force: bool = False,
 ) -> str:
     """Write config.json, model.safetensors, preprocessor_config.json (CLIPImageProcessor of our eval transform)
-    and, when given, the LM's tokenizer (a transformers tokenizer) to out_dir; strict keys and shapes."""
+    and, when given, the LM's tokenizer (a transformers tokenizer) and our chat template (TEMPLATE_FILE, what
+    `python -m mmpretrain.instruct.chat` builds prompts with) to out_dir; strict keys and shapes."""
     cfg = llava_config(model, dtype)
     hf_sd = cast(to_llava_state_dict(model.state_dict(), cfg.tie_word_embeddings), dtype)
     check_state_dict(hf_sd, llava_expected_shapes(cfg), "LLaVA export")
@@ -100,4 +111,7 @@ def export_llava(
         write_preprocessor(tmp, model.vision_cfg.vision.image_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if template is not None:
+            with open(os.path.join(tmp, TEMPLATE_FILE), "w") as f:
+                json.dump(dataclasses.asdict(template), f, indent=1)
     return out_dir

@@ -12,6 +12,7 @@ export, with the tokenizer). No checkpoints or resume yet.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -170,15 +171,17 @@ def run(cfg: InstructConfig) -> dict:
     result["total_s"] = round(time.time() - t0, 1)
     with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
-    export_llava(merge_lora(model), os.path.join(cfg.output_dir, "llava"), tokenizer=tokenizer, force=True)
+    export_llava(
+        merge_lora(model), os.path.join(cfg.output_dir, "llava"), tokenizer=tokenizer, template=template, force=True
+    )
     print0(json.dumps(result))
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return
-    path = argv[0] if argv and "=" not in argv[0] else None
-    run(load_instruct_config(path, argv[1:] if path else argv))
+    p = argparse.ArgumentParser(prog="python -m mmpretrain.instruct", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("args", nargs="*", help="a YAML config (optional, first), then key=value overrides")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv).args
+    path = args[0] if args and "=" not in args[0] else None
+    run(load_instruct_config(path, args[1:] if path else args))
