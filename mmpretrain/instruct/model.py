@@ -110,7 +110,9 @@ class VisionLanguageModel(nn.Module):
     def image_features(self, images_NCHW: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, num_image_tokens, D): projected patch features."""
         # every block runs (hidden_states holds them all); a layer past feature_layer is wasted work, kept simple
-        hidden = self.vision_tower(images_NCHW, output_hidden_states=True).hidden_states[self.feature_layer]
+        # patch_drop=0: every patch has its image token (a run's FLIP patch dropout must not apply here)
+        out = self.vision_tower(images_NCHW, output_hidden_states=True, patch_drop=0.0)
+        hidden = out.hidden_states[self.feature_layer]
         if self.select_strategy == "default":
             hidden = hidden[:, 1:]  # drop the class token
         return self.projector(hidden)

@@ -6,7 +6,7 @@ from transformers import LlamaConfig
 
 from mmpretrain.instruct.model import build_language_model, build_vlm, causal_lm_loss, tiny_vlm
 from mmpretrain.instruct.template import IGNORE_INDEX
-from mmpretrain.model import ModelConfig, build_model, resolve_model_config
+from mmpretrain.model import ModelConfig, VisionConfig, build_model, resolve_model_config
 
 IMG = 5
 
@@ -88,3 +88,10 @@ def test_bad_settings_raise(kw, match):
     cfg = resolve_model_config(ModelConfig(name="tiny"))
     with pytest.raises(ValueError, match=match):
         build_vlm(build_model(cfg), cfg, build_language_model(tiny_lm()), IMG, **kw)
+
+
+def test_patch_dropout_of_the_tower_never_applies():
+    """A tower trained with FLIP patch dropout still gives every patch its image token in training mode."""
+    model = tiny_vlm(ModelConfig(name="tiny", vision=VisionConfig(patch_dropout=0.5)), tiny_lm(), IMG).train()
+    S = model.vision_cfg.vision.image_size
+    assert model.image_features(torch.randn(2, 3, S, S)).shape[:2] == (2, model.num_image_tokens)
