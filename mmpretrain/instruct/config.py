@@ -22,14 +22,16 @@ class VisionArgs:
 
 @dataclass
 class LMArgs:
-    """A fresh Llama-style causal LM (AutoModelForCausalLM.from_config); a local folder is not wired yet."""
+    """The causal LM: a local transformers folder (its weights and tokenizer), or a fresh Llama-style LM of the sizes
+    below with the shapes set's word-level tokenizer."""
 
+    path: str = ""  # a local folder AutoModelForCausalLM / AutoTokenizer load (no remote code); "" = fresh
     hidden_size: int = 64
     intermediate_size: int = 128
     layers: int = 2
     heads: int = 4
     kv_heads: int = 2
-    max_positions: int = 128  # also the longest conversation kept (longer ones are skipped and counted)
+    max_positions: int = 128  # fresh LM's positions; also the longest conversation kept (longer: skipped, counted)
 
 
 @dataclass

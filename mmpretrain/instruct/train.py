@@ -32,7 +32,14 @@ from mmpretrain.instruct.data import collate
 from mmpretrain.instruct.export import export_llava
 from mmpretrain.instruct.lora import add_lora, has_lora, merge_lora
 from mmpretrain.instruct.model import VisionLanguageModel, build_language_model
-from mmpretrain.instruct.template import IGNORE_INDEX, BadConversation, ChatTemplate, ConversationEncoder, HFTokenizer
+from mmpretrain.instruct.template import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    BadConversation,
+    ChatTemplate,
+    ConversationEncoder,
+    HFTokenizer,
+)
 from mmpretrain.instruct.vqa import make_captions, make_vqa, twin_tokenizer
 from mmpretrain.model import ModelConfig, build_model, resolve_model_config
 
@@ -49,8 +56,24 @@ def load_instruct_config(path: str | None, overrides: list[str]) -> InstructConf
     return cfg
 
 
+def load_tokenizer(cfg: InstructConfig, template: ChatTemplate):
+    """lm.path's tokenizer (an `<image>` token added when it has none; pad = eos when it has no pad), else the
+    shapes set's word-level twin tokenizer."""
+    if not cfg.lm.path:
+        return twin_tokenizer(template)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.lm.path, local_files_only=True, trust_remote_code=False)
+    if IMAGE_PLACEHOLDER not in tok.get_vocab():
+        tok.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def build(cfg: InstructConfig, tokenizer) -> VisionLanguageModel:
-    """The VLM: our tower (from vision.path, or fresh vision.name) + projector + a fresh Llama-style LM."""
+    """The VLM: our tower (from vision.path, or fresh vision.name) + projector + the LM of lm.path (its
+    embeddings grown to the tokenizer when `<image>` was added) or a fresh Llama-style LM of lm.*."""
     from transformers import LlamaConfig
 
     torch.manual_seed(cfg.seed)
@@ -60,14 +83,19 @@ def build(cfg: InstructConfig, tokenizer) -> VisionLanguageModel:
     else:
         vision_cfg = resolve_model_config(ModelConfig(name=cfg.vision.name))
         two_tower = build_model(vision_cfg)
-    lm_cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.lm.hidden_size,
-                         intermediate_size=cfg.lm.intermediate_size, num_hidden_layers=cfg.lm.layers,
-                         num_attention_heads=cfg.lm.heads, num_key_value_heads=cfg.lm.kv_heads,
-                         max_position_embeddings=cfg.lm.max_positions, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    return VisionLanguageModel(vision_cfg, two_tower.vision_model, build_language_model(lm_cfg), image_token_id,
-                               cfg.vision.feature_layer, cfg.vision.select_strategy)  # fmt: skip
+    if cfg.lm.path:
+        lm = build_language_model(cfg.lm.path)
+        if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+            lm.resize_token_embeddings(len(tokenizer))
+    else:
+        lm = build_language_model(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=cfg.lm.hidden_size, intermediate_size=cfg.lm.intermediate_size,
+            num_hidden_layers=cfg.lm.layers, num_attention_heads=cfg.lm.heads, num_key_value_heads=cfg.lm.kv_heads,
+            max_position_embeddings=cfg.lm.max_positions, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))  # fmt: skip
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    return VisionLanguageModel(vision_cfg, two_tower.vision_model, lm, image_token_id, cfg.vision.feature_layer,
+                               cfg.vision.select_strategy)  # fmt: skip
 
 
 def encode_all(encoder: ConversationEncoder, records: list[dict], skipped: Counter) -> list[tuple]:
@@ -147,7 +175,7 @@ def run(cfg: InstructConfig) -> dict:
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
         f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     template = ChatTemplate(system=cfg.system)
-    tokenizer = twin_tokenizer(template)
+    tokenizer = load_tokenizer(cfg, template)
     model = build(cfg, tokenizer)
     size = model.vision_cfg.vision.image_size
     encoder = ConversationEncoder(HFTokenizer(tokenizer), model.image_token_id, model.num_image_tokens, template,

@@ -8,7 +8,7 @@ from mmpretrain.convert import export_hf
 from mmpretrain.data.synthetic import make_shape_sample
 from mmpretrain.instruct.config import InstructConfig, VisionArgs
 from mmpretrain.instruct.template import ChatTemplate, ConversationEncoder, HFTokenizer
-from mmpretrain.instruct.train import build, evaluate
+from mmpretrain.instruct.train import build, evaluate, load_tokenizer
 from mmpretrain.instruct.vqa import PHRASINGS, QUESTION_TYPES, answer, make_vqa, twin_tokenizer, words
 from mmpretrain.model import ModelConfig, build_model, resolve_model_config
 
@@ -78,3 +78,37 @@ def test_tower_from_a_folder_evaluation_loads(tmp_path):
     want = two_tower.vision_model.state_dict()
     got = model.vision_tower.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_lm_from_a_folder_gains_an_image_token(tmp_path):
+    """lm.path: a local LM + tokenizer without `<image>` or a pad token; the token is added, the embeddings grow and
+    keep their trained rows, and a question trains through it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<s>", "</s>", "<unk>", *sorted({w for p in PHRASINGS.values()
+                                                                          for q in p for w in words(q)})])}  # fmt: skip
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    lm_cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1)  # fmt: skip
+    lm = LlamaForCausalLM(lm_cfg)
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+
+    cfg = InstructConfig()
+    cfg.lm.path = str(tmp_path / "lm")
+    template = ChatTemplate(system="", user_prefix="", user_suffix=" ", assistant_prefix="", answer_prefix="")
+    loaded = load_tokenizer(cfg, template)
+    assert loaded.convert_tokens_to_ids("<image>") == len(vocab) and loaded.pad_token == "</s>"
+    model = build(cfg, loaded)
+    emb = model.language_model.get_input_embeddings().weight
+    assert emb.shape[0] == len(vocab) + 1
+    torch.testing.assert_close(emb[: len(vocab)], lm.get_input_embeddings().weight)
+    enc = ConversationEncoder(HFTokenizer(loaded), model.image_token_id, model.num_image_tokens, template)
+    e = enc.encode(make_vqa("train", 1, 32, seed=0)[0] | {"conversations": [
+        {"from": "human", "value": "<image> what shape is it ?"}, {"from": "gpt", "value": "what"}]})  # fmt: skip
+    out = model(torch.tensor([e.input_ids]), torch.randn(1, 3, 32, 32), labels=torch.tensor([e.labels]))
+    assert out.num_targets == 2 and torch.isfinite(out.loss)
