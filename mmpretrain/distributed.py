@@ -144,7 +144,14 @@ def print0(*args, **kwargs) -> None:
 
 
 def destroy() -> None:
-    if is_initialized():
+    if not is_initialized():
+        return
+    deepspeed = sys.modules.get("deepspeed")
+    if deepspeed is not None and deepspeed.comm.is_initialized():
+        # through DeepSpeed: it also drops the groups it cached (its clone of the world group); a process that starts
+        # a group again (tests, the eval CLI after training) would otherwise hand an engine a destroyed group
+        deepspeed.comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 
