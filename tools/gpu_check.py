@@ -424,6 +424,8 @@ def run_stage_child(name: str, stage_dir: str, dry: bool, deadline: float) -> in
     """Runs in the child process: one stage; writes <stage>.json (result or error)."""
     with open(os.path.join(stage_dir, f"{name}.log"), "a") as log:
         ctx = StageContext(name, stage_dir, dry, deadline, log)
+        if dry and os.environ.get("GPU_CHECK_HANG") == name:
+            time.sleep(3600)  # tests: a stage that hangs, to be killed at its limit (dry runs only)
         try:
             result = {"status": "ok", **STAGE_FNS[name](ctx)}
         except Exception as e:  # noqa: BLE001 -- any failure is this stage's result
