@@ -598,6 +598,19 @@ class TrainLoader:
         return iter(self.dataloader)
 
 
+def check_loader_args(cfg: DataConfig, *, rank: int, world_size: int, batch_size: int, start_batch: int) -> None:
+    """The checks both train loaders (this per-rank one and streams.build_train_loader) make of their arguments."""
+    train = cfg.train
+    if train.urls is None and train.sources is None:
+        raise ValueError("data.train.urls: not set (for synthetic data, resolve it with with_synthetic_data first)")
+    if train.urls is not None and train.sources is not None:
+        raise ValueError("data.train.sources: set either data.train.urls or data.train.sources, not both")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if batch_size < 1 or start_batch < 0:
+        raise ValueError(f"batch_size must be >= 1 and start_batch >= 0 (got {batch_size}, {start_batch})")
+
+
 def build_rank_loader(
     cfg: DataConfig,
     *,
@@ -618,14 +631,7 @@ def build_rank_loader(
     data.train.urls only; for scanning shards and tests), with a last short batch holding the last counts.
     """
     train = cfg.train
-    if train.urls is None and train.sources is None:
-        raise ValueError("data.train.urls: not set (for synthetic data, resolve it with with_synthetic_data first)")
-    if train.urls is not None and train.sources is not None:
-        raise ValueError("data.train.sources: set either data.train.urls or data.train.sources, not both")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    if batch_size < 1 or start_batch < 0:
-        raise ValueError(f"batch_size must be >= 1 and start_batch >= 0 (got {batch_size}, {start_batch})")
+    check_loader_args(cfg, rank=rank, world_size=world_size, batch_size=batch_size, start_batch=start_batch)
     if num_epochs is not None and (num_epochs < 1 or train.resampled or train.sources is not None):
         raise ValueError(f"num_epochs={num_epochs}: only >= 1, in epoch mode, with data.train.urls")
     num_streams = world_size * max(1, cfg.num_workers)

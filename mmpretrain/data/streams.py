@@ -54,6 +54,7 @@ from .pipeline import (
     _Source,
     _train_sources,
     build_rank_loader,
+    check_loader_args,
     epoch_shards,
     merge_data_stats,
     mix_seed,
@@ -418,14 +419,7 @@ def build_train_loader(
                                  rank=rank, world_size=world_size, seed=seed, start_batch=start_batch,
                                  num_epochs=num_epochs)  # fmt: skip
     train = cfg.train
-    if train.urls is None and train.sources is None:
-        raise ValueError("data.train.urls: not set (for synthetic data, resolve it with with_synthetic_data first)")
-    if train.urls is not None and train.sources is not None:
-        raise ValueError("data.train.sources: set either data.train.urls or data.train.sources, not both")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    if batch_size < 1 or start_batch < 0:
-        raise ValueError(f"batch_size must be >= 1 and start_batch >= 0 (got {batch_size}, {start_batch})")
+    check_loader_args(cfg, rank=rank, world_size=world_size, batch_size=batch_size, start_batch=start_batch)
     global_batch = batch_size * world_size
     slots = world_size * max(1, cfg.num_workers)
     has_state = bool(data_state and data_state.get("streams"))
