@@ -305,10 +305,10 @@ def train(cfg: Config, stop_after_steps: int = 0, saver: checkpoint.BackgroundSa
     check_restart(cfg)
     dist_info = init_distributed(cfg.engine.dist_timeout_s)
     rank, world = dist_info.rank, dist_info.world_size
-    set_cpu_threads(cfg.engine, ranks_on_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
-                    data_workers=cfg.data.num_workers)  # fmt: skip
     start_output_dir(cfg, dist_info.is_main)
     engine, objective, state, resumed = build_or_resume(cfg, dist_info)
+    threads = set_cpu_threads(cfg.engine, ranks_on_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                              data_workers=cfg.data.num_workers, chosen=state.cpu_threads)  # fmt: skip
     cfg_dict = to_dict(cfg)
     log = open_log(cfg, state, resumed, dist_info, cfg_dict)
     stopper = install_stopper(cfg, dist_info.is_main, log)
@@ -352,6 +352,10 @@ def train(cfg: Config, stop_after_steps: int = 0, saver: checkpoint.BackgroundSa
         res = train_step(batch, state.step + 1, stopper.requested())
         log_stall()
         state.advance(cfg.train.batch_size)  # skipped steps count too: the data position stays step x batch
+        if threads is not None and (chosen := threads.step_done(time.perf_counter() - t0)):
+            state.cpu_threads = chosen["cpu_threads"]
+            log.log(state.step, chosen)
+            log.write(threads.line)
         if key_log is not None:
             key_log.write(json.dumps({"step": state.step, "keys": batch["keys"]}) + "\n")
             key_log.flush()

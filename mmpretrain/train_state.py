@@ -26,6 +26,7 @@ class TrainState:
     data_stats: dict = field(default_factory=dict)  # samples read / skipped by reason and shard, per source
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, over the whole run
     data_position: dict = field(default_factory=dict)  # {"num_streams": V, "streams": {index: state}}, or {}
+    cpu_threads: int = 0  # CPU runs: the intra-op threads engine.cpu_threads=0 chose by timing (0: not yet chosen)
 
     @property
     def batches_consumed_per_rank(self) -> int:
@@ -46,6 +47,7 @@ class TrainState:
             "wandb_run_id": self.run_id,
             "data_stats": self.data_stats,
             "skipped_steps": self.skipped_steps,
+            "cpu_threads": self.cpu_threads,
             "data": {"batches_consumed_per_rank": self.batches_consumed_per_rank, **self.data_position},
         }
 
@@ -58,5 +60,6 @@ class TrainState:
             world_size=meta["world_size"],
             data_stats=meta.get("data_stats", {}),
             skipped_steps=meta.get("skipped_steps", 0),
+            cpu_threads=meta.get("cpu_threads", 0),
             data_position={k: v for k, v in meta.get("data", {}).items() if k in ("num_streams", "streams")},
         )

@@ -12,6 +12,9 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
+from mmpretrain.checkpoint import find_step_dir
+from mmpretrain.engine import CpuThreadTuner, cpu_thread_choices
+from mmpretrain.engine_config import EngineConfig
 from tests.integration.test_train import ENV, REPO, read_metrics, train_cli
 
 RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "recipes", "*-tiny.yaml")))
@@ -65,3 +68,19 @@ def test_recipe_tiny_twin_lowers_its_loss(config, shapes_dataset, tmp_path, requ
     evals = json.load(open(os.path.join(out, "eval.json")))
     assert 0 <= evals["zeroshot/shapes/top1"] <= 1
     assert any(k.startswith("retrieval/") for k in evals), sorted(evals)
+
+
+@pytest.mark.slow
+def test_cpu_threads_are_chosen_by_timing_and_saved(teacher_run):
+    """engine.cpu_threads=0 with one data worker: the run times its own steps on cores-1 and on all cores per
+    rank, logs the choice once (metrics.jsonl and a line) and saves it in meta.json for a resume."""
+    choices = cpu_thread_choices(EngineConfig(), ranks_on_node=1, data_workers=1)
+    lines = [m for m in read_metrics(teacher_run, train_only=False) if "cpu_threads" in m]
+    if len(choices) == 1:
+        pytest.skip("one core: nothing to choose")
+    assert [m["step"] for m in lines] == [CpuThreadTuner.WARM + 2 * CpuThreadTuner.N + 1]
+    assert lines[0]["cpu_threads"] in choices and all(f"cpu_threads/step_s_{n}" in lines[0] for n in choices)
+    faster = min(choices, key=lambda n: lines[0][f"cpu_threads/step_s_{n}"])
+    assert lines[0]["cpu_threads"] == faster or lines[0]["cpu_threads"] == choices[0]  # more threads win by 5%
+    meta = json.load(open(os.path.join(find_step_dir(teacher_run), "meta.json")))
+    assert meta["cpu_threads"] == lines[0]["cpu_threads"]

@@ -75,7 +75,6 @@ ALLOWED: dict[tuple[str, ...], str] = {}
 # listed but not counted against MAX_FUNCTION_IMPORTS.
 ALLOWED_IN_FUNCTIONS: dict[tuple[str, str], str] = {
     # TODO(issue 14 item 4, the lead): engine.py's functions are being restructured; these imports go to its top
-    ("mmpretrain.engine", "os"): "set_cpu_threads",
     ("mmpretrain.engine", "deepspeed"): "build_engine",
     ("mmpretrain.engine", "mmpretrain.model"): "build_engine: compile_blocks, param_groups",
 }
