@@ -61,8 +61,9 @@ class EngineConfig:
     dist_timeout_s: float = 600.0
     """Process-group timeout in seconds: a dead peer ends the run after this long."""
     cpu_threads: int = 0
-    """CPU only: torch intra-op threads per rank. 0 = the cores left per rank after the data workers
-    (at least 1); oversubscribed cores make OpenMP spin, which costs more than a thread gains."""
+    """CPU only: torch intra-op threads per rank. 0 = chosen by timing the run's first steps on the cores left
+    per rank after the data workers and on all cores per rank (the faster is kept, logged as cpu_threads and
+    saved for a resume): whether sharing a data worker's core pays depends on the model and the data."""
 
     def validate(self, prefix: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
