@@ -11,45 +11,19 @@ the tiny model for ZeRO 0-3; docs/benchmarks.md has the ViT-B-16 rows.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
-from collections import Counter
 
 import torch
-import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-COUNTED: Counter = Counter()
-COUNTING = [False]
+from mmpretrain.measure import CollectiveCounter, peak_allocated  # noqa: E402
 
-
-def _nbytes(t) -> int:
-    return t.numel() * t.element_size()
-
-
-SIZES = {  # torch.distributed function -> (op, buffer bytes), as mmpretrain.plan counts them
-    "all_reduce": ("all_reduce", lambda *a, **k: _nbytes(k.get("tensor", a[0] if a else None))),
-    "all_gather_into_tensor": ("all_gather", lambda *a, **k: _nbytes(k.get("output_tensor", a[0] if a else None))),
-    "reduce_scatter_tensor": ("reduce_scatter", lambda *a, **k: _nbytes(k.get("input", a[1] if len(a) > 1 else None))),
-}
-
-
-def _wrap(fn_name, op, size):
-    orig = getattr(dist, fn_name)
-
-    def counted(*args, **kwargs):
-        if COUNTING[0]:
-            COUNTED[op] += size(*args, **kwargs)
-        return orig(*args, **kwargs)
-
-    setattr(dist, fn_name, counted)
-
-
-for _name, (_op, _size) in SIZES.items():
-    _wrap(_name, _op, _size)  # before DeepSpeed starts: its backend keeps references to these functions
+COUNTER = CollectiveCounter().install()  # before DeepSpeed is imported: its backend keeps these functions
 
 from mmpretrain.config import load_config  # noqa: E402
 from mmpretrain.distributed import destroy, init_distributed  # noqa: E402
@@ -58,17 +32,6 @@ from mmpretrain.model import build_model  # noqa: E402
 from mmpretrain.objectives import Objective  # noqa: E402
 from mmpretrain.plan import GIB, collectives, count_params, memory, op_totals  # noqa: E402
 from mmpretrain.step import TrainStep  # noqa: E402
-
-
-def peak_allocated(prof) -> int:
-    """The highest running total of the profiler's memory events (allocations +, frees -) in time order."""
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())  # fmt: skip
-    total = peak = 0
-    for e in events:
-        total += e.nbytes()
-        peak = max(peak, total)
-    return peak
 
 
 def main(argv=None) -> int:
@@ -97,10 +60,8 @@ def main(argv=None) -> int:
         for i in range(args.steps):
             tokens = torch.randint(1, vocab - 2, (per_rank, ctx))
             tokens[:, -1] = vocab - 1
-            COUNTED.clear()
-            COUNTING[0] = i == args.steps - 1
-            step({"image": torch.randn(per_rank, 3, size, size), "text": tokens}, i + 1)
-            COUNTING[0] = False
+            with COUNTER.counting() if i == args.steps - 1 else contextlib.nullcontext():
+                step({"image": torch.randn(per_rank, 3, size, size), "text": tokens}, i + 1)
     measured = peak_allocated(prof)
     params = count_params(cfg.model)
     parts, predicted = memory(params, cfg.model, world=info.world_size, stage=args.zero_stage,
@@ -118,8 +79,8 @@ def main(argv=None) -> int:
             want = op_totals(collectives(params, world=info.world_size, stage=args.zero_stage,
                                          precision=args.precision, global_batch=args.batch,
                                          embed_dim=cfg.model.embed_dim, family=cfg.model.family))  # fmt: skip
-            for op in sorted(set(want) | set(COUNTED)):
-                print(f"  {op:15s} predicted {want.get(op, 0):>14,d} B  counted {COUNTED.get(op, 0):>14,d} B")
+            for op in sorted(set(want) | set(COUNTER.counted)):
+                print(f"  {op:15s} predicted {want.get(op, 0):>14,d} B  counted {COUNTER.counted.get(op, 0):>14,d} B")
     destroy()
     return 0
 

@@ -8,50 +8,20 @@ Each argument is STAGE:GLOBAL_BATCH[:PRECISION] (fp32 by default; a large batch 
 peak).
 """
 
+import contextlib
 import gc
 import json
 import sys
-from collections import Counter
 
 import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
-COUNTED: Counter = Counter()
-COUNTING = [False]
+from mmpretrain.measure import CollectiveCounter, peak_allocated
 
+COUNTER = CollectiveCounter().install()  # before DeepSpeed is imported: its TorchBackend keeps these functions
 
-def _nbytes(t) -> int:
-    return t.numel() * t.element_size()
-
-
-# op -> the buffer's bytes from the call's arguments (all-reduce: the tensor; all-gather: the output; reduce-scatter:
-# the input). Wrapped before DeepSpeed starts: its TorchBackend keeps references to these functions.
-SIZES = {
-    "all_reduce": ("all_reduce", lambda *a, **k: _nbytes(k.get("tensor", a[0] if a else None))),
-    "all_gather_into_tensor": ("all_gather", lambda *a, **k: _nbytes(k.get("output_tensor", a[0] if a else None))),
-    "all_gather": ("all_gather", lambda *a, **k: sum(_nbytes(t) for t in k.get("tensor_list", a[0] if a else []))),
-    "reduce_scatter_tensor": ("reduce_scatter", lambda *a, **k: _nbytes(k.get("input", a[1] if len(a) > 1 else None))),
-    "reduce_scatter": ("reduce_scatter", lambda *a, **k: sum(_nbytes(t) for t in k.get("input_list", a[1]))),
-    "broadcast": ("broadcast", lambda *a, **k: _nbytes(k.get("tensor", a[0] if a else None))),
-}
-
-
-def _wrap(fn_name, op, size):
-    orig = getattr(dist, fn_name)
-
-    def counted(*args, **kwargs):
-        if COUNTING[0]:
-            COUNTED[op] += size(*args, **kwargs)
-        return orig(*args, **kwargs)
-
-    setattr(dist, fn_name, counted)
-
-
-for _name, (_op, _size) in SIZES.items():
-    _wrap(_name, _op, _size)
-
-from mmpretrain.config import load_config  # noqa: E402  (after the wrapping: DeepSpeed binds at import)
+from mmpretrain.config import load_config  # noqa: E402
 from mmpretrain.distributed import destroy, init_distributed  # noqa: E402
 from mmpretrain.engine import build_engine  # noqa: E402
 from mmpretrain.model import build_model  # noqa: E402
@@ -76,24 +46,11 @@ def run_stage(run: str, info) -> dict:
             g = torch.Generator().manual_seed(100 + i + info.rank)
             tokens = torch.randint(1, vocab - 2, (per_rank, ctx), generator=g)
             tokens[:, -1] = vocab - 1
-            COUNTED.clear()
-            COUNTING[0] = i == 2
-            res = step({"image": torch.randn(per_rank, 3, size, size, generator=g), "text": tokens}, i + 1)
-            COUNTING[0] = False
+            with COUNTER.counting() if i == 2 else contextlib.nullcontext():
+                res = step({"image": torch.randn(per_rank, 3, size, size, generator=g), "text": tokens}, i + 1)
             assert not res.skipped
         del engine, step
-    return {"collectives": dict(COUNTED), "peak_bytes": peak_allocated(prof)}
-
-
-def peak_allocated(prof) -> int:
-    """The highest running total of the profiler's memory events (allocations +, frees -) in time order."""
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())  # fmt: skip
-    total = peak = 0
-    for e in events:
-        total += e.nbytes()
-        peak = max(peak, total)
-    return peak
+    return {"collectives": dict(COUNTER.counted), "peak_bytes": peak_allocated(prof)}
 
 
 def main(out_path, runs):
