@@ -18,16 +18,17 @@ import torch
 from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, diff_configs, from_yaml_file, load_config, to_dict, to_yaml
 from mmpretrain.convert import read_any
+from mmpretrain.convert.resize import fit_position_embeddings
 from mmpretrain.data import Tokenizer, build_train_loader, check_bad_fraction, merge_data_stats, with_synthetic_data
 from mmpretrain.data.config import expand_shard_spec, is_remote
 from mmpretrain.data.pipeline import DataFaultError
 from mmpretrain.data.shards import count_samples
-from mmpretrain.distributed import all_gather_object, barrier, destroy, env_rank_world, init_distributed
+from mmpretrain.distributed import all_gather_object, barrier, destroy, env_rank_world, init_distributed, print0
 from mmpretrain.engine import build_engine, set_cpu_threads
 from mmpretrain.eval.suite import evaluate_all
 from mmpretrain.faults import EXIT_STOPPED, Injector, NonFiniteError, SkipTracker, StopRequest
 from mmpretrain.logging import MetricsLogger, new_run_id
-from mmpretrain.model import build_model
+from mmpretrain.model import ModelConfig, build_model, resolve_model_config
 from mmpretrain.objectives import Objective
 from mmpretrain.step import StepResult, TrainStep
 from mmpretrain.train_state import TrainState
@@ -60,9 +61,10 @@ def resolve_data_paths(cfg: Config, is_main: bool) -> None:
         cfg.data = with_synthetic_data(cfg.data)
 
 
-def init_weights(model, path: str, trust_pickles: bool = False) -> None:
+def init_weights(model, path: str, trust_pickles: bool = False, model_cfg: ModelConfig | None = None) -> None:
     """Load a whole model's weights (our runs, consolidated, HF or OpenCLIP folders) strictly; a run's DeepSpeed
-    pickles only with ``trust_pickles`` (model.trust_pickles)."""
+    pickles only with ``trust_pickles`` (model.trust_pickles). With ``model_cfg`` (the model's), weights of
+    another image size or text length get their position embeddings resized to fit."""
     try:
         sd, _ = read_any(path, trust_pickles=trust_pickles)
     except ValueError as e:
@@ -71,6 +73,10 @@ def init_weights(model, path: str, trust_pickles: bool = False) -> None:
     # a run with new heads starts them fresh.
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.")}
     sd = {k: v for k, v in sd.items() if not k.startswith("heads.") or k in model.state_dict()}
+    # another image size or text length than this model's: the position embeddings are resized to fit
+    sd, resized = fit_position_embeddings(sd, own, model_cfg) if model_cfg is not None else (sd, [])
+    if resized:
+        print0(f"model.init_from: {path}: " + "; ".join(resized))
     missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
              if k in sd and sd[k].shape != v.shape]  # fmt: skip
@@ -168,7 +174,8 @@ def build_model_and_objective(cfg: Config):
     objective = Objective(cfg)
     objective.attach_heads(model)
     if cfg.model.init_from:
-        init_weights(model, cfg.model.init_from, trust_pickles=cfg.model.trust_pickles)
+        init_weights(model, cfg.model.init_from, trust_pickles=cfg.model.trust_pickles,
+                     model_cfg=resolve_model_config(cfg.model))  # fmt: skip
     return model, objective
 
 

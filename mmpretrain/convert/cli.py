@@ -56,6 +56,9 @@ def parse_args(argv, prog: str = PROG):
         s.add_argument("--image-size", type=int, default=None,
                            help="resize the position embedding for this input size in pixels (bicubic on the "
                                 "patch grid, class token kept), e.g. 336 for a 224 px model")  # fmt: skip
+        s.add_argument("--context-length", type=int, default=None,
+                       help="resize the text position embedding for this many tokens: longer keeps the first 20 "
+                            "positions and stretches the rest (Long-CLIP), shorter keeps the first")  # fmt: skip
         if name in ("to-hf", "to-openclip"):
             s.add_argument("--trust-pickles", action="store_true", help=TRUST_HELP)
         if name == "to-openclip":
@@ -88,6 +91,9 @@ def run(args) -> str:
     model_cfg = cfg.model
     if args.image_size is not None:
         sd, model_cfg = resize.resize_position_embedding(sd, resolve_model_config(model_cfg), args.image_size)
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+    if args.context_length is not None:
+        sd, model_cfg = resize.resize_text_position_embedding(sd, resolve_model_config(model_cfg), args.context_length)
         cfg = dataclasses.replace(cfg, model=model_cfg)
     if args.command == "to-hf":
         return hf.export_hf(sd, resolve_model_config(model_cfg), args.out, dtype, args.force)
