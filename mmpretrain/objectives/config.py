@@ -194,10 +194,40 @@ class UniclTermConfig(TermConfig):
             raise ValueError(f"{prefix}.label_source must be one of {UNICL_LABEL_SOURCES} (got {self.label_source!r})")
 
 
+@dataclass
+class CaptionTermConfig(TermConfig):
+    layers: int = 2  # decoder blocks (causal self-attention, cross-attention to the image tokens, MLP)
+    width: int = 0  # decoder width; 0 = the text tower's model.text.width
+    heads: int = 0  # decoder attention heads; 0 = the text tower's model.text.heads
+    mlp_ratio: float = 4.0  # MLP hidden size / decoder width
+    parallel_fraction: float = 0.0  # CapPa: this share of each global batch predicts every token from mask-token
+    # inputs (no teacher forcing); SigLIP 2 / LocCa train with 0.5 of it; 0 = plain captioning (CoCa, LocCa)
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        for key in ("layers",):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{prefix}.{key} must be >= 1 (got {getattr(self, key)})")
+        for key in ("width", "heads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{prefix}.{key} must be >= 0 (got {getattr(self, key)})")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"{prefix}.mlp_ratio must be > 0 (got {self.mlp_ratio})")
+        if not 0.0 <= self.parallel_fraction <= 1.0:
+            raise ValueError(f"{prefix}.parallel_fraction must be in [0, 1] (got {self.parallel_fraction})")
+
+    def check_run(self, run_cfg: Any, prefix: str) -> None:
+        width = self.width or run_cfg.model.text.width
+        heads = self.heads or run_cfg.model.text.heads
+        if width is not None and heads and width % heads:
+            raise ValueError(f"{prefix}.heads must divide the decoder width (got {heads} and {width})")
+
+
 # ----------------------------------------------------------------------------- loss.terms and loss
 
 # Term name (its key under loss.terms) -> its config class. Alphabetical: the order terms are summed and logged.
 TERM_CONFIGS: dict[str, type[TermConfig]] = {
+    "caption": CaptionTermConfig,
     "clip": ClipTermConfig,
     "distill": DistillTermConfig,
     "itm": ITMTermConfig,

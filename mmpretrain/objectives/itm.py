@@ -70,11 +70,12 @@ def caption_hash(tokens_BL: torch.Tensor) -> torch.Tensor:
 
 
 class FusionBlock(nn.Module):
-    """x + self_attn(ln(x)) (padding masked), x + cross_attn(ln(x), image), x + mlp(ln(x)): (B, L, D)."""
+    """x + self_attn(ln(x)) (padding masked; causal for a decoder), x + cross_attn(ln(x), image), x + mlp(ln(x)):
+    (B, L, D). ITM's fusion encoder and the caption decoder (objectives/caption.py) are stacks of it."""
 
-    def __init__(self, width: int, heads: int, mlp_dim: int, impl: str):
+    def __init__(self, width: int, heads: int, mlp_dim: int, impl: str, causal: bool = False):
         super().__init__()
-        self.heads, self.impl = heads, impl
+        self.heads, self.impl, self.causal = heads, impl, causal
         self.ln_self = LayerNorm(width)
         self.self_qkv = nn.Linear(width, 3 * width)
         self.self_out = nn.Linear(width, width)
@@ -95,7 +96,8 @@ class FusionBlock(nn.Module):
 
     def forward(self, x_BLD, valid_BL, img_BND):
         q, k, v = self.self_qkv(self.ln_self(x_BLD)).chunk(3, dim=-1)
-        a = attention(self._split(q), self._split(k), self._split(v), key_padding_mask=valid_BL, impl=self.impl)
+        a = attention(self._split(q), self._split(k), self._split(v), causal=self.causal, key_padding_mask=valid_BL,
+                      impl=self.impl)  # fmt: skip
         x_BLD = x_BLD + self.self_out(self._merge(a))
         q = self.cross_q(self.ln_cross(x_BLD))
         k, v = self.cross_kv(img_BND).chunk(2, dim=-1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mmpretrain.objectives import contrastive, distill, itm, mim, unicl  # noqa: F401  (each registers its terms)
+from mmpretrain.objectives import caption, contrastive, distill, itm, mim, unicl  # noqa: F401  (each registers its terms)
 from mmpretrain.objectives.base import REGISTRY, StepContext
 
 __all__ = ["REGISTRY", "Objective"]

@@ -52,3 +52,17 @@ def test_grad_cache_on_two_ranks_equals_one_rank_full_batch(tmp_path, stage):
         assert b == pytest.approx(a, rel=1e-5), f"loss differs at step {step}: {a} vs {b}"
     for step, (a, b) in enumerate(zip(ref["grad_norm"], got["grad_norm"])):
         assert b == pytest.approx(a, rel=1e-4), f"grad norm differs at step {step}: {a} vs {b}"
+
+
+@pytest.mark.slow
+def test_caption_term_on_two_ranks_zero3_equals_one_rank(tmp_path):
+    """SigLIP + the caption decoder (CapPa rows on): captions of different lengths on each rank, so the token mean
+    over the global batch is only right if the ranks share their token counts (objectives/caption.py)."""
+    terms = ["model.family=siglip", "loss.terms.siglip.weight=1.0", "loss.terms.caption.parallel_fraction=0.5"]
+    ref = run_worker(tmp_path, 1, ["engine.zero_stage=0", *terms])
+    got = run_worker(tmp_path, 2, ["engine.zero_stage=3", *terms])
+    for step, (a, b) in enumerate(zip(ref["loss"], got["loss"])):
+        assert b == pytest.approx(a, rel=1e-5), f"loss differs at step {step}: {a} vs {b}"
+    for step, (a, b) in enumerate(zip(ref["grad_norm"], got["grad_norm"])):
+        assert b == pytest.approx(a, rel=1e-4), f"grad norm differs at step {step}: {a} vs {b}"
+    assert len({round(x, 6) for x in ref["loss"]}) > 1

@@ -28,10 +28,12 @@ def main(out_path, overrides):
     info = init_distributed()
     torch.manual_seed(0)
     model = build_model(cfg.model)
+    objective = Objective(cfg)
+    objective.attach_heads(model)  # before the engine, as the train loop does: ZeRO shards the heads too
     per_rank = cfg.train.batch_size // info.world_size
     engine = build_engine(model, cfg.optim, cfg.engine, micro_batch_size=per_rank, total_steps=NUM_STEPS)
     # as the train loop runs it (the non-finite check: gradient hooks, or the norm where the step clips)
-    train_step = TrainStep(engine, Objective(cfg), cfg.engine, grad_clip=cfg.optim.grad_clip, loss_cfg=cfg.loss,
+    train_step = TrainStep(engine, objective, cfg.engine, grad_clip=cfg.optim.grad_clip, loss_cfg=cfg.loss,
                            device=info.device)  # fmt: skip
     size, ctx, vocab = cfg.model.vision.image_size, cfg.model.text.context_length, cfg.model.text.vocab_size
     losses, norms = [], []

@@ -1,0 +1,121 @@
+"""Captioning as an auxiliary term (CoCa / LocCa / CapPa; SigLIP 2's decoder loss).
+
+    loss:
+      terms:
+        siglip: {weight: 1.0}
+        caption: {weight: 1.0, layers: 2, parallel_fraction: 0.5}
+
+The head (``model.heads["caption"]``, CaptionDecoder): the caption's tokens (its own token embedding, learned
+positions) through ``layers`` pre-LN blocks of causal self-attention, cross-attention to the vision tower's tokens
+(LayerNorm'd and projected to the decoder width) and an MLP (objectives/itm.py's FusionBlock, causal), a final
+LayerNorm and a linear layer to the vocabulary. Teacher forcing: the input is the caption from SOT up to the
+token before the last, the target the caption from its first word through EOT; positions after EOT (padding)
+are not predicted. The image tokens are ``last_hidden_state`` of the tower (all tokens; under MIM/FLIP masking,
+the kept ones).
+
+Parallel prediction (CapPa, Tschannen et al. 2023, "Image Captioners Are Scalable Vision Learners"): a share
+``parallel_fraction`` of the samples gets a learned mask token at every input position instead of the caption,
+so each token is predicted from the image and its position alone, which forces the decoder to read the image. We
+keep the causal mask for them: their inputs carry no caption, so the mask hides nothing but positions. Which
+samples: a generator seeded by (train.seed, step) draws them for the GLOBAL batch, and each rank takes its own
+rows, so N ranks choose what one rank holding the whole batch chooses.
+
+Loss: cross-entropy summed over every predicted token of the global batch, divided by their number (a token
+mean over the global batch). Gradient contract: this rank returns N x its tokens' sum / the global count (the
+count all-reduced, without gradient), so DeepSpeed's average over ranks gives the global token mean's gradient
+whatever the caption lengths on each rank.
+
+Legend: b samples on this rank, G global, L context length, T = L - 1 predicted positions, V vocabulary,
+N' image tokens, Dv vision width, D decoder width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmpretrain.distributed import all_reduce_number, world_rank
+from mmpretrain.model.layers import LayerNorm
+from mmpretrain.objectives.base import StepContext, Term, register
+from mmpretrain.objectives.config import CaptionTermConfig
+from mmpretrain.objectives.itm import FusionBlock
+
+
+def caption_targets(tokens_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs (B, T), targets (B, T), predicted (B, T) bool): teacher forcing up to and including EOT (the
+    largest id: the tokenizer's; the first one on ties)."""
+    inputs_BT, targets_BT = tokens_BL[:, :-1], tokens_BL[:, 1:]
+    eot_B = tokens_BL.argmax(dim=-1)
+    pos_T = torch.arange(targets_BT.shape[1], device=tokens_BL.device)
+    return inputs_BT, targets_BT, pos_T[None, :] < eot_B[:, None]  # target t is token t + 1: through EOT
+
+
+def parallel_rows(seed: int, step: int, fraction: float, global_batch: int, rank: int, b: int) -> torch.Tensor:
+    """(b,) bool: this rank's rows of the global batch that predict in parallel (see the module docstring)."""
+    if fraction <= 0:
+        return torch.zeros(b, dtype=torch.bool)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    chosen_G = torch.rand(global_batch, generator=g) < fraction
+    return chosen_G[rank * b : (rank + 1) * b]
+
+
+class CaptionDecoder(nn.Module):
+    """(inputs (B, T) ids, parallel (B,) bool, image tokens (B, N', Dv)) -> logits (B, T, V)."""
+
+    def __init__(self, vocab_size, length, image_width, width, layers, heads, mlp_dim, impl="auto"):
+        super().__init__()
+        # the tower's tokens: CLIP's before its post_layernorm, SigLIP's normalized; one LayerNorm makes them alike
+        self.image_ln = LayerNorm(image_width)
+        self.image_proj = nn.Linear(image_width, width) if image_width != width else nn.Identity()
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.position_embedding = nn.Parameter(torch.zeros(length, width))
+        self.mask_token = nn.Parameter(torch.zeros(width))
+        self.blocks = nn.ModuleList(FusionBlock(width, heads, mlp_dim, impl, causal=True) for _ in range(layers))
+        self.ln = LayerNorm(width)
+        self.lm_head = nn.Linear(width, vocab_size)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding, std=0.01)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, inputs_BT: torch.Tensor, parallel_B: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        img_BND = self.image_proj(self.image_ln(image_tokens))
+        x_BTD = self.token_embedding(inputs_BT)
+        x_BTD = torch.where(parallel_B[:, None, None], self.mask_token.to(x_BTD.dtype), x_BTD)
+        x_BTD = x_BTD + self.position_embedding[: inputs_BT.shape[1]].to(x_BTD.dtype)
+        for block in self.blocks:
+            x_BTD = block(x_BTD, None, img_BND)
+        return self.lm_head(self.ln(x_BTD))
+
+
+@register
+class CaptionTerm(Term):
+    """Token-mean cross-entropy of the decoder's next-token predictions over the global batch."""
+
+    name = "caption"
+    config_cls = CaptionTermConfig
+    needs = ("image_tokens",)
+
+    def build_head(self, model):
+        c, m = self.cfg, self.run_cfg.model
+        width = c.width or m.text.width
+        heads = c.heads or m.text.heads
+        return CaptionDecoder(m.text.vocab_size, m.text.context_length - 1, m.vision.width, width, c.layers, heads,
+                              int(width * c.mlp_ratio), m.attention)  # fmt: skip
+
+    def loss(self, ctx: StepContext) -> torch.Tensor:
+        world, rank = world_rank(ctx.group)
+        inputs_BT, targets_BT, predicted_BT = caption_targets(ctx.tokens)
+        b = inputs_BT.shape[0]
+        parallel_B = parallel_rows(self.run_cfg.train.seed, ctx.step, self.cfg.parallel_fraction, world * b, rank, b)
+        logits_BTV = ctx.model(head=self.name, inputs_BT=inputs_BT, parallel_B=parallel_B.to(inputs_BT.device),
+                               image_tokens=ctx.out.image_tokens)  # fmt: skip
+        dtype = torch.promote_types(logits_BTV.dtype, torch.float32)  # the loss in fp32 (fp64 in the tests)
+        ce_BT = F.cross_entropy(logits_BTV.to(dtype).transpose(1, 2), targets_BT, reduction="none")
+        local_sum = (ce_BT * predicted_BT).sum()
+        count = all_reduce_number(int(predicted_BT.sum()), group=ctx.group)  # collective
+        return local_sum * (world / max(count, 1.0))
