@@ -424,9 +424,10 @@ def _ptxas_available() -> bool:
 
 
 @pytest.mark.skipif(INTERPRETING or torch.cuda.is_available() or not _ptxas_available(), reason="CPU-only")
-def test_kernels_compile_for_h100_without_a_gpu():
+@pytest.mark.parametrize("has_seg", [False, True])
+def test_kernels_compile_for_h100_without_a_gpu(has_seg):
     """The CUDA path, never run on CPU CI, compiles for sm_90a: bf16, padded head dim, causal, key padding mask,
-    segment ids (block skipping included).
+    with and without segment ids (block skipping included).
 
     Small tiles keep ptxas fast; the GPU tests and the autotuner cover the real block sizes."""
     import sys
@@ -437,7 +438,7 @@ def test_kernels_compile_for_h100_without_a_gpu():
     from triton.compiler import ASTSource
 
     kernel_module = sys.modules["mmpretrain.kernels.attention"]  # the package attribute is the function
-    consts = dict(HEAD_DIM=24, HEAD_DIM_PAD=32, IS_CAUSAL=True, HAS_KPM=True, HAS_SEG=True, INPUT_PRECISION=None)
+    consts = dict(HEAD_DIM=24, HEAD_DIM_PAD=32, IS_CAUSAL=True, HAS_KPM=True, HAS_SEG=has_seg, INPUT_PRECISION=None)
     pointers = dict(KPM="*i8", QSEG="*i32", KSEG="*i32", LSE="*fp32", DELTA="*fp32")
     for fn, blocks in (
         (kernel_module._attn_fwd_kernel.fn, dict(BLOCK_M=32, BLOCK_N=32)),
@@ -491,6 +492,26 @@ def test_cuda_low_precision_matches_fp32_reference(B, H, M, N, D, causal, with_k
         # Gradients are compared at their own scale (atol relative to the largest entry).
         s = 1.0 if name == "out" else r.abs().max().clamp_min(1e-6)
         torch.testing.assert_close(g.float() / s, r / s, atol=5e-3, rtol=5e-2, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def check_packed_low_precision(lengths_per_row, N, H, D, causal, dtype, device):
+    """flash_attention with segment ids in `dtype` against per_image_attention in fp32 (gradients at their scale)."""
+    seg_BN = packed_segment_ids(lengths_per_row, N).to(device)
+    q, k, v, do = make_qkv(len(lengths_per_row), H, N, N, D, dtype=dtype, device=device, seed=10)
+    got = run_fwd_bwd(flash_attention, q, k, v, do, segment_ids=seg_BN, causal=causal)
+    ref = run_fwd_bwd(per_image_attention, q.float(), k.float(), v.float(), do.float(), seg_BN=seg_BN, causal=causal)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        s = 1.0 if name == "out" else r.abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(g.float() / s, r / s, atol=5e-3, rtol=5e-2, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_packed_segments_match_per_image(dtype, causal):
+    """NaFlex-like packing at real sizes: images of 64 to 577 tokens in rows of 1024, padding at the end."""
+    check_packed_low_precision([[197, 256, 100, 64, 300], [577, 40, 256], [1000]], 1024, 8, 64, causal, dtype, "cuda")
 
 
 @requires_cuda
