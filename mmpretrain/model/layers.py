@@ -60,16 +60,27 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(width, 3 * width)  # rows: [q; k; v]
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x_BND: torch.Tensor, rows_B: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, N, D) -> (B, N, D); with `rows_B` (one token index per sample) -> (B, 1, D), those tokens' outputs."""
+    def forward(
+        self, x_BND: torch.Tensor, rows_B: Optional[torch.Tensor] = None, segment_ids_BN: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D); with `rows_B` (one token index per sample) -> (B, 1, D), those tokens' outputs.
+
+        segment_ids_BN: (B, N) int32 for packed sequences: a token attends only to tokens with its id
+        (conventions in mmpretrain.kernels.attention). None: every token sees every token (and the causal mask).
+        """
         B, N, D = x_BND.shape
         # qkv_proj runs on every token even when one query row is wanted: k and v need them all, and
         # slicing its weight here would read a parameter outside its module's forward (ZeRO-3 gathers there).
         qkv = self.qkv_proj(x_BND).view(B, N, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
+        q_seg_BM = None
         if rows_B is not None and not self.causal:
             q = q[torch.arange(B, device=q.device), :, rows_B].unsqueeze(2)  # (B, H, 1, Dh)
-        out_BHMD = attention(q, k, v, causal=self.causal, impl=self.impl)
+            if segment_ids_BN is not None:
+                q_seg_BM = segment_ids_BN[torch.arange(B, device=q.device), rows_B].unsqueeze(1)  # (B, 1)
+        out_BHMD = attention(
+            q, k, v, causal=self.causal, impl=self.impl, segment_ids=segment_ids_BN, q_segment_ids=q_seg_BM
+        )
         if rows_B is not None and self.causal:
             # One causal query row would need a per-sample mask; at text lengths the full causal attention
             # is cheap, so keep it and take the rows after (the kernel still sees causal=True).
@@ -98,14 +109,17 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = LayerNorm(width, eps=ln_eps)
         self.mlp = MLP(width, mlp_dim, act)
 
-    def forward(self, x_BND: torch.Tensor, rows_B: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x_BND: torch.Tensor, rows_B: Optional[torch.Tensor] = None, segment_ids_BN: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """(B, N, D) -> (B, N, D); with `rows_B` (B,) token indices -> (B, 1, D): the block's output at those
-        tokens only (attention still reads every token), skipping the out-projection and MLP elsewhere."""
+        tokens only (attention still reads every token), skipping the out-projection and MLP elsewhere.
+        segment_ids_BN: (B, N) int32, packed sequences (see Attention.forward)."""
         if rows_B is None:
-            x_BND = x_BND + self.self_attn(self.layer_norm1(x_BND))
+            x_BND = x_BND + self.self_attn(self.layer_norm1(x_BND), segment_ids_BN=segment_ids_BN)
             return x_BND + self.mlp(self.layer_norm2(x_BND))
         x_B1D = x_BND[torch.arange(x_BND.shape[0], device=x_BND.device), rows_B].unsqueeze(1)
-        x_B1D = x_B1D + self.self_attn(self.layer_norm1(x_BND), rows_B)
+        x_B1D = x_B1D + self.self_attn(self.layer_norm1(x_BND), rows_B, segment_ids_BN)
         return x_B1D + self.mlp(self.layer_norm2(x_B1D))
 
 
@@ -120,22 +134,29 @@ class Encoder(nn.Module):
             EncoderLayer(c.width, c.heads, c.mlp_dim, c.act, c.ln_eps, causal, impl) for _ in range(c.layers)
         )
 
-    def forward(self, x_BND: torch.Tensor, output_hidden_states: bool = False, pool_B: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        x_BND: torch.Tensor,
+        output_hidden_states: bool = False,
+        pool_B: Optional[torch.Tensor] = None,
+        segment_ids_BN: Optional[torch.Tensor] = None,
+    ):
         """Returns (last block output (B, N, D), hidden states tuple or None).
 
         pool_B: (B,) index of the one token per sample the caller reads (class / EOT token). Given, the
         last block runs its out-projection and MLP on that token only and the output is (B, 1, D): the same
         values as the full output at those tokens (up to float rounding), about 3/4 of a block cheaper.
         Ignored when output_hidden_states is set (every token of every block is returned then).
+        segment_ids_BN: (B, N) int32 for packed sequences, handed to every block's attention (see Attention).
         """
         hidden_states = [x_BND] if output_hidden_states else None
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             rows_B = pool_B if i == last and not output_hidden_states else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x_BND = checkpoint(layer, x_BND, rows_B, use_reentrant=False)
+                x_BND = checkpoint(layer, x_BND, rows_B, segment_ids_BN, use_reentrant=False)
             else:
-                x_BND = layer(x_BND, rows_B)
+                x_BND = layer(x_BND, rows_B, segment_ids_BN)
             if output_hidden_states:
                 hidden_states.append(x_BND)
         return x_BND, (tuple(hidden_states) if output_hidden_states else None)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from interpret_runner import INTERPRETING, needs_interpreter, run_under_interpreter, runner_only
-from mmpretrain.kernels import attention
+from mmpretrain.kernels import PAD_SEGMENT_ID, attention
 from mmpretrain.kernels.attention import attention_reference, flash_attention
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -61,6 +61,84 @@ def check_against_float64(q, k, v, do, out_tol=OUT_TOL, grad_tol=GRAD_TOL, fp32_
     for name, g, r, tol in zip(("out", "dq", "dk", "dv"), got, ref, (out_tol, grad_tol, grad_tol, grad_tol)):
         torch.testing.assert_close(g.double(), r, **tol, msg=lambda m, name=name: f"{name}: {m}")
     return got
+
+
+def packed_segment_ids(lengths_per_row, N):
+    """(B, N) int32 ids: row b holds images of the given lengths numbered 0, 1, ... in order, then padding."""
+    seg_BN = torch.full((len(lengths_per_row), N), PAD_SEGMENT_ID, dtype=torch.int32)
+    for b, lengths in enumerate(lengths_per_row):
+        seg_BN[b, : sum(lengths)] = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    return seg_BN
+
+
+# Packed rows (B=2, N=48): three images of unequal lengths + 5 padding tokens; two images, no padding. With the
+# interpreter's blocks (32/16, 16/32) images straddle block edges and some block pairs share no id (skipped).
+PACKED_SEG_BN = packed_segment_ids([[10, 22, 11], [29, 19]], 48)
+# Ids in no order (ids repeat apart, negative ones): correct too, only fewer blocks are skipped.
+UNORDERED_SEG_BN = torch.tensor([[3] * 9 + [-5] * 14 + [3] * 10 + [0] * 15, [1] * 18 + [-1] * 30], dtype=torch.int32)
+
+
+def per_image_attention(q, k, v, seg_BN, q_seg_BM=None, causal=False, scale=None):
+    """Packed attention computed the slow way: each segment's tokens gathered and attended on their own
+    (attention_reference without any segment mask), the outputs scattered back (B, H, M, D). Differentiable."""
+    q_seg_BM = seg_BN if q_seg_BM is None else q_seg_BM
+    out_BHMD = torch.zeros_like(q)
+    for b in range(q.shape[0]):
+        for sid in seg_BN[b].unique().tolist():
+            rows, cols = (q_seg_BM[b] == sid).nonzero()[:, 0], (seg_BN[b] == sid).nonzero()[:, 0]
+            if len(rows) == 0:
+                continue
+            o = attention_reference(
+                q[b : b + 1, :, rows], k[b : b + 1, :, cols], v[b : b + 1, :, cols], causal, scale=scale
+            )
+            out_BHMD[b][:, rows] = o[0]  # (H, rows, D)
+    return out_BHMD
+
+
+def check_packed_against_per_image(
+    fn, q, k, v, do, seg_BN, q_seg_BM=None, causal=False, out_tol=OUT_TOL, grad_tol=GRAD_TOL
+):
+    """fn(q, k, v, segment_ids=..., causal=...) on q, k, v's dtype against per_image_attention in float64."""
+    kw = dict(segment_ids=seg_BN, q_segment_ids=q_seg_BM, causal=causal)
+    got = run_fwd_bwd(fn, q, k, v, do, **kw)
+    ref = run_fwd_bwd(
+        per_image_attention,
+        q.double(),
+        k.double(),
+        v.double(),
+        do.double(),
+        seg_BN=seg_BN,
+        q_seg_BM=q_seg_BM,
+        causal=causal,
+    )
+    for name, g, r, tol in zip(("out", "dq", "dk", "dv"), got, ref, (out_tol, grad_tol, grad_tol, grad_tol)):
+        torch.testing.assert_close(g.double(), r, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    return got
+
+
+def check_segments_do_not_mix(fn, seg_BN, causal):
+    """Changing one segment's keys and values leaves every other segment's outputs and gradients exactly as they
+    were; an upstream gradient on the padding rows alone gives exactly zero gradient to every image token."""
+    B, H, N, D = seg_BN.shape[0], 2, seg_BN.shape[1], 16
+    q, k, v, do = make_qkv(B, H, N, N, D, dtype=torch.float32, seed=7)
+    kw = dict(segment_ids=seg_BN, causal=causal)
+    base = run_fwd_bwd(fn, q, k, v, do, **kw)
+    target_BN = seg_BN == 1
+    k2, v2 = k.clone(), v.clone()
+    k2[target_BN.nonzero(as_tuple=True)[0], :, target_BN.nonzero(as_tuple=True)[1]] *= -50.0
+    v2[target_BN.nonzero(as_tuple=True)[0], :, target_BN.nonzero(as_tuple=True)[1]] += 1e3
+    moved = run_fwd_bwd(fn, q, k2, v2, do, **kw)
+    others = ~target_BN
+    for name, a, b_ in zip(("out", "dq", "dk", "dv"), base, moved):
+        torch.testing.assert_close(a.transpose(1, 2)[others], b_.transpose(1, 2)[others], rtol=0, atol=0, msg=name)
+    assert (moved[0].transpose(1, 2)[target_BN] - base[0].transpose(1, 2)[target_BN]).abs().max() > 1.0
+    pad_BN = seg_BN == PAD_SEGMENT_ID
+    do_pad = do * pad_BN[:, None, :, None]
+    out, dq, dk, dv = run_fwd_bwd(fn, q, k, v, do_pad, **kw)
+    assert torch.isfinite(out).all()
+    for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
+        assert g.transpose(1, 2)[~pad_BN].abs().max() == 0, name
+        assert g.transpose(1, 2)[pad_BN].abs().max() > 0, name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,15 +213,45 @@ def test_interp_dispatcher_matches_sdpa():
 
 
 @needs_interpreter
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seg_BN", [PACKED_SEG_BN, UNORDERED_SEG_BN], ids=["packed", "unordered"])
+def test_interp_segments_match_per_image(seg_BN, causal):
+    """Packed images (segment ids, block-diagonal mask) == each image attended alone, in float64, fwd + bwd."""
+    q, k, v, do = make_qkv(2, 2, 48, 48, 16, dtype=torch.float32, seed=8)
+    check_packed_against_per_image(flash_attention, q, k, v, do, seg_BN, causal=causal)
+
+
+@needs_interpreter
+def test_interp_segments_pooling_queries_and_key_padding():
+    """q_segment_ids: one query per image (M != N) sees only its image; with key_padding_mask as well, padding
+    keys drop out, and a query of the padding segment sees no key at all (0, as SDPA)."""
+    B, H, N, D = 2, 2, 48, 16
+    q, k, v, do = make_qkv(B, H, 4, N, D, dtype=torch.float32, seed=9)
+    q_seg_BM = torch.tensor([[0, 1, 2, PAD_SEGMENT_ID], [1, 0, 0, 1]], dtype=torch.int32)
+    check_packed_against_per_image(flash_attention, q, k, v, do, PACKED_SEG_BN, q_seg_BM)
+    kw = dict(segment_ids=PACKED_SEG_BN, q_segment_ids=q_seg_BM, key_padding_mask=PACKED_SEG_BN != PAD_SEGMENT_ID)
+    out, dq, _, _ = check_against_float64(q, k, v, do, **kw)
+    assert out[0, :, 3].abs().max() == 0 and dq[0, :, 3].abs().max() == 0
+
+
+@needs_interpreter
+@pytest.mark.parametrize("causal", [False, True])
+def test_interp_segments_do_not_mix(causal):
+    check_segments_do_not_mix(flash_attention, PACKED_SEG_BN, causal)
+
+
+@needs_interpreter
 def test_interp_custom_op_registrations():
     """Schema, fake (meta) and autograd registrations of both custom ops, checked by torch.library.opcheck."""
     q, k, v, do = make_qkv(1, 2, 17, 20, 32, dtype=torch.float32, seed=5)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     kpm = make_kpm(1, 20).to(torch.int8)
+    qseg, kseg = packed_segment_ids([[7, 10]], 17), packed_segment_ids([[9, 11]], 20)
     scale = 1 / math.sqrt(32)
-    torch.library.opcheck(torch.ops.mmpretrain.flash_attention_fwd, (q, k, v, kpm, True, scale, False))
-    out, lse = torch.ops.mmpretrain.flash_attention_fwd(q, k, v, None, False, scale, False)
-    args = (do, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, False, scale, False)
+    torch.library.opcheck(torch.ops.mmpretrain.flash_attention_fwd, (q, k, v, kpm, None, None, True, scale, False))
+    torch.library.opcheck(torch.ops.mmpretrain.flash_attention_fwd, (q, k, v, None, qseg, kseg, False, scale, False))
+    out, lse = torch.ops.mmpretrain.flash_attention_fwd(q, k, v, None, qseg, kseg, False, scale, False)
+    args = (do, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, qseg, kseg, False, scale, False)
     torch.library.opcheck(torch.ops.mmpretrain.flash_attention_bwd, args)
 
 
@@ -189,7 +297,7 @@ def test_interp_compiled_block_keeps_the_kernel_in_the_graph():
 
 @runner_only
 def test_run_cpu_interpreter_suite():
-    num_tests = len(INTERP_CASES) + 2 + 2 + 5
+    num_tests = len(INTERP_CASES) + 2 + 2 + 5 + 4 + 1 + 2
     run_under_interpreter(__file__, min_passed=num_tests)
 
 
@@ -227,6 +335,28 @@ def test_sdpa_path_matches_reference(M, N, causal):
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seg_BN", [PACKED_SEG_BN, UNORDERED_SEG_BN], ids=["packed", "unordered"])
+def test_sdpa_segments_match_per_image(seg_BN, causal):
+    """The SDPA path with segment ids == each image attended alone (float64, fwd + bwd), as the kernel's test."""
+    q, k, v, do = make_qkv(2, 2, 48, 48, 16, seed=8)
+    sdpa = lambda *a, **kw: attention(*a, impl="sdpa", **kw)
+    check_packed_against_per_image(sdpa, q, k, v, do, seg_BN, causal=causal, out_tol={}, grad_tol={})
+    check_packed_against_per_image(attention_reference, q, k, v, do, seg_BN, causal=causal, out_tol={}, grad_tol={})
+
+
+def test_sdpa_segments_pooling_queries():
+    q, k, v, do = make_qkv(2, 2, 4, 48, 16, seed=9)
+    q_seg_BM = torch.tensor([[0, 1, 2, PAD_SEGMENT_ID], [1, 0, 0, 1]], dtype=torch.int32)
+    sdpa = lambda *a, **kw: attention(*a, impl="sdpa", **kw)
+    check_packed_against_per_image(sdpa, q, k, v, do, PACKED_SEG_BN, q_seg_BM, out_tol={}, grad_tol={})
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_segments_do_not_mix(causal):
+    check_segments_do_not_mix(lambda *a, **kw: attention(*a, impl="sdpa", **kw), PACKED_SEG_BN, causal)
+
+
 def test_auto_on_cpu_is_sdpa():
     q, k, v, _ = make_qkv(1, 2, 9, 9, 16, dtype=torch.float32)
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -256,6 +386,14 @@ def _qkv(shape_q, shape_kv, dtype=torch.float32):
         (_qkv((1, 1, 4, 16), (1, 1, 4, 16)), {"key_padding_mask": torch.ones(1, 5, dtype=torch.bool)}, r"\(1, 4\)"),
         (_qkv((1, 1, 4, 16), (1, 1, 4, 16)), {"key_padding_mask": torch.ones(1, 4)}, "torch.float32"),
         (_qkv((1, 1, 4, 16), (1, 1, 4, 16)), {"impl": "flash"}, "model.attention"),
+        (_qkv((1, 1, 4, 16), (1, 1, 4, 16)), {"segment_ids": torch.zeros(1, 4, dtype=torch.int64)}, "int32"),
+        (_qkv((1, 1, 4, 16), (1, 1, 5, 16)), {"segment_ids": torch.zeros(1, 4, dtype=torch.int32)}, r"\(1, 5\)"),
+        (_qkv((1, 1, 4, 16), (1, 1, 5, 16)), {"segment_ids": torch.zeros(1, 5, dtype=torch.int32)}, "q_segment_ids"),
+        (
+            _qkv((1, 1, 4, 16), (1, 1, 4, 16)),
+            {"q_segment_ids": torch.zeros(1, 4, dtype=torch.int32)},
+            "q_segment_ids needs segment_ids",
+        ),
     ],
 )
 def test_bad_inputs_raise_value_error(args, kwargs, match):
@@ -286,8 +424,10 @@ def _ptxas_available() -> bool:
 
 
 @pytest.mark.skipif(INTERPRETING or torch.cuda.is_available() or not _ptxas_available(), reason="CPU-only")
-def test_kernels_compile_for_h100_without_a_gpu():
-    """The CUDA path, never run on CPU CI, compiles for sm_90a: bf16, padded head dim, causal, key padding mask.
+@pytest.mark.parametrize("has_seg", [False, True])
+def test_kernels_compile_for_h100_without_a_gpu(has_seg):
+    """The CUDA path, never run on CPU CI, compiles for sm_90a: bf16, padded head dim, causal, key padding mask,
+    with and without segment ids (block skipping included).
 
     Small tiles keep ptxas fast; the GPU tests and the autotuner cover the real block sizes."""
     import sys
@@ -298,8 +438,8 @@ def test_kernels_compile_for_h100_without_a_gpu():
     from triton.compiler import ASTSource
 
     kernel_module = sys.modules["mmpretrain.kernels.attention"]  # the package attribute is the function
-    consts = dict(HEAD_DIM=24, HEAD_DIM_PAD=32, IS_CAUSAL=True, HAS_KPM=True, INPUT_PRECISION=None)
-    pointers = dict(KPM="*i8", LSE="*fp32", DELTA="*fp32")
+    consts = dict(HEAD_DIM=24, HEAD_DIM_PAD=32, IS_CAUSAL=True, HAS_KPM=True, HAS_SEG=has_seg, INPUT_PRECISION=None)
+    pointers = dict(KPM="*i8", QSEG="*i32", KSEG="*i32", LSE="*fp32", DELTA="*fp32")
     for fn, blocks in (
         (kernel_module._attn_fwd_kernel.fn, dict(BLOCK_M=32, BLOCK_N=32)),
         (_attn_bwd_dq_kernel, dict(BLOCK_M=32, BLOCK_N=32)),
@@ -352,6 +492,26 @@ def test_cuda_low_precision_matches_fp32_reference(B, H, M, N, D, causal, with_k
         # Gradients are compared at their own scale (atol relative to the largest entry).
         s = 1.0 if name == "out" else r.abs().max().clamp_min(1e-6)
         torch.testing.assert_close(g.float() / s, r / s, atol=5e-3, rtol=5e-2, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def check_packed_low_precision(lengths_per_row, N, H, D, causal, dtype, device):
+    """flash_attention with segment ids in `dtype` against per_image_attention in fp32 (gradients at their scale)."""
+    seg_BN = packed_segment_ids(lengths_per_row, N).to(device)
+    q, k, v, do = make_qkv(len(lengths_per_row), H, N, N, D, dtype=dtype, device=device, seed=10)
+    got = run_fwd_bwd(flash_attention, q, k, v, do, segment_ids=seg_BN, causal=causal)
+    ref = run_fwd_bwd(per_image_attention, q.float(), k.float(), v.float(), do.float(), seg_BN=seg_BN, causal=causal)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        s = 1.0 if name == "out" else r.abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(g.float() / s, r / s, atol=5e-3, rtol=5e-2, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_packed_segments_match_per_image(dtype, causal):
+    """NaFlex-like packing at real sizes: images of 64 to 577 tokens in rows of 1024, padding at the end."""
+    check_packed_low_precision([[197, 256, 100, 64, 300], [577, 40, 256], [1000]], 1024, 8, 64, causal, dtype, "cuda")
 
 
 @requires_cuda

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from mmpretrain.kernels import PAD_SEGMENT_ID
 
 import mmpretrain.model.layers as layers
 import mmpretrain.model.siglip as siglip
@@ -108,8 +109,9 @@ def test_text_masking(name):
 def test_attention_impl_and_causality_reach_the_kernel(name, monkeypatch):
     calls = []
 
-    def spy(q, k, v, causal=False, key_padding_mask=None, scale=None, impl="auto"):
+    def spy(q, k, v, causal=False, key_padding_mask=None, scale=None, impl="auto", **segments):
         calls.append((impl, causal))
+        assert segments.get("segment_ids") is None
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     monkeypatch.setattr(layers, "attention", spy)
@@ -123,6 +125,29 @@ def test_attention_impl_and_causality_reach_the_kernel(name, monkeypatch):
     assert {impl for impl, _ in calls} == {"sdpa"}
     assert [c for _, c in calls[num_vision:]] == [name == "tiny"] * 2
     assert not any(c for _, c in calls[:num_vision])
+
+
+@pytest.mark.parametrize("rows", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_encoder_layer_packed_equals_one_by_one(causal, rows):
+    """A block over a packed sequence (segment ids) gives each sequence's output alone (float64, values and input
+    gradients), also when it returns one pooled token per row (rows_B); the padding changes no sequence."""
+    torch.manual_seed(0)
+    block = layers.EncoderLayer(32, 2, 64, "gelu", 1e-5, causal=causal, impl="sdpa").double()
+    lengths = [5, 9, 3]  # then 2 padding tokens
+    x_ND = torch.randn(sum(lengths) + 2, 32, dtype=torch.float64, requires_grad=True)
+    seg_1N = torch.tensor([[0] * 5 + [1] * 9 + [2] * 3 + [PAD_SEGMENT_ID] * 2], dtype=torch.int32)
+    rows_B = torch.tensor([7]) if rows else None  # token 7: inside sequence 1
+    packed = block(x_ND[None], rows_B, seg_1N)[0]
+    starts = [0, 5, 14]
+    alone = [block(x_ND[None, s : s + n])[0] for s, n in zip(starts, lengths)]
+    want = alone[1][7 - 5 : 7 - 5 + 1] if rows else torch.cat(alone)
+    got = packed if rows else packed[: sum(lengths)]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (g_packed,) = torch.autograd.grad(got.sin().sum(), x_ND)
+    (g_alone,) = torch.autograd.grad(want.sin().sum(), x_ND)
+    torch.testing.assert_close(g_packed, g_alone, rtol=1e-12, atol=1e-12)
+    assert g_packed[sum(lengths) :].abs().max() == 0
 
 
 @pytest.mark.parametrize("name", FAMILIES)
