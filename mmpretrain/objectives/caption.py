@@ -82,14 +82,17 @@ class CaptionDecoder(nn.Module):
         nn.init.normal_(self.position_embedding, std=0.01)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, inputs_BT: torch.Tensor, parallel_B: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs_BT, parallel_B, image_tokens, predicted_BT=None) -> torch.Tensor:
+        """-> logits (B, T, V); with ``predicted_BT`` (B, T) bool, only those positions' logits (n, V) in row-major
+        order: the vocabulary projection is most of the head's cost, and padding needs none."""
         img_BND = self.image_proj(self.image_ln(image_tokens))
         x_BTD = self.token_embedding(inputs_BT)
         x_BTD = torch.where(parallel_B[:, None, None], self.mask_token.to(x_BTD.dtype), x_BTD)
         x_BTD = x_BTD + self.position_embedding[: inputs_BT.shape[1]].to(x_BTD.dtype)
         for block in self.blocks:
             x_BTD = block(x_BTD, None, img_BND)
-        return self.lm_head(self.ln(x_BTD))
+        x = self.ln(x_BTD)
+        return self.lm_head(x if predicted_BT is None else x[predicted_BT])
 
 
 @register
@@ -112,10 +115,9 @@ class CaptionTerm(Term):
         inputs_BT, targets_BT, predicted_BT = caption_targets(ctx.tokens)
         b = inputs_BT.shape[0]
         parallel_B = parallel_rows(self.run_cfg.train.seed, ctx.step, self.cfg.parallel_fraction, world * b, rank, b)
-        logits_BTV = ctx.model(head=self.name, inputs_BT=inputs_BT, parallel_B=parallel_B.to(inputs_BT.device),
-                               image_tokens=ctx.out.image_tokens)  # fmt: skip
-        dtype = torch.promote_types(logits_BTV.dtype, torch.float32)  # the loss in fp32 (fp64 in the tests)
-        ce_BT = F.cross_entropy(logits_BTV.to(dtype).transpose(1, 2), targets_BT, reduction="none")
-        local_sum = (ce_BT * predicted_BT).sum()
+        logits_nV = ctx.model(head=self.name, inputs_BT=inputs_BT, parallel_B=parallel_B.to(inputs_BT.device),
+                              image_tokens=ctx.out.image_tokens, predicted_BT=predicted_BT)  # fmt: skip
+        dtype = torch.promote_types(logits_nV.dtype, torch.float32)  # the loss in fp32 (fp64 in the tests)
+        local_sum = F.cross_entropy(logits_nV.to(dtype), targets_BT[predicted_BT], reduction="sum")
         count = all_reduce_number(int(predicted_BT.sum()), group=ctx.group)  # collective
         return local_sum * (world / max(count, 1.0))
