@@ -6,7 +6,8 @@ killed with SIGKILL (every process: launcher, ranks, data workers) at seeded ran
 with SIGUSR1 through launch/torchrun.sh, and killed again in the middle of a checkpoint write. The
 chain must read as the reference: the same losses and the same sample keys in every step.
 A second chain injects non-finite steps under ZeRO-2 and changes the world size 2 -> 1 -> 2; a third changes it
-2 -> 1 -> 2 and must see the reference's global batches (the global sample order, mmpretrain/data/streams.py).
+2 -> 1 -> 2 and a fourth 4 -> 2 processes, and both must see the reference's global batches (the global sample
+order, mmpretrain/data/streams.py).
 """
 
 import json
