@@ -16,6 +16,11 @@ Reported, medians over the repetitions (min-max after them):
   loader s        wall seconds from the loader's creation to its first batch (the seek and the batch)
   loader CPU s    CPU seconds of the process in that interval (what the loader did, undiluted by other processes)
   launch s        wall seconds from the launch of the process to the first batch (imports, engine, checkpoint load)
+  launch CPU s    CPU seconds of the process from its start to the first batch
+
+Samples read are the streams' buffers as saved (shuffle_buffer - 1 each) and the batch's refills; fewer where a
+stream is near the end of its epoch (its buffer drains there: no next shard refills it within the epoch). The
+defaults put both restarts mid-epoch (a stream's epoch: 300 samples, 1 a step).
 
 The first batch's sample keys are checked against the uninterrupted run's step N+1 (logging.sample_keys).
 Numbers in docs/benchmarks.md.
@@ -75,7 +80,7 @@ def child(result: str, config: str, overrides: list[str]) -> None:
             batch = next(iter(self.loader))
             out = {"reads": reads[0] - self.reads0, "reads_before_loader": self.reads0, "at": time.time(),
                    "loader_s": time.time() - self.t0, "loader_cpu_s": time.process_time() - self.c0,
-                   "keys": batch["keys"]}  # fmt: skip
+                   "launch_cpu_s": time.process_time(), "keys": batch["keys"]}  # fmt: skip
             with open(result, "w") as f:
                 json.dump(out, f)
             os._exit(0)  # the measurement is done: no step, no save
@@ -124,11 +129,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default=None, help="shards and runs (default: a temp dir, removed at exit)")
     p.add_argument("--at", type=int, nargs="+", default=[50, 1000], help="restart steps (multiples of 50)")
-    p.add_argument("--reps", type=int, default=5, help="launches per restart step")
+    p.add_argument("--reps", type=int, default=7, help="launches per restart step")
     p.add_argument("--batch", type=int, default=16, help="global batch")
     p.add_argument("--buffer", type=int, default=64, help="data.train.shuffle_buffer")
     p.add_argument("--shards", type=int, default=16)
-    p.add_argument("--per-shard", type=int, default=256, help="samples per shard")
+    p.add_argument("--per-shard", type=int, default=300, help="samples per shard")
     args = p.parse_args(argv)
     if any(step % 50 or step < 50 for step in args.at):
         p.error("--at: multiples of 50 (the run saves every 50 steps)")
@@ -183,13 +188,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"tiny model, global batch {args.batch}, {num_streams} streams x shuffle buffer {args.buffer}, "
           f"{args.shards} shards x {args.per_shard} samples, 1 process, data.num_workers=0; medians of {args.reps} "
           "launches (min-max); the first batch equals the run's next batch in every launch\n")  # fmt: skip
-    print("| restart at step | samples read | loader s | loader CPU s | launch s |\n|---|---:|---:|---:|---:|")
+    print("| restart at step | samples read | loader s | loader CPU s | launch s | launch CPU s |\n"
+          "|---|---:|---:|---:|---:|---:|")  # fmt: skip
     for step in args.at:
         print(f"| {step} | {cell(step, 'reads', '{:.0f}')} | {cell(step, 'loader_s', '{:.3f}')} | "
-              f"{cell(step, 'loader_cpu_s', '{:.3f}')} | {cell(step, 'launch_s', '{:.2f}')} |")  # fmt: skip
+              f"{cell(step, 'loader_cpu_s', '{:.3f}')} | {cell(step, 'launch_s', '{:.2f}')} | "
+              f"{cell(step, 'launch_cpu_s', '{:.2f}')} |")  # fmt: skip
     if len(args.at) == 2:
         a, b = args.at
-        for name in ("reads", "loader_s", "loader_cpu_s", "launch_s"):
+        for name in ("reads", "loader_s", "loader_cpu_s", "launch_s", "launch_cpu_s"):
             ratio = statistics.median(r[name] for r in results[b]) / statistics.median(r[name] for r in results[a])
             print(f"{name}: step {b} / step {a} = {ratio:.2f}")
     print(f"\ncommand: python {' '.join([os.path.relpath(__file__)] + argv)}")
