@@ -33,8 +33,9 @@ reading, checks, shuffle buffer, decode + augment, tokenize, collate), on --load
 size's tar: the per-rank loader (``data.num_streams=0``, replay resume) side by side with the global order
 (data/streams.py) where the worker owns 1 and 4 streams. The buffers' first fill is not timed (one batch first);
 then --loader-steps batches of --batch. img/s/core as above; "x per-rank" is the median per-round ratio. Then the
-resume cost: samples read from the tars and seconds until the first batch of a restart at step 50 and at step
-1000, from the data state and by replay.
+resume cost: samples read from the tars, wall and CPU seconds until the first batch of a restart at step 50 and
+at step 1000, from the data state and by replay (medians of --resume-rounds interleaved rounds; a restart here
+builds a new loader in this warm process: tokenizer and imports are loaded, so this is the seek and one batch).
 """
 
 from __future__ import annotations
@@ -221,7 +222,8 @@ def loader_bench(path: str, args, scale) -> None:
             reads[0] += 1
             yield sample
 
-    print("\n| restart at step | from the data state: samples read, s | by replay: samples read, s |\n|---|---:|---:|")
+    print("\n| restart at step | from the data state: samples read, s, CPU s | by replay: samples read, s, CPU s |\n"
+          "|---|---:|---:|")  # fmt: skip
     small = 8  # 8 streams of 8 images a batch
     it = iter(_loader(urls, 8, small, args.image_size, scale))
     states = {}
@@ -229,18 +231,26 @@ def loader_bench(path: str, args, scale) -> None:
         batch = next(it)
         if step in (50, 1000):
             states[step] = batch["data_state"]
+    cells: dict = {(step, how): [] for step in states for how in ("state", "replay")}
     streams_module.read_tar_samples = counting
     try:
-        for step, state in states.items():
-            cells = []
-            for kw in ({"data_state": state}, {"start_batch": step}):
-                reads[0], t0 = 0, time.perf_counter()
-                next(iter(_loader(urls, 8, small, args.image_size, scale, **kw)))
-                cells.append(f"{reads[0]}, {time.perf_counter() - t0:.2f}")
-            buffered = sum(len(c["buffer"]) for v in state["streams"].values() for c in v["sources"])
-            print(f"| {step} (batch {small}, 8 streams, {buffered} samples buffered) | {cells[0]} | {cells[1]} |")
+        for rep in range(args.resume_rounds):  # interleaved, the order alternating: load hits every cell alike
+            for step in list(states) if rep % 2 == 0 else list(states)[::-1]:
+                for how, kw in (("state", {"data_state": states[step]}), ("replay", {"start_batch": step})):
+                    reads[0], t0, c0 = 0, time.perf_counter(), time.process_time()
+                    next(iter(_loader(urls, 8, small, args.image_size, scale, **kw)))
+                    cells[step, how].append((reads[0], time.perf_counter() - t0, time.process_time() - c0))
     finally:
         streams_module.read_tar_samples = real
+
+    def cell(values):
+        return ", ".join(f"{statistics.median(v):{f}}" for v, f in zip(zip(*values), ("", ".3f", ".3f")))
+
+    for step, state in states.items():
+        buffered = sum(len(c["buffer"]) for v in state["streams"].values() for c in v["sources"])
+        print(f"| {step} (batch {small}, 8 streams, {buffered} samples buffered) | {cell(cells[step, 'state'])} | "
+              f"{cell(cells[step, 'replay'])} |")  # fmt: skip
+    print(f"(medians of {args.resume_rounds} interleaved rounds; CPU s: this process's CPU seconds)")
 
 
 def machine() -> str:
@@ -268,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--loader", action="store_true", help="bench the train loader of one worker (see above)")
     p.add_argument("--loader-shards", type=int, default=24, help="--loader: copies of the tar")
     p.add_argument("--loader-steps", type=int, default=8, help="--loader: batches timed a round")
+    p.add_argument("--resume-rounds", type=int, default=7, help="--loader: restarts timed per cell (medians)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]

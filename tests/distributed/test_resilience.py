@@ -6,7 +6,8 @@ killed with SIGKILL (every process: launcher, ranks, data workers) at seeded ran
 with SIGUSR1 through launch/torchrun.sh, and killed again in the middle of a checkpoint write. The
 chain must read as the reference: the same losses and the same sample keys in every step.
 A second chain injects non-finite steps under ZeRO-2 and changes the world size 2 -> 1 -> 2; a third changes it
-2 -> 1 -> 2 and must see the reference's global batches (the global sample order, mmpretrain/data/streams.py).
+2 -> 1 -> 2 and a fourth 4 -> 2 processes, and both must see the reference's global batches (the global sample
+order, mmpretrain/data/streams.py).
 """
 
 import json
@@ -258,17 +259,43 @@ def test_world_size_2_1_2_sees_the_uninterrupted_global_batches(reference, shape
     assert "written by 2 ranks, this launch has 1: weights, optimizer state and the data order continue" in text
     ok(run(torchrun(*args)))
 
-    def global_batches(folder):
-        steps: dict = {}
-        for r in (0, 1):
-            for step, keys in keys_by_step(folder, r).items():
-                steps.setdefault(step, []).extend(keys)
-        return steps
+    ref, got = global_batches(reference), global_batches(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert len(got[step]) == len(set(got[step])) == 16 and set(got[step]) == set(ref[step]), f"step {step}"
+    for a, b in zip(metrics(reference), metrics(out)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), f"step {a['step']}"
+
+
+def global_batches(folder):
+    """{step: every rank's keys of that step together}, over whichever ranks each launch had."""
+    ranks = sorted(int(f[len("sample_keys_rank") : -len(".jsonl")]) for f in os.listdir(folder)
+                   if f.startswith("sample_keys_rank"))  # fmt: skip
+    steps: dict = {}
+    for r in ranks:
+        for step, keys in keys_by_step(folder, r).items():
+            steps.setdefault(step, []).extend(keys)
+    return steps
+
+
+@pytest.mark.slow
+def test_four_processes_resumed_on_two_see_the_uninterrupted_global_batches(reference, shapes_dataset, tmp_path):
+    """4 gloo processes stop after step 5, 2 processes finish the run (no data workers: the reference has 2 a rank):
+    every step's global batch is the reference's as a set, and no sample is skipped or repeated."""
+    out = str(tmp_path / "ws42")
+    args = [*keyed_args(shapes_dataset, out), "data.num_workers=0"]
+    ok(run(torchrun(*args, "--stop-after-steps", "5", nproc=4)))
+    assert sorted(f for f in os.listdir(out) if f.startswith("sample_keys_rank")) == [
+        f"sample_keys_rank{r}.jsonl" for r in range(4)]  # fmt: skip
+    text = ok(run(torchrun(*args, nproc=2))).stdout
+    assert "written by 4 ranks, this launch has 2" in text, text[-3000:]
 
     ref, got = global_batches(reference), global_batches(out)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in ref:
         assert len(got[step]) == len(set(got[step])) == 16 and set(got[step]) == set(ref[step]), f"step {step}"
+    seen = Counter(k for keys in got.values() for k in keys)
+    assert seen == Counter(k for keys in ref.values() for k in keys)  # nothing skipped or repeated over the run
     for a, b in zip(metrics(reference), metrics(out)):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), f"step {a['step']}"
 

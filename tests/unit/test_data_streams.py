@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import mmpretrain.data.shards as shards_module
 import mmpretrain.data.streams as streams_module
 from mmpretrain.data import DataConfig, SourceConfig, Tokenizer, TrainDataConfig, build_train_loader
 from mmpretrain.data.shards import ShardWriter, encode_image, read_tar_samples
@@ -160,9 +161,24 @@ def count_reads(monkeypatch) -> list:
     return reads
 
 
+def count_headers(monkeypatch) -> list:
+    """Tar headers the readers parse (every member, kept or passed over), counted in-process."""
+    headers = [0]
+
+    class Counting(shards_module._StrictTarInfo):
+        @classmethod
+        def fromtarfile(cls, tar):
+            headers[0] += 1
+            return super().fromtarfile(tar)
+
+    monkeypatch.setattr(shards_module, "_StrictTarInfo", Counting)
+    return headers
+
+
 def test_resume_cost_is_flat(tmp_path, tokenizer, monkeypatch):
     """Samples read before the first resumed batch: the same at step 50 and step 1000 (the buffers and one batch),
-    while a replay reads the run so far."""
+    while a replay reads the run so far. Each read-back seeks to its sample's header: the tar headers parsed are at
+    most the sample's 2 members and the next header, not the members before it in the shard."""
     cfg = make_cfg(write_items(tmp_path, 8, 9), num_streams=4, shuffle_buffer=4)  # a stream's epoch: 18 samples
     it = iter(loader(cfg, tokenizer))
     states = {}
@@ -174,13 +190,15 @@ def test_resume_cost_is_flat(tmp_path, tokenizer, monkeypatch):
         ):  # 100 and 2000 samples a stream: 10 and 2 into an epoch, buffers full but for the last pick
             states[step] = batch["data_state"]
             assert all(len(s["sources"][0]["buffer"]) == 3 for s in batch["data_state"]["streams"].values())
-    reads = count_reads(monkeypatch)
-    cost = {}
+    reads, headers = count_reads(monkeypatch), count_headers(monkeypatch)
+    cost, parsed = {}, {}
     for step, state in states.items():
-        reads[0] = 0
+        reads[0] = headers[0] = 0
         next(iter(loader(cfg, tokenizer, data_state=state)))
-        cost[step] = reads[0]
+        cost[step], parsed[step] = reads[0], headers[0]
     assert cost[50] == cost[1000] <= 4 * (4 + 2 + 1)  # buffers + at most one batch's refills + a next sample
+    for step in parsed:  # 3 headers a sample read back (jpg, txt, the next), 2 a sample read on + 1 a shard opened
+        assert parsed[step] <= 3 * cost[step] + 2 * 4, (step, parsed, cost)
     reads[0] = 0
     next(iter(loader(cfg, tokenizer, start_batch=1000)))
     assert reads[0] >= 1000 * 8  # the replay reference reads every sample of the run so far
