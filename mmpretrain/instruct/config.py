@@ -16,6 +16,7 @@ PARTS = ("projector", "lm", "vision")  # what a stage can train
 class VisionArgs:
     path: str = ""  # a folder `python -m mmpretrain.eval` loads (run, consolidated, HF, OpenCLIP); "" = fresh `name`
     name: str = "tiny"  # a size of mmpretrain.model.SIZES, freshly initialized (path empty; tests, the twin)
+    image_size: int = 0  # a fresh tower's input size in pixels (0: the size's own); the images are made at it
     feature_layer: int = -2  # hidden state the projector reads (transformers' vision_feature_layer)
     select_strategy: str = "default"  # "default": drop the class token; "full": keep it
 
@@ -75,6 +76,8 @@ class InstructConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.vision.image_size < 0 or (self.vision.image_size and self.vision.path):
+            raise ValueError("vision.image_size must be >= 0, and set only for a fresh tower (vision.path empty)")
         if self.vision.select_strategy not in ("default", "full"):
             raise ValueError(f"vision.select_strategy must be default or full (got {self.vision.select_strategy!r})")
         if not self.stages:

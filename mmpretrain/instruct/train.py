@@ -81,7 +81,10 @@ def build(cfg: InstructConfig, tokenizer) -> VisionLanguageModel:
         two_tower, run_cfg = load_model(cfg.vision.path)
         vision_cfg = run_cfg.model
     else:
-        vision_cfg = resolve_model_config(ModelConfig(name=cfg.vision.name))
+        fresh = ModelConfig(name=cfg.vision.name)
+        if cfg.vision.image_size:
+            fresh.vision.image_size = cfg.vision.image_size
+        vision_cfg = resolve_model_config(fresh)
         two_tower = build_model(vision_cfg)
     if cfg.lm.path:
         lm = build_language_model(cfg.lm.path)

@@ -121,8 +121,8 @@ def test_flops_match_torch_flop_counter(monkeypatch, name):
 
     from mmpretrain.model import ModelConfig, build_model, resolve_model_config
 
-    def matmul_attention(q, k, v, causal=False, key_padding_mask=None, scale=None, impl="auto"):
-        return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    def matmul_attention(q, k, v, causal=False, key_padding_mask=None, scale=None, impl="auto", **segments):
+        return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, **segments)
 
     # CPU SDPA has no FLOP formula in the counter: route attention through two counted matmuls.
     monkeypatch.setattr("mmpretrain.model.layers.attention", matmul_attention)
