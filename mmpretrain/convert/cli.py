@@ -3,6 +3,7 @@
     mmpretrain-convert consolidate  outputs/run          outputs/run-fp32
     mmpretrain-convert to-hf        outputs/run          outputs/run-hf --dtype bf16
     mmpretrain-convert to-hf        outputs/run          outputs/run-hf336 --image-size 336
+    mmpretrain-convert to-hf        outputs/siglip-run   outputs/run-siglip2 --siglip2
     mmpretrain-convert to-openclip  outputs/run          outputs/run-oc --name my-vit-b-16
     mmpretrain-convert from-hf      ~/clip-vit-base-patch16   outputs/clip-b16
     mmpretrain-convert from-openclip  ~/oc-folder        outputs/oc-b16
@@ -36,7 +37,7 @@ COMMANDS = {
     "consolidate": "DeepSpeed run/step folder -> model.safetensors + config.yaml",
     "to-hf": "any source -> Hugging Face folder (CLIPModel / SiglipModel, tokenizer, preprocessor)",
     "to-openclip": "any CLIP source -> OpenCLIP model-config JSON + open_clip_model.safetensors",
-    "from-hf": "Hugging Face CLIP / SigLIP folder -> our consolidated folder",
+    "from-hf": "Hugging Face CLIP / SigLIP / SigLIP 2 folder -> our consolidated folder",
     "from-openclip": "OpenCLIP folder (model-config JSON + weights) -> our consolidated folder",
 }
 
@@ -61,6 +62,10 @@ def parse_args(argv, prog: str = PROG):
                             "positions and stretches the rest (Long-CLIP), shorter keeps the first")  # fmt: skip
         if name in ("to-hf", "to-openclip"):
             s.add_argument("--trust-pickles", action="store_true", help=TRUST_HELP)
+        if name == "to-hf":
+            s.add_argument("--siglip2", action="store_true",
+                           help="a SigLIP model as transformers' Siglip2Model (NaFlex: the model's grid is its patch "
+                                "budget; Siglip2ImageProcessor), instead of SiglipModel")  # fmt: skip
         if name == "to-openclip":
             s.add_argument("--name", default="mmpretrain",
                            help="OpenCLIP model name: config goes to OUT/<name>.json (default mmpretrain)")  # fmt: skip
@@ -96,7 +101,7 @@ def run(args) -> str:
         sd, model_cfg = resize.resize_text_position_embedding(sd, resolve_model_config(model_cfg), args.context_length)
         cfg = dataclasses.replace(cfg, model=model_cfg)
     if args.command == "to-hf":
-        return hf.export_hf(sd, resolve_model_config(model_cfg), args.out, dtype, args.force)
+        return hf.export_hf(sd, resolve_model_config(model_cfg), args.out, dtype, args.force, args.siglip2)
     if args.command == "to-openclip":
         return openclip.export_openclip(sd, resolve_model_config(model_cfg), args.out, args.name, dtype, args.force)
     write_folder(sd, cfg, args.out, args.force)

@@ -20,7 +20,9 @@ first `eos_token_id`, which we set to vocab_size - 1, the same position whenever
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 
 import torch
@@ -51,10 +53,13 @@ PAD_TOKEN = "!"  # id 0 of the CLIP BPE vocabulary: our tokenizer pads with 0
 # ---------------------------------------------------------------- configs
 
 
-def hf_config(model_cfg, dtype: torch.dtype = torch.float32):
-    """A transformers CLIPConfig / SiglipConfig for a resolved ModelConfig (kind=hf text towers raise)."""
-    from transformers import CLIPConfig, SiglipConfig
+def hf_config(model_cfg, dtype: torch.dtype = torch.float32, siglip2: bool = False):
+    """A transformers CLIPConfig / SiglipConfig (Siglip2Config with ``siglip2``) for a resolved ModelConfig (kind=hf
+    text towers raise)."""
+    from transformers import CLIPConfig, Siglip2Config, SiglipConfig
 
+    if siglip2 and model_cfg.family != "siglip":
+        raise ValueError("--siglip2 exports SigLIP models only (this one is CLIP)")
     check_exportable(model_cfg, "Hugging Face CLIPModel" if model_cfg.family == "clip" else "Hugging Face SiglipModel")
     v, t = model_cfg.vision, model_cfg.text
 
@@ -72,6 +77,14 @@ def hf_config(model_cfg, dtype: torch.dtype = torch.float32):
         cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=model_cfg.embed_dim,
                          logit_scale_init_value=model_cfg.init_logit_scale)  # fmt: skip
         cfg.architectures = ["CLIPModel"]
+    elif siglip2:
+        # NaFlex: a patch budget instead of an image size; our fixed grid is its g x g position table, which
+        # transformers resizes to each image's patch grid (the identity at g x g)
+        vision.pop("image_size")
+        vision["num_patches"] = (v.image_size // v.patch_size) ** 2
+        text["projection_size"] = model_cfg.embed_dim
+        cfg = Siglip2Config(text_config=text, vision_config=vision)
+        cfg.architectures = ["Siglip2Model"]
     else:
         text["projection_size"] = model_cfg.embed_dim
         cfg = SiglipConfig(text_config=text, vision_config=vision)
@@ -82,10 +95,16 @@ def hf_config(model_cfg, dtype: torch.dtype = torch.float32):
 
 def model_config_from_hf(hf_cfg, source: str):
     """A resolved ModelConfig from a transformers CLIPConfig / SiglipConfig; unsupported settings raise."""
-    family = {"clip": "clip", "siglip": "siglip"}.get(hf_cfg.model_type)
+    family = {"clip": "clip", "siglip": "siglip", "siglip2": "siglip"}.get(hf_cfg.model_type)
     if family is None:
-        raise ValueError(f"{source}: model_type {hf_cfg.model_type!r} is not clip or siglip")
+        raise ValueError(f"{source}: model_type {hf_cfg.model_type!r} is not clip, siglip or siglip2")
     hv, ht = hf_cfg.vision_config, hf_cfg.text_config
+    if hf_cfg.model_type == "siglip2":  # NaFlex: its g x g position table is our fixed grid
+        grid = math.isqrt(hv.num_patches)
+        if grid * grid != hv.num_patches:
+            raise ValueError(f"{source}: vision_config.num_patches {hv.num_patches} is not a square grid")
+        hv = copy.copy(hv)
+        hv.image_size = grid * hv.patch_size
 
     def act(c, key):
         if c.hidden_act not in OUR_ACT:
@@ -128,11 +147,17 @@ def model_config_from_hf(hf_cfg, source: str):
 # ---------------------------------------------------------------- key maps
 
 
-def to_hf_state_dict(sd: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
-    """Our state dict -> HF names and shapes (no copy of the unchanged tensors)."""
+PATCH_KEY = "vision_model.embeddings.patch_embedding.weight"
+
+
+def to_hf_state_dict(sd: dict[str, torch.Tensor], family: str, siglip2: bool = False) -> dict[str, torch.Tensor]:
+    """Our state dict -> HF names and shapes (no copy of the unchanged tensors). ``siglip2``: the patch embedding
+    as Siglip2's linear layer over flattened patches, pixels in (row, column, channel) order."""
     out = {}
     for key, value in sd.items():
-        if QKV in key:
+        if siglip2 and key == PATCH_KEY:
+            out[key] = value.permute(0, 2, 3, 1).reshape(value.shape[0], -1)  # (D, C, p, p) -> (D, p * p * C)
+        elif QKV in key:
             stem, kind = key.split(QKV)
             for name, part in zip("qkv", value.chunk(3, dim=0)):
                 out[f"{stem}.self_attn.{name}_proj.{kind}"] = part
@@ -149,7 +174,10 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], family: str, source: str)
     out, triples = {}, {}
     for key, value in hf_sd.items():
         parts = key.split(".self_attn.")
-        if len(parts) == 2 and parts[1][:7] in ("q_proj.", "k_proj.", "v_proj."):
+        if key == PATCH_KEY and value.ndim == 2:  # Siglip2: (D, p * p * C) over (row, column, channel) pixels
+            p = math.isqrt(value.shape[1] // 3)
+            out[key] = value.reshape(value.shape[0], p, p, 3).permute(0, 3, 1, 2).contiguous()
+        elif len(parts) == 2 and parts[1][:7] in ("q_proj.", "k_proj.", "v_proj."):
             triples.setdefault((parts[0], parts[1][7:]), {})[parts[1][0]] = value
         elif key in ("logit_scale", "logit_bias"):
             out[key] = value.reshape(1)  # (1,) here (DeepSpeed cannot broadcast 0-dim parameters)
@@ -164,10 +192,10 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], family: str, source: str)
 
 
 def hf_expected_shapes(hf_cfg) -> dict[str, torch.Size]:
-    from transformers import CLIPModel, SiglipModel
+    from transformers import CLIPModel, Siglip2Model, SiglipModel
 
     with torch.device("meta"):
-        model = (CLIPModel if hf_cfg.model_type == "clip" else SiglipModel)(hf_cfg)
+        model = {"clip": CLIPModel, "siglip": SiglipModel, "siglip2": Siglip2Model}[hf_cfg.model_type](hf_cfg)
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
@@ -203,18 +231,32 @@ def write_preprocessor(out_dir: str, image_size: int) -> None:
     proc.save_pretrained(out_dir)
 
 
+def write_siglip2_preprocessor(out_dir: str, image_size: int, patch_size: int) -> None:
+    """Siglip2ImageProcessor with our fixed grid as its patch budget and our normalization (bicubic resize)."""
+    from transformers import Siglip2ImageProcessor
+
+    grid = image_size // patch_size
+    proc = Siglip2ImageProcessor(patch_size=patch_size, max_num_patches=grid * grid, resample=3,
+                                 image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))  # fmt: skip
+    proc.save_pretrained(out_dir)
+
+
 def export_hf(sd: dict[str, torch.Tensor], model_cfg, out_dir: str, dtype: torch.dtype = torch.float32,
-              force: bool = False) -> str:  # fmt: skip
-    """Our (checked) state dict + resolved ModelConfig -> an HF folder at out_dir (objective heads dropped)."""
-    hf_cfg = hf_config(model_cfg, dtype)  # refuses what HF CLIPModel / SiglipModel cannot hold
+              force: bool = False, siglip2: bool = False) -> str:  # fmt: skip
+    """Our (checked) state dict + resolved ModelConfig -> an HF folder at out_dir (objective heads dropped);
+    ``siglip2``: a Siglip2Model folder (NaFlex) of a SigLIP model."""
+    hf_cfg = hf_config(model_cfg, dtype, siglip2)  # refuses what HF CLIPModel / SiglipModel cannot hold
     sd = drop_heads(sd, "HF export")
-    hf_sd = cast(to_hf_state_dict(sd, model_cfg.family), dtype)
+    hf_sd = cast(to_hf_state_dict(sd, model_cfg.family, siglip2), dtype)
     check_state_dict(hf_sd, hf_expected_shapes(hf_cfg), "HF export")
     with atomic_folder(out_dir, force) as tmp:
         save_safetensors(hf_sd, os.path.join(tmp, "model.safetensors"))
         hf_cfg.to_json_file(os.path.join(tmp, "config.json"))
         write_tokenizer(tmp, model_cfg.text.context_length, model_cfg.family)
-        write_preprocessor(tmp, model_cfg.vision.image_size)
+        if siglip2:
+            write_siglip2_preprocessor(tmp, model_cfg.vision.image_size, model_cfg.vision.patch_size)
+        else:
+            write_preprocessor(tmp, model_cfg.vision.image_size)
     return out_dir
 
 
