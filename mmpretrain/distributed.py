@@ -53,7 +53,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from mmpretrain.kernels import collectives as kernel_collectives  # noqa: E402
 
-REDUCE_OPS = ("sum", "mean", "max")
+REDUCE_OPS = ("sum", "mean", "max", "min")
 
 
 # ----------------------------------------------------------------------------- launch
@@ -202,13 +202,14 @@ def reduce_scatter(x_BD: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def all_reduce(x: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
-    """Sum, mean or max over ranks, in place; returns x."""
+    """Sum, mean, max or min over ranks, in place; returns x."""
     if op not in REDUCE_OPS:
         raise ValueError(f"all_reduce: op must be one of {REDUCE_OPS} (got {op!r})")
     group = resolve_group(group)
     world, _ = kernel_collectives.world_rank(group)
     if world > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)  # collective
+        reduce_op = {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}.get(op, dist.ReduceOp.SUM)
+        dist.all_reduce(x, op=reduce_op, group=group)  # collective
         if op == "mean":
             x.div_(world)
     return x
@@ -314,7 +315,7 @@ def gather_rows(rows_nE: torch.Tensor, index_n: torch.Tensor, group=None) -> tup
 
 
 def all_reduce_number(value: float, op: str = "sum", group=None, device=None) -> float:
-    """A Python number reduced over ranks (sum, mean or max; float64 on the wire, exact for ints below 2^53).
+    """A Python number reduced over ranks (sum, mean, max or min; float64 on the wire, exact for ints below 2^53).
 
     device: where the one-number tensor lives (the default: the CUDA device under NCCL, else the CPU).
     """

@@ -42,7 +42,7 @@ class CpuThreadTuner:
     WARM, N = 3, 6
 
     def __init__(self, choices: list[int], chosen: int = 0):
-        if is_initialized() and -all_reduce_number(-len(choices), "max") < 2:  # a collective: all tune or none
+        if is_initialized() and all_reduce_number(len(choices), "min") < 2:  # a collective: all tune or none
             choices = choices[:1]
         self.choices = choices
         self.chosen = chosen if chosen in choices else (choices[0] if len(choices) == 1 else 0)

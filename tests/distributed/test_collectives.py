@@ -15,6 +15,7 @@ def collectives_on_rank(rank):
         "sum": D.all_reduce(x.clone()).tolist(),
         "mean": D.all_reduce(x.clone(), "mean").tolist(),
         "max": D.all_reduce(x.clone(), "max").tolist(),
+        "min": D.all_reduce(x.clone(), "min").tolist(),
         "number": D.all_reduce_number(rank + 0.5),
         "objects": D.all_gather_object({"rank": rank}),
         "gather": D.all_gather(x[None]).tolist(),
@@ -50,6 +51,7 @@ def test_collectives_on_two_ranks():
     assert (r0["world_rank"], r1["world_rank"]) == ((2, 0), (2, 1))
     for r in (r0, r1):
         assert r["sum"] == [3.0, 30.0] and r["mean"] == [1.5, 15.0] and r["max"] == [2.0, 20.0]
+        assert r["min"] == [1.0, 10.0]
         assert r["number"] == 2.0 and r["objects"] == [{"rank": 0}, {"rank": 1}]
         assert r["gather"] == [[1.0, 10.0], [2.0, 20.0]]
         assert r["rows"] == [[[0.0], [1.0], [2.0], [3.0], [4.0]], [0, 1, 2, 3, 4]]
@@ -71,4 +73,4 @@ def test_group_none_without_torch_distributed_is_a_world_of_one():
     rows, index = D.gather_rows(torch.tensor([[2.0], [1.0]]), torch.tensor([7, 3]))
     assert rows.tolist() == [[1.0], [2.0]] and index.tolist() == [3, 7]
     with pytest.raises(ValueError, match="op must be one of"):
-        D.all_reduce(x, "min")
+        D.all_reduce(x, "prod")
