@@ -48,6 +48,7 @@ class CpuThreadTuner:
         self.chosen = chosen if chosen in choices else (choices[0] if len(choices) == 1 else 0)
         self.times: list[float] = []
         self.steps = 0
+        self.line = ""  # the choice, for the log (set when it is made)
         torch.set_num_threads(self.chosen or choices[0])
 
     @property

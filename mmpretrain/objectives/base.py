@@ -79,6 +79,13 @@ class Term:
         raise NotImplementedError
 
 
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator seeded by (train.seed, step, stream), the same on every rank: a term draws what concerns
+    the global batch from it (ITM's hard negatives: stream 0; the caption term's parallel rows: stream 1), so N
+    ranks draw what one rank holding the whole batch draws."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step + stream * 7_919_000_003) % (2**63 - 1))
+
+
 REGISTRY: dict[str, type[Term]] = {}
 
 

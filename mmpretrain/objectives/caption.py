@@ -17,8 +17,8 @@ Parallel prediction (CapPa, Tschannen et al. 2023, "Image Captioners Are Scalabl
 ``parallel_fraction`` of the samples gets a learned mask token at every input position instead of the caption,
 so each token is predicted from the image and its position alone, which forces the decoder to read the image. We
 keep the causal mask for them: their inputs carry no caption, so the mask hides nothing but positions. Which
-samples: a generator seeded by (train.seed, step) draws them for the GLOBAL batch, and each rank takes its own
-rows, so N ranks choose what one rank holding the whole batch chooses.
+samples: objectives.base.step_generator (train.seed, step, stream 1) draws them for the GLOBAL batch, and each
+rank takes its own rows, so N ranks choose what one rank holding the whole batch chooses.
 
 Loss: cross-entropy summed over every predicted token of the global batch, divided by their number (a token
 mean over the global batch). Gradient contract: this rank returns N x its tokens' sum / the global count (the
@@ -37,7 +37,7 @@ from torch import nn
 
 from mmpretrain.distributed import all_reduce_number, world_rank
 from mmpretrain.model.layers import LayerNorm
-from mmpretrain.objectives.base import StepContext, Term, register
+from mmpretrain.objectives.base import StepContext, Term, register, step_generator
 from mmpretrain.objectives.config import CaptionTermConfig
 from mmpretrain.objectives.itm import FusionBlock
 
@@ -55,8 +55,7 @@ def parallel_rows(seed: int, step: int, fraction: float, global_batch: int, rank
     """(b,) bool: this rank's rows of the global batch that predict in parallel (see the module docstring)."""
     if fraction <= 0:
         return torch.zeros(b, dtype=torch.bool)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    chosen_G = torch.rand(global_batch, generator=g) < fraction
+    chosen_G = torch.rand(global_batch, generator=step_generator(seed, step, stream=1)) < fraction
     return chosen_G[rank * b : (rank + 1) * b]
 
 

@@ -43,7 +43,7 @@ from torch import nn
 from mmpretrain.distributed import all_gather, fetch_rows, world_rank
 from mmpretrain.kernels import attention
 from mmpretrain.model.layers import MLP, LayerNorm
-from mmpretrain.objectives.base import StepContext, Term, register
+from mmpretrain.objectives.base import StepContext, Term, register, step_generator
 from mmpretrain.objectives.config import ITMTermConfig
 
 # ----------------------------------------------------------------------------- the fusion head
@@ -152,8 +152,7 @@ def match_score(logits_B2: torch.Tensor) -> torch.Tensor:
 
 def step_uniforms(seed: int, step: int, num_global: int) -> torch.Tensor:
     """(2, G) float64 uniforms in [0, 1), the same on every rank: row 0 draws texts for images, row 1 images."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
-    return torch.rand(2, num_global, generator=g, dtype=torch.float64)
+    return torch.rand(2, num_global, generator=step_generator(seed, step), dtype=torch.float64)
 
 
 @torch.no_grad()
