@@ -23,6 +23,7 @@ from collections import Counter
 import torch
 from omegaconf import OmegaConf
 
+from mmpretrain.atomic import write_atomic
 from mmpretrain.checkpoint import load_model
 from mmpretrain.data.transforms import normalize_images
 from mmpretrain.distributed import env_rank_world, init_distributed, print0
@@ -175,8 +176,7 @@ def run(cfg: InstructConfig) -> dict:
         raise ValueError(f"python -m mmpretrain.instruct runs on one process for now (got a world of {world})")
     init_distributed(cfg.engine.dist_timeout_s)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-        f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    write_atomic(os.path.join(cfg.output_dir, "config.yaml"), OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     template = ChatTemplate(system=cfg.system)
     tokenizer = load_tokenizer(cfg, template)
     model = build(cfg, tokenizer)
@@ -200,8 +200,7 @@ def run(cfg: InstructConfig) -> dict:
         result[f"eval_{phrasing}_phrasings"] = evaluate(model, eval_data, tokenizer.eos_token_id,
                                                         cfg.eval_max_new_tokens)  # fmt: skip
     result["total_s"] = round(time.time() - t0, 1)
-    with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_atomic(os.path.join(cfg.output_dir, "eval.json"), json.dumps(result, indent=1))  # the old one or this
     export_llava(
         merge_lora(model), os.path.join(cfg.output_dir, "llava"), tokenizer=tokenizer, template=template, force=True
     )
