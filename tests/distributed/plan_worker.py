@@ -11,6 +11,7 @@ peak).
 import contextlib
 import gc
 import json
+import os
 import sys
 
 import torch
@@ -22,7 +23,7 @@ from mmpretrain.measure import CollectiveCounter, peak_allocated
 COUNTER = CollectiveCounter().install()  # before DeepSpeed is imported: its TorchBackend keeps these functions
 
 from mmpretrain.config import load_config  # noqa: E402
-from mmpretrain.distributed import destroy, init_distributed  # noqa: E402
+from mmpretrain.distributed import init_distributed  # noqa: E402
 from mmpretrain.engine import build_engine  # noqa: E402
 from mmpretrain.model import build_model  # noqa: E402
 from mmpretrain.objectives import Objective  # noqa: E402
@@ -67,7 +68,14 @@ def main(out_path, runs):
     if info.rank == 0:
         with open(out_path, "w") as f:
             json.dump({"world_size": info.world_size, "runs": results}, f)
-    destroy()
+    dist.barrier()
+    # Leave without C++ static destructors: once on CI (1 launch in many; never in 3 launches here) a rank aborted
+    # after all its work with "terminate called without an active exception" (a joinable std::thread destroyed at
+    # exit, after the profiler's last stop), and torchrun failed the launch although measured.json was complete.
+    # Everything this worker produces is written and both ranks are past the barrier; nothing is left to tear down.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
