@@ -93,6 +93,28 @@ def make_vqa(split: str, num_images: int, image_size: int, seed: int, phrasings:
     return out
 
 
+def make_dialogues(num_images: int, image_size: int, seed: int) -> list[dict]:
+    """Stage 2 records for training: one image, every question type once in a random order (a multi-turn
+    conversation, as LLaVA's instruction data holds several questions about one image), each in a random training
+    phrasing. One pass of the vision tower then trains five answers. qtype "dialogue"; "truth" maps each question
+    type to its answer."""
+    rng = np.random.default_rng([seed, SPLIT_STREAMS["train"], 2])
+    out = []
+    for _ in range(num_images):
+        sample = make_shape_sample(rng, image_size)
+        turns = []
+        for k in rng.permutation(len(QUESTION_TYPES)):
+            qtype = QUESTION_TYPES[int(k)]
+            options = PHRASINGS[qtype][:-1]
+            question = options[int(rng.integers(len(options)))]
+            user = f"{IMAGE_PLACEHOLDER} {question}" if not turns else question
+            turns += [{"from": "human", "value": user}, {"from": "gpt", "value": answer(sample, qtype)}]
+        truth = {q: answer(sample, q) for q in QUESTION_TYPES}
+        out.append({"image": "0.png", "conversations": turns, "image_tensor": image_tensor(sample.image),
+                    "qtype": "dialogue", "truth": truth})  # fmt: skip
+    return out
+
+
 def make_captions(num_images: int, image_size: int, seed: int) -> list[dict]:
     """Stage 1 records: "<image> describe the image ." -> one of the synthetic caption formats."""
     rng = np.random.default_rng([seed, SPLIT_STREAMS["train"], 1])

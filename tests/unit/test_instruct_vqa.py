@@ -9,7 +9,15 @@ from mmpretrain.data.synthetic import make_shape_sample
 from mmpretrain.instruct.config import InstructConfig, VisionArgs
 from mmpretrain.instruct.template import ChatTemplate, ConversationEncoder, HFTokenizer
 from mmpretrain.instruct.train import build, evaluate, load_tokenizer
-from mmpretrain.instruct.vqa import PHRASINGS, QUESTION_TYPES, answer, make_vqa, twin_tokenizer, words
+from mmpretrain.instruct.vqa import (
+    PHRASINGS,
+    QUESTION_TYPES,
+    answer,
+    make_dialogues,
+    make_vqa,
+    twin_tokenizer,
+    words,
+)
 from mmpretrain.model import ModelConfig, build_model, resolve_model_config
 
 
@@ -33,6 +41,30 @@ def test_splits_and_phrasings_are_held_out():
     assert [r["qtype"] for r in train[:5]] == list(QUESTION_TYPES)
     trained_words = {w for p in PHRASINGS.values() for q in p[:-1] for w in words(q)}
     assert {w for p in PHRASINGS.values() for w in words(p[-1])} <= trained_words  # new wordings, known words
+
+
+def test_dialogues_ask_every_type_once():
+    """Training dialogues: one image, the five question types once each in a random order, training phrasings
+    only, the image placeholder in the first user turn only; the labels are the five answers and their eos."""
+    recs = make_dialogues(30, 32, seed=0)
+    kind = {q: t for t, qs in PHRASINGS.items() for q in qs[:-1]}
+    orders = set()
+    tok = twin_tokenizer(ChatTemplate(system=""))
+    enc = ConversationEncoder(HFTokenizer(tok), image_token_id=4, num_image_tokens=16, template=ChatTemplate(system=""))
+    for r in recs:
+        turns = r["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * len(QUESTION_TYPES)
+        users = [t["value"] for t in turns[0::2]]
+        assert users[0].startswith("<image> ") and not any("<image>" in u for u in users[1:])
+        asked = [kind[u.removeprefix("<image> ")] for u in users]  # KeyError: a held-out or unknown phrasing
+        assert sorted(asked) == sorted(QUESTION_TYPES)
+        orders.add(tuple(asked))
+        assert [t["value"] for t in turns[1::2]] == [r["truth"][q] for q in asked]
+        e = enc.encode(r)
+        answers = [i for i, y in zip(e.input_ids, e.labels) if y != -100]
+        expected = [i for q in asked for i in tok(r["truth"][q], add_special_tokens=False)["input_ids"] + [2]]
+        assert answers == expected
+    assert len(orders) > 10  # the order is drawn per image
 
 
 def test_twin_tokenizer_round_trip_and_ids():
