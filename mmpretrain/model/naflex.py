@@ -38,7 +38,7 @@ class PackedImages:
     def num_images(self) -> int:
         return sum(len(row) for row in self.shapes)
 
-    def to(self, device, dtype=None) -> "PackedImages":
+    def to(self, device, dtype=None) -> PackedImages:
         """On ``device``; float patches cast to ``dtype`` when given (uint8 stays uint8)."""
         patches = self.patches_BNK.to(device)
         if dtype is not None and patches.is_floating_point():

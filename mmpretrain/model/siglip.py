@@ -44,7 +44,8 @@ class SiglipVisionEmbeddings(nn.Module):
         return x_BND + self.position_embedding(torch.arange(x_BND.shape[1], device=x_BND.device))
 
     def packed(self, packed: PackedImages) -> torch.Tensor:
-        """(called by forward: ZeRO-3 gathers the parameters there) NaFlex: packed patches (B, N, p*p*3) -> (B, N, D) tokens, each image with its resized position table."""
+        """NaFlex: packed patches (B, N, p*p*3) -> (B, N, D) tokens, each image with its resized position table.
+        Called by forward (ZeRO-3 gathers the parameters there)."""
         B, N, _ = packed.patches_BNK.shape
         p = self.patch_embedding.kernel_size[0]
         # Each patch through the conv module itself (one p x p window per patch, the same dot product as a linear
@@ -106,7 +107,8 @@ class AttentionPoolingHead(nn.Module):
         return h_B1D[:, 0]
 
     def packed(self, x_BND: torch.Tensor, packed: PackedImages) -> torch.Tensor:
-        """(called by forward: ZeRO-3 gathers the probe there) Packed NaFlex tokens -> (I, D): the probe once per image, attending over that image's tokens only."""
+        """Packed NaFlex tokens -> (I, D): the probe once per image, attending over that image's tokens only.
+        Called by forward (ZeRO-3 gathers the probe there)."""
         q_seg_BQ, index_I = query_layout(packed.shapes, x_BND.device)
         B, Q = q_seg_BQ.shape
         probe_BQD = self.probe.expand(B, Q, -1).to(x_BND.dtype)

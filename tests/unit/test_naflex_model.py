@@ -5,9 +5,9 @@ image at the model's grid gives the fixed-size path's features; the resized posi
 import pytest
 import torch
 import torch.nn.functional as F
-
 from mmpretrain.kernels import PAD_SEGMENT_ID
-from mmpretrain.model import ModelConfig, VisionConfig, build_model
+
+from mmpretrain.model import ModelConfig, build_model
 from mmpretrain.model.naflex import PackedImages, resize_position_grid, segment_ids_for_rows
 
 P = 8  # siglip-tiny: 32 px images, 8 px patches, a 4 x 4 position table
@@ -90,7 +90,7 @@ def test_packed_features_equal_each_image_alone_forward_and_gradients(tower, ima
         # LayerNorm runs in float32 even on a float64 model (layers.LayerNorm): its own parameters' gradients are
         # float32 sums over the tokens, in another order packed; every other gradient is float64 through and through
         tol = dict(rtol=1e-5, atol=1e-6) if "norm" in n else dict(rtol=0, atol=1e-10)
-        torch.testing.assert_close(packed_grads[n], p.grad, **tol, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(packed_grads[n], p.grad, **tol, msg=lambda m, n=n: f"{n}: {m}")
     # the pixels' gradients land on each image's own patches; the padding gets none
     grad = packed.patches_BNK.grad
     for b, row in enumerate(rows):
