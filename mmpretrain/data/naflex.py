@@ -28,7 +28,10 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from ..model.naflex import segment_ids_for_rows  # model and data share a layer; the model owns the packed layout
+from ..model.naflex import (  # model and data share a layer; the model owns the packed layout
+    PackedImages,
+    segment_ids_for_rows,
+)
 from .decode import open_image, pil_to_uint8
 
 
@@ -139,3 +142,44 @@ def pack_images(patches: list[torch.Tensor], grids: list[tuple[int, int]], max_l
     order = torch.tensor([i for row in bins for i in row], dtype=torch.long)
     return {"patches": out, "segment_ids": segment_ids_for_rows(shapes, n), "shapes": shapes, "order": order,
             "padding": len(bins) * n - used}  # fmt: skip
+
+
+# ---------------------------------------------------------------- the train loader's parts (data.naflex.enabled)
+
+
+class NaflexTrainTransform(NaflexTransform):
+    """The train loader's transform under data.naflex: ``from_bytes(data, seed)`` -> (uint8 patches padded with
+    zeros to (max_patches, p*p*3), (h, w)); the whole image, no random crop (``seed`` is unused)."""
+
+    def from_bytes(self, data: bytes, seed: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
+        patches, grid = super().from_bytes(data)
+        out = patches.new_zeros(self.max_patches, patches.shape[1])
+        out[: len(patches)] = patches
+        return out, grid
+
+
+def stack_images(images: list) -> dict:
+    """A batch's decoded images: {"image": (b, 3, S, S)}, or under data.naflex {"image": (b, max_patches, K) uint8,
+    "grid": (b, 2) long (h, w)} from NaflexTrainTransform's pairs."""
+    if images and isinstance(images[0], tuple):
+        return {"image": torch.stack([p for p, _ in images]), "grid": torch.tensor([g for _, g in images])}
+    return {"image": torch.stack(images)}
+
+
+def pack_batch(batch: dict, cfg) -> dict:
+    """A loader batch with "grid" -> the same samples packed (cfg: data.naflex): "image" becomes a PackedImages of
+    uint8 patches (normalize_images normalizes it on the device); "text", "label" and "keys" follow the images'
+    packing order; "naflex" holds {"padding": tokens, "tokens": R x N}. Runs in the training process, on the host."""
+    grids = [tuple(g) for g in batch.pop("grid").tolist()]
+    patches = [img[: h * w] for img, (h, w) in zip(batch["image"], grids)]
+    packed = pack_images(patches, grids, cfg.seq_len, cfg.multiple)
+    order = packed["order"]
+    out = dict(batch)
+    out["image"] = PackedImages(packed["patches"], packed["segment_ids"], packed["shapes"])
+    for name in ("text", "label"):
+        if name in batch:
+            out[name] = batch[name][order]
+    if "keys" in batch:
+        out["keys"] = [batch["keys"][i] for i in order.tolist()]
+    out["naflex"] = {"padding": packed["padding"], "tokens": packed["patches"].shape[0] * packed["patches"].shape[1]}
+    return out

@@ -38,12 +38,12 @@ class PackedImages:
     def num_images(self) -> int:
         return sum(len(row) for row in self.shapes)
 
-    def to(self, device, dtype=None) -> PackedImages:
+    def to(self, device, dtype=None, non_blocking: bool = False) -> PackedImages:
         """On ``device``; float patches cast to ``dtype`` when given (uint8 stays uint8)."""
-        patches = self.patches_BNK.to(device)
+        patches = self.patches_BNK.to(device, non_blocking=non_blocking)
         if dtype is not None and patches.is_floating_point():
             patches = patches.to(dtype)
-        return PackedImages(patches, self.segment_ids_BN.to(device), self.shapes)
+        return PackedImages(patches, self.segment_ids_BN.to(device, non_blocking=non_blocking), self.shapes)
 
     def check(self, patch_size: int, prefix: str = "images") -> None:
         """ValueError naming the bad field unless the three parts fit together (host-side checks only)."""
