@@ -86,6 +86,11 @@ def test_train_cli_lowers_the_loss_on_packed_rows(stretched_shards, tmp_path):
 def test_naflex_config_is_checked_across_sections(tmp_path):
     with pytest.raises(ConfigError, match="data.naflex.enabled needs a SigLIP model"):
         load_config(TINY, [f"output_dir={tmp_path}", "data.synthetic.root=x", "data.naflex.enabled=true"])
+    siglip = [f"output_dir={tmp_path}", "data.synthetic.root=x", "model.name=siglip-tiny", "data.naflex.enabled=true"]
+    with pytest.raises(ConfigError, match="loss.name: data.naflex.enabled trains the sigmoid loss alone"):
+        load_config(TINY, siglip)  # tiny.yaml's loss is clip
+    with pytest.raises(ConfigError, match="data.naflex.enabled: train.accum_steps must be 1"):
+        load_config(TINY, [*siglip, "loss.name=siglip", "train.accum_steps=2"])
     with pytest.raises(ConfigError, match="data.naflex.max_patches: must be <= data.naflex.seq_len"):
         load_config(TINY, [f"output_dir={tmp_path}", "data.synthetic.root=x", "model.name=siglip-tiny",
                            "loss.name=siglip", "data.naflex.enabled=true", "data.naflex.seq_len=8"])  # fmt: skip
