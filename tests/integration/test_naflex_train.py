@@ -20,6 +20,7 @@ from mmpretrain.model.naflex import PackedImages
 from tests.integration.test_train import ENV, TINY, read_metrics, train_cli
 
 P, BUDGET, SEQ = 8, 16, 48  # siglip-tiny's patches; 16 patches an image at most; rows of at most 48
+STEPS = 20
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +72,39 @@ def test_loader_packs_whole_images_with_their_captions(stretched_shards):
             start, k = start + h * w, k + 1
 
 
-def test_train_cli_lowers_the_loss_on_packed_rows(stretched_shards, tmp_path):
-    out = str(tmp_path / "run")
-    args = [TINY, f"output_dir={out}", f"data.train.urls={stretched_shards}", "model.name=siglip-tiny",
-            "loss.name=siglip", "data.naflex.enabled=true", f"data.naflex.max_patches={BUDGET}",
-            f"data.naflex.seq_len={SEQ}", "train.batch_size=32", "train.steps=30",
-            "checkpoint.every_steps=0"]  # fmt: skip
-    train_cli(args, env=ENV)
-    losses = [m["loss"] for m in read_metrics(out)]
-    assert len(losses) == 30
-    assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6 and losses[-1] < losses[0], losses
+@pytest.fixture(scope="module")
+def runs(stretched_shards, tmp_path_factory):
+    """The tiny SigLIP on packed rows: an uninterrupted run, and one stopped after 10 steps then resumed."""
+    root = tmp_path_factory.mktemp("naflex_runs")
+    full, resumed = str(root / "full"), str(root / "resumed")
+
+    def args(out):
+        return [TINY, f"output_dir={out}", f"data.train.urls={stretched_shards}", "model.name=siglip-tiny",
+                "loss.name=siglip", "data.naflex.enabled=true", f"data.naflex.max_patches={BUDGET}",
+                f"data.naflex.seq_len={SEQ}", "train.batch_size=32", f"train.steps={STEPS}",
+                "checkpoint.every_steps=0", "engine.cpu_threads=1"]  # fmt: skip
+
+    train_cli(args(full), env=ENV)
+    train_cli(["--stop-after-steps", "10", *args(resumed)], env=ENV)
+    second = train_cli(args(resumed), env=ENV)
+    return {"full": full, "resumed": resumed, "second": second}
+
+
+@pytest.mark.slow
+def test_train_cli_lowers_the_loss_on_packed_rows(runs):
+    losses = [m["loss"] for m in read_metrics(runs["full"])]
+    assert len(losses) == STEPS
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 and losses[-1] < losses[0], losses
+
+
+@pytest.mark.slow
+def test_resume_continues_to_the_same_losses(runs):
+    full, resumed = read_metrics(runs["full"]), read_metrics(runs["resumed"])
+    assert "resumed from" in runs["second"].stdout
+    assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(full, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), f"step {a['step']}"
+        assert b["samples_seen"] == a["samples_seen"]
 
 
 def test_naflex_config_is_checked_across_sections(tmp_path):
