@@ -44,10 +44,11 @@ def member(url_key):
     return Image.open(io.BytesIO(png)).convert("RGB"), txt
 
 
-def test_loader_packs_whole_images_with_their_captions(stretched_shards):
+@pytest.mark.parametrize("num_streams", [None, 0], ids=["streams", "per-rank"])
+def test_loader_packs_whole_images_with_their_captions(stretched_shards, num_streams):
     cfg = DataConfig()
     cfg.train.urls = stretched_shards
-    cfg.num_workers = 0
+    cfg.num_workers, cfg.num_streams = 0, num_streams  # the global order's StreamLoader, the per-rank TrainLoader
     cfg.naflex.enabled, cfg.naflex.max_patches, cfg.naflex.seq_len = True, BUDGET, SEQ
     tok = Tokenizer(32)
     loader = build_train_loader(cfg, tokenizer=tok, image_size=32, batch_size=16, rank=0, world_size=1, seed=0,
