@@ -134,12 +134,28 @@ class Config:
                 "train.accum_steps > 1 with engine.zero_stage=2 aborts intermittently inside DeepSpeed on CPU; "
                 "use engine.zero_stage=1 or 3 (same result: every negative is kept either way)"
             )
+        if self.data.naflex.enabled:
+            self._check_naflex()
         try:
             check_run(self)  # each objective term's checks across sections (family, GradCache, ...)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
+
+    def _check_naflex(self) -> None:
+        """data.naflex across sections: what packed NaFlex batches are built and tested for."""
+        model = resolve_model_config(self.model)
+        if model.family != "siglip":
+            raise ConfigError(f"data.naflex.enabled needs a SigLIP model (model.family is {model.family})")
+        if self.train.accum_steps > 1:
+            raise ConfigError("data.naflex.enabled: train.accum_steps must be 1 (GradCache splits image tensors)")
+        if model.vision.patch_dropout > 0:
+            raise ConfigError("data.naflex.enabled: model.vision.patch_dropout must be 0 (not built for packed rows)")
+        other = [name for name in self.loss.active() if name != "siglip"]
+        if other:
+            key = f"loss.terms.{other[0]}" if self.loss.terms is not None else "loss.name"
+            raise ConfigError(f"{key}: data.naflex.enabled trains the sigmoid loss alone (loss.terms.siglip)")
 
 
 def _validate_tree(node: Any, prefix: str) -> None:

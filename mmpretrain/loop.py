@@ -280,7 +280,8 @@ def train_loader(cfg: Config, tokenizer, dist_info, state: TrainState):
     return build_train_loader(cfg.data, tokenizer=tokenizer, image_size=cfg.model.vision.image_size,
                               batch_size=cfg.train.batch_size // world, rank=dist_info.rank, world_size=world,
                               seed=cfg.train.seed, start_batch=state.batches_consumed_per_rank,
-                              data_state=state.data_position)  # fmt: skip
+                              data_state=state.data_position,
+                              patch_size=resolve_model_config(cfg.model).vision.patch_size)  # fmt: skip
 
 
 def log_window(cfg: Config, state: TrainState, window: LogWindow, res: StepResult, log, lr: float) -> dict:

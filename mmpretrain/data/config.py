@@ -216,10 +216,34 @@ class SyntheticConfig:
 
 
 @dataclass
+class NaflexConfig:
+    """SigLIP 2's NaFlex with sequence packing (``data.naflex``; data/naflex.py and model/naflex.py)."""
+
+    enabled: bool = False
+    """Train images keep their aspect ratio: each is resized to at most ``max_patches`` patches of
+    model.vision.patch_size (no crop) and the batch's images are packed into rows (SigLIP models only)."""
+    max_patches: int = 256
+    """Patch budget per image (Siglip2ImageProcessor's max_num_patches)."""
+    seq_len: int = 1024
+    """Longest packed row in patches; each batch gets the fewest rows of one length <= seq_len that hold it."""
+    multiple: int = 8
+    """Row lengths are rounded up to a multiple of this (fewer distinct shapes)."""
+
+    def validate(self, prefix: str) -> None:
+        for name in ("max_patches", "seq_len", "multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{prefix}.{name}: must be >= 1 (got {getattr(self, name)})")
+        if self.max_patches > self.seq_len:
+            raise ValueError(f"{prefix}.max_patches: must be <= {prefix}.seq_len (got {self.max_patches} and "
+                             f"{self.seq_len}): an image must fit one row")  # fmt: skip
+
+
+@dataclass
 class DataConfig:
     train: TrainDataConfig = field(default_factory=TrainDataConfig)
     eval: EvalDataConfig = field(default_factory=EvalDataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    naflex: NaflexConfig = field(default_factory=NaflexConfig)
     num_workers: int = 2
     """DataLoader worker processes per rank (0: load in the training process)."""
     num_streams: Optional[int] = None
@@ -275,3 +299,4 @@ class DataConfig:
         self.train.validate(f"{prefix}.train")
         self.eval.validate(f"{prefix}.eval")
         self.synthetic.validate(f"{prefix}.synthetic")
+        self.naflex.validate(f"{prefix}.naflex")

@@ -97,7 +97,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import redact
 from ..signals import ignore_stop_signals
-from .config import DataConfig, TrainDataConfig, expand_shard_spec, source_names
+from .config import DataConfig, NaflexConfig, TrainDataConfig, expand_shard_spec, source_names
+from .naflex import NaflexTrainTransform, pack_batch, stack_images
 from .shards import OVERSIZED, natural_key, read_tar_samples
 from .tokenizer import Tokenizer
 from .transforms import EvalTransform, ImageTooLargeError, TrainTransform
@@ -496,6 +497,8 @@ class TrainStream(IterableDataset):
         max_image_pixels: int | None = None,
         num_epochs: int | None = None,
         limits: dict | None = None,
+        naflex: NaflexConfig | None = None,
+        patch_size: int | None = None,
     ):
         super().__init__()
         self.cfg = cfg
@@ -506,6 +509,9 @@ class TrainStream(IterableDataset):
         self.transform = TrainTransform(
             image_size, scale=tuple(cfg.crop_scale), fast=decode == "fast", max_pixels=max_image_pixels
         )
+        self.naflex = naflex  # data.naflex when enabled: patches to a budget, packed by TrainLoader (naflex.py)
+        if naflex is not None:
+            self.transform = NaflexTrainTransform(patch_size, naflex.max_patches, max_pixels=max_image_pixels)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.start_batch, self.num_epochs = seed, start_batch, num_epochs
 
@@ -513,11 +519,14 @@ class TrainStream(IterableDataset):
         stats = counter.take()
         if batch:
             images, texts, keys, labels = zip(*batch)
-            image, text = torch.stack(images), self.tokenizer(list(texts))
+            image, text = stack_images(list(images)), self.tokenizer(list(texts))
         else:  # the end of a finite stream
+            if self.naflex is not None:
+                raise ValueError("data.naflex: finite passes (num_epochs) are not built for NaFlex batches")
             size, keys, labels = self.transform.image_size, (), ()
-            image, text = torch.empty(0, 3, size, size), torch.empty(0, self.tokenizer.context_length, dtype=torch.long)
-        return {"image": image, "text": text, "label": torch.tensor(labels, dtype=torch.long), "keys": list(keys),
+            image = {"image": torch.empty(0, 3, size, size)}
+            text = torch.empty(0, self.tokenizer.context_length, dtype=torch.long)
+        return {**image, "text": text, "label": torch.tensor(labels, dtype=torch.long), "keys": list(keys),
                 "num_skipped": sum(stats["skipped"].values()), "data_stats": stats}  # fmt: skip
 
     def pipeline(self, worker: int, num_workers: int) -> wds.DataPipeline:
@@ -595,6 +604,8 @@ class TrainLoader:
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.stream.naflex is not None:  # packed here, in the training process (data/naflex.py)
+            return (pack_batch(batch, self.stream.naflex) for batch in self.dataloader)
         return iter(self.dataloader)
 
 
@@ -622,6 +633,7 @@ def build_rank_loader(
     seed: int,
     start_batch: int = 0,
     num_epochs: int | None = None,
+    patch_size: int | None = None,
 ) -> TrainLoader:
     """The per-rank train loader (data.num_streams=0, and finite passes); ``batch_size`` is per rank. See the module
     docstring: its order depends on the world size and worker count, and it resumes by replay. The global order is
@@ -661,8 +673,18 @@ def build_rank_loader(
         max_image_pixels=cfg.max_image_pixels,
         num_epochs=num_epochs,
         limits=read_limits(cfg),
+        **naflex_args(cfg, patch_size),
     )
     return TrainLoader(stream, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+
+
+def naflex_args(cfg: DataConfig, patch_size: int | None) -> dict:
+    """The train streams' NaFlex arguments: {} unless data.naflex.enabled (then the model's patch size is needed)."""
+    if not cfg.naflex.enabled:
+        return {}
+    if patch_size is None:
+        raise ValueError("data.naflex.enabled: the train loader needs the model's patch_size")
+    return {"naflex": cfg.naflex, "patch_size": patch_size}
 
 
 # ---------------------------------------------------------------- eval sets (clip_benchmark WebDataset layout)

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..signals import ignore_stop_signals
 from .config import DataConfig, TrainDataConfig, expand_shard_spec, is_remote
+from .naflex import NaflexTrainTransform, pack_batch, stack_images
 from .pipeline import (
     _CROP,
     _MIX,
@@ -58,6 +59,7 @@ from .pipeline import (
     epoch_shards,
     merge_data_stats,
     mix_seed,
+    naflex_args,
     read_limits,
     sample_fault,
 )
@@ -282,13 +284,16 @@ class StreamSet(IterableDataset):
     def __init__(self, cfg: TrainDataConfig, *, num_streams: int, tokenizer: Tokenizer, image_size: int,
                  global_batch: int, rank: int, world_size: int, seed: int, start_batch: int = 0,
                  streams_state: dict | None = None, decode: str = "fast", max_image_pixels: int | None = None,
-                 limits: dict | None = None):  # fmt: skip
+                 limits: dict | None = None, naflex=None, patch_size: int | None = None):  # fmt: skip
         super().__init__()
         self.cfg, self.num_streams, self.tokenizer = cfg, num_streams, tokenizer
         self.sources, self.weights = _train_sources(cfg, seed)
         self.source_names = [name for s in self.sources for name in s.names]
         self.transform = TrainTransform(image_size, scale=tuple(cfg.crop_scale), fast=decode == "fast",
                                         max_pixels=max_image_pixels)  # fmt: skip
+        self.naflex = naflex  # data.naflex when enabled: patches to a budget, packed by StreamLoader (naflex.py)
+        if naflex is not None:
+            self.transform = NaflexTrainTransform(patch_size, naflex.max_patches, max_pixels=max_image_pixels)
         self.image_keys = cfg.image_key.split(";")
         self.per_stream = global_batch // num_streams  # samples of each stream in every global batch
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -330,7 +335,7 @@ class StreamSet(IterableDataset):
         while True:
             items = [self._decoded(stream, counter) for stream in streams for _ in range(self.per_stream)]
             images, texts, keys, labels = zip(*items)
-            yield {"image": torch.stack(images), "text": self.tokenizer(list(texts)),
+            yield {**stack_images(list(images)), "text": self.tokenizer(list(texts)),
                    "label": torch.tensor(labels, dtype=torch.long), "keys": list(keys), "data_stats": counter.take(),
                    "data_state": Opaque({str(s.index): s.state() for s in streams})}  # fmt: skip
 
@@ -357,7 +362,7 @@ def join_pieces(pieces: list[dict], num_streams: int, pin: bool) -> dict[str, An
         batch = dict(pieces[0])
     else:
         batch = {"keys": [k for p in pieces for k in p["keys"]]}
-        for name in ("image", "text", "label"):
+        for name in ("image", "text", "label", "grid")[: 4 if "grid" in pieces[0] else 3]:
             parts = [p[name] for p in pieces]
             shape = (sum(len(t) for t in parts), *parts[0].shape[1:])
             out = torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin)  # one copy, into pinned memory on CUDA
@@ -391,7 +396,9 @@ class StreamLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         pieces = iter(self.dataloader)  # in order: worker 0, 1, ..., W-1, 0, ... (one piece each per step)
         while True:
-            yield join_pieces([next(pieces) for _ in range(max(1, self.num_workers))], self.num_streams, self.pin)
+            batch = join_pieces([next(pieces) for _ in range(max(1, self.num_workers))], self.num_streams, self.pin)
+            # NaFlex: packed here, in the training process, from the whole rank batch (data/naflex.py)
+            yield batch if self.streams.naflex is None else pack_batch(batch, self.streams.naflex)
 
 
 def build_train_loader(
@@ -406,6 +413,7 @@ def build_train_loader(
     start_batch: int = 0,
     data_state: dict | None = None,
     num_epochs: int | None = None,
+    patch_size: int | None = None,
 ):
     """The train loader of one rank; ``batch_size`` is per rank (the global batch is batch_size x world_size).
 
@@ -417,7 +425,7 @@ def build_train_loader(
     if cfg.num_streams == 0 or num_epochs is not None:
         return build_rank_loader(cfg, tokenizer=tokenizer, image_size=image_size, batch_size=batch_size,
                                  rank=rank, world_size=world_size, seed=seed, start_batch=start_batch,
-                                 num_epochs=num_epochs)  # fmt: skip
+                                 num_epochs=num_epochs, patch_size=patch_size)  # fmt: skip
     train = cfg.train
     check_loader_args(cfg, rank=rank, world_size=world_size, batch_size=batch_size, start_batch=start_batch)
     global_batch = batch_size * world_size
@@ -444,5 +452,6 @@ def build_train_loader(
     streams = StreamSet(train, num_streams=num_streams, tokenizer=tokenizer, image_size=image_size,
                         global_batch=global_batch, rank=rank, world_size=world_size, seed=seed,
                         start_batch=start_batch, streams_state=streams_state, decode=cfg.decode,
-                        max_image_pixels=cfg.max_image_pixels, limits=read_limits(cfg))  # fmt: skip
+                        max_image_pixels=cfg.max_image_pixels, limits=read_limits(cfg),
+                        **naflex_args(cfg, patch_size))  # fmt: skip
     return StreamLoader(streams, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())

@@ -37,6 +37,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from ..model.naflex import PackedImages
 from .decode import EncodedImage, ImageTooLargeError, open_image, pil_to_uint8, reduction_for, resize_region
 
 __all__ = [
@@ -169,9 +170,22 @@ class EvalTransform:
 def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Loader images -> model input of ``dtype``: uint8 (B,3,S,S) in [0, 255] are scaled and CLIP-normalized
     (run it after moving the batch to the device: the loader ships 4x fewer bytes); float input is taken
-    as already normalized and only cast."""
+    as already normalized and only cast. A PackedImages (NaFlex) gets the same per channel on its patches
+    (p*p*3 values, channel last); its padding is normalized too (no image attends to it)."""
+    if isinstance(images, PackedImages):
+        return PackedImages(_normalize_patches(images.patches_BNK, dtype), images.segment_ids_BN, images.shapes)
     if images.dtype != torch.uint8:
         return images.to(dtype)
     mean = torch.tensor(CLIP_MEAN, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(CLIP_STD, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
     return ((images.float() - mean) / std).to(dtype)
+
+
+def _normalize_patches(patches_BNK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, N, p*p*3) patches, pixels in (row, column, channel) order -> CLIP-normalized ``dtype``."""
+    if patches_BNK.dtype != torch.uint8:
+        return patches_BNK.to(dtype)
+    reps = patches_BNK.shape[-1] // 3
+    mean = torch.tensor(CLIP_MEAN, device=patches_BNK.device, dtype=torch.float32).repeat(reps) * 255.0
+    std = torch.tensor(CLIP_STD, device=patches_BNK.device, dtype=torch.float32).repeat(reps) * 255.0
+    return ((patches_BNK.float() - mean) / std).to(dtype)

@@ -22,6 +22,7 @@ from mmpretrain.kernels import attention
 from mmpretrain.model.base import TwoTowerModel
 from mmpretrain.model.hf_text import HFTextTower
 from mmpretrain.model.layers import MLP, Encoder, LayerNorm, TextEmbeddings, TowerOutput, patch_dropout
+from mmpretrain.model.naflex import PackedImages, packed_positions, query_layout
 
 
 class SiglipVisionEmbeddings(nn.Module):
@@ -31,14 +32,29 @@ class SiglipVisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
         self.position_embedding = nn.Embedding((image_size // patch_size) ** 2, width)
 
-    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        """-> (B, N, D) patch tokens with position embedding added."""
+    def forward(self, images_BCHW) -> torch.Tensor:
+        """-> (B, N, D) patch tokens with position embedding added (PackedImages: see packed)."""
+        if isinstance(images_BCHW, PackedImages):
+            return self.packed(images_BCHW)
         _, _, H, W = images_BCHW.shape
         if H != self.image_size or W != self.image_size:
             raise ValueError(f"images are {H}x{W}, the model expects {self.image_size}x{self.image_size}")
         x_BDhw = self.patch_embedding(images_BCHW.to(self.patch_embedding.weight.dtype))
         x_BND = x_BDhw.flatten(2).transpose(1, 2)
         return x_BND + self.position_embedding(torch.arange(x_BND.shape[1], device=x_BND.device))
+
+    def packed(self, packed: PackedImages) -> torch.Tensor:
+        """NaFlex: packed patches (B, N, p*p*3) -> (B, N, D) tokens, each image with its resized position table.
+        Called by forward (ZeRO-3 gathers the parameters there)."""
+        B, N, _ = packed.patches_BNK.shape
+        p = self.patch_embedding.kernel_size[0]
+        # Each patch through the conv module itself (one p x p window per patch, the same dot product as a linear
+        # layer over the flattened pixels), so ZeRO-3 gathers its weight as in forward.
+        pix = packed.patches_BNK.reshape(B * N, p, p, 3).permute(0, 3, 1, 2)  # (row, col, channel) -> (C, p, p)
+        x_BND = self.patch_embedding(pix.to(self.patch_embedding.weight.dtype)).reshape(B, N, -1)
+        g = self.image_size // p
+        grid_ggD = self.position_embedding(torch.arange(g * g, device=x_BND.device)).reshape(g, g, -1)
+        return x_BND + packed_positions(grid_ggD, packed.shapes, N).to(x_BND.dtype)
 
 
 class PoolingAttention(nn.Module):
@@ -51,7 +67,14 @@ class PoolingAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, query_BQD: torch.Tensor, x_BND: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        query_BQD: torch.Tensor,
+        x_BND: torch.Tensor,
+        segment_ids_BN: Optional[torch.Tensor] = None,
+        q_segment_ids_BQ: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """segment_ids_BN / q_segment_ids_BQ (int32): packed images, a query reads only its image's tokens."""
         B, N, D = x_BND.shape
         w_q, w_kv = self.in_proj_weight.split([D, 2 * D])
         b_q, b_kv = self.in_proj_bias.split([D, 2 * D])
@@ -59,7 +82,9 @@ class PoolingAttention(nn.Module):
         q = q.view(B, -1, self.heads, D // self.heads).transpose(1, 2)  # (B, H, Q, Dh)
         kv = nn.functional.linear(x_BND, w_kv, b_kv).view(B, N, 2, self.heads, D // self.heads)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
-        out_BHQD = attention(q, k, v, causal=False, impl=self.impl)
+        out_BHQD = attention(
+            q, k, v, causal=False, impl=self.impl, segment_ids=segment_ids_BN, q_segment_ids=q_segment_ids_BQ
+        )
         return self.out_proj(out_BHQD.transpose(1, 2).reshape(B, -1, D))
 
 
@@ -73,11 +98,23 @@ class AttentionPoolingHead(nn.Module):
         self.layernorm = LayerNorm(v.width, eps=v.ln_eps)
         self.mlp = MLP(v.width, v.mlp_dim, v.act)
 
-    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
-        """-> (B, D)"""
+    def forward(self, x_BND: torch.Tensor, packed: Optional[PackedImages] = None) -> torch.Tensor:
+        """-> (B, D); with packed (NaFlex, x_BND its packed tokens) -> (I, D), one per image (see packed)"""
+        if packed is not None:
+            return self.packed(x_BND, packed)
         h_B1D = self.attention(self.probe.expand(x_BND.shape[0], -1, -1).to(x_BND.dtype), x_BND)
         h_B1D = h_B1D + self.mlp(self.layernorm(h_B1D))
         return h_B1D[:, 0]
+
+    def packed(self, x_BND: torch.Tensor, packed: PackedImages) -> torch.Tensor:
+        """Packed NaFlex tokens -> (I, D): the probe once per image, attending over that image's tokens only.
+        Called by forward (ZeRO-3 gathers the probe there)."""
+        q_seg_BQ, index_I = query_layout(packed.shapes, x_BND.device)
+        B, Q = q_seg_BQ.shape
+        probe_BQD = self.probe.expand(B, Q, -1).to(x_BND.dtype)
+        h_BQD = self.attention(probe_BQD, x_BND, packed.segment_ids_BN, q_seg_BQ)
+        h_BQD = h_BQD + self.mlp(self.layernorm(h_BQD))
+        return h_BQD.reshape(B * Q, -1)[index_I]  # the queries past a row's images are dropped
 
 
 class SiglipVisionTower(nn.Module):
@@ -92,13 +129,18 @@ class SiglipVisionTower(nn.Module):
 
     def forward(
         self,
-        images_BCHW: torch.Tensor,
+        images_BCHW,
         output_hidden_states: bool = False,
         pooled_only: bool = False,
         patch_drop: Optional[float] = None,
     ) -> TowerOutput:
         """-> TowerOutput; `pooled_only` is accepted for the towers' common signature and changes nothing:
-        the attention-pooling head reads every token of the last block."""
+        the attention-pooling head reads every token of the last block.
+
+        images_BCHW may be a PackedImages (NaFlex, several images per row; mmpretrain.model.naflex): embeds is
+        then (I, E), one per image in packing order, and last_hidden_state the packed (B, N, D) tokens."""
+        if isinstance(images_BCHW, PackedImages):
+            return self.forward_packed(images_BCHW, output_hidden_states, patch_drop)
         x_BND = self.embeddings(images_BCHW)
         drop = self.patch_dropout if patch_drop is None else patch_drop  # patch_drop: MIM's mask ratio
         keep_BK = None
@@ -107,6 +149,20 @@ class SiglipVisionTower(nn.Module):
         x_BND, hidden_states = self.encoder(x_BND, output_hidden_states)
         x_BND = self.post_layernorm(x_BND)  # HF's SigLIP last_hidden_state is after post_layernorm
         return TowerOutput(self.head(x_BND), x_BND, hidden_states, keep_BK)
+
+    def forward_packed(
+        self, packed: PackedImages, output_hidden_states: bool = False, patch_drop: Optional[float] = None
+    ) -> TowerOutput:
+        """NaFlex with sequence packing: block-diagonal attention through the segment ids, per-image pooling."""
+        drop = self.patch_dropout if patch_drop is None else patch_drop
+        if self.training and drop > 0:
+            raise ValueError("model.vision.patch_dropout (or a term's patch_drop) is not supported with packed "
+                             "NaFlex images (data.naflex)")  # fmt: skip
+        packed.check(self.embeddings.patch_embedding.kernel_size[0])
+        x_BND = self.embeddings(packed)
+        x_BND, hidden_states = self.encoder(x_BND, output_hidden_states, segment_ids_BN=packed.segment_ids_BN)
+        x_BND = self.post_layernorm(x_BND)
+        return TowerOutput(self.head(x_BND, packed), x_BND, hidden_states)
 
 
 class SiglipTextTower(nn.Module):

@@ -89,3 +89,55 @@ def test_clip_is_refused_and_the_cli_writes_it(tmp_path, exported):
                            "--siglip2"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Siglip2Model.from_pretrained(str(tmp_path / "again")).config.model_type == "siglip2"
+
+
+# ---------------------------------------------------------------- NaFlex: images of their own aspect ratio, packed
+
+NAFLEX_SIZES = [(40, 100), (90, 30), (33, 33), (20, 64), (64, 24)]  # H x W pixels: aspect ratios 1:3 to 3:1
+
+
+def naflex_parity(ours, hf, proc):
+    """Max |our packed features - transformers' padded features| on NAFLEX_SIZES images through the processor."""
+    from PIL import Image
+
+    from mmpretrain.data.naflex import pack_images
+    from mmpretrain.model.naflex import PackedImages
+
+    rng = np.random.default_rng(5)
+    imgs = [Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)) for H, W in NAFLEX_SIZES]
+    got = proc(images=imgs, return_tensors="pt")
+    grids = [tuple(s) for s in got["spatial_shapes"].tolist()]
+    assert len(set(grids)) >= 4  # grids of several aspect ratios, the square 4 x 4 one of them
+    with torch.no_grad():
+        theirs = hf.get_image_features(
+            **{k: got[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
+        )
+        theirs = torch.nn.functional.normalize(getattr(theirs, "pooler_output", theirs), dim=-1)
+        packed = pack_images([got["pixel_values"][i, : h * w] for i, (h, w) in enumerate(grids)], grids, max_len=32)
+        assert len(packed["shapes"]) < len(grids)  # several images share a row
+        mine = ours.encode_image(PackedImages(packed["patches"], packed["segment_ids"], packed["shapes"]))
+    mine_in_input_order = torch.empty_like(mine)
+    mine_in_input_order[packed["order"]] = mine
+    return (mine_in_input_order - theirs).abs().max().item()
+
+
+def test_naflex_packed_features_equal_siglip2_to_hf(exported):
+    _, ours, out = exported
+    err = naflex_parity(ours, Siglip2Model.from_pretrained(out).eval(), Siglip2ImageProcessor.from_pretrained(out))
+    print(f"to-hf NaFlex parity: max |diff| {err:.2e}")
+    assert err <= ATOL
+
+
+def test_naflex_packed_features_equal_siglip2_from_hf(exported, tmp_path):
+    from tests.unit.test_convert_hf import perturb_
+
+    cfg, _, out = exported
+    torch.manual_seed(3)
+    hf = perturb_(Siglip2Model(hf_config(cfg, siglip2=True)), 7)  # transformers' own init, every weight moved
+    hf.save_pretrained(tmp_path / "hf")
+    sd, model_cfg = read_hf(str(tmp_path / "hf"))
+    ours = build_model(model_cfg)
+    ours.load_state_dict(sd)
+    err = naflex_parity(ours.eval(), hf, Siglip2ImageProcessor.from_pretrained(out))
+    print(f"from-hf NaFlex parity: max |diff| {err:.2e}")
+    assert err <= ATOL
