@@ -12,7 +12,7 @@ from mmpretrain.engine_config import EngineConfig, OptimConfig
 from mmpretrain.logging_config import LoggingConfig
 
 PARTS = ("projector", "lm", "vision")  # what a stage can train
-STAGE_DATA = ("captions", "vqa", "llava")  # the twin's caption set, the twin's VQA set, a LLaVA JSON + image folder
+STAGE_DATA = ("captions", "vqa", "llava", "shards")  # the twin's sets; a LLaVA JSON + images; conversation shards
 
 
 @dataclass
@@ -41,9 +41,10 @@ class LMArgs:
 @dataclass
 class StageConfig:
     name: str = "instruct"
-    data: str = "vqa"  # "captions" / "vqa": the twin's synthetic sets; "llava": llava_json + image_folder below
+    data: str = "vqa"  # "captions" / "vqa": the twin's synthetic sets; "llava": llava_json + image_folder; "shards"
     llava_json: str = ""  # data=llava: LLaVA's conversation JSON (a list of records); bad records skipped, counted
     image_folder: str = ""  # data=llava: the folder the records' "image" names are relative to
+    shards: str = ""  # data=shards: tars of .json conversations + images (brace spec; mmpretrain-make-shards llava)
     steps: int = 100  # optimizer steps
     lr: float = 1e-3  # peak LR of this stage (warmup then cosine, optim.*)
     train: list[str] = field(default_factory=lambda: ["projector", "lm"])  # parts it trains; the rest frozen
@@ -97,6 +98,8 @@ class InstructConfig:
                                  f"stages.{i}.data is llava")  # fmt: skip
             if s.data != "llava" and (s.llava_json or s.image_folder):
                 raise ValueError(f"stages.{i}.llava_json / image_folder are read only with stages.{i}.data=llava")
+            if (s.data == "shards") != bool(s.shards):
+                raise ValueError(f"stages.{i}.shards must be set exactly when stages.{i}.data is shards")
             if s.steps < 1 or s.lr <= 0:
                 raise ValueError(f"stages.{i}.steps must be >= 1 and stages.{i}.lr > 0")
             bad = sorted(set(s.train) - set(PARTS))

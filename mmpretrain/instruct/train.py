@@ -47,7 +47,7 @@ from mmpretrain.distributed import (
 from mmpretrain.engine import build_engine, input_dtype, owns_clipping
 from mmpretrain.faults import EXIT_STOPPED, StopRequest, discard_gradients
 from mmpretrain.instruct.config import InstructConfig
-from mmpretrain.instruct.data import collate, read_llava_json
+from mmpretrain.instruct.data import collate, read_conversation_shards, read_llava_json
 from mmpretrain.instruct.export import export_llava
 from mmpretrain.instruct.lora import add_lora, has_lora, merge_lora
 from mmpretrain.instruct.model import VisionLanguageModel, build_language_model
@@ -161,18 +161,20 @@ def encode_all(encoder: ConversationEncoder, records: list[dict], skipped: Count
 
 
 def stage_data(cfg: InstructConfig, encoder: ConversationEncoder, image_size: int, skipped: Counter) -> list[list]:
-    """Each stage's training items (identical on every rank): the twin's caption or VQA set, or a LLaVA JSON.
-    A set two stages share is built once. Bad records are counted in `skipped` by reason."""
+    """Each stage's training items (identical on every rank): the twin's caption or VQA set, a LLaVA JSON or
+    conversation shards. A set two stages share is built once. Bad records are counted in `skipped` by reason."""
     d, built, out = cfg.data, {}, []
     for i, stage in enumerate(cfg.stages):
-        key = (stage.data, stage.llava_json, stage.image_folder)
+        key = (stage.data, stage.llava_json, stage.image_folder, stage.shards)
         if key not in built:
             if stage.data == "captions":
                 built[key] = encode_all(encoder, make_captions(d.num_caption_images, image_size, d.seed), skipped)
             elif stage.data == "vqa":
                 built[key] = encode_all(encoder, make_vqa("train", d.num_train_images, image_size, d.seed), skipped)
             else:
-                items, bad = read_llava_json(stage.llava_json, stage.image_folder, encoder, image_size)
+                read = read_llava_json if stage.data == "llava" else read_conversation_shards
+                where = (stage.llava_json, stage.image_folder) if stage.data == "llava" else (stage.shards,)
+                items, bad = read(*where, encoder, image_size)
                 skipped.update(bad)
                 built[key] = items
         if not built[key]:
