@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mmpretrain import checkpoint
 from mmpretrain.atomic import write_atomic
@@ -84,18 +85,27 @@ def config_dict(cfg: InstructConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
-def check_restart(cfg: InstructConfig) -> None:
-    """An output_dir started with other settings is refused (its config.yaml names them), never written over."""
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "eval.json", "llava")  # what a run that trained leaves
+
+
+def check_restart(cfg: InstructConfig) -> bool:
+    """An output_dir holding a run started with other settings is refused (naming them and its config.yaml), never
+    written over. Returns whether config.yaml must be (re)written: absent, or left by a start that failed before
+    it trained (none of RUN_OUTPUTS: e.g. a wrong data path), whose settings may change."""
     path = os.path.join(cfg.output_dir, "config.yaml")
     if not os.path.isfile(path):
-        return
+        return True
     old = OmegaConf.to_container(OmegaConf.load(path))
     changed = [c for c in diff_configs(old, config_dict(cfg)) if not c.startswith(RESTART_MAY_CHANGE)]
+    if changed and not any(os.path.exists(os.path.join(cfg.output_dir, name)) for name in RUN_OUTPUTS):
+        print0(f"{path}: replaced (a start that trained nothing; changed: {'; '.join(changed)})")
+        return True
     if changed:
         raise InstructError(
             f"output_dir {cfg.output_dir} holds a run started with other settings ({path}: {'; '.join(changed)}); "
             "it is kept. Restore those settings to resume, or choose a new output_dir"
         )
+    return False
 
 
 def load_tokenizer(cfg: InstructConfig, template: ChatTemplate):
@@ -174,7 +184,10 @@ def stage_data(cfg: InstructConfig, encoder: ConversationEncoder, image_size: in
             else:
                 read = read_llava_json if stage.data == "llava" else read_conversation_shards
                 where = (stage.llava_json, stage.image_folder) if stage.data == "llava" else (stage.shards,)
-                items, bad = read(*where, encoder, image_size)
+                try:
+                    items, bad = read(*where, encoder, image_size)
+                except ValueError as e:  # an unreadable JSON file (a missing shard is counted instead)
+                    raise InstructError(f"stages.{i}.llava_json: {e}") from None
                 skipped.update(bad)
                 built[key] = items
         if not built[key]:
@@ -366,14 +379,14 @@ def save_checkpoint(engine, cfg: InstructConfig, step: int, stage: int, stage_st
 def run(cfg: InstructConfig, stop_after_steps: int = 0) -> dict:
     """Train (or resume) every stage, then (rank 0) evaluate and export. Returns what eval.json holds (rank 0),
     plus `step` and `stopped`."""
-    check_restart(cfg)
+    write_config = check_restart(cfg)
     dist_info = init_distributed(cfg.engine.dist_timeout_s)
     rank, world, is_main = dist_info.rank, dist_info.world_size, dist_info.is_main
     if cfg.batch_size % world:
         raise InstructError(f"batch_size must be divisible by the world size (got {cfg.batch_size} on {world} ranks)")
     per_rank = cfg.batch_size // world
     os.makedirs(cfg.output_dir, exist_ok=True)
-    if is_main and not os.path.isfile(os.path.join(cfg.output_dir, "config.yaml")):
+    if is_main and write_config:
         write_atomic(os.path.join(cfg.output_dir, "config.yaml"), OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     barrier()
 
@@ -479,10 +492,14 @@ def main(argv: list[str] | None = None) -> None:
     path = args[0] if args and "=" not in args[0] else None
     code = 0
     try:
-        result = run(load_instruct_config(path, args[1:] if path else args), stop_after_steps=ns.stop_after_steps)
+        try:
+            cfg = load_instruct_config(path, args[1:] if path else args)
+        except (ValueError, OSError, OmegaConfBaseException) as e:  # a bad key or value, an unreadable YAML
+            raise InstructError(str(e).strip().splitlines()[0]) from None
+        result = run(cfg, stop_after_steps=ns.stop_after_steps)
         code = EXIT_STOPPED if result.get("stopped_on_request") else 0
     except InstructError as e:
-        print0(f"python -m mmpretrain.instruct: error: {e}", file=sys.stderr, flush=True)
+        print0(f"python -m mmpretrain.instruct: error: {e}", file=sys.stderr)
         code = 2
     finally:
         destroy()

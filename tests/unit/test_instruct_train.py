@@ -22,10 +22,12 @@ STAGES = "stages=[{name: a, data: captions, steps: 3, train: [projector]}, {name
 
 def test_restart_with_other_settings_is_refused_naming_them(tmp_path):
     cfg = load_instruct_config(None, [f"output_dir={tmp_path}", STAGES])
-    check_restart(cfg)  # a fresh folder
+    assert check_restart(cfg)  # a fresh folder: write config.yaml
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    check_restart(load_instruct_config(None, [f"output_dir={tmp_path}", STAGES, "logging.log_every=1"]))
+    assert not check_restart(load_instruct_config(None, [f"output_dir={tmp_path}", STAGES, "logging.log_every=1"]))
     other = load_instruct_config(None, [f"output_dir={tmp_path}", STAGES, "batch_size=8", "stages.1.lr=0.5"])
+    assert check_restart(other)  # nothing trained there yet (a start that failed, e.g. on a data path): replaced
+    (tmp_path / "metrics.jsonl").write_text("")  # a run trained there
     with pytest.raises(InstructError, match=r"config\.yaml: batch_size: 32 -> 8.*stages") as e:
         check_restart(other)
     assert str(tmp_path) in str(e.value)
