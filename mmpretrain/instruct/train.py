@@ -434,7 +434,7 @@ def run(cfg: InstructConfig, stop_after_steps: int = 0) -> dict:
         params = [p for p in engine.module.parameters() if p.requires_grad]
 
         engine.train()
-        t_log, tokens, steps = time.time(), 0, 0
+        t_log, tokens, steps, losses = time.time(), 0, 0, []  # this log window's
         while step - offset < stage.steps and not stop:
             idx = global_batch_indices(cfg.seed, index, step - offset, len(data[index]), cfg.batch_size)
             mine = idx[rank * per_rank : (rank + 1) * per_rank]
@@ -442,15 +442,17 @@ def run(cfg: InstructConfig, stop_after_steps: int = 0) -> dict:
                              stopper.requested())  # fmt: skip
             step += 1
             tokens, steps = tokens + res.num_tokens, steps + 1
+            losses += [] if res.skipped else [res.loss]
             log.advance()
             stop = res.stop or bool(stop_after_steps and step - start_step >= stop_after_steps)
             if step % cfg.logging.log_every == 0 or step - offset == stage.steps or stop:
                 elapsed = time.time() - t_log
-                log.log(step, {"stage": stage.name, "stage_step": step - offset, "loss": res.loss,
-                               "lr": engine.get_lr()[0], "grad_norm": res.grad_norm, "skipped_step": int(res.skipped),
+                loss = sum(losses) / len(losses) if losses else float("nan")  # the window's mean over good steps
+                log.log(step, {"stage": stage.name, "stage_step": step - offset, "loss": loss,
+                               "lr": engine.get_lr()[0], "grad_norm": res.grad_norm, "skipped_steps": steps - len(losses),
                                "samples_per_s": steps * cfg.batch_size / max(elapsed, 1e-9),
                                "tokens_per_s": tokens / max(elapsed, 1e-9), **skipped_metrics})  # fmt: skip
-                t_log, tokens, steps = time.time(), 0, 0
+                t_log, tokens, steps, losses = time.time(), 0, 0, []
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                 save_checkpoint(engine, cfg, step, index, step - offset, rank, world, run_meta)
                 saved_at = step
@@ -475,7 +477,7 @@ def run(cfg: InstructConfig, stop_after_steps: int = 0) -> dict:
         weights = full_weights(engine)  # collective under ZeRO-3
         if is_main:
             result.update(finish(cfg, tokenizer, template, encoder, weights, skipped, train_s))
-            print0(json.dumps({k: v for k, v in result.items()}))
+            print0(json.dumps(result))
     log.close()
     return result
 
