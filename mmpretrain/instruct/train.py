@@ -449,7 +449,8 @@ def run(cfg: InstructConfig, stop_after_steps: int = 0) -> dict:
                 elapsed = time.time() - t_log
                 loss = sum(losses) / len(losses) if losses else float("nan")  # the window's mean over good steps
                 log.log(step, {"stage": stage.name, "stage_step": step - offset, "loss": loss,
-                               "lr": engine.get_lr()[0], "grad_norm": res.grad_norm, "skipped_steps": steps - len(losses),
+                               "lr": engine.get_lr()[0], "grad_norm": res.grad_norm,
+                               "skipped_steps": steps - len(losses),
                                "samples_per_s": steps * cfg.batch_size / max(elapsed, 1e-9),
                                "tokens_per_s": tokens / max(elapsed, 1e-9), **skipped_metrics})  # fmt: skip
                 t_log, tokens, steps, losses = time.time(), 0, 0, []
