@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mmpretrain.checkpoint_config import CheckpointConfig
 from mmpretrain.engine_config import EngineConfig, OptimConfig
+from mmpretrain.logging_config import LoggingConfig
 
 PARTS = ("projector", "lm", "vision")  # what a stage can train
+STAGE_DATA = ("captions", "vqa", "llava", "shards")  # the twin's sets; a LLaVA JSON + images; conversation shards
 
 
 @dataclass
@@ -38,7 +41,10 @@ class LMArgs:
 @dataclass
 class StageConfig:
     name: str = "instruct"
-    data: str = "vqa"  # "captions" (projector pre-training) or "vqa" (instruction tuning)
+    data: str = "vqa"  # "captions" / "vqa": the twin's synthetic sets; "llava": llava_json + image_folder; "shards"
+    llava_json: str = ""  # data=llava: LLaVA's conversation JSON (a list of records); bad records skipped, counted
+    image_folder: str = ""  # data=llava: the folder the records' "image" names are relative to
+    shards: str = ""  # data=shards: tars of .json conversations + images (brace spec; mmpretrain-make-shards llava)
     steps: int = 100  # optimizer steps
     lr: float = 1e-3  # peak LR of this stage (warmup then cosine, optim.*)
     train: list[str] = field(default_factory=lambda: ["projector", "lm"])  # parts it trains; the rest frozen
@@ -58,7 +64,7 @@ class VQAArgs:
 class InstructConfig:
     output_dir: str = "runs/instruct"
     seed: int = 0
-    batch_size: int = 32  # conversations per step
+    batch_size: int = 32  # conversations per optimizer step over all ranks (the global batch; divisible by the world)
     system: str = ""  # system prompt of the chat template ("" for none: the twin's conversations are short)
     eval_max_new_tokens: int = 4
     vision: VisionArgs = field(default_factory=VisionArgs)
@@ -72,6 +78,8 @@ class InstructConfig:
     )
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_steps=20, weight_decay=0.0))
     engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # every_steps, keep_last (async_save unused)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # metrics.jsonl, wandb (offline), progress bar
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -83,8 +91,15 @@ class InstructConfig:
         if not self.stages:
             raise ValueError("stages must name at least one stage")
         for i, s in enumerate(self.stages):
-            if s.data not in ("captions", "vqa"):
-                raise ValueError(f"stages.{i}.data must be captions or vqa (got {s.data!r})")
+            if s.data not in STAGE_DATA:
+                raise ValueError(f"stages.{i}.data must be one of {STAGE_DATA} (got {s.data!r})")
+            if s.data == "llava" and not (s.llava_json and s.image_folder):
+                raise ValueError(f"stages.{i}.llava_json and stages.{i}.image_folder must be set when "
+                                 f"stages.{i}.data is llava")  # fmt: skip
+            if s.data != "llava" and (s.llava_json or s.image_folder):
+                raise ValueError(f"stages.{i}.llava_json / image_folder are read only with stages.{i}.data=llava")
+            if (s.data == "shards") != bool(s.shards):
+                raise ValueError(f"stages.{i}.shards must be set exactly when stages.{i}.data is shards")
             if s.steps < 1 or s.lr <= 0:
                 raise ValueError(f"stages.{i}.steps must be >= 1 and stages.{i}.lr > 0")
             bad = sorted(set(s.train) - set(PARTS))
@@ -94,3 +109,5 @@ class InstructConfig:
                 raise ValueError(f"stages.{i}.lora_rank must be >= 0, and > 0 only when stages.{i}.train has lm")
         self.optim.validate("optim")
         self.engine.validate("engine")
+        self.checkpoint.validate("checkpoint")
+        self.logging.validate("logging")

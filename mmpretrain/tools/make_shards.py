@@ -8,6 +8,8 @@
     mmpretrain-make-shards table captions.csv data/mine --image-col file --caption-col text
     # img2dataset output (folder of tars): re-shard to --samples-per-shard per tar
     mmpretrain-make-shards img2dataset /data/cc3m-raw data/cc3m --resize-shorter 256
+    # LLaVA's conversation JSON + its image folder: instruction-tuning shards (python -m mmpretrain.instruct)
+    mmpretrain-make-shards llava llava_v1_5_mix665k.json data/llava --image-folder /data/llava/images
 
 The same command as ``python -m mmpretrain.tools.make_shards`` or, in a checkout, ``python tools/make_shards.py``.
 Output (train): ``<out>/shard-000000.tar ...`` holding ``<key>.jpg`` (or .png/.webp with
@@ -15,7 +17,13 @@ Output (train): ``<out>/shard-000000.tar ...`` holding ``<key>.jpg`` (or .png/.w
 original and stored size), plus ``<out>/_stats.json``; the last line printed is the brace spec to
 pass as ``data.train.urls``. Output (--eval): ``<out>/<split>/{0..n-1}.tar`` with ``<key>.jpg`` +
 ``<key>.cls`` (class index) + ``<key>.json``, ``<split>/nshards.txt``, ``<out>/classnames.txt`` and
-``<out>/zeroshot_classification_templates.txt`` -- what ``data.eval.zeroshot`` reads.
+``<out>/zeroshot_classification_templates.txt`` -- what ``data.eval.zeroshot`` reads. Output (llava): shards of
+``<key>.json`` (the record, its "image" naming the sample's own members: ``"jpg"`` for ``<key>.jpg``, or
+``["0.jpg", "1.png"]`` for ``<key>.0.jpg``, ``<key>.1.png``; "source" says where it came from) beside the images,
+what a stage with ``data: shards`` reads (mmpretrain.instruct.data.read_conversation_shards). A record is skipped
+and counted when its conversation cannot train (the reasons of mmpretrain.instruct.template: no_conversation,
+bad_turn, bad_order, no_assistant_turn, image_count_mismatch, image_in_answer, bad_image_field; bad_record for a
+non-object), or an image is missing, outside --image-folder or undecodable.
 
 Keys are the sample's zero-padded position in the input order (files sorted by path; table rows
 in order; tars in natural order), and every tar header field is fixed, so the same input gives
@@ -58,6 +66,7 @@ from tqdm import tqdm
 
 from mmpretrain.atomic import apply_umask, swap_in
 from mmpretrain.data.shards import ShardWriter, local_tar_urls, natural_key, read_tar_samples
+from mmpretrain.instruct.template import IMAGE_PLACEHOLDER, BadConversation, normalize_turns, record_images
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what webdataset samples (and our loaders) carry
@@ -89,6 +98,8 @@ class Item:
     label: int | None = None  # class index (eval sets)
     meta: dict = field(default_factory=dict)  # goes into <key>.json
     skip: tuple[str, str] | None = None  # (reason, detail) found while reading the input
+    conversation: dict | None = None  # llava: the record (goes into <key>.json); its images are image_paths
+    image_paths: list[str] = field(default_factory=list)  # llava: local image files, in placeholder order
 
 
 @dataclass
@@ -157,10 +168,47 @@ def convert_image(data: bytes, opts: ImageOptions) -> tuple[bytes, str, dict]:
         return buf.getvalue(), "jpg", {**sizes, "width": rgb.width, "height": rgb.height}
 
 
+def read_and_convert(path: str, opts: ImageOptions) -> tuple[tuple[bytes, str, dict] | None, tuple[str, str] | None]:
+    """(convert_image's result, None) for a local image file, or (None, the reason it is skipped)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None, ("missing_image_file", path)
+    except OSError as exn:
+        return None, ("unreadable_image_file", f"{path}: {exn}")
+    try:
+        return convert_image(data, opts), None
+    except Exception as exn:  # noqa: BLE001 -- PIL raises many types for broken files
+        return None, ("undecodable_image", f"{path}: {type(exn).__name__}: {exn}")
+
+
+def process_conversation(item: Item, opts: ImageOptions) -> Result:
+    """A LLaVA record -> <key>.json + its images as the sample's members (see the module docstring)."""
+    record = dict(item.conversation)
+    single = isinstance(record.get("image"), str)
+    sample: dict[str, Any] = {"__key__": f"{item.index:0{KEY_DIGITS}d}"}
+    names = []
+    for k, path in enumerate(item.image_paths):
+        converted, skip = read_and_convert(path, opts)
+        if skip is not None:
+            return Result(item.index, item.where, None, skip)
+        stored, ext, _ = converted
+        names.append(ext if single else f"{k}.{ext}")
+        sample[names[-1]] = stored
+    if "image" in record:
+        record["image"] = names[0] if single else names
+    record["source"] = {"where": item.where, "image": item.conversation.get("image")}
+    sample["json"] = record
+    return Result(item.index, item.where, sample)
+
+
 def process(item: Item, opts: ImageOptions) -> Result:
     """Item -> a ShardWriter sample, or the reason it is skipped. Pure: the same item gives the same bytes."""
     if item.skip is not None:
         return Result(item.index, item.where, None, item.skip)
+    if item.conversation is not None:
+        return process_conversation(item, opts)
     data = item.data
     if data is None:
         try:
@@ -403,6 +451,51 @@ def table_items(paths: list[str], image_col: str, caption_col: str, image_root: 
             yield item
 
 
+def check_conversation(record: Any) -> list[str]:
+    """A LLaVA record's image names, after the checks that need no tokenizer; BadConversation otherwise."""
+    if not isinstance(record, dict):
+        raise BadConversation("bad_record", "not a JSON object")
+    turns = normalize_turns(record)
+    names = record_images(record)
+    if any(IMAGE_PLACEHOLDER in text for role, text in turns if role == "assistant"):
+        raise BadConversation("image_in_answer", "an assistant turn holds an <image> placeholder")
+    placeholders = sum(text.count(IMAGE_PLACEHOLDER) for role, text in turns if role == "user")
+    if placeholders != len(names):
+        raise BadConversation("image_count_mismatch", f"{placeholders} placeholders but {len(names)} images")
+    return names
+
+
+def llava_items(path: str, image_folder: str) -> Iterator[Item]:
+    """One item per record of a LLaVA JSON list; image names are paths inside ``image_folder`` (the same rule as a
+    table's --image-root: a path that leads outside is skipped, outside_image_root). The file is read here, before
+    any output is written: UsageError when it is not a JSON list."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except (OSError, ValueError) as exn:
+        raise UsageError(f"input: {path}: not a readable JSON file ({exn})") from None
+    if not isinstance(records, list):
+        raise UsageError(f"input: {path}: expected a JSON list of conversation records")
+    return _llava_items(records, os.path.basename(path), image_folder)
+
+
+def _llava_items(records: list, name: str, image_folder: str) -> Iterator[Item]:
+    root = os.path.abspath(image_folder)
+    for index, record in enumerate(records):
+        where = f"{name} record {index}"
+        try:
+            names = check_conversation(record)
+        except BadConversation as exn:
+            yield Item(index, where, skip=(exn.reason, str(exn)))
+            continue
+        paths = [os.path.normpath(os.path.join(root, name)) for name in names]
+        outside = [n for n, p in zip(names, paths) if os.path.commonpath([root, p]) != root]
+        if outside:
+            yield Item(index, where, skip=("outside_image_root", f"{outside[0]!r} leads outside {image_folder}"))
+            continue
+        yield Item(index, where, conversation=record, image_paths=paths)
+
+
 def tar_urls(inputs: list[str]) -> list[str]:
     """Tars of folders (*.tar in natural order), brace specs and globs, in the order given."""
     try:
@@ -602,7 +695,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         epilog=f"Options of each input kind: {prog} folder|table|img2dataset --help. Long form: docs/data.md",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{folder,table,img2dataset}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{folder,table,img2dataset,llava}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("out", help="output folder (must be empty or new, unless --overwrite)")
@@ -655,6 +748,17 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="folder, brace spec or glob of tars")
     common(p)
+
+    p = sub.add_parser(
+        "llava",
+        help="LLaVA's conversation JSON + its image folder: shards of .json conversations beside their images",
+        description="A JSON list of records {'image': name or [names], 'conversations': [{'from', 'value'}, ...]}; "
+        "image names are relative to --image-folder (default: the JSON's folder). For python -m mmpretrain.instruct "
+        "(a stage with data: shards).",
+    )
+    p.add_argument("input", help="the LLaVA JSON file")
+    common(p)
+    p.add_argument("--image-folder", help="folder the records' image names start from (default: the JSON's folder)")
     return parser
 
 
@@ -675,7 +779,12 @@ def check_args(args: argparse.Namespace) -> None:
                 raise UsageError(f"input: {path}: no such file")
         if args.image_root is not None and not os.path.isdir(args.image_root):
             raise UsageError(f"--image-root: {args.image_root}: no such folder")
-    src = [os.path.abspath(p) for p in ([args.input] if args.command == "folder" else args.inputs)]
+    if args.command == "llava":
+        if not os.path.isfile(args.input):
+            raise UsageError(f"input: {args.input}: no such file")
+        if args.image_folder is not None and not os.path.isdir(args.image_folder):
+            raise UsageError(f"--image-folder: {args.image_folder}: no such folder")
+    src = [os.path.abspath(p) for p in ([args.input] if args.command in ("folder", "llava") else args.inputs)]
     out = os.path.abspath(args.out)
     if out in src:
         raise UsageError(f"output: {args.out} is also the input")
@@ -705,6 +814,9 @@ def run(args: argparse.Namespace) -> dict:
                 None,
             )
         items, total = table_items(args.inputs, args.image_col, args.caption_col, args.image_root), None
+    elif args.command == "llava":
+        folder = args.image_folder if args.image_folder is not None else os.path.dirname(os.path.abspath(args.input))
+        items, total = llava_items(args.input, folder), None
     else:
         items, total = img2dataset_items(tar_urls(args.inputs), bad_tars), None
     check_output(out, args.overwrite)

@@ -1,11 +1,13 @@
 """`python -m mmpretrain.instruct` end to end on a few steps: both stages run on the engine (the second with LoRA on
 the LM), the loss falls, the outputs are written and the (merged) LLaVA export loads with its tokenizer (issue 19;
-the full twin's numbers: docs/instruct.md)."""
+the full twin's numbers: docs/instruct.md). The run is stopped by its STOP file after step 1 (exit 75, a checkpoint)
+and relaunched: ZeRO-0's resume path (exactness is tests/distributed/test_instruct_distributed.py's, under ZeRO-3)."""
 
 import json
 import os
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -21,7 +23,16 @@ def test_instruct_command_two_stages(tmp_path):
     sizes = ["data.num_caption_images=64", "data.num_train_images=200", "data.num_eval_images=10"]
     cmd = [sys.executable, "-m", "mmpretrain.instruct", "configs/instruct/tiny.yaml", f"output_dir={out}", stages,
            *sizes, "optim.warmup_steps=5"]  # fmt: skip
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=600)
+    # a stop request (the STOP file, as a signal would) before the first step: exit 75 after step 1 with a checkpoint
+    out.mkdir()
+    (out / "STOP").write_text("")
+    future = time.time() + 3600  # written "after" the process starts, so not a stale file of an earlier run
+    os.utime(out / "STOP", (future, future))
+    first = subprocess.run(cmd, cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
+    assert first.returncode == 75, first.stderr[-3000:]
+    assert not (out / "STOP").exists()
+    assert open(out / "checkpoints" / "latest").read().strip() == "step_1"
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=600)  # resumes at step 2, to the end
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["stage"] for r in rows][0] == "captions" and rows[-1]["stage"] == "instruct" and rows[-1]["step"] == 45
     inst = [r["loss"] for r in rows if r["stage"] == "instruct"]
