@@ -55,7 +55,7 @@ class StageConfig:
 @dataclass
 class VQAArgs:
     num_caption_images: int = 2000  # stage "captions"
-    num_train_images: int = 4000  # stage "vqa": one question per image, the five types in turn
+    num_train_images: int = 4000  # stage "vqa": one conversation per image asking all five types (random order)
     num_eval_images: int = 500  # held-out images, asked with training phrasings and with held-out phrasings
     seed: int = 0
 

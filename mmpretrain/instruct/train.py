@@ -45,7 +45,7 @@ from mmpretrain.distributed import (
     print0,
     world_rank,
 )
-from mmpretrain.engine import build_engine, input_dtype, owns_clipping
+from mmpretrain.engine import CpuThreadTuner, build_engine, input_dtype, owns_clipping
 from mmpretrain.faults import EXIT_STOPPED, StopRequest, discard_gradients
 from mmpretrain.instruct.config import InstructConfig
 from mmpretrain.instruct.data import collate, read_conversation_shards, read_llava_json
@@ -60,7 +60,7 @@ from mmpretrain.instruct.template import (
     ConversationEncoder,
     HFTokenizer,
 )
-from mmpretrain.instruct.vqa import make_captions, make_vqa, twin_tokenizer
+from mmpretrain.instruct.vqa import make_captions, make_dialogues, make_vqa, twin_tokenizer
 from mmpretrain.logging import MetricsLogger, new_run_id
 from mmpretrain.model import ModelConfig, build_model, resolve_model_config
 
@@ -180,7 +180,7 @@ def stage_data(cfg: InstructConfig, encoder: ConversationEncoder, image_size: in
             if stage.data == "captions":
                 built[key] = encode_all(encoder, make_captions(d.num_caption_images, image_size, d.seed), skipped)
             elif stage.data == "vqa":
-                built[key] = encode_all(encoder, make_vqa("train", d.num_train_images, image_size, d.seed), skipped)
+                built[key] = encode_all(encoder, make_dialogues(d.num_train_images, image_size, d.seed), skipped)
             else:
                 read = read_llava_json if stage.data == "llava" else read_conversation_shards
                 where = (stage.llava_json, stage.image_folder) if stage.data == "llava" else (stage.shards,)
@@ -371,9 +371,20 @@ def save_checkpoint(engine, cfg: InstructConfig, step: int, stage: int, stage_st
     position: the batches are a function of (seed, stage, step)), the world size, the wandb run id, the config."""
     meta = {"stage": stage, "stage_name": cfg.stages[stage].name, "stage_step": stage_step, "world_size": world,
             "samples_seen": step * cfg.batch_size, "wandb_run_id": run_meta["wandb_run_id"],
-            "config": run_meta["config"], "data": {"stage": stage, "stage_step": stage_step,
-                                                   "skipped": run_meta["skipped"]}}  # fmt: skip
+            "config": run_meta["config"], "cpu_threads": run_meta.get("cpu_threads", 0),
+            "data": {"stage": stage, "stage_step": stage_step, "skipped": run_meta["skipped"]}}  # fmt: skip
     checkpoint.save(engine, cfg.output_dir, step, meta, rank, cfg.checkpoint.keep_last, world_size=world)
+
+
+def cpu_threads(cfg: InstructConfig, world: int, meta: dict | None) -> CpuThreadTuner | None:
+    """torch's intra-op threads on a CPU run (None on CUDA): engine.cpu_threads when set, else one thread or all
+    the cores of a rank, whichever trains faster on the run's own steps (a tiny LM's small ops can run faster on
+    one). A resumed run keeps the count its checkpoint recorded."""
+    if torch.cuda.is_available():
+        return None
+    per_rank = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    choices = [cfg.engine.cpu_threads] if cfg.engine.cpu_threads else sorted({1, per_rank})
+    return CpuThreadTuner(choices, chosen=(meta or {}).get("cpu_threads", 0))
 
 
 def run(cfg: InstructConfig, stop_after_steps: int = 0) -> dict:
@@ -419,6 +430,9 @@ def run(cfg: InstructConfig, stop_after_steps: int = 0) -> dict:
         log.write(f"removed a stale stop file {stop_file} (its run ended before acting on it)")
 
     run_meta = {"wandb_run_id": run_id, "config": cfg_dict, "skipped": dict(skipped)}
+    threads = cpu_threads(cfg, world, meta)
+    if threads is not None and threads.chosen:
+        run_meta["cpu_threads"] = threads.chosen
     skipped_metrics = {"skipped_samples": sum(skipped.values()), **{f"data/skipped/{r}": n for r, n in skipped.items()}}
     offset = sum(s.steps for s in cfg.stages[:first_stage])
     weights, saved_at, stop, start_step, t0 = None, (step if meta else None), False, step, time.time()
@@ -438,8 +452,12 @@ def run(cfg: InstructConfig, stop_after_steps: int = 0) -> dict:
         while step - offset < stage.steps and not stop:
             idx = global_batch_indices(cfg.seed, index, step - offset, len(data[index]), cfg.batch_size)
             mine = idx[rank * per_rank : (rank + 1) * per_rank]
+            t_step = time.perf_counter()
             res = train_step(engine, collate([data[index][i] for i in mine], tokenizer.pad_token_id), cfg, params,
                              stopper.requested())  # fmt: skip
+            if threads is not None and not threads.chosen and threads.step_done(time.perf_counter() - t_step):
+                run_meta["cpu_threads"] = threads.chosen
+                log.write(threads.line)
             step += 1
             tokens, steps = tokens + res.num_tokens, steps + 1
             losses += [] if res.skipped else [res.loss]
