@@ -100,7 +100,7 @@ from ..signals import ignore_stop_signals
 from .config import DataConfig, TrainDataConfig, expand_shard_spec, source_names
 from .shards import OVERSIZED, natural_key, read_tar_samples
 from .tokenizer import Tokenizer
-from .transforms import EvalTransform, ImageTooLargeError, TrainTransform
+from .transforms import EvalTransform, ImageTooLargeError, TrainTransform, split_views
 
 log = logging.getLogger(__name__)
 
@@ -504,8 +504,9 @@ class TrainStream(IterableDataset):
         self.source_names = [name for s in self.streams for name in s.names]
         self.tokenizer = tokenizer
         self.transform = TrainTransform(
-            image_size, scale=tuple(cfg.crop_scale), fast=decode == "fast", max_pixels=max_image_pixels
-        )
+            image_size, scale=tuple(cfg.crop_scale), fast=decode == "fast", max_pixels=max_image_pixels,
+            local_crops=cfg.local_crops, local_scale=tuple(cfg.local_crop_scale),
+        )  # fmt: skip
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.start_batch, self.num_epochs = seed, start_batch, num_epochs
 
@@ -514,11 +515,15 @@ class TrainStream(IterableDataset):
         if batch:
             images, texts, keys, labels = zip(*batch)
             image, text = torch.stack(images), self.tokenizer(list(texts))
+            image, local_crops = split_views(image)  # self-distillation's local crops, when the transform makes them
         else:  # the end of a finite stream
-            size, keys, labels = self.transform.image_size, (), ()
+            size, keys, labels, local_crops = self.transform.image_size, (), (), None
             image, text = torch.empty(0, 3, size, size), torch.empty(0, self.tokenizer.context_length, dtype=torch.long)
-        return {"image": image, "text": text, "label": torch.tensor(labels, dtype=torch.long), "keys": list(keys),
-                "num_skipped": sum(stats["skipped"].values()), "data_stats": stats}  # fmt: skip
+        out = {"image": image, "text": text, "label": torch.tensor(labels, dtype=torch.long), "keys": list(keys),
+               "num_skipped": sum(stats["skipped"].values()), "data_stats": stats}  # fmt: skip
+        if local_crops is not None:
+            out["local_crops"] = local_crops
+        return out
 
     def pipeline(self, worker: int, num_workers: int) -> wds.DataPipeline:
         """The pipeline of worker ``worker`` of ``num_workers`` (>= 1) on this rank."""
