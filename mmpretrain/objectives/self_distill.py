@@ -248,8 +248,8 @@ class SelfDistillTerm(Term):
         b = images_BCHW.shape[0]
         with torch.no_grad():
             t_out = t.vision(images_BCHW.to(t.center_global.dtype), patch_drop=0.0)  # fp32 (fp64 in the tests)
-            t_glob_bK = t.global_proj(t_out.embeds.float())
-            t_patch_bPK = t.patch_proj(t_out.last_hidden_state.float())
+            t_glob_bK = t.global_proj(t_out.embeds)
+            t_patch_bPK = t.patch_proj(t_out.last_hidden_state)
         total = torch.zeros((), device=images_BCHW.device, dtype=torch.float32)
         if c.silc_weight:
             locals_bn = ctx.batch.get("local_crops")
@@ -272,7 +272,7 @@ class SelfDistillTerm(Term):
             tips = distill_ce(s_patch_mK, t_patch_bPK[mask_bP], t.center_patch, c.student_temp, c.teacher_temp)
             total = total + c.tips_weight * tips
         # the centers' next values: the teacher's mean over the global batch (applied after the optimizer step)
-        sums = torch.cat([t_glob_bK.sum(0), t_patch_bPK.mean(1).sum(0)]).float()
+        sums = torch.cat([t_glob_bK.sum(0), t_patch_bPK.mean(1).sum(0)])  # the teacher's dtype: fp32
         sums = all_reduce(sums, group=ctx.group) / (world * b)  # collective
         self.pending_centers = sums.chunk(2)
         return total
