@@ -50,8 +50,10 @@ weights per rank: 0.35 GB for ViT-B). The teacher, its centers and whether it st
 each checkpoint holds them (``objective_state.pt``, written by rank 0: the ranks' copies are equal) and a resume
 restores them exactly (mmpretrain.checkpoint).
 
-``start_fraction``: the term is off (a zero loss, no forward, no teacher) for the first start_fraction x
-train.steps steps and on after (SigLIP 2: 0.8).
+``start_fraction``: the term is off (a zero loss, no tower forward, no teacher) for the first start_fraction x
+train.steps steps and on after (SigLIP 2: 0.8). While off, the heads get an exact-zero gradient (a forward of
+zeros times 0): DeepSpeed zero-fills a missing gradient on several ranks or under ZeRO but not on one ZeRO-0 rank,
+so AdamW (weight decay, step count) would otherwise treat the heads differently on 1 and N ranks.
 
 Gradient contract: a local term (the mean over this rank's crops and masked patches, the same count on every
 rank); only the center and the mask involve the global batch, neither with a gradient. The student's extra
@@ -101,13 +103,17 @@ class SelfDistillHeads(nn.Module):
         self.patch_proj = ProjectionHead(vision_width, width, prototypes)
         self.mask_patch = nn.Parameter(torch.zeros(3, patch_size, patch_size))  # normalized pixels; 0 = the mean
 
-    def forward(self, op: str, x: torch.Tensor, mask_BP: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, op: str, x: torch.Tensor, mask_BP: Optional[torch.Tensor] = None,
+                x_patch: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
         """op "global": (..., E) -> (..., K); "patch": (..., D) -> (..., K); "mask": images (B, 3, H, W) with
-        the patches where mask_BP (B, P) is True replaced by the mask patch."""
+        the patches where mask_BP (B, P) is True replaced by the mask patch; "zero": a 0 whose gradient reaches
+        every parameter as exact zeros (x (1, E), x_patch (1, D): any input)."""
         if op == "global":
             return self.global_proj(x)
         if op == "patch":
             return self.patch_proj(x)
+        if op == "zero":
+            return (self.global_proj(x).sum() + self.patch_proj(x_patch).sum() + self.mask_patch.sum()).float() * 0.0
         assert op == "mask", op
         return mask_images(x, mask_BP, self.mask_patch)
 
@@ -179,6 +185,7 @@ class SelfDistillTerm(Term):
         self.teacher: Optional[Teacher] = None
         self.pending_centers = None  # (global (K,), patch (K,)) means of this step, applied after its update
         self.amp = run_cfg.engine.precision == "amp_bf16"
+        self.embed_dim, self.vision_width = resolve_model_config(run_cfg.model).embed_dim, v.width
 
     def active(self, step: int) -> bool:
         return step >= self.first
@@ -239,7 +246,11 @@ class SelfDistillTerm(Term):
     def loss(self, ctx: StepContext) -> torch.Tensor:
         images_BCHW = ctx.images
         if not self.active(ctx.step):
-            return torch.zeros((), device=images_BCHW.device)
+            # Off: a zero that still hands the heads a gradient (of zeros). DeepSpeed fills a missing gradient with
+            # zeros on several ranks (or under ZeRO) but not on one rank under ZeRO-0, and AdamW's decay and step
+            # count follow: without this, 1 rank and N ranks would drift apart from the first step on.
+            zeros = images_BCHW.new_zeros(1, self.embed_dim), images_BCHW.new_zeros(1, self.vision_width)
+            return ctx.model(head=self.name, op="zero", x=zeros[0], x_patch=zeros[1])
         t, c = self.teacher, self.cfg
         if not int(t.started):
             self._update_teacher(ctx.model, 0.0)  # the first step on: the teacher starts as the student

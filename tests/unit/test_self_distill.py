@@ -186,7 +186,12 @@ def test_off_before_start_then_teacher_copies_student_and_follows_by_ema():
     batch = random_batch(cfg)
     before = {k: v.clone() for k, v in term.teacher.state_dict().items()}
     off = term.loss(make_ctx(model, batch, 5))
-    assert float(off) == 0.0 and not off.requires_grad
+    assert float(off) == 0.0
+    off.backward()  # the heads get a gradient of exact zeros (the same for AdamW on 1 and N ranks), nothing else
+    got = grads(model)
+    assert sorted(got) == sorted(f"heads.self_distill.{n}" for n, _ in model.heads["self_distill"].named_parameters())
+    assert all(not g.any() for g in got.values())
+    model.zero_grad(set_to_none=True)
     term.after_step(model, 5)
     assert all(torch.equal(before[k], v) for k, v in term.teacher.state_dict().items())
     assert int(term.teacher.started) == 0
