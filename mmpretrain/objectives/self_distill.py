@@ -25,7 +25,9 @@ G and P (``model.heads["self_distill"]``: global_proj, patch_proj) are DINO's he
 normalization, a bias-free Linear to K (no weight normalization); the teacher has its own copies (G_t, P_t), EMAs
 of the student's like its tower. The center (one for SILC, one for TIPS) moves after each optimizer step:
 c <- center_momentum c + (1 - center_momentum) mean, the mean of the teacher's outputs over the global batch (all
-patches for TIPS), one all-reduce of 2K numbers.
+patches for TIPS), one all-reduce of 2K numbers. The centers start at the means of the first batch the term
+sees (DINO starts them at 0: then the first targets are the sharpest of the run, and on the tiny twin the loss
+climbed towards log K for 20 steps while the centers caught up, a transient that says nothing of the student).
 
 The views. The global view is the train crop (``ctx.images``). The local crops come from the loader
 (``data.train.local_crops``, ``batch["local_crops"]``: RandomResizedCrops of ``data.train.local_crop_scale``,
@@ -252,7 +254,8 @@ class SelfDistillTerm(Term):
             zeros = images_BCHW.new_zeros(1, self.embed_dim), images_BCHW.new_zeros(1, self.vision_width)
             return ctx.model(head=self.name, op="zero", x=zeros[0], x_patch=zeros[1])
         t, c = self.teacher, self.cfg
-        if not int(t.started):
+        starting = not int(t.started)
+        if starting:
             self._update_teacher(ctx.model, 0.0)  # the first step on: the teacher starts as the student
             t.started.fill_(1)
         world, rank = world_rank(ctx.group)
@@ -261,6 +264,12 @@ class SelfDistillTerm(Term):
             t_out = t.vision(images_BCHW.to(t.center_global.dtype), patch_drop=0.0)  # fp32 (fp64 in the tests)
             t_glob_bK = t.global_proj(t_out.embeds)
             t_patch_bPK = t.patch_proj(t_out.last_hidden_state)
+            # the centers' next values: the teacher's mean over the global batch (applied after the optimizer step)
+            sums = torch.cat([t_glob_bK.sum(0), t_patch_bPK.mean(1).sum(0)])  # the teacher's dtype: fp32
+            self.pending_centers = (all_reduce(sums, group=ctx.group) / (world * b)).chunk(2)  # collective
+            if starting:  # the centers start at the first batch's means (see the module docstring)
+                t.center_global.copy_(self.pending_centers[0])
+                t.center_patch.copy_(self.pending_centers[1])
         total = torch.zeros((), device=images_BCHW.device, dtype=torch.float32)
         if c.silc_weight:
             locals_bn = ctx.batch.get("local_crops")
@@ -282,8 +291,4 @@ class SelfDistillTerm(Term):
             s_patch_mK = ctx.model(head=self.name, op="patch", x=tokens_bPD[mask_bP])
             tips = distill_ce(s_patch_mK, t_patch_bPK[mask_bP], t.center_patch, c.student_temp, c.teacher_temp)
             total = total + c.tips_weight * tips
-        # the centers' next values: the teacher's mean over the global batch (applied after the optimizer step)
-        sums = torch.cat([t_glob_bK.sum(0), t_patch_bPK.mean(1).sum(0)])  # the teacher's dtype: fp32
-        sums = all_reduce(sums, group=ctx.group) / (world * b)  # collective
-        self.pending_centers = sums.chunk(2)
         return total

@@ -205,12 +205,20 @@ def test_off_before_start_then_teacher_copies_student_and_follows_by_ema():
             assert torch.equal(getattr(term.teacher, part).get_parameter(name), p), (part, name)
     assert int(term.teacher.started) == 1
 
+    def teacher_means(batch):  # the teacher's mean outputs over the batch (all patches for the patch head)
+        with torch.no_grad():
+            t_out = term.teacher.vision(ref_normalize(batch["image"]), patch_drop=0.0)
+            glob = torch.stack([ref_head(term.teacher.global_proj, e) for e in t_out.embeds]).mean(0)
+            tokens = t_out.last_hidden_state.flatten(0, 1)
+            return glob, torch.stack([ref_head(term.teacher.patch_proj, x) for x in tokens]).mean(0)
+
+    # the centers start at the first batch's means
+    mean_glob, mean_patch = teacher_means(batch)
+    torch.testing.assert_close(term.teacher.center_global, mean_glob, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(term.teacher.center_patch, mean_patch, rtol=1e-9, atol=1e-12)
+
     # the optimizer moves the student; after the step: t = m t + (1 - m) s, m = 0.9 at the first step
     with torch.no_grad():
-        t_out = term.teacher.vision(ref_normalize(batch["image"]), patch_drop=0.0)
-        mean_glob = torch.stack([ref_head(term.teacher.global_proj, e) for e in t_out.embeds]).mean(0)
-        tokens = t_out.last_hidden_state
-        mean_patch = torch.stack([ref_head(term.teacher.patch_proj, x) for x in tokens.flatten(0, 1)]).mean(0)
         old = {k: v.clone() for k, v in term.teacher.state_dict().items()}
         for p in model.parameters():
             p.add_(0.01)
@@ -220,8 +228,14 @@ def test_off_before_start_then_teacher_copies_student_and_follows_by_ema():
         for name, p in module.named_parameters():
             want = 0.9 * old[f"{part}.{name}"] + 0.1 * p.detach()
             torch.testing.assert_close(sd[f"{part}.{name}"], want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sd["center_global"], 0.2 * mean_glob, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(sd["center_patch"], 0.2 * mean_patch, rtol=1e-9, atol=1e-12)
+    # the next step's batch moves the centers: c = 0.8 c + 0.2 mean, after that step's update
+    other = random_batch(cfg, seed=9)
+    mean_glob2, mean_patch2 = teacher_means(other)
+    term.loss(make_ctx(model, other, 7))
+    torch.testing.assert_close(term.teacher.center_global, mean_glob, rtol=1e-9, atol=1e-12)  # not yet
+    term.after_step(model, 7)
+    torch.testing.assert_close(term.teacher.center_global, 0.8 * mean_glob + 0.2 * mean_glob2, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(term.teacher.center_patch, 0.8 * mean_patch + 0.2 * mean_patch2, rtol=1e-7, atol=1e-9)
     # momentum: m0 at the first step on, 1 at the last, half a cosine between
     assert ema_momentum(0.9, 6, 6, 10) == pytest.approx(0.9)
     assert ema_momentum(0.9, 8, 6, 10) == pytest.approx(0.95)
