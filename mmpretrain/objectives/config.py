@@ -230,7 +230,9 @@ class SelfDistillTermConfig(TermConfig):
     family: ClassVar[str | None] = "siglip"
 
     start_fraction: float = 0.8  # the term is off for the first start_fraction x train.steps steps (SigLIP 2: 0.8)
-    momentum: float = 0.996  # EMA momentum of the teacher at the first active step, cosine-raised to 1 at the end
+    momentum: float = 0.996  # EMA momentum of the teacher at the first active step
+    momentum_end: float = 0.996  # ... and at the last, along a half cosine; = momentum: fixed (SILC's choice: a
+    # momentum reaching 1 stops the teacher following the image-text loss late in training); 1.0: DINO's schedule
     prototypes: int = 1024  # K: outputs of the projection heads (DINO-style prototypes)
     head_width: int = 256  # hidden and bottleneck width of the projection heads
     student_temp: float = 0.1  # temperature of the student's softmax (DINO: 0.1)
@@ -244,7 +246,7 @@ class SelfDistillTermConfig(TermConfig):
         super().validate(prefix)
         if not 0.0 <= self.start_fraction < 1.0:
             raise ValueError(f"{prefix}.start_fraction must be in [0, 1) (got {self.start_fraction})")
-        for key in ("momentum", "center_momentum"):
+        for key in ("momentum", "momentum_end", "center_momentum"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"{prefix}.{key} must be in [0, 1] (got {getattr(self, key)})")
         for key in ("prototypes", "head_width"):

@@ -42,8 +42,10 @@ vision tower untouched (NaFlex reshapes it).
 
 The teacher. A copy of the vision tower and of both projections, in fp32, outside the DeepSpeed engine (never
 sharded, never in the optimizer), without gradients and in eval mode; copied from the student at the first step
-the term is on, then after each optimizer step (not after a skipped one) ``t <- m t + (1 - m) s`` with m raised
-from ``momentum`` to 1 along a half cosine over the remaining steps (DINO's schedule). Under ZeRO-3 the student's
+the term is on, then after each optimizer step (not after a skipped one) ``t <- m t + (1 - m) s`` with m going
+from ``momentum`` to ``momentum_end`` along a half cosine over the remaining steps: fixed by default (SILC: a
+momentum that reaches 1 stops the teacher following the image-text loss late in training), DINO's schedule with
+``momentum_end: 1``. Under ZeRO-3 the student's
 parameters are partitioned: they are gathered (mmpretrain.distributed.gathered_params, an all-gather of the tower
 per step, as a forward costs) and every rank holds the same whole teacher. We chose a whole fp32 copy over a
 teacher partitioned like the student: its forward needs whole weights anyway, an EMA in bf16 would lose updates of
@@ -147,10 +149,10 @@ def distill_ce(student_nK: torch.Tensor, teacher_nK: torch.Tensor, center_K: tor
     return -(p_nK * logq_nK).sum(-1).mean()
 
 
-def ema_momentum(m0: float, step: int, first: int, last: int) -> float:
-    """The teacher's momentum after optimizer step ``step``: m0 at ``first``, 1 at ``last``, half a cosine between."""
+def ema_momentum(m0: float, m1: float, step: int, first: int, last: int) -> float:
+    """The teacher's momentum after optimizer step ``step``: m0 at ``first``, m1 at ``last``, half a cosine between."""
     progress = (step - first) / max(1, last - first)
-    return 1.0 - (1.0 - m0) * (1.0 + math.cos(math.pi * min(1.0, progress))) / 2.0
+    return m1 - (m1 - m0) * (1.0 + math.cos(math.pi * min(1.0, progress))) / 2.0
 
 
 class Teacher(nn.Module):
@@ -229,7 +231,7 @@ class SelfDistillTerm(Term):
         """After optimizer step ``step``: the EMA of the student's new weights, then this step's centers."""
         if not self.active(step):
             return
-        m = ema_momentum(self.cfg.momentum, step, self.first, self.run_cfg.train.steps)
+        m = ema_momentum(self.cfg.momentum, self.cfg.momentum_end, step, self.first, self.run_cfg.train.steps)
         self._update_teacher(model, m)
         if self.pending_centers is not None:
             cm, t = self.cfg.center_momentum, self.teacher

@@ -179,8 +179,8 @@ def test_loss_and_gradients_match_naive_reference(weights):
 
 
 def test_off_before_start_then_teacher_copies_student_and_follows_by_ema():
-    cfg = tiny_cfg(["loss.terms.self_distill.start_fraction=0.5", "loss.terms.self_distill.momentum=0.9",
-                    "loss.terms.self_distill.center_momentum=0.8"])  # fmt: skip
+    term_cfg = {"start_fraction": 0.5, "momentum": 0.9, "momentum_end": 1.0, "center_momentum": 0.8}
+    cfg = tiny_cfg([f"loss.terms.self_distill.{k}={v}" for k, v in term_cfg.items()])
     model, _, term = tiny_setup(cfg)
     assert term.first == 6  # on for steps 6..10 of 10: the last half
     batch = random_batch(cfg)
@@ -236,10 +236,12 @@ def test_off_before_start_then_teacher_copies_student_and_follows_by_ema():
     term.after_step(model, 7)
     torch.testing.assert_close(term.teacher.center_global, 0.8 * mean_glob + 0.2 * mean_glob2, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(term.teacher.center_patch, 0.8 * mean_patch + 0.2 * mean_patch2, rtol=1e-7, atol=1e-9)
-    # momentum: m0 at the first step on, 1 at the last, half a cosine between
-    assert ema_momentum(0.9, 6, 6, 10) == pytest.approx(0.9)
-    assert ema_momentum(0.9, 8, 6, 10) == pytest.approx(0.95)
-    assert ema_momentum(0.9, 10, 6, 10) == pytest.approx(1.0)
+    # momentum: m0 at the first step on, m1 at the last, half a cosine between; fixed when m0 = m1
+    assert ema_momentum(0.9, 1.0, 6, 6, 10) == pytest.approx(0.9)
+    assert ema_momentum(0.9, 1.0, 8, 6, 10) == pytest.approx(0.95)
+    assert ema_momentum(0.9, 1.0, 9, 6, 10) == pytest.approx(1.0 - 0.1 * (1 + math.cos(math.pi * 0.75)) / 2)
+    assert ema_momentum(0.9, 1.0, 10, 6, 10) == pytest.approx(1.0)
+    assert ema_momentum(0.99, 0.99, 8, 6, 10) == pytest.approx(0.99)
     # the state round-trips (what a checkpoint holds)
     state = term.state_dict()
     _, _, fresh = tiny_setup(cfg)
@@ -296,6 +298,7 @@ def test_transform_adds_local_crops_after_the_train_crop(tmp_path):
     [
         (["loss.terms.self_distill.start_fraction=1.0"], "loss.terms.self_distill.start_fraction"),
         (["loss.terms.self_distill.momentum=1.5"], "loss.terms.self_distill.momentum"),
+        (["loss.terms.self_distill.momentum_end=-0.1"], "loss.terms.self_distill.momentum_end"),
         (["loss.terms.self_distill.prototypes=0"], "loss.terms.self_distill.prototypes"),
         (["loss.terms.self_distill.teacher_temp=0"], "loss.terms.self_distill.teacher_temp"),
         (["loss.terms.self_distill.mask_ratio=1.0"], "loss.terms.self_distill.mask_ratio"),
