@@ -195,9 +195,9 @@ class SelfDistillTerm(Term):
         return step >= self.first
 
     def build_head(self, model):
-        c, v = self.cfg, self.run_cfg.model.vision
-        embed_dim = resolve_model_config(self.run_cfg.model).embed_dim
-        return SelfDistillHeads(embed_dim, v.width, c.head_width, c.prototypes, v.patch_size)
+        c = self.cfg
+        patch_size = self.run_cfg.model.vision.patch_size
+        return SelfDistillHeads(self.embed_dim, self.vision_width, c.head_width, c.prototypes, patch_size)
 
     def setup(self, device) -> None:
         with torch.random.fork_rng(devices=[]):  # the run's random stream stays as without this term
@@ -225,7 +225,10 @@ class SelfDistillTerm(Term):
             with gathered_params(list(params.values())):  # collective under ZeRO-3
                 for name, t in getattr(self.teacher, part).named_parameters():
                     s = params[name].detach().to(device=t.device, dtype=t.dtype)
-                    t.mul_(momentum).add_(s, alpha=1.0 - momentum) if momentum else t.copy_(s)
+                    if momentum:
+                        t.mul_(momentum).add_(s, alpha=1.0 - momentum)
+                    else:
+                        t.copy_(s)
 
     def after_step(self, model, step: int) -> None:
         """After optimizer step ``step``: the EMA of the student's new weights, then this step's centers."""
