@@ -117,7 +117,8 @@ class SelfDistillHeads(nn.Module):
         if op == "patch":
             return self.patch_proj(x)
         if op == "zero":
-            return (self.global_proj(x).sum() + self.patch_proj(x_patch).sum() + self.mask_patch.sum()).float() * 0.0
+            total = self.global_proj(x).sum() + self.patch_proj(x_patch).sum() + self.mask_patch.sum()
+            return total.float() * 0.0 + 0.0  # + 0: logged as 0.0, not -0.0
         assert op == "mask", op
         return mask_images(x, mask_BP, self.mask_patch)
 
