@@ -321,3 +321,29 @@ def test_needs_a_siglip_model():
     with pytest.raises((ValueError, ConfigError), match="loss.terms.self_distill"):
         load_config(None, ["model.name=tiny", "data.synthetic.root=unused", "loss.terms.clip.weight=1.0",
                            "data.train.local_crops=1", "loss.terms.self_distill.weight=1.0"], world_size=1)  # fmt: skip
+
+
+def test_resume_names_a_missing_or_foreign_objective_state(tmp_path):
+    """A checkpoint of a run whose objective keeps state must hold objective_state.pt; its keys must be this run's."""
+    from mmpretrain.checkpoint import OBJECTIVE_STATE, resume
+
+    cfg = tiny_cfg()
+    _, objective, term = tiny_setup(cfg, torch.float32)
+    step_dir = tmp_path / "checkpoints" / "step_3"
+    step_dir.mkdir(parents=True)
+    (step_dir / "meta.json").write_text('{"step": 3}')
+
+    class Engine:  # stands in for DeepSpeed's: the weights load, nothing else matters here
+        def load_checkpoint(self, root, tag, **kw):
+            return os.path.join(root, tag), {}
+
+    with pytest.raises(ValueError, match=f"{OBJECTIVE_STATE} is missing.*self_distill"):
+        resume(Engine(), str(tmp_path), rank=0, tag="step_3", objective=objective)
+    state = objective.state_dict()
+    torch.save({**state, "other.x": torch.zeros(1)}, step_dir / OBJECTIVE_STATE)
+    with pytest.raises(ValueError, match="other"):
+        resume(Engine(), str(tmp_path), rank=0, tag="step_3", objective=objective)
+    state["self_distill.center_patch"] = torch.full_like(state["self_distill.center_patch"], 0.5)
+    torch.save(state, step_dir / OBJECTIVE_STATE)
+    assert resume(Engine(), str(tmp_path), rank=0, tag="step_3", objective=objective) == {"step": 3}
+    assert term.teacher.center_patch.eq(0.5).all()
