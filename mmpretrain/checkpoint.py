@@ -5,6 +5,7 @@ Layout of ``<output_dir>/checkpoints/``::
     step_<N>/                DeepSpeed engine state (ZeRO shards, optimizer, LR scheduler)
         meta.json            step, samples seen, resolved config, data position, wandb run id
         rng_rank<R>.pt       torch / CUDA / numpy / python RNG states of rank R
+        objective_state.pt   what objective terms keep beyond the weights (self_distill's EMA teacher), by rank 0
     latest                   text file naming the newest complete tag
 
 ``latest`` is replaced with an atomic rename only after every rank's files are written and
@@ -65,6 +66,7 @@ from mmpretrain.run_folder import (  # find_step_dir, latest_tag: callers (tests
 )
 
 UNIVERSAL_CHECKPOINT_INFO = "universal_checkpoint_info"  # deepspeed.checkpoint.UNIVERSAL_CHECKPOINT_INFO
+OBJECTIVE_STATE = "objective_state.pt"  # Objective.state_dict(): tensors only, loaded with weights_only=True
 UNIVERSAL_POLL_S = 1.0  # how often the other ranks look for rank 0's converted checkpoint
 
 
@@ -260,13 +262,16 @@ class BackgroundSaver:
 
 
 def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: int, before_commit=None,
-         saver: BackgroundSaver | None = None, world_size: int = 1) -> tuple[str, float]:  # fmt: skip
+         saver: BackgroundSaver | None = None, world_size: int = 1,
+         objective_state: dict | None = None) -> tuple[str, float]:  # fmt: skip
     """Save on every rank (a collective); returns (tag, seconds the caller was blocked). ``meta`` must be the same
     on all ranks. With ``saver`` the files are written in the background (see the module docstring).
 
     Order: DeepSpeed's files and the RNG states of every rank, each fsync'd, then meta.json, then ``latest``. A step
     folder without meta.json is incomplete and is never resumed from. ``before_commit(step)`` runs after this rank's
-    files are written, before its part is marked complete (fault injection in tests).
+    files are written, before its part is marked complete (fault injection in tests). ``objective_state``: the
+    objective's kept state (Objective.state_dict(), a snapshot the next step does not change; the same on every
+    rank), written by rank 0 when not empty.
     """
     t0 = time.perf_counter()
     if saver is not None:
@@ -293,6 +298,9 @@ def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: i
     finally:
         engine.checkpoint_engine = capture.inner
     rng = (os.path.join(tag_dir, f"rng_rank{rank}.pt"), rng_state())
+    own = [rng]
+    if objective_state and rank == 0:
+        own.append((os.path.join(tag_dir, OBJECTIVE_STATE), {k: v.cpu() for k, v in objective_state.items()}))
     record = json.dumps({"step": step, **meta}, indent=1)
 
     def write_and_commit(files):
@@ -314,10 +322,10 @@ def save(engine, output_dir: str, step: int, meta: dict, rank: int, keep_last: i
             _prune(output_dir, keep_last, keep=tag)
 
     if saver is None:
-        write_and_commit([rng])
+        write_and_commit(own)
         barrier()
         return tag, time.perf_counter() - t0
-    saver.start(lambda: [*capture.staged(), rng], write_and_commit)
+    saver.start(lambda: [*capture.staged(), *own], write_and_commit)
     stall = time.perf_counter() - t0
     saver.pending = [step, stall]
     return tag, stall
@@ -410,8 +418,9 @@ def wait_for_conversion(done: str, failed: str, poll_s: float = UNIVERSAL_POLL_S
             print(f"waiting for rank 0 to convert the checkpoint ({waited / 60:.0f} min so far; {done})", flush=True)
 
 
-def resume(engine, output_dir: str, rank: int, tag: str | None = None) -> dict | None:
-    """Load ``tag`` (default: ``latest``) into the engine and restore this rank's RNG; returns its meta or None."""
+def resume(engine, output_dir: str, rank: int, tag: str | None = None, objective=None) -> dict | None:
+    """Load ``tag`` (default: ``latest``) into the engine and restore this rank's RNG and, where its terms keep
+    state (an EMA teacher), ``objective``'s; returns its meta or None."""
     tag = tag or latest_tag(output_dir)
     if tag is None:
         return None
@@ -423,6 +432,17 @@ def resume(engine, output_dir: str, rank: int, tag: str | None = None) -> dict |
     rng_path = os.path.join(root, tag, f"rng_rank{rank}.pt")
     if os.path.isfile(rng_path):  # absent when resuming on a larger world size
         set_rng_state(load_rng_state(rng_path))
+    if objective is not None and objective.state_dict():
+        # a universal checkpoint (step_N_universal) is converted from step_N, which keeps this file
+        path = os.path.join(root, tag.removesuffix("_universal"), OBJECTIVE_STATE)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is missing: the run's objective ({', '.join(objective.names)}) keeps state "
+                             "(an EMA teacher) that this checkpoint must hold")  # fmt: skip
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exn:  # a damaged file: say which
+            raise ValueError(f"{path}: not a readable objective state ({type(exn).__name__}: {exn})") from None
+        objective.load_state_dict(state)
     return meta
 
 

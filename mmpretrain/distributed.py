@@ -6,6 +6,7 @@
                  all_to_all, fetch_rows (chosen rows, with gradient), gather_rows (variable counts, by index)
     Python data  all_reduce_number, all_gather_object
     evaluation   lockstep
+    ZeRO-3       gathered_params (whole values of partitioned parameters, read-only)
 
 Launch. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; under ``srun`` without
 torchrun, SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID are used instead. A plain
@@ -40,6 +41,7 @@ import os
 import socket
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -352,3 +354,18 @@ def lockstep(items: Iterable, group=None, device=None) -> Iterator:
     while all_reduce_number(int(item is not None), "max", group, device):  # collective: does any rank go on?
         yield item
         item = next(it, None) if item is not None else None
+
+
+@contextmanager
+def gathered_params(params: Iterable[torch.Tensor]):
+    """Inside the block, parameters partitioned by ZeRO-3 hold their whole values (an all-gather of each, on every
+    rank; changes made inside are dropped: read only). Parameters that are not partitioned (ZeRO 0-2, a plain
+    module) are left alone and nothing is communicated. Every rank of the group must enter it (a collective)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed  # only a ZeRO-3 run gets here, and it has imported deepspeed already (engine.py)
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):  # collective: all-gathers
+        yield

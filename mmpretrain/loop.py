@@ -230,7 +230,7 @@ def build_or_resume(cfg: Config, dist_info):
                           total_steps=cfg.train.steps, load_universal=universal)  # fmt: skip
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank stream for dropout / patch dropout
     objective.setup(dist_info.device)  # e.g. load a distillation teacher
-    meta = checkpoint.resume(engine, cfg.output_dir, rank, tag=tag)
+    meta = checkpoint.resume(engine, cfg.output_dir, rank, tag=tag, objective=objective)
     state = TrainState.from_meta(meta) if meta else TrainState(run_id=new_run_id(), world_size=world)
     return engine, objective, state, meta is not None
 
@@ -338,7 +338,7 @@ def train(cfg: Config, stop_after_steps: int = 0, saver: checkpoint.BackgroundSa
         state.data_position = gather_data_position(data_state)  # collective
         tag, stall_s = checkpoint.save(engine, cfg.output_dir, state.step, state.state_dict(cfg_dict), rank,
                                        cfg.checkpoint.keep_last, before_commit=injector.during_save, saver=saver,
-                                       world_size=world)  # fmt: skip
+                                       world_size=world, objective_state=objective.state_dict())  # fmt: skip
         if saver is None:
             log.log(state.step, {"checkpoint/stall_s": stall_s})  # how long the training waited for this save
         else:

@@ -110,6 +110,7 @@ class TrainStep:
         if self.before_update is not None:
             self.before_update()
         self.engine.step()
+        self.objective.after_step(self.engine, step)  # e.g. self_distill's EMA teacher follows the new weights
         if grad_norm is None:
             dnorm = self.engine.get_global_grad_norm()  # DeepSpeed's, computed in its step
             grad_norm = None if dnorm is None else float(dnorm)

@@ -101,6 +101,11 @@ class TrainDataConfig:
     """Tar member extension of the caption (UTF-8 text)."""
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     """RandomResizedCrop area range (min, max) as fractions of the image area."""
+    local_crops: int = 0
+    """Extra small crops of every train image, as ``batch["local_crops"]`` (b, n, 3, S, S) uint8 at the model's
+    size (self-distillation's student views, loss.terms.self_distill); 0 = none."""
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    """RandomResizedCrop area range (min, max) of the local crops (DINO's local views: 0.05 to 0.4)."""
 
     def validate(self, prefix: str) -> None:
         if self.urls is not None and self.sources is not None:
@@ -128,6 +133,11 @@ class TrainDataConfig:
             raise ValueError(f"{prefix}.image_key/text_key: must not be empty")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"{prefix}.crop_scale: need [min, max] with 0 < min <= max <= 1 (got {self.crop_scale})")
+        if self.local_crops < 0:
+            raise ValueError(f"{prefix}.local_crops must be >= 0 (got {self.local_crops})")
+        lo_hi = self.local_crop_scale
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            raise ValueError(f"{prefix}.local_crop_scale: need [min, max] with 0 < min <= max <= 1 (got {lo_hi})")
 
     def _validate_sources(self, prefix: str) -> None:
         if not self.sources:

@@ -101,7 +101,7 @@ from .config import DataConfig, NaflexConfig, TrainDataConfig, expand_shard_spec
 from .naflex import NaflexTrainTransform, pack_batch, stack_images
 from .shards import OVERSIZED, natural_key, read_tar_samples
 from .tokenizer import Tokenizer
-from .transforms import EvalTransform, ImageTooLargeError, TrainTransform
+from .transforms import EvalTransform, ImageTooLargeError, TrainTransform, split_views
 
 log = logging.getLogger(__name__)
 
@@ -507,8 +507,9 @@ class TrainStream(IterableDataset):
         self.source_names = [name for s in self.streams for name in s.names]
         self.tokenizer = tokenizer
         self.transform = TrainTransform(
-            image_size, scale=tuple(cfg.crop_scale), fast=decode == "fast", max_pixels=max_image_pixels
-        )
+            image_size, scale=tuple(cfg.crop_scale), fast=decode == "fast", max_pixels=max_image_pixels,
+            local_crops=cfg.local_crops, local_scale=tuple(cfg.local_crop_scale),
+        )  # fmt: skip
         self.naflex = naflex  # data.naflex when enabled: patches to a budget, packed by TrainLoader (naflex.py)
         if naflex is not None:
             self.transform = NaflexTrainTransform(patch_size, naflex.max_patches, max_pixels=max_image_pixels)
@@ -520,14 +521,18 @@ class TrainStream(IterableDataset):
         if batch:
             images, texts, keys, labels = zip(*batch)
             image, text = stack_images(list(images)), self.tokenizer(list(texts))
+            image["image"], local_crops = split_views(image["image"])  # self-distillation's local crops, if made
         else:  # the end of a finite stream
             if self.naflex is not None:
                 raise ValueError("data.naflex: finite passes (num_epochs) are not built for NaFlex batches")
-            size, keys, labels = self.transform.image_size, (), ()
+            size, keys, labels, local_crops = self.transform.image_size, (), (), None
             image = {"image": torch.empty(0, 3, size, size)}
             text = torch.empty(0, self.tokenizer.context_length, dtype=torch.long)
-        return {**image, "text": text, "label": torch.tensor(labels, dtype=torch.long), "keys": list(keys),
-                "num_skipped": sum(stats["skipped"].values()), "data_stats": stats}  # fmt: skip
+        out = {**image, "text": text, "label": torch.tensor(labels, dtype=torch.long), "keys": list(keys),
+               "num_skipped": sum(stats["skipped"].values()), "data_stats": stats}  # fmt: skip
+        if local_crops is not None:
+            out["local_crops"] = local_crops
+        return out
 
     def pipeline(self, worker: int, num_workers: int) -> wds.DataPipeline:
         """The pipeline of worker ``worker`` of ``num_workers`` (>= 1) on this rank."""

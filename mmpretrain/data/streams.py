@@ -65,7 +65,7 @@ from .pipeline import (
 )
 from .shards import read_tar_samples
 from .tokenizer import Tokenizer
-from .transforms import ImageTooLargeError, TrainTransform
+from .transforms import ImageTooLargeError, TrainTransform, split_views
 
 # a stream whose shards gave no usable sample this many epochs in a row stops the run (DataFaultError): it could
 # never fill its share of a batch. One empty epoch is not enough: each epoch deals the stream other shards
@@ -290,7 +290,8 @@ class StreamSet(IterableDataset):
         self.sources, self.weights = _train_sources(cfg, seed)
         self.source_names = [name for s in self.sources for name in s.names]
         self.transform = TrainTransform(image_size, scale=tuple(cfg.crop_scale), fast=decode == "fast",
-                                        max_pixels=max_image_pixels)  # fmt: skip
+                                        max_pixels=max_image_pixels, local_crops=cfg.local_crops,
+                                        local_scale=tuple(cfg.local_crop_scale))  # fmt: skip
         self.naflex = naflex  # data.naflex when enabled: patches to a budget, packed by StreamLoader (naflex.py)
         if naflex is not None:
             self.transform = NaflexTrainTransform(patch_size, naflex.max_patches, max_pixels=max_image_pixels)
@@ -335,9 +336,14 @@ class StreamSet(IterableDataset):
         while True:
             items = [self._decoded(stream, counter) for stream in streams for _ in range(self.per_stream)]
             images, texts, keys, labels = zip(*items)
-            yield {**stack_images(list(images)), "text": self.tokenizer(list(texts)),
-                   "label": torch.tensor(labels, dtype=torch.long), "keys": list(keys), "data_stats": counter.take(),
-                   "data_state": Opaque({str(s.index): s.state() for s in streams})}  # fmt: skip
+            image = stack_images(list(images))
+            image["image"], local_crops = split_views(image["image"])  # local crops: self-distillation's student views
+            piece = {**image, "text": self.tokenizer(list(texts)),
+                     "label": torch.tensor(labels, dtype=torch.long), "keys": list(keys), "data_stats": counter.take(),
+                     "data_state": Opaque({str(s.index): s.state() for s in streams})}  # fmt: skip
+            if local_crops is not None:
+                piece["local_crops"] = local_crops
+            yield piece
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -362,7 +368,7 @@ def join_pieces(pieces: list[dict], num_streams: int, pin: bool) -> dict[str, An
         batch = dict(pieces[0])
     else:
         batch = {"keys": [k for p in pieces for k in p["keys"]]}
-        for name in ("image", "text", "label", "grid")[: 4 if "grid" in pieces[0] else 3]:
+        for name in ("image", "text", "label", *(n for n in ("grid", "local_crops") if n in pieces[0])):
             parts = [p[name] for p in pieces]
             shape = (sum(len(t) for t in parts), *parts[0].shape[1:])
             out = torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin)  # one copy, into pinned memory on CUDA

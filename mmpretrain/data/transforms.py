@@ -24,6 +24,11 @@ never on how many samples a worker decoded before. That is what lets a resumed l
 without decoding them and still produce the same crops as an uninterrupted run. Both paths draw
 (i, j, h, w) as torchvision's RandomResizedCrop.get_params does after ``torch.manual_seed(seed)``, on
 the original image size, so fast and plain crop the same region.
+
+Local crops (``local_crops=n``, self-distillation's student views): ``from_bytes`` then returns (1 + n, 3, S, S),
+the train crop first and n RandomResizedCrops of ``local_scale`` after it, each at the model's size S and seeded
+by (seed, its index), so they too depend on the sample's seed alone; the image is decoded once, at the reduced
+scale the smallest box allows. The loaders' collates split the two (``split_views``).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ __all__ = [
     "ImageTooLargeError",
     "TrainTransform",
     "normalize_images",
+    "split_views",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -70,11 +76,24 @@ class TrainTransform:
         *,
         fast: bool = True,
         max_pixels: int | None = None,
+        local_crops: int = 0,
+        local_scale: tuple[float, float] = (0.05, 0.4),
     ):
         self.image_size, self.fast, self.max_pixels = image_size, fast, max_pixels
         self.scale = tuple(scale)
+        self.local_crops, self.local_scale = local_crops, tuple(local_scale)
 
-    def crop_params(self, height: int, width: int, seed: int) -> tuple[int, int, int, int]:
+    def boxes(self, height: int, width: int, seed: int) -> list[tuple[int, int, int, int]]:
+        """The train crop's box, then each local crop's (seeded by (seed, k)); one box without local crops."""
+        boxes = [self.crop_params(height, width, seed)]
+        for k in range(self.local_crops):
+            local_seed = (seed * 1_000_003 + k + 1) % (2**63 - 1)
+            boxes.append(self.crop_params(height, width, local_seed, self.local_scale))
+        return boxes
+
+    def crop_params(
+        self, height: int, width: int, seed: int, scale: tuple[float, float] | None = None
+    ) -> tuple[int, int, int, int]:
         """Crop box (top, left, h, w) in original pixels for this seed; the global torch RNG is untouched.
 
         torchvision's RandomResizedCrop.get_params algorithm, drawn from a private generator seeded with
@@ -83,8 +102,9 @@ class TrainTransform:
         """
         g = torch.Generator().manual_seed(seed)
         area = height * width
+        lo, hi = self.scale if scale is None else scale
         for _ in range(10):
-            target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1], generator=g).item()
+            target_area = area * torch.empty(1).uniform_(lo, hi, generator=g).item()
             aspect = torch.empty(1).uniform_(_LOG_RATIO[0], _LOG_RATIO[1], generator=g).exp_().item()  # float32
             w, h = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
             if 0 < w <= width and 0 < h <= height:
@@ -102,13 +122,16 @@ class TrainTransform:
 
     def __call__(self, img: Image.Image, seed: int) -> torch.Tensor:
         """Transform a decoded image (no reduced-scale decoding here: that needs the encoded bytes)."""
-        i, j, h, w = self.crop_params(img.height, img.width, seed)
-        size = self.image_size
-        if self.fast:
-            return resize_region(pil_to_uint8(img), i, j, h, w, (size, size))
-        img = img if img.mode == "RGB" else img.convert("RGB")
-        img = TF.resized_crop(img, i, j, h, w, [size, size], InterpolationMode.BICUBIC, antialias=True)
-        return _to_uint8_tensor(img)
+        size, views = self.image_size, []
+        pixels = pil_to_uint8(img) if self.fast else None
+        img = img if self.fast or img.mode == "RGB" else img.convert("RGB")
+        for i, j, h, w in self.boxes(img.height, img.width, seed):
+            if self.fast:
+                views.append(resize_region(pixels, i, j, h, w, (size, size)))
+            else:
+                crop = TF.resized_crop(img, i, j, h, w, [size, size], InterpolationMode.BICUBIC, antialias=True)
+                views.append(_to_uint8_tensor(crop))
+        return views[0] if not self.local_crops else torch.stack(views)
 
     def from_bytes(self, data: bytes, seed: int) -> torch.Tensor:
         """Decode encoded image bytes and transform them: the entry point the train loader calls."""
@@ -116,9 +139,19 @@ class TrainTransform:
             with open_image(data, self.max_pixels) as img:
                 return self(img, seed)
         enc = EncodedImage(data, self.max_pixels)  # header only; raises ImageTooLargeError
-        i, j, h, w = self.crop_params(enc.height, enc.width, seed)
-        pixels, sy, sx = enc.decode(reduction_for(min(h, w), self.image_size))
-        return resize_region(pixels, i * sy, j * sx, h * sy, w * sx, (self.image_size, self.image_size))
+        boxes = self.boxes(enc.height, enc.width, seed)
+        pixels, sy, sx = enc.decode(reduction_for(min(min(h, w) for _, _, h, w in boxes), self.image_size))
+        size = (self.image_size, self.image_size)
+        views = [resize_region(pixels, i * sy, j * sx, h * sy, w * sx, size) for i, j, h, w in boxes]
+        return views[0] if not self.local_crops else torch.stack(views)
+
+
+def split_views(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A collated batch of TrainTransform outputs -> (train crops (b, 3, S, S), local crops (b, n, 3, S, S) or
+    None): with local crops each sample is (1 + n, 3, S, S), the train crop first."""
+    if images.dim() == 5:
+        return images[:, 0], images[:, 1:]
+    return images, None
 
 
 class EvalTransform:

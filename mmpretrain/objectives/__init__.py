@@ -13,7 +13,7 @@ contrastive term ``loss.name`` (clip | siglip). The trainer sums ``weight * term
     config.py        LossConfig, every term's config (TERM_CONFIGS) and the checks across sections; no project imports
     base.py          Term, StepContext, the registry
     objective.py     Objective: the run's terms, built once and summed per step; imports every term module
-    contrastive.py, unicl.py, itm.py, mim.py, distill.py    one module per term
+    contrastive.py, unicl.py, itm.py, mim.py, distill.py, caption.py, self_distill.py    one module per term
 
 This ``__init__`` loads only the configs, so that ``mmpretrain.config`` composes ``loss`` without importing a term
 (their code imports the model, the loss kernels and, for a teacher, mmpretrain.convert, which imports the config:

@@ -78,6 +78,17 @@ class Term:
         """0-dim float32 tensor (see the gradient contract)."""
         raise NotImplementedError
 
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """After optimizer step ``step`` (not after a skipped step): update what the term keeps (an EMA teacher).
+        ``model``: the engine (or module). Every rank calls it (it may run collectives)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What the term keeps beyond the model's weights (an EMA teacher), saved in each checkpoint; {} if none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore ``state_dict()``'s tensors on resume (after ``setup``)."""
+
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """A CPU generator seeded by (train.seed, step, stream), the same on every rank: a term draws what concerns

@@ -223,6 +223,64 @@ class CaptionTermConfig(TermConfig):
             raise ValueError(f"{prefix}.heads must divide the decoder width (got {heads} and {width})")
 
 
+@dataclass
+class SelfDistillTermConfig(TermConfig):
+    """SigLIP 2's self-distillation (SILC) and masked prediction (TIPS) against an EMA teacher (self_distill.py)."""
+
+    family: ClassVar[str | None] = "siglip"
+
+    start_fraction: float = 0.8  # the term is off for the first start_fraction x train.steps steps (SigLIP 2: 0.8)
+    momentum: float = 0.996  # EMA momentum of the teacher at the first active step
+    momentum_end: float = 0.996  # ... and at the last, along a half cosine; = momentum: fixed (SILC's choice: a
+    # momentum reaching 1 stops the teacher following the image-text loss late in training); 1.0: DINO's schedule
+    prototypes: int = 1024  # K: outputs of the projection heads (DINO-style prototypes)
+    head_width: int = 256  # hidden and bottleneck width of the projection heads
+    student_temp: float = 0.1  # temperature of the student's softmax (DINO: 0.1)
+    teacher_temp: float = 0.04  # temperature of the teacher's softmax (DINO: 0.04)
+    center_momentum: float = 0.9  # EMA momentum of the teacher's centers (global-batch mean of its outputs)
+    silc_weight: float = 1.0  # weight of the local-to-global consistency inside this term
+    tips_weight: float = 1.0  # weight of the masked prediction inside this term
+    mask_ratio: float = 0.5  # fraction of patches the student sees as the mask token (the same count per image)
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if not 0.0 <= self.start_fraction < 1.0:
+            raise ValueError(f"{prefix}.start_fraction must be in [0, 1) (got {self.start_fraction})")
+        for key in ("momentum", "momentum_end", "center_momentum"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{prefix}.{key} must be in [0, 1] (got {getattr(self, key)})")
+        for key in ("prototypes", "head_width"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{prefix}.{key} must be >= 1 (got {getattr(self, key)})")
+        for key in ("student_temp", "teacher_temp"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                raise ValueError(f"{prefix}.{key} must be a positive number (got {getattr(self, key)})")
+        for key in ("silc_weight", "tips_weight"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+                raise ValueError(f"{prefix}.{key} must be a finite number >= 0 (got {getattr(self, key)})")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"{prefix}.mask_ratio must be in (0, 1) (got {self.mask_ratio})")
+
+    def check_run(self, run_cfg: Any, prefix: str) -> None:
+        if self.silc_weight and run_cfg.data.train.local_crops < 1:
+            raise ValueError(
+                f"{prefix}.silc_weight > 0 needs local crops from the loader: set data.train.local_crops >= 1 "
+                f"(got {run_cfg.data.train.local_crops})"
+            )
+        if run_cfg.model.lock_image:
+            raise ValueError(f"{prefix}: self-distillation trains the image tower; model.lock_image must be false")
+        v = run_cfg.model.vision
+        num_patches = (v.image_size // v.patch_size) ** 2
+        if self.tips_weight and num_kept(num_patches, self.mask_ratio) >= num_patches:
+            raise ValueError(
+                f"{prefix}.mask_ratio={self.mask_ratio} masks no patch of the {num_patches} (model.vision)"
+            )
+
+    def first_step(self, total_steps: int) -> int:
+        """The first (1-based) optimizer step the term is on: after start_fraction x total_steps steps."""
+        return int(self.start_fraction * total_steps) + 1
+
+
 # ----------------------------------------------------------------------------- loss.terms and loss
 
 # Term name (its key under loss.terms) -> its config class. Alphabetical: the order terms are summed and logged.
@@ -232,6 +290,7 @@ TERM_CONFIGS: dict[str, type[TermConfig]] = {
     "distill": DistillTermConfig,
     "itm": ITMTermConfig,
     "mim": MimTermConfig,
+    "self_distill": SelfDistillTermConfig,
     "siglip": SiglipTermConfig,
     "unicl": UniclTermConfig,
 }

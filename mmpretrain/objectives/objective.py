@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from mmpretrain.objectives import caption, contrastive, distill, itm, mim, unicl  # noqa: F401  (each registers its terms)
+from mmpretrain.objectives import (  # noqa: F401  (each registers its terms)
+    caption,
+    contrastive,
+    distill,
+    itm,
+    mim,
+    self_distill,
+    unicl,
+)
 from mmpretrain.objectives.base import REGISTRY, StepContext
 
 __all__ = ["REGISTRY", "Objective"]
@@ -47,6 +55,26 @@ class Objective:
     def setup(self, device) -> None:
         for t in self.terms:
             t.setup(device)
+
+    def after_step(self, model, step: int) -> None:
+        """After each optimizer step that was taken (mmpretrain.step): the terms' own updates (an EMA teacher)."""
+        for t in self.terms:
+            t.after_step(model, step)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every term's kept state, keyed ``<term>.<name>`` ({} when no term keeps any): a checkpoint's part."""
+        return {f"{t.name}.{k}": v for t in self.terms for k, v in t.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Hand each term its part of ``state_dict()``'s keys; a key of no term of this run is an error."""
+        names = set(self.names)
+        unknown = sorted({k.split(".", 1)[0] for k in state} - names)
+        if unknown:
+            raise ValueError(f"objective state of terms this run does not have: {unknown} (terms: {sorted(names)})")
+        for t in self.terms:
+            own = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == t.name}
+            if own or t.state_dict():
+                t.load_state_dict(own)
 
     def __call__(self, ctx: StepContext) -> tuple[torch.Tensor, dict]:
         """-> (sum of weight x term, {name: unweighted term value (0-dim tensor, graph kept)})."""
