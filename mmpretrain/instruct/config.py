@@ -36,6 +36,7 @@ class LMArgs:
     heads: int = 4
     kv_heads: int = 2
     max_positions: int = 128  # fresh LM's positions; also the longest conversation kept (longer: skipped, counted)
+    gradient_checkpointing: bool = False  # recompute the LM's layer activations in backward (transformers' own)
 
 
 @dataclass

@@ -175,3 +175,31 @@ def export_llava(
             with open(os.path.join(tmp, TEMPLATE_FILE), "w") as f:
                 json.dump(dataclasses.asdict(template), f, indent=1)
     return out_dir
+
+
+@torch.no_grad()
+def hf_parity(model: VisionLanguageModel, folder: str, items: list[tuple], eos_id: int, max_new_tokens: int) -> dict:
+    """Our model against its export in `folder`, loaded by transformers' `LlavaForConditionalGeneration`, on
+    `items` [(input_ids, labels, images uint8 (N, 3, S, S), ...)]: the largest |logit difference| over every
+    position of every item (fp32), and how many greedy answers (our `generate`; transformers' `generate`, KV cache
+    and all) are the same tokens. {"items", "max_abs_logit_diff", "same_answers"}."""
+    from transformers import LlavaForConditionalGeneration
+
+    from mmpretrain.data.transforms import normalize_images
+    from mmpretrain.instruct.template import IGNORE_INDEX
+
+    hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    worst, same = 0.0, 0
+    for ids, labels, images, *_ in items:
+        pixels = normalize_images(images)
+        full = torch.tensor([ids])
+        ours = model(full, pixels).logits
+        theirs = hf(input_ids=full, pixel_values=pixels).logits
+        worst = max(worst, float((ours.float() - theirs.float()).abs().max()))
+        start = next(i for i, y in enumerate(labels) if y != IGNORE_INDEX)  # the first answer's first token
+        prompt = full[:, :start]
+        mine = model.generate(prompt, pixels, max_new_tokens=max_new_tokens, eos_id=eos_id)
+        out = hf.generate(input_ids=prompt, pixel_values=pixels, max_new_tokens=max_new_tokens, do_sample=False,
+                          eos_token_id=eos_id, pad_token_id=eos_id)  # fmt: skip
+        same += mine == out[0, start:].tolist()
+    return {"items": len(items), "max_abs_logit_diff": worst, "same_answers": same}

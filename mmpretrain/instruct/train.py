@@ -49,7 +49,7 @@ from mmpretrain.engine import CpuThreadTuner, build_engine, input_dtype, owns_cl
 from mmpretrain.faults import EXIT_STOPPED, StopRequest, discard_gradients
 from mmpretrain.instruct.config import InstructConfig
 from mmpretrain.instruct.data import collate, read_conversation_shards, read_llava_json
-from mmpretrain.instruct.export import export_llava
+from mmpretrain.instruct.export import export_llava, hf_parity
 from mmpretrain.instruct.lora import add_lora, has_lora, merge_lora
 from mmpretrain.instruct.model import VisionLanguageModel, build_language_model
 from mmpretrain.instruct.template import (
@@ -149,6 +149,8 @@ def build(cfg: InstructConfig, tokenizer) -> VisionLanguageModel:
             num_hidden_layers=cfg.lm.layers, num_attention_heads=cfg.lm.heads, num_key_value_heads=cfg.lm.kv_heads,
             max_position_embeddings=cfg.lm.max_positions, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))  # fmt: skip
+    if cfg.lm.gradient_checkpointing:  # long conversations at scale: activations of one layer at a time
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     return VisionLanguageModel(vision_cfg, two_tower.vision_model, lm, image_token_id, cfg.vision.feature_layer,
                                cfg.vision.select_strategy)  # fmt: skip
@@ -347,8 +349,14 @@ def finish(cfg: InstructConfig, tokenizer, template, encoder, weights: dict, ski
             result[f"eval_{phrasing}_phrasings"] = evaluate(model, eval_data, tokenizer.eos_token_id,
                                                             cfg.eval_max_new_tokens)  # fmt: skip
     result["eval_s"] = round(time.time() - t0, 1)
+    folder = os.path.join(cfg.output_dir, "llava")
+    export_llava(model, folder, tokenizer=tokenizer, template=template, force=True)
+    if d.num_eval_images > 0:  # the export, loaded by transformers, against our model on held-out images
+        held_out = encode_all(
+            encoder, make_vqa("eval", min(d.num_eval_images, 50), size, d.seed, "held_out"), Counter()
+        )
+        result["hf_parity"] = hf_parity(model, folder, held_out, tokenizer.eos_token_id, cfg.eval_max_new_tokens)
     write_atomic(os.path.join(cfg.output_dir, "eval.json"), json.dumps(result, indent=1))  # the old one or this
-    export_llava(model, os.path.join(cfg.output_dir, "llava"), tokenizer=tokenizer, template=template, force=True)
     return result
 
 

@@ -1,8 +1,12 @@
 """A visual question set from the synthetic shapes (mmpretrain.data.synthetic): the tiny twin's data.
 
-Five question types, each with five phrasings; the last phrasing of each type is held out of training. A held-out
+Five question types, each with eight phrasings; the last phrasing of each type is held out of training. A held-out
 phrasing is a new wording made of words the training phrasings use (the twin's LM starts from scratch: a word it
-never saw in training has an untrained embedding, which would test nothing but that):
+never saw in training has an untrained embedding, which would test nothing but that). The training phrasings share
+their filler words and sentence forms across types ("... in the image ?", "tell me ...", "the shape is what ...
+?"), so that only a type's own words (color, kind / shape, background / behind, size / big, where / side) tell
+the types apart: with five phrasings whose fillers were type-specific (only shape questions said "in the image"),
+the LM learned the fillers and answered the held-out "where in the image is the shape ?" at 0.26:
 
     type        answers
     color       the shape's color (8)
@@ -34,16 +38,25 @@ from mmpretrain.instruct.template import IMAGE_PLACEHOLDER, ChatTemplate
 
 PHRASINGS = {
     "color": ["what color is the shape ?", "what is the color of the shape ?", "which color does the shape have ?",
-              "name the color of the shape .", "the shape is what color ?"],
+              "name the color of the shape .", "what color is the shape in the image ?",
+              "tell me the color of the shape .", "the color of the shape is what ?",
+              "the shape is what color ?"],
     "shape": ["what shape is it ?", "which shape is drawn ?", "what kind of shape is in the image ?",
-              "name the shape .", "what shape is drawn in the image ?"],
+              "name the shape .", "tell me the kind of shape .", "the shape is what kind ?", "what shape is drawn ?",
+              "what shape is drawn in the image ?"],
     "background": ["what color is the background ?", "what is the background color ?",
                    "which color is behind the shape ?", "name the background color .",
+                   "what color is the background in the image ?", "tell me the color of the background .",
+                   "the background is what color ?",
                    "what is the color of the background ?"],
     "size": ["how big is the shape ?", "what size is the shape ?", "is the shape small , medium or large ?",
-             "describe the size of the shape .", "what is the size of the shape ?"],
+             "describe the size of the shape .", "how big is the shape in the image ?",
+             "tell me the size of the shape .", "the shape is what size ?",
+             "what is the size of the shape ?"],
     "position": ["where is the shape ?", "is the shape left , middle or right ?", "where is the shape placed ?",
-                 "which side is the shape on ?", "where in the image is the shape ?"],
+                 "which side is the shape on ?", "where is the shape in the image ?", "tell me where the shape is .",
+                 "the shape is where ?",
+                 "where in the image is the shape ?"],
 }  # fmt: skip
 QUESTION_TYPES = tuple(PHRASINGS)
 CAPTION_PROMPT = "describe the image ."

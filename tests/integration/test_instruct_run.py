@@ -43,6 +43,9 @@ def test_instruct_command_two_stages(tmp_path):
         assert ev["count"] == {"color": 2, "shape": 2, "background": 2, "size": 2, "position": 2}
         assert all(0 <= a <= 1 for a in ev["accuracy"].values())
     assert result["skipped"] == {}
+    # the export, loaded by transformers, against our model on held-out images: logits and greedy answers
+    parity = result["hf_parity"]
+    assert parity["items"] == 10 and parity["max_abs_logit_diff"] <= 1e-4 and parity["same_answers"] == 10, parity
 
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 

@@ -63,3 +63,30 @@ def test_token_loss_sum_matches_float64_reference():
                 n += 1
     assert count == n == 2 + 5 + 0  # row 0: labels 4 and 5; row 1: labels 1-5; row 2: none
     assert total.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_lm_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    """lm.gradient_checkpointing (the real-scale configs turn it on): transformers recomputes each LM layer in
+    backward; the loss and every gradient equal the plain model's."""
+    from mmpretrain.instruct.template import ChatTemplate
+    from mmpretrain.instruct.train import build, load_tokenizer
+
+    grads, losses = [], []
+    for ckpt in (False, True):
+        cfg = load_instruct_config(None, [f"lm.gradient_checkpointing={ckpt}", "lm.layers=3"])
+        tok = load_tokenizer(cfg, ChatTemplate(system=""))
+        model = build(cfg, tok).train()
+        assert model.language_model.is_gradient_checkpointing == ckpt
+        g = torch.Generator().manual_seed(0)
+        n = model.num_image_tokens
+        ids = torch.cat([torch.full((2, n), model.image_token_id), torch.randint(5, len(tok), (2, 12), generator=g)], 1)
+        labels = ids.clone()
+        labels[:, : n + 4] = IGNORE_INDEX
+        out = model(ids, torch.randn(2, 3, 32, 32, generator=g), labels=labels)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
