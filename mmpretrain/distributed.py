@@ -365,7 +365,7 @@ def gathered_params(params: Iterable[torch.Tensor]):
     if not partitioned:
         yield
         return
-    import deepspeed  # only a ZeRO-3 run gets here, and it has imported deepspeed already (engine.py)
+    deepspeed = sys.modules["deepspeed"]  # only a ZeRO-3 run gets here, and engine.py has imported deepspeed
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):  # collective: all-gathers
         yield

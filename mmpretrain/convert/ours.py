@@ -132,6 +132,21 @@ def _run_state_dict(step_dir: str, stage: int, trust_pickles: bool) -> dict[str,
         raise ValueError(f"{step_dir}: DeepSpeed could not consolidate it ({type(e).__name__}: {e})") from None
 
 
+def step_weights(
+    step_dir: str, zero_stage: int, dtype: torch.dtype = torch.float32, trust_pickles: bool = False
+) -> dict[str, torch.Tensor]:
+    """Every weight of a checkpoint folder (any ZeRO stage, any world size) in dtype, whole, on CPU, unchecked: the
+    reader under read_run, and what other trainers' checkpoints (mmpretrain.instruct's) load from."""
+    sd = _run_state_dict(step_dir, zero_stage, trust_pickles)
+    out = {}
+    for k in list(sd):
+        v = sd.pop(k)  # drop our reference as we go: a lazy tensor is materialized once, then cast
+        if not isinstance(v, torch.Tensor):  # DeepSpeed's lazy tensor: contiguous() assembles it from the shards
+            v = v.contiguous()
+        out[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
+    return out
+
+
 def read_run(
     path: str, dtype: torch.dtype = torch.float32, trust_pickles: bool = False
 ) -> tuple[dict[str, torch.Tensor], Config]:
@@ -143,13 +158,7 @@ def read_run(
     may load them); every writer of another format and `load_any` drop them."""
     step_dir = find_step_dir(path)
     cfg = as_loaded(meta_config(step_dir))
-    sd = _run_state_dict(step_dir, cfg.engine.zero_stage, trust_pickles)
-    out = {}
-    for k in list(sd):
-        v = sd.pop(k)  # drop our reference as we go: a lazy tensor is materialized once, then cast
-        if not isinstance(v, torch.Tensor):  # DeepSpeed's lazy tensor: contiguous() assembles it from the shards
-            v = v.contiguous()
-        out[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
+    out = step_weights(step_dir, cfg.engine.zero_stage, dtype, trust_pickles)
     check_state_dict({k: v for k, v in out.items() if not k.startswith(HEADS)}, expected_shapes(cfg.model), step_dir)
     return out, cfg
 

@@ -35,8 +35,9 @@ import torch
 
 from mmpretrain.convert.common import atomic_folder, cast, check_state_dict, save_safetensors
 from mmpretrain.convert.hf import hf_config, to_hf_state_dict, write_preprocessor
+from mmpretrain.data.transforms import normalize_images
 from mmpretrain.instruct.model import VisionLanguageModel
-from mmpretrain.instruct.template import IMAGE_PLACEHOLDER, ChatTemplate
+from mmpretrain.instruct.template import IGNORE_INDEX, IMAGE_PLACEHOLDER, ChatTemplate
 
 TEMPLATE_FILE = "instruct_template.json"  # our ChatTemplate's fields (no LlavaProcessor chat template yet)
 VISION_DROPPED = ("vision_tower.projection.weight",)  # the pooled-embedding projection: not part of LLaVA
@@ -184,9 +185,6 @@ def hf_parity(model: VisionLanguageModel, folder: str, items: list[tuple], eos_i
     position of every item (fp32), and how many greedy answers (our `generate`; transformers' `generate`, KV cache
     and all) are the same tokens. {"items", "max_abs_logit_diff", "same_answers"}."""
     from transformers import LlavaForConditionalGeneration
-
-    from mmpretrain.data.transforms import normalize_images
-    from mmpretrain.instruct.template import IGNORE_INDEX
 
     hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     worst, same = 0.0, 0

@@ -41,6 +41,7 @@ from mmpretrain.distributed import (
     all_reduce_number,
     barrier,
     destroy,
+    gathered_params,
     init_distributed,
     print0,
     world_rank,
@@ -250,12 +251,10 @@ def full_weights(engine) -> dict:
     module = engine.module
     if engine.zero_optimization_stage() < 3:
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
-    import deepspeed  # heavy: only here, where ZeRO-3's shards are gathered
-
     out = {}
     for prefix, sub in module.named_modules():
         params = list(sub.parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):  # collective: whole on every rank
+        with gathered_params(params):  # collective: whole on every rank
             for name, t in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
                 if t is not None and name not in sub._non_persistent_buffers_set:
                     out[f"{prefix}.{name}" if prefix else name] = t.detach().clone()

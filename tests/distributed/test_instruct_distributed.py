@@ -146,3 +146,34 @@ def test_llava_json_stage_counts_bad_records(runs):
     assert {k: v for k, v in last.items() if k.startswith("data/skipped/")} == {
         f"data/skipped/{k}": v for k, v in BAD.items()
     }
+
+
+@pytest.mark.slow
+def test_chat_from_a_zero3_run_folder_answers_like_its_export(runs, tmp_path):
+    """`python -m mmpretrain.instruct.chat RUN`'s model (ours, from the 2-rank ZeRO-3 checkpoint, weights read
+    weights-only, the last stage's LoRA adapters merged) gives the logits of the run's transformers export on a
+    chat prompt, and the same greedy tokens as the chat command on the export."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from mmpretrain.data.transforms import normalize_images
+    from mmpretrain.instruct.chat import answer, load_run
+    from mmpretrain.instruct.template import ConversationEncoder, HFTokenizer
+    from mmpretrain.instruct.vqa import image_tensor
+
+    model, tok, template = load_run(runs["two"])
+    hf = LlavaForConditionalGeneration.from_pretrained(os.path.join(runs["two"], "llava")).eval()
+    enc = ConversationEncoder(HFTokenizer(tok), model.image_token_id, model.num_image_tokens, template)
+    for seed in range(3):
+        sample = make_shape_sample(np.random.default_rng(seed), 32)
+        sample.image.save(tmp_path / f"{seed}.png")
+        ids = torch.tensor([enc.encode_prompt([("user", "<image> what shape is it ?")])])
+        pixels = normalize_images(image_tensor(sample.image))
+        with torch.no_grad():
+            ours, theirs = model(ids, pixels).logits, hf(input_ids=ids, pixel_values=pixels).logits
+            other = model(ids, torch.randn_like(pixels)).logits
+        assert (ours - theirs).abs().max() <= 1e-4
+        assert (ours - other).abs().max() > 1e-4  # the image reaches the logits: the parity is not vacuous
+        png = [str(tmp_path / f"{seed}.png")]
+        prompt = "what shape is it ?"
+        assert answer(runs["two"], png, prompt, 5) == answer(os.path.join(runs["two"], "llava"), png, prompt, 5)

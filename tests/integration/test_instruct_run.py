@@ -9,12 +9,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_instruct_command_two_stages(tmp_path):
+def test_instruct_command_two_stages(tmp_path, capsys):
     out = tmp_path / "run"
     stages = ("stages=[{name: captions, data: captions, steps: 5, lr: 1e-3, train: [projector]},"
               "{name: instruct, data: vqa, steps: 40, lr: 2e-3, train: [projector, lm, vision],"
@@ -46,6 +47,17 @@ def test_instruct_command_two_stages(tmp_path):
     # the export, loaded by transformers, against our model on held-out images: logits and greedy answers
     parity = result["hf_parity"]
     assert parity["items"] == 10 and parity["max_abs_logit_diff"] <= 1e-4 and parity["same_answers"] == 10, parity
+
+    # the chat command from the run folder (our model, its checkpoint, LoRA merged) and from its export
+    from mmpretrain.data.synthetic import make_shape_sample
+    from mmpretrain.instruct.chat import main as chat
+
+    make_shape_sample(np.random.default_rng(5), 32).image.save(tmp_path / "shape.png")
+    said = []
+    for folder in (out, out / "llava"):
+        chat([str(folder), "--image", str(tmp_path / "shape.png"), "--prompt", "what shape is it ?"])
+        said.append(capsys.readouterr().out)
+    assert said[0] == said[1] and said[0].strip()
 
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
