@@ -58,15 +58,19 @@ class Projector(nn.Module):
         return self.linear_2(PROJECTOR_ACTS[self.act_name](self.linear_1(x_NPD)))
 
 
-def causal_lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean cross-entropy in float32 over positions whose next label is not IGNORE_INDEX, their count).
-
-    Position t predicts label t + 1. A batch without any target gives loss 0 (with a gradient path), not NaN.
-    """
+def token_loss_sum(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the float32 cross-entropies over positions whose next label is not IGNORE_INDEX, their count as a
+    long tensor); position t predicts label t + 1. The trainer divides the sum by the global batch's count."""
     targets_BL = labels_BL[:, 1:]
     flat = logits_BLV[:, :-1].float().reshape(-1, logits_BLV.shape[-1])
     total = F.cross_entropy(flat, targets_BL.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (targets_BL != IGNORE_INDEX).sum()
+    return total, (targets_BL != IGNORE_INDEX).sum()
+
+
+def causal_lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy in float32 over this batch's target tokens, their count): token_loss_sum / count.
+    A batch without any target gives loss 0 (with a gradient path), not NaN."""
+    total, count = token_loss_sum(logits_BLV, labels_BL)
     return total / count.clamp(min=1), count
 
 

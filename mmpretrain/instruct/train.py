@@ -28,7 +28,6 @@ from collections import Counter
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -52,7 +51,7 @@ from mmpretrain.instruct.config import InstructConfig
 from mmpretrain.instruct.data import collate, read_conversation_shards, read_llava_json
 from mmpretrain.instruct.export import export_llava, hf_parity
 from mmpretrain.instruct.lora import add_lora, has_lora, merge_lora
-from mmpretrain.instruct.model import VisionLanguageModel, build_language_model
+from mmpretrain.instruct.model import VisionLanguageModel, build_language_model, token_loss_sum
 from mmpretrain.instruct.template import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
@@ -264,14 +263,6 @@ def full_weights(engine) -> dict:
 # ----------------------------------------------------------------------------- the step
 
 
-def token_loss_sum(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(sum of the float32 cross-entropies of this rank's target tokens, their count); position t predicts t + 1."""
-    targets_BL = labels_BL[:, 1:]
-    flat = logits_BLV[:, :-1].float().reshape(-1, logits_BLV.shape[-1])
-    total = F.cross_entropy(flat, targets_BL.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, int((targets_BL != IGNORE_INDEX).sum())
-
-
 @dataclasses.dataclass
 class StepResult:
     loss: float  # token mean over the global batch's target tokens (the same on every rank)
@@ -293,7 +284,7 @@ def train_step(engine, batch: dict, cfg: InstructConfig, params: list, stop_requ
     images = None if images is None else images.to(input_dtype(cfg.engine))
     out = engine(input_ids=batch["input_ids"], images=images, attention_mask=batch["attention_mask"])
     local_sum, local_count = token_loss_sum(out.logits, batch["labels"])
-    num_tokens = int(all_reduce_number(local_count))  # collective: the global count of target tokens
+    num_tokens = int(all_reduce_number(int(local_count)))  # collective: the global count of target tokens
     loss = local_sum * (world / max(num_tokens, 1))
     engine.backward(loss)
     norm = None
@@ -342,6 +333,7 @@ def finish(cfg: InstructConfig, tokenizer, template, encoder, weights: dict, ski
     merge_lora(model.eval())
     t0, d, size = time.time(), cfg.data, model.vision_cfg.vision.image_size
     result = {"train_s": round(train_s, 1), "skipped": dict(skipped)}
+    eval_data = []
     if d.num_eval_images > 0:
         for phrasing in ("train", "held_out"):
             eval_data = encode_all(encoder, make_vqa("eval", d.num_eval_images, size, d.seed, phrasing), Counter())
@@ -350,11 +342,8 @@ def finish(cfg: InstructConfig, tokenizer, template, encoder, weights: dict, ski
     result["eval_s"] = round(time.time() - t0, 1)
     folder = os.path.join(cfg.output_dir, "llava")
     export_llava(model, folder, tokenizer=tokenizer, template=template, force=True)
-    if d.num_eval_images > 0:  # the export, loaded by transformers, against our model on held-out images
-        held_out = encode_all(
-            encoder, make_vqa("eval", min(d.num_eval_images, 50), size, d.seed, "held_out"), Counter()
-        )
-        result["hf_parity"] = hf_parity(model, folder, held_out, tokenizer.eos_token_id, cfg.eval_max_new_tokens)
+    if eval_data:  # the export, loaded by transformers, against our model on the first 50 held-out questions
+        result["hf_parity"] = hf_parity(model, folder, eval_data[:50], tokenizer.eos_token_id, cfg.eval_max_new_tokens)
     write_atomic(os.path.join(cfg.output_dir, "eval.json"), json.dumps(result, indent=1))  # the old one or this
     return result
 
