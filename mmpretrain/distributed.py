@@ -35,6 +35,7 @@ row's width.
 from __future__ import annotations
 
 import datetime
+import gc
 import glob
 import logging
 import os
@@ -146,8 +147,11 @@ def print0(*args, **kwargs) -> None:
 
 
 def destroy() -> None:
+    """Destroy every process group, first collecting the objects a finished run left in reference cycles (a released
+    engine: mmpretrain.engine.release_engine), so the groups' threads end here and not during interpreter exit."""
     if not is_initialized():
         return
+    gc.collect()
     deepspeed = sys.modules.get("deepspeed")
     if deepspeed is not None and deepspeed.comm.is_initialized():
         # through DeepSpeed: it also drops the groups it cached (its clone of the world group); a process that starts

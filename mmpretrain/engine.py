@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 
 import torch
 
@@ -156,6 +157,43 @@ def build_engine(
     if engine.zero_stage == 0 and ds_engine.world_size == 1:
         ds_engine.enable_backward_allreduce = False  # nothing to average over one rank (saves a pass over grads)
     return ds_engine
+
+
+def release_engine(ds_engine) -> None:
+    """Take DeepSpeed's hooks off the model (``engine.destroy()``), while the process group still exists: call it
+    once a run is done with its engine. The hooks sit on parameters and modules, where C++ holds them, so without
+    this the engine outlives the run, and with it the process groups it cloned: their gloo threads are then still
+    running when the interpreter exits, and a rank now and then aborts in exit ("terminate called without an active
+    exception", exit -6) after all its work is done. mmpretrain.distributed.destroy collects the freed engine.
+
+    ZeRO-3 (DeepSpeed 0.19) also keeps the model where ``destroy()`` leaves it, and the model's hooks hold the
+    engine: on a module-level list (``parameter_offload.FWD_MODULE_STACK``, its forward hooks' stack) and in a
+    class-level ``functools.lru_cache`` of the parameter coordinator keyed by (coordinator, module). Both are let go
+    here (the cache is only a cache: it refills on the next forward of any other engine)."""
+    if ds_engine is None:
+        return
+    ds_engine.destroy()
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    stack = getattr(offload, "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack[:] = [m for m in stack if m is not ds_engine.module]
+    coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
+    cls = getattr(coordinator, "PartitionedParameterCoordinator", None)
+    for fn in vars(cls).values() if cls is not None else ():
+        for held in [fn, *vars_of_closure(fn)]:
+            if callable(getattr(held, "cache_clear", None)):  # the lru_cache, bare or inside DeepSpeed's nvtx wrapper
+                held.cache_clear()
+
+
+def vars_of_closure(fn) -> list:
+    """The values a function's closure holds (its empty cells left out)."""
+    out = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            out.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    return out
 
 
 def owns_clipping(engine: EngineConfig) -> bool:

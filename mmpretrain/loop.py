@@ -24,7 +24,7 @@ from mmpretrain.data.config import expand_shard_spec, is_remote
 from mmpretrain.data.pipeline import DataFaultError
 from mmpretrain.data.shards import count_samples
 from mmpretrain.distributed import all_gather_object, barrier, destroy, env_rank_world, init_distributed, print0
-from mmpretrain.engine import build_engine, set_cpu_threads
+from mmpretrain.engine import build_engine, release_engine, set_cpu_threads
 from mmpretrain.eval.suite import evaluate_all
 from mmpretrain.faults import EXIT_STOPPED, Injector, NonFiniteError, SkipTracker, StopRequest
 from mmpretrain.logging import MetricsLogger, new_run_id
@@ -312,9 +312,26 @@ def train(cfg: Config, stop_after_steps: int = 0, saver: checkpoint.BackgroundSa
     writer (made here under checkpoint.async_save when not given; ``run`` gives one so that it can wait for it)."""
     check_restart(cfg)
     dist_info = init_distributed(cfg.engine.dist_timeout_s)
-    rank, world = dist_info.rank, dist_info.world_size
     start_output_dir(cfg, dist_info.is_main)
     engine, objective, state, resumed = build_or_resume(cfg, dist_info)
+    try:
+        return train_loop(cfg, dist_info, engine, objective, state, resumed, stop_after_steps, saver)
+    finally:
+        release_engine(engine)
+
+
+def train_loop(
+    cfg: Config,
+    dist_info,
+    engine,
+    objective,
+    state: TrainState,
+    resumed: bool,
+    stop_after_steps: int,
+    saver: checkpoint.BackgroundSaver | None,
+) -> dict:
+    """train()'s loop over a built (or resumed) engine: steps, logs, checkpoints, the final evaluation."""
+    rank, world = dist_info.rank, dist_info.world_size
     threads = set_cpu_threads(cfg.engine, ranks_on_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
                               data_workers=cfg.data.num_workers, chosen=state.cpu_threads)  # fmt: skip
     cfg_dict = to_dict(cfg)

@@ -45,7 +45,7 @@ from mmpretrain.distributed import (
     print0,
     world_rank,
 )
-from mmpretrain.engine import CpuThreadTuner, build_engine, input_dtype, owns_clipping
+from mmpretrain.engine import CpuThreadTuner, build_engine, input_dtype, owns_clipping, release_engine
 from mmpretrain.faults import EXIT_STOPPED, StopRequest, discard_gradients
 from mmpretrain.instruct.config import InstructConfig
 from mmpretrain.instruct.data import collate, read_conversation_shards, read_llava_json
@@ -475,7 +475,7 @@ def run(cfg: InstructConfig, stop_after_steps: int = 0) -> dict:
             break
         weights = full_weights(engine)  # collective under ZeRO-3: the next stage starts from every weight
         offset += stage.steps
-        engine.destroy()
+        release_engine(engine)
 
     if saved_at != step and step > start_step:
         save_checkpoint(engine, cfg, step, index, step - offset, rank, world, run_meta)
@@ -493,6 +493,7 @@ def run(cfg: InstructConfig, stop_after_steps: int = 0) -> dict:
         if is_main:
             result.update(finish(cfg, tokenizer, template, encoder, weights, skipped, train_s))
             print0(json.dumps(result))
+    release_engine(engine)  # before the process groups go (mmpretrain.distributed.destroy)
     log.close()
     return result
 
