@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from mmpretrain import checkpoint  # noqa: E402
 from mmpretrain.config import load_config  # noqa: E402
 from mmpretrain.distributed import destroy, init_distributed  # noqa: E402
-from mmpretrain.engine import build_engine  # noqa: E402
+from mmpretrain.engine import build_engine, release_engine  # noqa: E402
 from mmpretrain.model import build_model  # noqa: E402
 from mmpretrain.objectives import Objective  # noqa: E402
 from mmpretrain.step import TrainStep  # noqa: E402
@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     print(f"  background stall / sync stall = {ratio:.3f}")
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
+    release_engine(engine)
     destroy()
     return 0
 

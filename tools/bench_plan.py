@@ -27,7 +27,7 @@ COUNTER = CollectiveCounter().install()  # before DeepSpeed is imported: its bac
 
 from mmpretrain.config import load_config  # noqa: E402
 from mmpretrain.distributed import destroy, init_distributed  # noqa: E402
-from mmpretrain.engine import build_engine  # noqa: E402
+from mmpretrain.engine import build_engine, release_engine  # noqa: E402
 from mmpretrain.model import build_model  # noqa: E402
 from mmpretrain.objectives import Objective  # noqa: E402
 from mmpretrain.plan import GIB, collectives, count_params, memory, op_totals  # noqa: E402
@@ -81,6 +81,7 @@ def main(argv=None) -> int:
                                          embed_dim=cfg.model.embed_dim, family=cfg.model.family))  # fmt: skip
             for op in sorted(set(want) | set(COUNTER.counted)):
                 print(f"  {op:15s} predicted {want.get(op, 0):>14,d} B  counted {COUNTER.counted.get(op, 0):>14,d} B")
+    release_engine(engine)
     destroy()
     return 0
 

@@ -24,7 +24,7 @@ COUNTER = CollectiveCounter().install()  # before DeepSpeed is imported: its Tor
 
 from mmpretrain.config import load_config  # noqa: E402
 from mmpretrain.distributed import init_distributed  # noqa: E402
-from mmpretrain.engine import build_engine  # noqa: E402
+from mmpretrain.engine import build_engine, release_engine  # noqa: E402
 from mmpretrain.model import build_model  # noqa: E402
 from mmpretrain.objectives import Objective  # noqa: E402
 from mmpretrain.step import TrainStep  # noqa: E402
@@ -50,6 +50,7 @@ def run_stage(run: str, info) -> dict:
             with COUNTER.counting() if i == 2 else contextlib.nullcontext():
                 res = step({"image": torch.randn(per_rank, 3, size, size, generator=g), "text": tokens}, i + 1)
             assert not res.skipped
+        release_engine(engine)
         del engine, step
     return {"collectives": dict(COUNTER.counted), "peak_bytes": peak_allocated(prof)}
 

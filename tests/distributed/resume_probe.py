@@ -13,7 +13,7 @@ import torch
 from mmpretrain import checkpoint
 from mmpretrain.config import load_config
 from mmpretrain.distributed import destroy, env_rank_world, init_distributed
-from mmpretrain.engine import build_engine
+from mmpretrain.engine import build_engine, release_engine
 from mmpretrain.model import build_model
 
 
@@ -51,6 +51,7 @@ def main() -> None:
             )
     if info.rank == 0:
         torch.save({"step": meta["step"], "universal": universal, "state": state}, out)
+    release_engine(engine)
     destroy()  # before interpreter exit, as mmpretrain.train does (see zero_equivalence_worker.py)
 
 

@@ -33,7 +33,7 @@ def worker(out_path, overrides):
     """Train WORKER_STEPS steps on fixed global batches (each rank its rows); write the terms and the teacher."""
     from mmpretrain.config import load_config
     from mmpretrain.distributed import destroy, init_distributed
-    from mmpretrain.engine import build_engine
+    from mmpretrain.engine import build_engine, release_engine
     from mmpretrain.model import build_model
     from mmpretrain.objectives import Objective
     from mmpretrain.step import TrainStep
@@ -67,6 +67,7 @@ def worker(out_path, overrides):
         record["grad_norm"].append(res.grad_norm)
     json.dump(record, open(f"{out_path}.rank{info.rank}.json", "w"))
     torch.save(objective.state_dict(), f"{out_path}.rank{info.rank}.pt")
+    release_engine(engine)
     destroy()
 
 

@@ -13,7 +13,7 @@ import torch
 
 from mmpretrain.config import load_config
 from mmpretrain.distributed import destroy, init_distributed
-from mmpretrain.engine import build_engine
+from mmpretrain.engine import build_engine, release_engine
 from mmpretrain.model import build_model
 from mmpretrain.objectives import Objective
 from mmpretrain.step import TrainStep
@@ -52,6 +52,7 @@ def main(out_path, overrides):
         norms.append(res.grad_norm)
     if info.rank == 0:
         json.dump({"loss": losses, "grad_norm": norms}, open(out_path, "w"))
+    release_engine(engine)
     destroy()  # as mmpretrain.train does: leaving it to interpreter exit aborted in C++ teardown, 1 run in 5
 
 
