@@ -138,6 +138,7 @@ class LogWindow:
         self.wait = 0.0  # seconds spent waiting for the loader
         self.loss_sum, self.good_steps, self.batches = 0.0, 0, 0
         self.term_sums: dict = {}  # {term: sum of its unweighted values over this window's good steps}
+        self.term_steps: dict = {}  # {term: good steps that gave it} (a term's part, e.g. a region task, may skip one)
         self.data: dict = {}  # the loader's data stats of this window's batches (this rank)
 
     def add(self, res: StepResult, batch: dict) -> None:
@@ -148,6 +149,7 @@ class LogWindow:
             self.good_steps += 1
             for name, value in res.terms.items():
                 self.term_sums[name] = self.term_sums.get(name, 0.0) + value
+                self.term_steps[name] = self.term_steps.get(name, 0) + 1
 
     def metrics(self, state: TrainState, res: StepResult, lr: float, global_batch: int, data_window: dict) -> dict:
         elapsed = time.perf_counter() - self.t0
@@ -155,7 +157,7 @@ class LogWindow:
         return {
             "samples_seen": state.samples_seen,
             "loss": self.loss_sum / n if n else float("nan"),
-            **{f"loss/{name}": v / n for name, v in self.term_sums.items()},
+            **{f"loss/{name}": v / self.term_steps[name] for name, v in self.term_sums.items()},
             "lr": lr,
             "logit_scale": res.logit_scale.float().item(),
             "samples_per_s": self.batches * global_batch / elapsed,

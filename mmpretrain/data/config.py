@@ -72,6 +72,34 @@ def source_names(sources: list[SourceConfig]) -> list[str]:
 
 
 @dataclass
+class RegionsConfig:
+    """Region tasks of the caption decoder (mmpretrain/data/regions.py): a sample whose ``<key>.json`` holds
+    ``regions`` trains a referring expression (the box from the words) with probability ``ref_fraction``, a grounded
+    caption (the words from the box) with ``gcap_fraction``, else its caption."""
+
+    ref_fraction: float = 0.0
+    """Share of samples with a region that predict its box from its words (referring expression)."""
+    gcap_fraction: float = 0.0
+    """Share of samples with a region that predict its words from its box (grounded captioning)."""
+    box_bins: int = 100
+    """Coordinates are written as integers 0 .. box_bins - 1 (text tokens)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.ref_fraction + self.gcap_fraction > 0
+
+    def validate(self, prefix: str) -> None:
+        for key in ("ref_fraction", "gcap_fraction"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"{prefix}.{key}: must be in [0, 1] (got {getattr(self, key)})")
+        if self.ref_fraction + self.gcap_fraction > 1:
+            raise ValueError(f"{prefix}: ref_fraction + gcap_fraction must be <= 1 (got {self.ref_fraction} + "
+                             f"{self.gcap_fraction})")  # fmt: skip
+        if self.box_bins < 2:
+            raise ValueError(f"{prefix}.box_bins: must be >= 2 (got {self.box_bins})")
+
+
+@dataclass
 class TrainDataConfig:
     urls: Optional[str] = None
     """Train shards: a brace-expandable spec (local paths, ``pipe:...`` or http(s) urls, as webdataset opens
@@ -106,8 +134,11 @@ class TrainDataConfig:
     size (self-distillation's student views, loss.terms.self_distill); 0 = none."""
     local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
     """RandomResizedCrop area range (min, max) of the local crops (DINO's local views: 0.05 to 0.4)."""
+    regions: RegionsConfig = field(default_factory=RegionsConfig)
+    """Referring-expression and grounded-caption targets for loss.terms.caption (``<key>.json`` ``regions``)."""
 
     def validate(self, prefix: str) -> None:
+        self.regions.validate(f"{prefix}.regions")
         if self.urls is not None and self.sources is not None:
             raise ValueError(f"{prefix}.sources: set either {prefix}.urls or {prefix}.sources, not both")
         if self.sources is not None:

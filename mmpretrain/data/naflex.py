@@ -176,7 +176,7 @@ def pack_batch(batch: dict, cfg) -> dict:
     order = packed["order"]
     out = dict(batch)
     out["image"] = PackedImages(packed["patches"], packed["segment_ids"], packed["shapes"])
-    for name in ("text", "label"):
+    for name in ("text", "label", "decoder_text", "decoder_prompt", "decoder_task"):  # per-sample tensors
         if name in batch:
             out[name] = batch[name][order]
     if "keys" in batch:

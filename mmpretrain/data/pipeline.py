@@ -99,6 +99,7 @@ from ..config import redact
 from ..signals import ignore_stop_signals
 from .config import DataConfig, NaflexConfig, TrainDataConfig, expand_shard_spec, source_names
 from .naflex import NaflexTrainTransform, pack_batch, stack_images
+from .regions import REGION_KEY, box_in_crop, choose, decoder_fields, parse_regions
 from .shards import OVERSIZED, natural_key, read_tar_samples
 from .tokenizer import Tokenizer
 from .transforms import EvalTransform, ImageTooLargeError, TrainTransform, split_views
@@ -143,7 +144,7 @@ def mix_seed(*parts: int) -> int:
 LABEL_KEY = "cls"  # tar member extension of a sample's class index (optional in train shards)
 
 # the seed streams a worker draws from
-_SHARD_ORDER, _RESAMPLE, _SHUFFLE, _CROP, _SOURCE, _MIX = 0, 1, 2, 3, 4, 5
+_SHARD_ORDER, _RESAMPLE, _SHUFFLE, _CROP, _SOURCE, _MIX, _REGION = 0, 1, 2, 3, 4, 5, 6
 
 
 # ---------------------------------------------------------------- fault counts
@@ -316,14 +317,20 @@ class _Source:
     seed: int
 
 
+def train_members(cfg: TrainDataConfig) -> set[str]:
+    """The tar members a train loader reads: the image keys, the caption, the class index, and ``json`` when
+    data.train.regions is on (the regions)."""
+    return {*cfg.image_key.split(";"), cfg.text_key, LABEL_KEY, *((REGION_KEY,) if cfg.regions.enabled else ())}
+
+
 def _checked_samples(
-    shards: Iterable[dict], *, name_of: dict[str, str], image_keys: list[str], text_key: str, counter: FaultCounter,
-    limits: dict,
+    shards: Iterable[dict], *, name_of: dict[str, str], image_keys: list[str], text_key: str, keep: set[str],
+    counter: FaultCounter, limits: dict,
 ) -> Iterator[dict]:  # fmt: skip
     """Usable raw samples of a stream of shards, each tagged ``"__source__"``; every fault counted. Only the
-    members the loader uses are read, each within its size limit (``limits``: read_tar_samples' keywords); a
-    shard giving ABANDON_SHARD_AFTER broken samples in a row is given up (the rest unread, one fault)."""
-    keep = {*image_keys, text_key, LABEL_KEY}
+    members the loader uses (``keep``: train_members) are read, each within its size limit (``limits``:
+    read_tar_samples' keywords); a shard giving ABANDON_SHARD_AFTER broken samples in a row is given up (the rest
+    unread, one fault)."""
     for shard in shards:
         url = shard["url"]
         broken_in_a_row = 0
@@ -380,6 +387,7 @@ def _raw_samples(
             name_of=name_of,
             image_keys=cfg.image_key.split(";"),
             text_key=cfg.text_key,
+            keep=train_members(cfg),
             counter=counter,
             limits=limits or {},
         )
@@ -415,6 +423,37 @@ def _skip(src: Iterable, n: int, counter: FaultCounter) -> Iterator:
     yield from it
 
 
+def decode_train_sample(transform, sample: dict, image_keys: list[str], seed: int, regions) -> tuple:
+    """(image, caption, "<url>:<key>", label, region pick) of a raw sample; decode errors propagate (the callers
+    count them). The pick: regions.choose's (task, box in the crop's frame, words), or None when data.train.regions
+    is off."""
+    data = sample[_first_key(sample, image_keys)]
+    key = f"{sample['__url__']}:{sample['__key__']}"
+    if not regions.enabled:
+        return transform.from_bytes(data, seed), sample["__caption__"], key, sample["__label__"], None
+    found = parse_regions(sample.get(REGION_KEY))
+    if isinstance(transform, TrainTransform):
+        image, crop, (height, width) = transform.from_bytes(data, seed, with_crop=True)
+        found = [(b, text) for b, text in ((box_in_crop(b, crop, height, width), t) for b, t in found) if b]
+    else:  # NaFlex keeps the whole image: the boxes stay as they are
+        image = transform.from_bytes(data, seed)
+    return image, sample["__caption__"], key, sample["__label__"], choose(found, regions, mix_seed(seed, _REGION))
+
+
+def collate_train(tokenizer, regions, items: list[tuple]) -> dict:
+    """A batch's (or piece's) image, text, label, keys, local crops and decoder fields from decode_train_sample's
+    tuples."""
+    images, texts, keys, labels, picks = zip(*items)
+    out = stack_images(list(images))
+    out["image"], local_crops = split_views(out["image"])  # self-distillation's local crops, if made
+    out.update(text=tokenizer(list(texts)), label=torch.tensor(labels, dtype=torch.long), keys=list(keys))
+    if local_crops is not None:
+        out["local_crops"] = local_crops
+    if regions.enabled:
+        out.update(decoder_fields(tokenizer, list(texts), list(picks), regions.box_bins))
+    return out
+
+
 def _decode_train(
     src: Iterable[dict],
     *,
@@ -423,12 +462,12 @@ def _decode_train(
     crop_seed: int,
     first_position: int,
     counter: FaultCounter,
-) -> Iterator[tuple[torch.Tensor, str, str, int]]:
-    """(image (3,S,S), caption, "<url>:<key>", label) per good sample; the crop is seeded by the sample's stream
-    position."""
+    regions,
+) -> Iterator[tuple]:
+    """decode_train_sample's tuple per good sample; the crop is seeded by the sample's stream position."""
     for position, sample in enumerate(src, start=first_position):
         try:
-            image = transform.from_bytes(sample[_first_key(sample, image_keys)], mix_seed(crop_seed, position))
+            item = decode_train_sample(transform, sample, image_keys, mix_seed(crop_seed, position), regions)
         except (ImageTooLargeError, Image.DecompressionBombError) as exn:
             counter.fault("oversized_image", sample["__url__"], f"{sample['__key__']}: {exn}")
             continue
@@ -436,7 +475,7 @@ def _decode_train(
             counter.fault("corrupt_image", sample["__url__"], f"{sample['__key__']}: {type(exn).__name__}: {exn}")
             continue
         counter.good(sample["__source__"])
-        yield image, sample["__caption__"], f"{sample['__url__']}:{sample['__key__']}", sample["__label__"]
+        yield item
 
 
 def _batch(src: Iterable, batch_size: int, collate: Callable[[list], Any], last_partial: bool = False) -> Iterator:
@@ -516,23 +555,17 @@ class TrainStream(IterableDataset):
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.start_batch, self.num_epochs = seed, start_batch, num_epochs
 
-    def _collate(self, batch: list[tuple[torch.Tensor, str, str, int]], counter: FaultCounter) -> dict[str, Any]:
+    def _collate(self, batch: list[tuple], counter: FaultCounter) -> dict[str, Any]:
         stats = counter.take()
         if batch:
-            images, texts, keys, labels = zip(*batch)
-            image, text = stack_images(list(images)), self.tokenizer(list(texts))
-            image["image"], local_crops = split_views(image["image"])  # self-distillation's local crops, if made
+            out = collate_train(self.tokenizer, self.cfg.regions, batch)
         else:  # the end of a finite stream
-            if self.naflex is not None:
-                raise ValueError("data.naflex: finite passes (num_epochs) are not built for NaFlex batches")
-            size, keys, labels, local_crops = self.transform.image_size, (), (), None
-            image = {"image": torch.empty(0, 3, size, size)}
-            text = torch.empty(0, self.tokenizer.context_length, dtype=torch.long)
-        out = {**image, "text": text, "label": torch.tensor(labels, dtype=torch.long), "keys": list(keys),
-               "num_skipped": sum(stats["skipped"].values()), "data_stats": stats}  # fmt: skip
-        if local_crops is not None:
-            out["local_crops"] = local_crops
-        return out
+            if self.naflex is not None or self.cfg.regions.enabled:
+                raise ValueError("finite passes (num_epochs) are not built for data.naflex or data.train.regions")
+            size = self.transform.image_size
+            out = {"image": torch.empty(0, 3, size, size), "label": torch.empty(0, dtype=torch.long), "keys": [],
+                   "text": torch.empty(0, self.tokenizer.context_length, dtype=torch.long)}  # fmt: skip
+        return {**out, "num_skipped": sum(stats["skipped"].values()), "data_stats": stats}
 
     def pipeline(self, worker: int, num_workers: int) -> wds.DataPipeline:
         """The pipeline of worker ``worker`` of ``num_workers`` (>= 1) on this rank."""
@@ -566,6 +599,7 @@ class TrainStream(IterableDataset):
                 crop_seed=mix_seed(self.seed, _CROP, self.rank, worker),
                 first_position=num_skip,
                 counter=counter,
+                regions=self.cfg.regions,
             ),
             partial(
                 _batch,

@@ -41,31 +41,32 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..signals import ignore_stop_signals
 from .config import DataConfig, TrainDataConfig, expand_shard_spec, is_remote
-from .naflex import NaflexTrainTransform, pack_batch, stack_images
+from .naflex import NaflexTrainTransform, pack_batch
 from .pipeline import (
     _CROP,
     _MIX,
     _RESAMPLE,
     _SHUFFLE,
     ABANDON_SHARD_AFTER,
-    LABEL_KEY,
     DataFaultError,
     FaultCounter,
-    _first_key,
     _Source,
     _train_sources,
     build_rank_loader,
     check_loader_args,
+    collate_train,
+    decode_train_sample,
     epoch_shards,
     merge_data_stats,
     mix_seed,
     naflex_args,
     read_limits,
     sample_fault,
+    train_members,
 )
 from .shards import read_tar_samples
 from .tokenizer import Tokenizer
-from .transforms import ImageTooLargeError, TrainTransform, split_views
+from .transforms import ImageTooLargeError, TrainTransform
 
 # a stream whose shards gave no usable sample this many epochs in a row stops the run (DataFaultError): it could
 # never fill its share of a batch. One empty epoch is not enough: each epoch deals the stream other shards
@@ -133,7 +134,7 @@ class SourceCursor:
         self.name_of = {u: name for group, name in zip(source.shards, source.names) for u in group}
         weights = source.shard_weights or [1.0] * len(source.shards)
         self.cum = list(itertools.accumulate(w for w, group in zip(weights, source.shards) for _ in group))
-        self.image_keys, self.keep = cfg.image_key.split(";"), {*cfg.image_key.split(";"), cfg.text_key, LABEL_KEY}
+        self.image_keys, self.keep = cfg.image_key.split(";"), train_members(cfg)
         self.epoch, self.shard, self.offset, self.picks, self.usable, self.empty_epochs = 0, 0, 0, 0, 0, 0
         self.buffer: list[dict] = []
         self._order: tuple[int, list[str]] | None = None  # (epoch, this stream's shards of it)
@@ -306,13 +307,13 @@ class StreamSet(IterableDataset):
         slot = self.rank * num_workers + worker
         return range(slot * per_slot, (slot + 1) * per_slot)
 
-    def _decoded(self, stream: VirtualStream, counter: FaultCounter) -> tuple[torch.Tensor, str, str, int]:
-        """The stream's next sample that decodes: (image (3,S,S), caption, "<url>:<key>", label)."""
+    def _decoded(self, stream: VirtualStream, counter: FaultCounter) -> tuple:
+        """The stream's next sample that decodes: pipeline.decode_train_sample's tuple."""
         while True:
             sample = stream.next()
             seed = mix_seed(self.seed, _CROP, stream.index, sample["__position__"])
             try:
-                image = self.transform.from_bytes(sample[_first_key(sample, self.image_keys)], seed)
+                item = decode_train_sample(self.transform, sample, self.image_keys, seed, self.cfg.regions)
             except (ImageTooLargeError, Image.DecompressionBombError) as exn:
                 counter.fault("oversized_image", sample["__url__"], f"{sample['__key__']}: {exn}")
                 continue
@@ -320,7 +321,7 @@ class StreamSet(IterableDataset):
                 counter.fault("corrupt_image", sample["__url__"], f"{sample['__key__']}: {type(exn).__name__}: {exn}")
                 continue
             counter.good(sample["__source__"])
-            return image, sample["__caption__"], f"{sample['__url__']}:{sample['__key__']}", sample["__label__"]
+            return item
 
     def pieces(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         counter = FaultCounter(f"data rank {self.rank} worker {worker}", self.source_names)
@@ -335,20 +336,17 @@ class StreamSet(IterableDataset):
             counter.take()
         while True:
             items = [self._decoded(stream, counter) for stream in streams for _ in range(self.per_stream)]
-            images, texts, keys, labels = zip(*items)
-            image = stack_images(list(images))
-            image["image"], local_crops = split_views(image["image"])  # local crops: self-distillation's student views
-            piece = {**image, "text": self.tokenizer(list(texts)),
-                     "label": torch.tensor(labels, dtype=torch.long), "keys": list(keys), "data_stats": counter.take(),
-                     "data_state": Opaque({str(s.index): s.state() for s in streams})}  # fmt: skip
-            if local_crops is not None:
-                piece["local_crops"] = local_crops
+            piece = collate_train(self.tokenizer, self.cfg.regions, items)
+            piece.update(data_stats=counter.take(), data_state=Opaque({str(s.index): s.state() for s in streams}))
             yield piece
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return self.pieces(worker, num_workers)
+
+
+OPTIONAL_FIELDS = ("grid", "local_crops", "decoder_text", "decoder_prompt", "decoder_task")  # per-sample tensors
 
 
 class Opaque:
@@ -368,7 +366,7 @@ def join_pieces(pieces: list[dict], num_streams: int, pin: bool) -> dict[str, An
         batch = dict(pieces[0])
     else:
         batch = {"keys": [k for p in pieces for k in p["keys"]]}
-        for name in ("image", "text", "label", *(n for n in ("grid", "local_crops") if n in pieces[0])):
+        for name in ("image", "text", "label", *(n for n in OPTIONAL_FIELDS if n in pieces[0])):
             parts = [p[name] for p in pieces]
             shape = (sum(len(t) for t in parts), *parts[0].shape[1:])
             out = torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin)  # one copy, into pinned memory on CUDA

@@ -91,6 +91,23 @@ class ShapeSample:
     cy: float = 0.5  # shape centre / image side, from the top
 
 
+def shape_box(shape: str, cx: float, cy: float, frac: float) -> list[float]:
+    """The drawn shape's bounding box [x0, y0, x1, y1] as fractions of the image side (as _draw_shape draws it)."""
+    if shape == "square":
+        hx = hy0 = hy1 = frac / math.sqrt(2) * 1.15
+    elif shape == "triangle":  # vertices at -90, 30 and 150 degrees
+        hx, hy0, hy1 = frac * math.cos(math.pi / 6), frac, frac * 0.5
+    else:  # circle, cross
+        hx = hy0 = hy1 = frac
+    return [round(min(1.0, max(0.0, v)), 4) for v in (cx - hx, cy - hy0, cx + hx, cy + hy1)]
+
+
+def region(sample: ShapeSample) -> dict:
+    """The sample's one region (mmpretrain.data.regions): the shape's box and its words, e.g. "small red circle"."""
+    return {"box": shape_box(sample.shape, sample.cx, sample.cy, sample.frac),
+            "text": f"{sample.size_word}{sample.fg} {sample.shape}"}  # fmt: skip
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
     """Draw ``shape`` of circumradius ``r`` centred at (cx, cy)."""
     if shape == "circle":
@@ -150,7 +167,7 @@ def _write_train(out_dir: str, num: int, samples_per_shard: int, image_size: int
         for i in range(num):
             s = make_shape_sample(rng, image_size)
             text = caption(s, int(rng.integers(len(CAPTION_FORMATS))))
-            meta = {"label": s.label, "classname": CLASSNAMES[s.label], "background": s.bg}
+            meta = {"label": s.label, "classname": CLASSNAMES[s.label], "background": s.bg, "regions": [region(s)]}
             sample = {"__key__": f"{i:08d}", "jpg": encode_image(s.image), "txt": text, "json": meta}
             if labels:  # the class index as an ImageNet-style labelled shard carries it (UniCL)
                 sample["cls"] = s.label
@@ -226,7 +243,7 @@ def write_shapes_dataset(
     """
     root = os.path.abspath(os.fspath(root))
     params = {
-        "version": 1,
+        "version": 2,  # 2: train samples' json carries "regions" (the shape's box)
         "num_train": num_train,
         "samples_per_shard": samples_per_shard,
         "num_eval": num_eval,

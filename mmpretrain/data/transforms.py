@@ -133,17 +133,23 @@ class TrainTransform:
                 views.append(_to_uint8_tensor(crop))
         return views[0] if not self.local_crops else torch.stack(views)
 
-    def from_bytes(self, data: bytes, seed: int) -> torch.Tensor:
-        """Decode encoded image bytes and transform them: the entry point the train loader calls."""
+    def from_bytes(self, data: bytes, seed: int, with_crop: bool = False):
+        """Decode encoded image bytes and transform them: the entry point the train loader calls. ``with_crop``:
+        (views, (top, left, h, w) of the train crop, (height, width) of the image) (region boxes follow the crop)."""
         if not self.fast:
             with open_image(data, self.max_pixels) as img:
-                return self(img, seed)
-        enc = EncodedImage(data, self.max_pixels)  # header only; raises ImageTooLargeError
-        boxes = self.boxes(enc.height, enc.width, seed)
-        pixels, sy, sx = enc.decode(reduction_for(min(min(h, w) for _, _, h, w in boxes), self.image_size))
-        size = (self.image_size, self.image_size)
-        views = [resize_region(pixels, i * sy, j * sx, h * sy, w * sx, size) for i, j, h, w in boxes]
-        return views[0] if not self.local_crops else torch.stack(views)
+                views, height, width = self(img, seed), img.height, img.width
+        else:
+            enc = EncodedImage(data, self.max_pixels)  # header only; raises ImageTooLargeError
+            height, width = enc.height, enc.width
+            boxes = self.boxes(height, width, seed)
+            pixels, sy, sx = enc.decode(reduction_for(min(min(h, w) for _, _, h, w in boxes), self.image_size))
+            size = (self.image_size, self.image_size)
+            views = [resize_region(pixels, i * sy, j * sx, h * sy, w * sx, size) for i, j, h, w in boxes]
+            views = views[0] if not self.local_crops else torch.stack(views)
+        if with_crop:
+            return views, self.crop_params(height, width, seed), (height, width)
+        return views
 
 
 def split_views(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

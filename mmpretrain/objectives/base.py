@@ -78,6 +78,11 @@ class Term:
         """0-dim float32 tensor (see the gradient contract)."""
         raise NotImplementedError
 
+    def parts(self) -> dict[str, torch.Tensor]:
+        """Detached parts of the last ``loss()`` to log beside it, as ``loss/<name>/<part>`` (the caption term's
+        per-task losses), each under the same contract as the loss (the log takes the mean over ranks)."""
+        return {}
+
     def after_step(self, model: nn.Module, step: int) -> None:
         """After optimizer step ``step`` (not after a skipped step): update what the term keeps (an EMA teacher).
         ``model``: the engine (or module). Every rank calls it (it may run collectives)."""

@@ -35,20 +35,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmpretrain.distributed import all_reduce_number, world_rank
+from mmpretrain.data.regions import TASKS
+from mmpretrain.distributed import all_reduce, all_reduce_number, world_rank
 from mmpretrain.model.layers import LayerNorm
 from mmpretrain.objectives.base import StepContext, Term, register, step_generator
 from mmpretrain.objectives.config import CaptionTermConfig
 from mmpretrain.objectives.itm import FusionBlock
 
 
-def caption_targets(tokens_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def caption_targets(tokens_BL: torch.Tensor, prompt_B: torch.Tensor | None = None):
     """(inputs (B, T), targets (B, T), predicted (B, T) bool): teacher forcing up to and including EOT (the
-    largest id: the tokenizer's; the first one on ties)."""
+    largest id: the tokenizer's; the first one on ties). ``prompt_B``: tokens after SOT that are given, not
+    predicted (a region task's prompt, mmpretrain.data.regions); the targets start after them."""
     inputs_BT, targets_BT = tokens_BL[:, :-1], tokens_BL[:, 1:]
     eot_B = tokens_BL.argmax(dim=-1)
     pos_T = torch.arange(targets_BT.shape[1], device=tokens_BL.device)
-    return inputs_BT, targets_BT, pos_T[None, :] < eot_B[:, None]  # target t is token t + 1: through EOT
+    predicted_BT = pos_T[None, :] < eot_B[:, None]  # target t is token t + 1: through EOT
+    if prompt_B is not None:
+        predicted_BT &= pos_T[None, :] >= prompt_B[:, None]
+    return inputs_BT, targets_BT, predicted_BT
 
 
 def parallel_rows(seed: int, step: int, fraction: float, global_batch: int, rank: int, b: int) -> torch.Tensor:
@@ -81,12 +86,17 @@ class CaptionDecoder(nn.Module):
         nn.init.normal_(self.position_embedding, std=0.01)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, inputs_BT, parallel_B, image_tokens, predicted_BT=None) -> torch.Tensor:
+    def forward(self, inputs_BT, parallel_B, image_tokens, predicted_BT=None, prompt_B=None) -> torch.Tensor:
         """-> logits (B, T, V); with ``predicted_BT`` (B, T) bool, only those positions' logits (n, V) in row-major
-        order: the vocabulary projection is most of the head's cost, and padding needs none."""
+        order: the vocabulary projection is most of the head's cost, and padding needs none. A parallel row's
+        inputs from position ``prompt_B`` on (0: all) are the mask token: its prompt stays visible."""
         img_BND = self.image_proj(self.image_ln(image_tokens))
         x_BTD = self.token_embedding(inputs_BT)
-        x_BTD = torch.where(parallel_B[:, None, None], self.mask_token.to(x_BTD.dtype), x_BTD)
+        masked_BT = parallel_B[:, None].expand(inputs_BT.shape)
+        if prompt_B is not None:
+            pos_T = torch.arange(inputs_BT.shape[1], device=inputs_BT.device)
+            masked_BT = masked_BT & (pos_T[None, :] >= prompt_B[:, None])
+        x_BTD = torch.where(masked_BT[..., None], self.mask_token.to(x_BTD.dtype), x_BTD)
         x_BTD = x_BTD + self.position_embedding[: inputs_BT.shape[1]].to(x_BTD.dtype)
         for block in self.blocks:
             x_BTD = block(x_BTD, None, img_BND)
@@ -109,14 +119,37 @@ class CaptionTerm(Term):
         return CaptionDecoder(m.text.vocab_size, m.text.context_length - 1, m.vision.width, width, c.layers, heads,
                               int(width * c.mlp_ratio), m.attention)  # fmt: skip
 
+    def __init__(self, cfg, run_cfg):
+        super().__init__(cfg, run_cfg)
+        self._parts: dict = {}
+
+    def parts(self) -> dict:
+        return self._parts
+
     def loss(self, ctx: StepContext) -> torch.Tensor:
         world, rank = world_rank(ctx.group)
-        inputs_BT, targets_BT, predicted_BT = caption_targets(ctx.tokens)
+        tokens_BL, prompt_B, task_B = ctx.tokens, None, None
+        if "decoder_text" in ctx.batch:  # data.train.regions: captions, referring expressions, grounded captions
+            device = ctx.tokens.device
+            tokens_BL = ctx.batch["decoder_text"].to(device)
+            prompt_B, task_B = ctx.batch["decoder_prompt"].to(device), ctx.batch["decoder_task"].to(device)
+        inputs_BT, targets_BT, predicted_BT = caption_targets(tokens_BL, prompt_B)
         b = inputs_BT.shape[0]
         parallel_B = parallel_rows(self.run_cfg.train.seed, ctx.step, self.cfg.parallel_fraction, world * b, rank, b)
         logits_nV = ctx.model(head=self.name, inputs_BT=inputs_BT, parallel_B=parallel_B.to(inputs_BT.device),
-                              image_tokens=ctx.out.image_tokens, predicted_BT=predicted_BT)  # fmt: skip
+                              image_tokens=ctx.out.image_tokens, predicted_BT=predicted_BT,
+                              prompt_B=prompt_B)  # fmt: skip
         dtype = torch.promote_types(logits_nV.dtype, torch.float32)  # the loss in fp32 (fp64 in the tests)
-        local_sum = F.cross_entropy(logits_nV.to(dtype), targets_BT[predicted_BT], reduction="sum")
-        count = all_reduce_number(int(predicted_BT.sum()), group=ctx.group)  # collective
-        return local_sum * (world / max(count, 1.0))
+        nll_n = F.cross_entropy(logits_nV.to(dtype), targets_BT[predicted_BT], reduction="none")
+        if task_B is None:
+            count = all_reduce_number(int(predicted_BT.sum()), group=ctx.group)  # collective
+            self._parts = {}
+            return nll_n.sum() * (world / max(count, 1.0))
+        # one collective for the token counts of all tokens and of each task; each task's token mean is logged
+        task_n = task_B[:, None].expand(predicted_BT.shape)[predicted_BT]
+        counts = torch.stack([predicted_BT.sum(), *((task_n == k).sum() for k in range(len(TASKS)))]).double()
+        counts = all_reduce(counts.cpu(), group=ctx.group).tolist()  # collective
+        with torch.no_grad():
+            self._parts = {name: nll_n[task_n == k].sum().detach() * (world / counts[1 + k])
+                           for k, name in enumerate(TASKS) if counts[1 + k] > 0}  # fmt: skip
+        return nll_n.sum() * (world / max(counts[0], 1.0))

@@ -340,6 +340,9 @@ def check_run(run_cfg: Any) -> None:
         if run_cfg.train.accum_steps > 1 and not tcfg.grad_cache:
             raise ValueError(f"{prefix}: the {name!r} term does not run under train.accum_steps > 1 (GradCache)")
         tcfg.check_run(run_cfg, prefix)
+    if run_cfg.data.train.regions.enabled and "caption" not in run_cfg.loss.active():
+        raise ValueError("data.train.regions: region tasks train the caption decoder; add loss.terms.caption (or set "
+                         "data.train.regions.ref_fraction and gcap_fraction to 0)")  # fmt: skip
     masking = [n for n, c in run_cfg.loss.active().items() if c.patch_drop() is not None]
     if len(masking) > 1:
         raise ValueError(f"loss.terms: {masking} each set the patch masking; at most one term may")

@@ -77,7 +77,10 @@ class Objective:
                 t.load_state_dict(own)
 
     def __call__(self, ctx: StepContext) -> tuple[torch.Tensor, dict]:
-        """-> (sum of weight x term, {name: unweighted term value (0-dim tensor, graph kept)})."""
+        """-> (sum of weight x term, {name: unweighted term value (0-dim tensor, graph kept), and each term's
+        parts as "name/part" (detached)})."""
         values = {t.name: t.loss(ctx).float() for t in self.terms}
         total = sum(t.cfg.weight * values[t.name] for t in self.terms)
+        for t in self.terms:
+            values.update({f"{t.name}/{k}": v.float() for k, v in t.parts().items()})
         return total, values

@@ -66,3 +66,25 @@ def test_caption_term_on_two_ranks_zero3_equals_one_rank(tmp_path):
     for step, (a, b) in enumerate(zip(ref["grad_norm"], got["grad_norm"])):
         assert b == pytest.approx(a, rel=1e-4), f"grad norm differs at step {step}: {a} vs {b}"
     assert len({round(x, 6) for x in ref["loss"]}) > 1
+
+
+@pytest.mark.slow
+def test_caption_region_tasks_on_two_ranks_zero3_equal_one_rank(tmp_path):
+    """The caption term on region tasks (data.train.regions): prompts of different lengths, given and not
+    predicted, and each task's token mean logged (loss/caption/<task>) over the global batch."""
+    terms = ["model.family=siglip", "loss.terms.siglip.weight=1.0", "loss.terms.caption.parallel_fraction=0.5",
+             "data.train.regions.ref_fraction=0.3", "data.train.regions.gcap_fraction=0.3"]  # fmt: skip
+    ref = run_worker(tmp_path, 1, ["engine.zero_stage=0", *terms])
+    got = run_worker(tmp_path, 2, ["engine.zero_stage=3", *terms])
+    for step, (a, b) in enumerate(zip(ref["loss"], got["loss"])):
+        assert b == pytest.approx(a, rel=1e-5), f"loss differs at step {step}: {a} vs {b}"
+    for step, (a, b) in enumerate(zip(ref["grad_norm"], got["grad_norm"])):
+        assert b == pytest.approx(a, rel=1e-4), f"grad norm differs at step {step}: {a} vs {b}"
+    seen = set()
+    for step, (a, b) in enumerate(zip(ref["terms"], got["terms"])):
+        # a task's loss is there when the global batch has its tokens (8 samples a step: not always all three)
+        assert set(a) == set(b) and {"siglip", "caption"} < set(a), (a, b)
+        seen |= set(a)
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5), f"{key} differs at step {step}: {a[key]} vs {b[key]}"
+    assert seen == {"siglip", "caption", "caption/caption", "caption/ref", "caption/gcap"}, seen

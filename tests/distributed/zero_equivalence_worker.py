@@ -36,7 +36,7 @@ def main(out_path, overrides):
     train_step = TrainStep(engine, objective, cfg.engine, grad_clip=cfg.optim.grad_clip, loss_cfg=cfg.loss,
                            device=info.device)  # fmt: skip
     size, ctx, vocab = cfg.model.vision.image_size, cfg.model.text.context_length, cfg.model.text.vocab_size
-    losses, norms = [], []
+    losses, norms, terms = [], [], []
     for step in range(NUM_STEPS):
         g = torch.Generator().manual_seed(100 + step)
         images = torch.randn(cfg.train.batch_size, 3, size, size, generator=g)  # the global batch
@@ -46,12 +46,18 @@ def main(out_path, overrides):
         tokens[torch.arange(cfg.train.batch_size), lengths] = vocab - 1  # end of text
         tokens[torch.arange(ctx)[None, :] > lengths[:, None]] = 0
         mine = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
-        res = train_step({"image": images[mine], "text": tokens[mine]}, step + 1)
+        batch = {"image": images[mine], "text": tokens[mine]}
+        if cfg.data.train.regions.enabled:  # region tasks: a prompt of 0 .. length - 2 tokens, the rest predicted
+            task = torch.randint(0, 3, (cfg.train.batch_size,), generator=g)
+            prompt = (torch.rand(cfg.train.batch_size, generator=g) * (lengths - 1)).long() * (task > 0)
+            batch.update(decoder_text=tokens[mine], decoder_prompt=prompt[mine], decoder_task=task[mine])
+        res = train_step(batch, step + 1)
         assert not res.skipped and not res.stop
         losses.append(res.loss.item())
         norms.append(res.grad_norm)
+        terms.append(res.terms)
     if info.rank == 0:
-        json.dump({"loss": losses, "grad_norm": norms}, open(out_path, "w"))
+        json.dump({"loss": losses, "grad_norm": norms, "terms": terms}, open(out_path, "w"))
     release_engine(engine)
     destroy()  # as mmpretrain.train does: leaving it to interpreter exit aborted in C++ teardown, 1 run in 5
 

@@ -57,14 +57,19 @@ def attend(q, k, v, heads, causal):
     return torch.cat(out, -1)
 
 
-def reference_loss(P, tokens, image_tokens, parallel):
-    """The term's loss from the decoder's parameters P (a name -> tensor dict), one sample and token at a time."""
+def reference_loss(P, tokens, image_tokens, parallel, prompt=None, task=None):
+    """The term's loss from the decoder's parameters P (a name -> tensor dict), one sample and token at a time.
+    ``prompt``: per sample, the tokens after SOT that are given (not predicted; a parallel row keeps them as inputs).
+    With ``task``: (loss, {task id: that task's token mean})."""
     total, count = 0.0, 0
+    per_task: dict = {}
+    prompt = [0] * B if prompt is None else prompt
     for i in range(B):
         img = ln(image_tokens[i], P["image_ln.weight"], P["image_ln.bias"]) @ P["image_proj.weight"].T
         img = img + P["image_proj.bias"]
         inp = tokens[i, :-1]
-        x = torch.stack([P["mask_token"] if parallel[i] else P["token_embedding.weight"][t] for t in inp.tolist()])
+        x = torch.stack([P["mask_token"] if parallel[i] and pos >= prompt[i] else P["token_embedding.weight"][t]
+                         for pos, t in enumerate(inp.tolist())])  # fmt: skip
         x = x + P["position_embedding"][: L - 1]
         for j in range(2):
             blk = {n[len(f"blocks.{j}.") :]: t for n, t in P.items() if n.startswith(f"blocks.{j}.")}
@@ -84,10 +89,15 @@ def reference_loss(P, tokens, image_tokens, parallel):
             x = x + lin(0.5 * h * (1 + torch.erf(h / math.sqrt(2))), "mlp.fc2")
         logits = ln(x, P["ln.weight"], P["ln.bias"]) @ P["lm_head.weight"].T + P["lm_head.bias"]
         eot = int(tokens[i].argmax())
-        for t in range(eot):  # predict tokens 1 .. eot (EOT included)
+        for t in range(prompt[i], eot):  # predict tokens prompt + 1 .. eot (EOT included)
             row = logits[t]
-            total = total - (row[tokens[i, t + 1]] - torch.logsumexp(row, 0))
-            count += 1
+            nll = -(row[tokens[i, t + 1]] - torch.logsumexp(row, 0))
+            total, count = total + nll, count + 1
+            if task is not None:
+                s, n = per_task.get(int(task[i]), (0.0, 0))
+                per_task[int(task[i])] = (s + nll.detach(), n + 1)
+    if task is not None:
+        return total / count, {k: s / n for k, (s, n) in per_task.items()}
     return total / count
 
 
@@ -129,6 +139,49 @@ def test_loss_and_gradients_equal_the_float64_loop(fraction):
         if n == "token_embedding.weight" and parallel.all():
             continue
         close(p.grad, P[n].grad, n)
+
+
+def test_region_tasks_prompts_are_given_and_each_tasks_mean_is_logged():
+    """Region tasks (data.train.regions): the decoder sequence's first tokens after SOT are a given prompt (not
+    predicted; a parallel row's mask tokens start after it); the loss and its gradients, and each task's token mean
+    (parts()), against the float64 loop."""
+    g = torch.Generator().manual_seed(5)
+    tokens = make_tokens(g)
+    eot = tokens.argmax(-1)
+    task = torch.tensor([0, 1, 2, 1, 2])
+    prompt = torch.where(task > 0, torch.minimum(eot - 1, torch.tensor([0, 3, 2, 1, 4])), 0)
+    assert (prompt > 0).sum() >= 3
+    torch.manual_seed(1)
+    head = CaptionDecoder(V, L - 1, DV, D, 2, H, 4 * D, impl="sdpa").double()
+    with torch.no_grad():
+        head.mask_token.add_(0.1 * torch.randn(D, generator=g, dtype=torch.float64))
+    img = torch.randn(B, N, DV, generator=g, dtype=torch.float64, requires_grad=True)
+    term = CaptionTerm(CaptionTermConfig(parallel_fraction=0.5), SimpleNamespace(train=SimpleNamespace(seed=SEED)))
+    batch = {"decoder_text": tokens, "decoder_prompt": prompt, "decoder_task": task}
+    other = torch.randint(1, V - 2, (B, L), generator=g)  # ctx.tokens: the plain captions, not read here
+    loss = term.loss(StepContext(SimpleNamespace(image_tokens=img), None, other, batch, Holder(head), None, None,
+                                 step=STEP))  # fmt: skip
+    loss.backward()
+    parallel = parallel_rows(SEED, STEP, 0.5, B, 0, B)
+    assert parallel[task > 0].any(), "a parallel row with a prompt: the case where the mask must start after it"
+    P = {n: p.detach().clone().requires_grad_() for n, p in head.named_parameters()}
+    img_ref = img.detach().clone().requires_grad_()
+    want, parts = reference_loss(P, tokens, img_ref, parallel, prompt.tolist(), task)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+    close(img.grad, img_ref.grad, "image_tokens")
+    for n, p in head.named_parameters():
+        close(p.grad, P[n].grad, n)
+    got = term.parts()
+    assert set(got) == {"caption", "ref", "gcap"}
+    for k, name in enumerate(("caption", "ref", "gcap")):
+        torch.testing.assert_close(got[name], parts[k], rtol=1e-6, atol=0, msg=name)
+
+
+def test_targets_start_after_the_prompt():
+    tokens = torch.tensor([[49406, 10, 11, 12, 49407, 0], [49406, 12, 13, 49407, 0, 0]])
+    _, targets, predicted = caption_targets(tokens, torch.tensor([2, 0]))
+    assert targets[predicted].tolist() == [12, 49407, 12, 13, 49407]
 
 
 def test_targets_are_the_caption_through_eot():
