@@ -126,8 +126,13 @@ def run_eval(engine, tokenizer, cfg: Config, dist_info) -> dict:
     return evaluate_all(
         engine.module, tokenizer, cfg.data.eval, cfg.eval, image_size=cfg.model.vision.image_size,
         rank=dist_info.rank, world_size=dist_info.world_size, device=dist_info.device,
-        max_image_pixels=cfg.data.max_image_pixels,
+        max_image_pixels=cfg.data.max_image_pixels, box_bins=box_bins(cfg),
     )  # fmt: skip
+
+
+def box_bins(cfg: Config) -> int | None:
+    """The coordinate bins of a model trained on region tasks (its grounding is evaluated), else None."""
+    return cfg.data.train.regions.box_bins if cfg.data.train.regions.enabled else None
 
 
 class LogWindow:

@@ -44,6 +44,7 @@ config (dataclass defaults, then CONFIG, then KEY=VALUE overrides; a dotted key 
                max_caption_bytes, allow_compressed_tars, decode;
                data.train: urls, sources, resampled, source_weights, samples_per_epoch, shuffle_buffer,
                image_key, text_key, crop_scale, local_crops, local_crop_scale (self-distillation's views);
+               data.train.regions (the caption decoder's box tasks): ref_fraction, gcap_fraction, box_bins;
                data.naflex (SigLIP, native aspect ratio, packed): enabled, max_patches, seq_len, multiple;
                data.eval: zeroshot, retrieval, zeroshot_name, retrieval_name, split, batch_size;
                data.synthetic (the demo's shapes): root, num_train, samples_per_shard, num_eval, image_size, seed,

@@ -98,6 +98,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import redact
 from ..signals import ignore_stop_signals
 from .config import DataConfig, NaflexConfig, TrainDataConfig, expand_shard_spec, source_names
+from .decode import EncodedImage
 from .naflex import NaflexTrainTransform, pack_batch, stack_images
 from .regions import REGION_KEY, box_in_crop, choose, decoder_fields, parse_regions
 from .shards import OVERSIZED, natural_key, read_tar_samples
@@ -790,6 +791,16 @@ def load_zeroshot_set(root: str, split: str = "test") -> ZeroShotSet:
     return ZeroShotSet(classnames, templates, eval_tar_urls(root, split))
 
 
+def read_first_sample_members(urls: list[str]) -> set[str]:
+    """The member extensions of the first sample of the first tar ({} when it has none): what a set carries."""
+    samples = read_tar_samples(urls[0], lambda *fault: None, max_member_bytes=EVAL_MAX_MEMBER_BYTES)
+    try:
+        first = next(samples, {})
+    finally:
+        samples.close()
+    return {k for k in first if not k.startswith("__")}
+
+
 def load_retrieval_set(root: str, split: str = "test") -> RetrievalSet:
     return RetrievalSet(eval_tar_urls(root, split))
 
@@ -837,15 +848,21 @@ class EvalStream(IterableDataset):
         max_image_pixels: int | None = None,
     ):
         super().__init__()
-        assert task in ("zeroshot", "retrieval")
+        assert task in ("zeroshot", "retrieval", "grounding")
         self.urls, self.task = list(urls), task
         self.transform = EvalTransform(image_size, fast=decode == "fast", max_pixels=max_image_pixels)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
     def _decode(self, sample: dict) -> tuple[torch.Tensor, Any]:
-        image = self.transform.from_bytes(sample[_first_key(sample, EVAL_IMAGE_KEYS)])
+        data = sample[_first_key(sample, EVAL_IMAGE_KEYS)]
+        image = self.transform.from_bytes(data)
         if self.task == "zeroshot":
             return image, int(sample["cls"].decode("ascii").strip())
+        if self.task == "grounding":  # the regions the center crop keeps, in its frame
+            enc = EncodedImage(data, self.transform.max_pixels)
+            crop = self.transform.crop_box(enc.height, enc.width)
+            kept = ((box_in_crop(b, crop, enc.height, enc.width), t) for b, t in parse_regions(sample[REGION_KEY]))
+            return image, [(b, t) for b, t in kept if b is not None]
         captions = [c.strip() for c in sample["txt"].decode("utf-8").splitlines() if c.strip()]
         if not captions:
             raise ValueError("no caption")
@@ -858,7 +875,7 @@ class EvalStream(IterableDataset):
         # slot s of world * W: rank s % world, worker s // world; a rank's slots cover index % world == rank
         samples = _eval_samples(
             self.urls,
-            label_key="cls" if self.task == "zeroshot" else "txt",
+            label_key={"zeroshot": "cls", "retrieval": "txt", "grounding": REGION_KEY}[self.task],
             slot=self.rank + self.world_size * worker,
             num_slots=self.world_size * num_workers,
             counter=counter,
@@ -886,6 +903,8 @@ class EvalStream(IterableDataset):
         out = {"image": torch.stack(images), "index": torch.tensor(indices), "num_skipped": num_skipped}
         if self.task == "zeroshot":
             out["label"] = torch.tensor(targets)
+        elif self.task == "grounding":
+            out["regions"] = list(targets)
         else:
             out["captions"] = list(targets)
         return out
@@ -908,8 +927,8 @@ def build_eval_loader(
     Over all ranks every good sample appears exactly once; gather ``index`` to line results up.
     ``decode`` and ``max_image_pixels``: as data.decode and data.max_image_pixels (None: no limit).
     """
-    if task not in ("zeroshot", "retrieval"):
-        raise ValueError(f"task must be 'zeroshot' or 'retrieval' (got {task!r})")
+    if task not in ("zeroshot", "retrieval", "grounding"):
+        raise ValueError(f"task must be 'zeroshot', 'retrieval' or 'grounding' (got {task!r})")
     stream = EvalStream(
         urls,
         task=task,

@@ -187,6 +187,7 @@ def _write_eval(out_dir: str, num: int, image_size: int, seed: int, retrieval: b
             if retrieval:  # three different wordings of the same image, one a line
                 fmts = rng.choice(len(CAPTION_FORMATS), size=3, replace=False)
                 sample["txt"] = "\n".join(caption(s, int(k)) for k in fmts)
+                sample["json"] = {"regions": [region(s)]}  # the grounding eval reads them (mmpretrain.eval.grounding)
             else:
                 sample["cls"] = s.label
             writer.write(sample)
@@ -243,7 +244,7 @@ def write_shapes_dataset(
     """
     root = os.path.abspath(os.fspath(root))
     params = {
-        "version": 2,  # 2: train samples' json carries "regions" (the shape's box)
+        "version": 2,  # 2: train and retrieval samples' json carries "regions" (the shape's box)
         "num_train": num_train,
         "samples_per_shard": samples_per_shard,
         "num_eval": num_eval,

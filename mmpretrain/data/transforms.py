@@ -176,6 +176,14 @@ class EvalTransform:
             return int(size * height / width), size
         return size, int(size * width / height)
 
+    def crop_box(self, height: int, width: int) -> tuple[float, float, float, float]:
+        """The center crop as (top, left, h, w) in original pixels (region boxes follow it)."""
+        size = self.image_size
+        new_h, new_w = self.resized_size(height, width)
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+        sy, sx = height / new_h, width / new_w
+        return top * sy, left * sx, size * sy, size * sx
+
     def _resize_and_crop(
         self, pixels: np.ndarray, height: int, width: int, sy: float = 1.0, sx: float = 1.0
     ) -> torch.Tensor:

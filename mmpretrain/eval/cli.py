@@ -125,8 +125,10 @@ def run(args) -> dict[str, float]:
     model.to(device)
     tokenizer = Tokenizer(cfg.model.text.context_length)
     image_size = cfg.model.vision.image_size
+    regions = cfg.data.train.regions  # how the loaded run wrote box coordinates, if it trained region tasks
     results = evaluate_all(model, tokenizer, data_cfg, eval_cfg, image_size=image_size, device=device,
-                           max_image_pixels=args.max_image_pixels)  # fmt: skip
+                           max_image_pixels=args.max_image_pixels,
+                           box_bins=regions.box_bins if regions.enabled else None)  # fmt: skip
     common = dict(
         image_size=image_size, batch_size=data_cfg.batch_size, num_workers=eval_cfg.num_workers, device=device,
         max_image_pixels=args.max_image_pixels,

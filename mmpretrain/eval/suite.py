@@ -2,7 +2,9 @@
 
 Keys: `zeroshot/<name>/top1`, `zeroshot/<name>/top5`, `zeroshot/<name>/num_samples`,
 `retrieval/<name>/image_to_text_R@1`, ..., `retrieval/<name>/itm_rerank/...` (with a re-ranking head),
-`retrieval/<name>/num_images`, `retrieval/<name>/num_texts`. A set's name is `data.eval.zeroshot_name` /
+`retrieval/<name>/num_images`, `retrieval/<name>/num_texts`, and for a model trained on region tasks
+(`box_bins`: data.train.regions.box_bins) on a retrieval set whose samples carry regions `grounding/<name>/...`
+(mmpretrain.eval.grounding). A set's name is `data.eval.zeroshot_name` /
 `retrieval_name` when given, else derived from the set: "shapes" for the synthetic demo sets, otherwise the
 set folder's name.
 """
@@ -18,6 +20,7 @@ import torch
 from mmpretrain.data.config import DataConfig
 from mmpretrain.data.synthetic import synthetic_set_name
 from mmpretrain.eval.config import EvalConfig
+from mmpretrain.eval.grounding import grounding
 from mmpretrain.eval.retrieval import retrieval
 from mmpretrain.eval.zeroshot import zeroshot_classification
 
@@ -40,12 +43,14 @@ def evaluate_all(
     world_size: Optional[int] = None,
     group=None,
     max_image_pixels: Optional[int] = DataConfig.max_image_pixels,
+    box_bins: Optional[int] = None,
 ) -> dict[str, float]:
     """Every set named in `data_cfg` (`data.eval`: zeroshot, retrieval, their names, split, batch_size).
     Images declaring more than `max_image_pixels` pixels (`data.max_image_pixels`) are skipped and counted in the
     loader's log, never decoded; `num_samples` / `num_images` count only the images evaluated.
 
-    Keys: "zeroshot/<name>/top1", ..., "retrieval/<name>/image_to_text_R@1", ...; {} when no set is configured.
+    Keys: "zeroshot/<name>/top1", ..., "retrieval/<name>/image_to_text_R@1", ..., "grounding/<name>/ref_acc@0.5",
+    ... (with ``box_bins``); {} when no set is configured.
     Call it on every rank; every rank returns the same dict.
     """
     common = dict(
@@ -63,4 +68,7 @@ def evaluate_all(
         r = retrieval(model, tokenizer, data_cfg.retrieval, recall_k=eval_cfg.recall_k,
                       itm_rerank_k=eval_cfg.itm_rerank_k, **common)  # fmt: skip
         results.update({f"retrieval/{name}/{k}": v for k, v in r.items()})
+        if box_bins is not None:  # a model trained on region tasks, on a set whose samples carry regions
+            r = grounding(model, tokenizer, data_cfg.retrieval, box_bins=box_bins, **common)
+            results.update({f"grounding/{name}/{k}": v for k, v in r.items()})
     return results

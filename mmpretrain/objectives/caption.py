@@ -69,6 +69,7 @@ class CaptionDecoder(nn.Module):
 
     def __init__(self, vocab_size, length, image_width, width, layers, heads, mlp_dim, impl="auto"):
         super().__init__()
+        self.image_width, self.length = image_width, length  # (ZeRO-3 partitions the weights: their shapes are 0)
         # the tower's tokens: CLIP's before its post_layernorm, SigLIP's normalized; one LayerNorm makes them alike
         self.image_ln = LayerNorm(image_width)
         self.image_proj = nn.Linear(image_width, width) if image_width != width else nn.Identity()
@@ -102,6 +103,35 @@ class CaptionDecoder(nn.Module):
             x_BTD = block(x_BTD, None, img_BND)
         x = self.ln(x_BTD)
         return self.lm_head(x if predicted_BT is None else x[predicted_BT])
+
+    @torch.no_grad()
+    def greedy(self, image_tokens, prefixes: list[list[int]], steps: int) -> list[list[int]]:
+        """``steps`` greedy tokens after each prefix (SOT and a prompt), teacher-forcing style: each step runs the
+        whole (n, T) sequence again (no cache: the decoder is small) and reads the logits at each row's last
+        token; exactly ``steps`` forwards (mmpretrain.eval.grounding's RegionReader). A row that fills the
+        context stops growing."""
+        n, T = len(prefixes), self.length
+        device = image_tokens.device
+        inputs_BT = torch.zeros(n, T, dtype=torch.long, device=device)
+        for i, p in enumerate(prefixes):
+            inputs_BT[i, : len(p)] = torch.tensor(p[:T], dtype=torch.long)
+        length_B = torch.tensor([min(len(p), T) for p in prefixes], device=device)
+        parallel_B = torch.zeros(n, dtype=torch.bool, device=device)
+        rows, out = torch.arange(n, device=device), [[] for _ in range(n)]
+        for _ in range(steps):
+            logits_BTV = self(inputs_BT, parallel_B, image_tokens)
+            next_B = logits_BTV[rows, length_B - 1].argmax(dim=-1)
+            room_B = length_B < T
+            inputs_BT[rows[room_B], length_B[room_B]] = next_B[room_B]
+            for i in rows[room_B].tolist():
+                out[i].append(int(next_B[i]))
+            length_B = length_B + room_B.long()
+        return out
+
+    def dummy_greedy(self, device, steps: int) -> None:
+        """greedy's forward calls on one dummy row (a rank with nothing left to read keeps ZeRO-3 in step)."""
+        image = torch.zeros(1, 1, self.image_width, dtype=self.image_ln.weight.dtype, device=device)
+        self.greedy(image, [[0]], steps)
 
 
 @register

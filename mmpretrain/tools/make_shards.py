@@ -410,6 +410,8 @@ def _table_rows(path: str, fmt: str, image_col: str, caption_col: str) -> Iterat
                 if not isinstance(obj, dict):
                     yield where, pos, missing, missing, "not a JSON object"
                     continue
+                if "regions" in obj:  # boxes with their words, kept for the caption decoder's region tasks
+                    pos["regions"] = obj["regions"]  # (mmpretrain/data/regions.py reads and checks them)
                 yield where, pos, obj.get(image_col, missing), obj.get(caption_col, missing), ""
     else:
         import pyarrow.parquet as pq

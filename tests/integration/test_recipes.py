@@ -71,6 +71,9 @@ def test_recipe_tiny_twin_lowers_its_loss(config, shapes_dataset, tmp_path, requ
     evals = json.load(open(os.path.join(out, "eval.json")))
     assert 0 <= evals["zeroshot/shapes/top1"] <= 1
     assert any(k.startswith("retrieval/") for k in evals), sorted(evals)
+    if OmegaConf.select(OmegaConf.load(config), "data.train.regions") is not None:  # region tasks: read back
+        assert evals["grounding/shapes/num_regions"] == shapes_dataset.num_eval, sorted(evals)
+        assert 0 <= evals["grounding/shapes/ref_acc@0.5"] <= 1 and 0 <= evals["grounding/shapes/gcap_exact"] <= 1
 
 
 @pytest.mark.slow

@@ -394,3 +394,33 @@ def test_img2dataset_reshard(tmp_path, capsys):
     meta = json.loads(samples[0]["json"])
     assert meta["source_shard"] == "00000.tar" and meta["img2dataset"]["url"] == "http://x/0.jpg"
     assert stats["skipped"][0]["where"] == "00001.tar:000000005" and "00001.tar:000000005" in stdout
+
+
+def test_jsonl_regions_reach_the_train_loader(table_dir, tmp_path, capsys):
+    """A JSONL row's "regions" (boxes with their words) go into <key>.json, where data.train.regions reads them:
+    a loader with every region sample on the ref task writes the box's coordinates after the prompt."""
+    from mmpretrain.config import load_config
+    from mmpretrain.data import Tokenizer
+    from mmpretrain.data.streams import build_train_loader
+
+    root, _ = table_dir
+    rows = root / "regions.jsonl"
+    region = {"box": [0.1, 0.2, 0.6, 0.9], "text": "a small dog"}
+    rows.write_text("".join(json.dumps({"file": f"img/{i}.jpg", "caption": f"photo {i}",
+                                        **({"regions": [region]} if i % 2 else {})}) + "\n"
+                            for i in (0, 1, 2, 4)))  # fmt: skip
+    code, _, _ = run_tool(["table", rows, tmp_path / "out", "--image-col", "file"], capsys)
+    assert code == 0
+    paths, _ = shard_paths(tmp_path / "out")
+    samples = read_tars(paths)
+    assert [json.loads(s["json"]).get("regions") for s in samples] == [None, [region], None, None]
+    cfg = load_config(None, ["model.name=tiny", f"data.train.urls={paths[0]}", "data.num_workers=0",
+                             "data.train.shuffle_buffer=1", "data.train.crop_scale=[1.0,1.0]",
+                             "loss.terms.clip.weight=1.0", "loss.terms.caption.weight=1.0",
+                             "data.train.regions.ref_fraction=1.0", "data.train.regions.box_bins=11"])  # fmt: skip
+    tok = Tokenizer(context_length=32)
+    batch = next(iter(build_train_loader(cfg.data, tokenizer=tok, image_size=8, batch_size=4, rank=0, world_size=1,
+                                         seed=0)))  # fmt: skip
+    texts = {k.rsplit(":", 1)[1]: tok.decode(t) for k, t in zip(batch["keys"], batch["decoder_text"])}
+    assert texts[samples[1]["__key__"]].replace(" ", "") == "findasmalldog:01020609"
+    assert texts[samples[0]["__key__"]] == "photo 0"

@@ -171,3 +171,24 @@ def test_config_errors_name_the_key():
                            "data.train.regions.gcap_fraction=0.6", "loss.terms.caption.weight=1.0"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"data.train.regions.box_bins"):
         load_config(None, ["data.synthetic.root=unused", "data.train.regions.box_bins=1"])
+
+
+@pytest.mark.parametrize("size", [(96, 48), (40, 100), (64, 64)])
+def test_the_box_follows_the_eval_crop(size):
+    """Resize the shorter side, center crop (EvalTransform): the region's box in the crop's frame bounds the
+    rectangle's pixels in the output, on wide, tall and square images."""
+    from PIL import Image, ImageDraw
+
+    from mmpretrain.data.transforms import EvalTransform
+
+    width, height = size
+    transform = EvalTransform(32)
+    for x0, y0, x1, y1 in ((0.3, 0.2, 0.7, 0.6), (0.05, 0.4, 0.5, 0.95), (0.45, 0.05, 0.9, 0.5)):
+        img = Image.new("RGB", (width, height), (20, 20, 200))
+        ImageDraw.Draw(img).rectangle([x0 * width, y0 * height, x1 * width - 1, y1 * height - 1], fill=(250, 250, 0))
+        image = transform.from_bytes(png(img))
+        box = box_in_crop((x0, y0, x1, y1), transform.crop_box(height, width), height, width)
+        want = foreground_box(image.permute(1, 2, 0).numpy(), (20, 20, 200))
+        if box is None:
+            continue
+        assert max(abs(a - b) for a, b in zip(box, want)) <= 1.5 / 32, (size, box, want)
