@@ -28,16 +28,22 @@ def run_worker(tmp_path, nproc, overrides):
     return json.loads(out.read_text())
 
 
+def assert_same_steps(ref, got):
+    """The same loss (1e-5) and gradient norm before clipping (1e-4) at every step."""
+    assert len(ref["loss"]) == len(got["loss"])
+    for step, (a, b) in enumerate(zip(ref["loss"], got["loss"])):
+        assert b == pytest.approx(a, rel=1e-5), f"loss differs at step {step}: {a} vs {b}"
+    for step, (a, b) in enumerate(zip(ref["grad_norm"], got["grad_norm"])):
+        assert b == pytest.approx(a, rel=1e-4), f"grad norm differs at step {step}: {a} vs {b}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["clip"])
 def test_two_ranks_zero3_equal_one_rank_zero0(tmp_path, family):
     ref = run_worker(tmp_path, 1, ["engine.zero_stage=0"])
     got = run_worker(tmp_path, 2, ["engine.zero_stage=3"])
     assert len(ref["loss"]) == len(got["loss"]) == 4
-    for step, (a, b) in enumerate(zip(ref["loss"], got["loss"])):
-        assert b == pytest.approx(a, rel=1e-5), f"loss differs at step {step}: {a} vs {b}"
-    for step, (a, b) in enumerate(zip(ref["grad_norm"], got["grad_norm"])):
-        assert b == pytest.approx(a, rel=1e-4), f"grad norm differs at step {step}: {a} vs {b}"
+    assert_same_steps(ref, got)
     # the steps moved the weights: losses are not all the same value
     assert len({round(x, 6) for x in ref["loss"]}) > 1
 
@@ -48,10 +54,7 @@ def test_grad_cache_on_two_ranks_equals_one_rank_full_batch(tmp_path, stage):
     """train.accum_steps=2 (GradCache) through DeepSpeed keeps every negative of the global batch."""
     ref = run_worker(tmp_path, 1, ["engine.zero_stage=0"])
     got = run_worker(tmp_path, 2, [f"engine.zero_stage={stage}", "train.accum_steps=2"])
-    for step, (a, b) in enumerate(zip(ref["loss"], got["loss"])):
-        assert b == pytest.approx(a, rel=1e-5), f"loss differs at step {step}: {a} vs {b}"
-    for step, (a, b) in enumerate(zip(ref["grad_norm"], got["grad_norm"])):
-        assert b == pytest.approx(a, rel=1e-4), f"grad norm differs at step {step}: {a} vs {b}"
+    assert_same_steps(ref, got)
 
 
 @pytest.mark.slow
@@ -61,10 +64,7 @@ def test_caption_term_on_two_ranks_zero3_equals_one_rank(tmp_path):
     terms = ["model.family=siglip", "loss.terms.siglip.weight=1.0", "loss.terms.caption.parallel_fraction=0.5"]
     ref = run_worker(tmp_path, 1, ["engine.zero_stage=0", *terms])
     got = run_worker(tmp_path, 2, ["engine.zero_stage=3", *terms])
-    for step, (a, b) in enumerate(zip(ref["loss"], got["loss"])):
-        assert b == pytest.approx(a, rel=1e-5), f"loss differs at step {step}: {a} vs {b}"
-    for step, (a, b) in enumerate(zip(ref["grad_norm"], got["grad_norm"])):
-        assert b == pytest.approx(a, rel=1e-4), f"grad norm differs at step {step}: {a} vs {b}"
+    assert_same_steps(ref, got)
     assert len({round(x, 6) for x in ref["loss"]}) > 1
 
 
@@ -76,10 +76,7 @@ def test_caption_region_tasks_on_two_ranks_zero3_equal_one_rank(tmp_path):
              "data.train.regions.ref_fraction=0.3", "data.train.regions.gcap_fraction=0.3"]  # fmt: skip
     ref = run_worker(tmp_path, 1, ["engine.zero_stage=0", *terms])
     got = run_worker(tmp_path, 2, ["engine.zero_stage=3", *terms])
-    for step, (a, b) in enumerate(zip(ref["loss"], got["loss"])):
-        assert b == pytest.approx(a, rel=1e-5), f"loss differs at step {step}: {a} vs {b}"
-    for step, (a, b) in enumerate(zip(ref["grad_norm"], got["grad_norm"])):
-        assert b == pytest.approx(a, rel=1e-4), f"grad norm differs at step {step}: {a} vs {b}"
+    assert_same_steps(ref, got)
     seen = set()
     for step, (a, b) in enumerate(zip(ref["terms"], got["terms"])):
         # a task's loss is there when the global batch has its tokens (8 samples a step: not always all three)
