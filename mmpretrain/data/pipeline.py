@@ -561,11 +561,13 @@ class TrainStream(IterableDataset):
         if batch:
             out = collate_train(self.tokenizer, self.cfg.regions, batch)
         else:  # the end of a finite stream
-            if self.naflex is not None or self.cfg.regions.enabled:
-                raise ValueError("finite passes (num_epochs) are not built for data.naflex or data.train.regions")
-            size = self.transform.image_size
-            out = {"image": torch.empty(0, 3, size, size), "label": torch.empty(0, dtype=torch.long), "keys": [],
+            if self.naflex is not None:
+                raise ValueError("data.naflex: finite passes (num_epochs) are not built for NaFlex batches")
+            size, no_ids = self.transform.image_size, torch.empty(0, dtype=torch.long)
+            out = {"image": torch.empty(0, 3, size, size), "label": no_ids, "keys": [],
                    "text": torch.empty(0, self.tokenizer.context_length, dtype=torch.long)}  # fmt: skip
+            if self.cfg.regions.enabled:
+                out.update(decoder_text=out["text"], decoder_prompt=no_ids, decoder_task=no_ids)
         return {**out, "num_skipped": sum(stats["skipped"].values()), "data_stats": stats}
 
     def pipeline(self, worker: int, num_workers: int) -> wds.DataPipeline:
