@@ -35,12 +35,14 @@ row's width.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import gc
 import glob
 import logging
 import os
 import socket
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -146,19 +148,39 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def destroy() -> None:
+TEARDOWN_TIMEOUT_S = 120.0
+
+
+def destroy(exit_code: int = 1, timeout_s: float = TEARDOWN_TIMEOUT_S) -> None:
     """Destroy every process group, first collecting the objects a finished run left in reference cycles (a released
-    engine: mmpretrain.engine.release_engine), so the groups' threads end here and not during interpreter exit."""
+    engine: mmpretrain.engine.release_engine), so the groups' threads end here and not during interpreter exit.
+
+    Bounded: everything a command writes is written before this, so if tearing down takes longer than ``timeout_s``
+    a watchdog prints every thread's stack to stderr (what hung) and ends the process with ``exit_code`` (the
+    command's own code where it knows it; 1 otherwise)."""
     if not is_initialized():
         return
-    gc.collect()
-    deepspeed = sys.modules.get("deepspeed")
-    if deepspeed is not None and deepspeed.comm.is_initialized():
-        # through DeepSpeed: it also drops the groups it cached (its clone of the world group); a process that starts
-        # a group again (tests, the eval CLI after training) would otherwise hand an engine a destroyed group
-        deepspeed.comm.destroy_process_group()
-    else:
-        dist.destroy_process_group()
+    done = threading.Event()
+
+    def watchdog() -> None:
+        if not done.wait(timeout_s):
+            print(f"mmpretrain: tearing down the process groups took over {timeout_s:.0f} s; every thread's stack "
+                  f"follows, then the process exits with code {exit_code}", file=sys.stderr, flush=True)  # fmt: skip
+            faulthandler.dump_traceback(all_threads=True)
+            os._exit(exit_code)
+
+    threading.Thread(target=watchdog, name="mmpretrain-teardown-watchdog", daemon=True).start()
+    try:
+        gc.collect()
+        deepspeed = sys.modules.get("deepspeed")
+        if deepspeed is not None and deepspeed.comm.is_initialized():
+            # through DeepSpeed: it also drops the groups it cached (its clone of the world group); a process that
+            # starts a group again (tests, the eval CLI after training) would otherwise hand an engine a destroyed one
+            deepspeed.comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+    finally:
+        done.set()
 
 
 # ----------------------------------------------------------------------------- groups

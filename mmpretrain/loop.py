@@ -491,7 +491,7 @@ AGREED_ERRORS = (NonFiniteError, DataFaultError)
 
 def run(config: str, overrides: list[str], stop_after_steps: int = 0) -> int:
     """The command: load the config, train; returns the exit code (see mmpretrain.train). Rank 0 prints."""
-    rank, code, saver = env_rank_world()[0], 0, None
+    rank, code, saver = env_rank_world()[0], 1, None  # 1 until an outcome is known (the teardown watchdog uses it)
     try:
         cfg = load_config(config, overrides)
         saver = checkpoint.BackgroundSaver(cfg.engine.dist_timeout_s) if cfg.checkpoint.async_save else None
@@ -515,5 +515,5 @@ def run(config: str, overrides: list[str], stop_after_steps: int = 0) -> int:
             )
         code = 130
     finally:
-        destroy()
+        destroy(exit_code=code)
     return code

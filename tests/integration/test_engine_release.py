@@ -68,3 +68,24 @@ def test_a_released_engine_is_collected_and_its_process_groups_threads_end():
         assert r["threads_during"] > 0, f"ZeRO-{stage}: no gloo thread while the group lives: the check sees nothing"
         assert not r["engine_alive"], f"ZeRO-{stage}: the engine outlived release_engine + destroy"
         assert r["threads_after"] == 0, f"ZeRO-{stage}: {r['threads_after']} gloo threads left after destroy"
+
+
+HANG = r"""
+import sys, time
+import torch.distributed as dist
+from mmpretrain import distributed
+distributed.init_distributed()
+deepspeed = sys.modules.get("deepspeed")
+dist.destroy_process_group = lambda *a, **k: time.sleep(120)  # a teardown that hangs
+if deepspeed is not None:
+    deepspeed.comm.destroy_process_group = dist.destroy_process_group
+distributed.destroy(exit_code=7, timeout_s=2)
+print("not reached")
+"""
+
+
+def test_a_hung_teardown_ends_with_the_commands_code_and_the_stacks():
+    proc = subprocess.run([sys.executable, "-c", HANG], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 7, (proc.returncode, proc.stderr[-2000:])
+    assert "tearing down the process groups took over 2 s" in proc.stderr
+    assert "in <lambda>" in proc.stderr and "not reached" not in proc.stdout  # the stack names where it hung
