@@ -451,7 +451,7 @@ def collate_train(tokenizer, regions, items: list[tuple]) -> dict:
     if local_crops is not None:
         out["local_crops"] = local_crops
     if regions.enabled:
-        out.update(decoder_fields(tokenizer, list(texts), list(picks), regions.box_bins))
+        out.update(decoder_fields(tokenizer, list(texts), list(picks), regions.box_bins, text=out["text"]))
     return out
 
 

@@ -100,18 +100,23 @@ def choose(regions: list, tasks, seed: int) -> tuple[int, tuple | None, str]:
     return task, box, text
 
 
-def decoder_fields(tokenizer, captions: list[str], picks: list[tuple[int, tuple | None, str]], bins: int) -> dict:
-    """The collate's decoder fields (see the module docstring) for a batch's captions and ``choose`` results."""
+def decoder_fields(
+    tokenizer, captions: list[str], picks: list[tuple[int, tuple | None, str]], bins: int, text=None
+) -> dict:
+    """The collate's decoder fields (see the module docstring) for a batch's captions and ``choose`` results.
+    ``text``: the captions' tokens when the collate has them already (a caption row's sequence is its caption);
+    only the region rows are tokenized here."""
     import torch
 
-    seqs = [region_sequence(task, cap, box, text, bins) for cap, (task, box, text) in zip(captions, picks)]
-    tokens = tokenizer([full for _, full in seqs])
-    prompts = [p for p, _ in seqs]
-    prompt_len = torch.zeros(len(seqs), dtype=torch.long)
-    if any(prompts):
-        # SOT, the prompt's tokens, EOT: its EOT sits right after the prompt (the largest id, as caption_targets)
-        prompt_len = tokenizer(prompts).argmax(dim=-1) - 1
-        prompt_len[torch.tensor([not p for p in prompts])] = 0
+    tokens = (tokenizer(captions) if text is None else text).clone()
+    prompt_len = torch.zeros(len(picks), dtype=torch.long)
+    rows = [i for i, (task, _, _) in enumerate(picks) if task != 0]
+    if rows:
+        seqs = [region_sequence(*picks[i][:1], captions[i], *picks[i][1:], bins) for i in rows]
+        tokens[rows] = tokenizer([full for _, full in seqs])
+        # the prompt's tokens after SOT (BPE works word by word: they are the first ones of the full sequence)
+        limit = tokenizer.context_length - 2
+        prompt_len[rows] = torch.tensor([min(len(tokenizer.encode(p)), limit) for p, _ in seqs])
     return {
         "decoder_text": tokens,
         "decoder_prompt": prompt_len,
